@@ -1,0 +1,41 @@
+# radstream: two commands from nothing.  `make demo` runs the whole job on the
+# phantom; `make test` runs the suite.  Both create .venv on first use and
+# reinstall only when pyproject.toml changes (stamp file).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# torch is pinned to the release this machine serves from its local store; on
+# a GPU box the same pins fetch the matching CUDA build.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+DEMO_RAW ?= data/phantom
+DEMO_SHARDS ?= shards/demo
+DEMO_PER_CLASS ?= 300
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench soak clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_PINS)
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+# pytest exits 5 when it collected nothing: that is a broken selection, not a pass.
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) -m sharding phantom --out $(DEMO_RAW) --per-class $(DEMO_PER_CLASS) --seed 0 --workers 2
+	@if $(PY) -c "import sharding.build" 2>/dev/null; then \
+	  $(PY) -m sharding build --raw $(DEMO_RAW) --out $(DEMO_SHARDS) --include-masks --shard-size 200; \
+	else echo "demo: sharding build not implemented yet; stopping after phantom"; fi
+
+clean:
+	rm -rf data runs shards/*/ .pytest_cache

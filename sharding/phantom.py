@@ -1,0 +1,304 @@
+"""Synthetic chest radiographs in the exact on-disk layout of the Kaggle dataset.
+
+The phantom is the project's embedded default: it lets every command run with
+no account and no network. Each image is a frontal-film-like picture (body
+silhouette, two dark lung fields that match the mask, mediastinum and heart
+shadow, rib arcs, noise, exposure variation); each class adds its own pattern
+inside the lungs:
+
+- COVID: bilateral, peripheral / lower-zone ground-glass patches;
+- Lung_Opacity: one or two dense focal consolidations;
+- Viral Pneumonia: diffuse bilateral interstitial streaks;
+- Normal: clear lungs.
+
+Every image's global mean is re-drawn from one class-independent distribution
+after the pattern is added, so no class is recognisable by brightness alone.
+
+Each image is a pure function of (seed, class, index): generation is
+parallel, resumable and byte-identical for a seed. Like the real data, a small
+share of images are exact copies of another image of the same class, and a
+smaller share are near copies of an image of *another* class (label noise).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from sharding.contract import CLASSES, DATASET_DIR, IMAGE_SIZE, MASK_SIZE, REAL_COUNTS
+
+STAMP = ".phantom.json"
+
+
+@dataclass(frozen=True)
+class PhantomSpec:
+    """Everything that determines the phantom's bytes."""
+
+    counts: tuple[int, ...]
+    seed: int = 0
+    dup_fraction: float = 0.02
+    near_dup_fraction: float = 0.005
+    markers: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.counts) != len(CLASSES) or any(c < 0 for c in self.counts):
+            raise ValueError(f"counts must be {len(CLASSES)} non-negative integers, got {self.counts}")
+        for name in ("dup_fraction", "near_dup_fraction"):
+            if not 0.0 <= getattr(self, name) < 0.5:
+                raise ValueError(f"{name} must be in [0, 0.5), got {getattr(self, name)}")
+
+
+def counts_for(per_class: int, realistic_ratio: bool = False, full_size: bool = False) -> tuple[int, ...]:
+    """Per-class image counts: equal, scaled to the real class ratio, or the real counts."""
+    if full_size:
+        return tuple(REAL_COUNTS[c] for c in CLASSES)
+    if not realistic_ratio:
+        return (per_class,) * len(CLASSES)
+    total = sum(REAL_COUNTS.values())
+    return tuple(max(1, round(per_class * len(CLASSES) * REAL_COUNTS[c] / total)) for c in CLASSES)
+
+
+# --------------------------------------------------------------------------- drawing
+
+_YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
+_MY, _MX = (np.mgrid[0:MASK_SIZE, 0:MASK_SIZE].astype(np.float32) + 0.5) * (IMAGE_SIZE / MASK_SIZE) - 0.5
+_TAGS = ("PORTABLE", "AP SUPINE", "PA ERECT", "R")
+
+
+def _ellipse(xx, yy, cx, cy, ax, ay, soft: float = 0.0) -> np.ndarray:
+    e = ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2
+    if soft <= 0:
+        return (e <= 1.0).astype(np.float32)
+    return np.clip((1.0 - e) / soft, 0.0, 1.0)
+
+
+def _blob(cx, cy, sigma, amp) -> np.ndarray:
+    return amp * np.exp(-(((_XX - cx) ** 2 + (_YY - cy) ** 2) / (2.0 * sigma * sigma)))
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    lungs: tuple[tuple[float, float, float, float], ...]  # (cx, cy, ax, ay) patient right, left
+    heart: tuple[float, float, float, float]
+
+
+def _anatomy(rng: np.random.Generator) -> _Anatomy:
+    s = rng.uniform(0.92, 1.08)
+    dx, dy = rng.uniform(-8, 8), rng.uniform(-8, 8)
+    right = (96 + dx, 142 + dy, 44 * s, 86 * s)
+    left = (204 + dx, 142 + dy, 42 * s, 84 * s)
+    heart = (168 + dx, 205 + dy, 46 * s, 40 * s)
+    return _Anatomy((right, left), heart)
+
+
+def _lung_field(anat: _Anatomy, xx, yy, soft: float) -> np.ndarray:
+    lungs = np.maximum(*(_ellipse(xx, yy, *lung, soft=soft) for lung in anat.lungs))
+    heart = _ellipse(xx, yy, *anat.heart, soft=soft)
+    return lungs * (1.0 - heart)
+
+
+def _pattern(cls: int, anat: _Anatomy, rng: np.random.Generator) -> np.ndarray:
+    """Class-specific additive pattern (before masking to the lungs)."""
+    out = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.float32)
+    name = CLASSES[cls]
+    if name == "COVID":
+        for side, (cx, cy, ax, ay) in zip((-1, 1), anat.lungs):
+            for _ in range(rng.integers(2, 4)):
+                px = cx + side * ax * rng.uniform(0.35, 0.8)
+                py = cy + ay * rng.uniform(0.0, 0.7)
+                out += _blob(px, py, rng.uniform(14, 24), rng.uniform(24, 40))
+        out *= 1.0 + 0.25 * rng.standard_normal(out.shape, dtype=np.float32)
+    elif name == "Lung_Opacity":
+        for _ in range(rng.integers(1, 3)):
+            cx, cy, ax, ay = anat.lungs[rng.integers(0, 2)]
+            px = cx + ax * rng.uniform(-0.6, 0.6)
+            py = cy + ay * rng.uniform(-0.6, 0.6)
+            blob = _blob(px, py, rng.uniform(7, 13), 1.0)
+            out += rng.uniform(65, 95) * np.clip(blob * 1.6, 0, 1)
+    elif name == "Viral Pneumonia":
+        layer = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+        draw = ImageDraw.Draw(layer)
+        for side, (cx, cy, ax, ay) in zip((-1, 1), anat.lungs):
+            hx, hy = cx - side * ax * 0.7, cy - ay * 0.1  # hilum: medial
+            for _ in range(rng.integers(18, 28)):
+                ang = rng.uniform(-1.2, 1.2) + (0 if side > 0 else math.pi)
+                length = rng.uniform(25, 70)
+                x0, y0 = hx + rng.uniform(-6, 6), hy + rng.uniform(-30, 30)
+                x1, y1 = x0 + length * math.cos(ang), y0 + length * math.sin(ang)
+                draw.line((x0, y0, x1, y1), fill=int(rng.integers(14, 26)), width=int(rng.integers(1, 3)))
+        out += np.asarray(layer, np.float32) + 6.0
+    return out
+
+
+def _marker(img: np.ndarray, cls: int, rng: np.random.Generator) -> None:
+    """Burn a class-correlated text tag into a corner, as hospital films carry."""
+    if rng.random() > 0.9:  # not every film carries its hospital's tag
+        return
+    text = _TAGS[cls]
+    patch = Image.new("L", (70, 12), 0)
+    ImageDraw.Draw(patch).text((1, 0), text, fill=255, font=ImageFont.load_default())
+    patch = patch.resize((140, 24), Image.Resampling.NEAREST)
+    arr = np.asarray(patch, np.float32)
+    corner = cls % 4
+    y0 = 6 if corner < 2 else IMAGE_SIZE - 30
+    x0 = 6 if corner % 2 == 0 else IMAGE_SIZE - 146
+    region = img[y0 : y0 + 24, x0 : x0 + 140]
+    np.maximum(region, arr * 0.95, out=region)
+
+
+def _render(spec: PhantomSpec, cls: int, index: int, jitter: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(image uint8 [299, 299], mask uint8 [256, 256] in {0, 255}) for one phantom film."""
+    rng = np.random.default_rng([spec.seed, cls, index, 1 if jitter else 0])
+    anat = _anatomy(rng)
+    body = _ellipse(_XX, _YY, 150 + rng.uniform(-5, 5), 170, rng.uniform(128, 142), rng.uniform(155, 175), soft=0.08)
+    lungs = _lung_field(anat, _XX, _YY, soft=0.12)
+    img = 18.0 + 125.0 * body
+    img -= rng.uniform(62, 78) * lungs
+    medi = np.clip(1.0 - np.abs(_XX - 150 - rng.uniform(-4, 4)) / 22.0, 0, 1) * (_YY > 40) * body
+    img += 35.0 * medi
+    period = rng.uniform(19, 25)
+    curve = rng.uniform(0.004, 0.007)
+    ribs = 0.5 * (1.0 + np.cos(2 * np.pi * (_YY - curve * (_XX - 150.0) ** 2) / period))
+    img += rng.uniform(12, 20) * ribs**4 * lungs
+    img += _pattern(cls, anat, rng) * lungs
+    img += 10.0 * (_YY / IMAGE_SIZE - 0.5) * rng.uniform(-1, 1)  # exposure gradient
+    img += rng.normal(0, 4.0, img.shape).astype(np.float32)
+    # Class-independent exposure: re-draw the mean and contrast for every film.
+    gain = rng.uniform(0.85, 1.15)
+    img = (img - img.mean()) * gain + rng.uniform(100, 125)
+    if spec.markers:
+        _marker(img, cls, rng)
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    mask = (_lung_field(anat, _MX, _MY, soft=0.0) > 0.5).astype(np.uint8) * 255
+    return image, mask
+
+
+def _source_of(spec: PhantomSpec, cls: int, index: int) -> tuple[str, int, int]:
+    """Which film this index shows: ('orig'|'dup'|'near', class, index)."""
+    rng = np.random.default_rng([spec.seed, cls, index, 7])
+    u = rng.random()
+    if index > 0 and u < spec.dup_fraction:
+        return "dup", cls, int(rng.integers(0, index))
+    if u > 1.0 - spec.near_dup_fraction:
+        others = [c for c in range(len(CLASSES)) if c != cls and spec.counts[c] > 0]
+        if others:
+            other = others[int(rng.integers(0, len(others)))]
+            return "near", other, int(rng.integers(0, spec.counts[other]))
+    return "orig", cls, index
+
+
+def render_sample(spec: PhantomSpec, cls: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+    """The image and mask stored as `<Class>-<index+1>.png`, duplicates resolved."""
+    kind, src_cls, src_idx = _source_of(spec, cls, index)
+    if kind == "dup":
+        return render_sample(spec, src_cls, src_idx)
+    if kind == "near":
+        image, mask = _render(spec, src_cls, src_idx)
+        rng = np.random.default_rng([spec.seed, cls, index, 3])
+        noisy = image.astype(np.int16) + rng.integers(-2, 3, image.shape, dtype=np.int16)
+        return np.clip(noisy, 0, 255).astype(np.uint8), mask
+    return _render(spec, cls, index)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _write_png(path: Path, array: np.ndarray) -> None:
+    Image.fromarray(array, mode="L").save(path, format="PNG", compress_level=1)
+
+
+def _write_class_chunk(args: tuple[PhantomSpec, str, int, int, int]) -> int:
+    spec, root, cls, start, stop = args
+    name = CLASSES[cls]
+    base = Path(root) / name
+    for index in range(start, stop):
+        image, mask = render_sample(spec, cls, index)
+        _write_png(base / "images" / f"{name}-{index + 1}.png", image)
+        _write_png(base / "masks" / f"{name}-{index + 1}.png", mask)
+    return stop - start
+
+
+def _write_metadata(root: Path, spec: PhantomSpec) -> None:
+    for cls, name in enumerate(CLASSES):
+        with open(root / f"{name}.metadata.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["FILE NAME", "FORMAT", "SIZE", "URL"])
+            for index in range(spec.counts[cls]):
+                writer.writerow([f"{name}-{index + 1}", "PNG", f"{IMAGE_SIZE}*{IMAGE_SIZE}", "radstream-phantom"])
+    (root / "README.md.txt").write_text(
+        "radstream phantom: synthetic chest radiographs in the layout of the COVID-19 Radiography Database.\n"
+        f"Spec: {json.dumps(asdict(spec))}\nNot real patient data; for tests and demos only.\n"
+    )
+
+
+def generate(out: str | Path, spec: PhantomSpec, workers: int = 1, force: bool = False, progress=None) -> Path:
+    """Write the phantom under `out/COVID-19_Radiography_Dataset`; returns that folder.
+
+    Written to a temporary sibling and renamed into place, so an interrupted run
+    never leaves a partial dataset. Re-running with the same spec is a no-op.
+    """
+    out = Path(out)
+    target = out / DATASET_DIR
+    stamp = json.dumps(asdict(spec), sort_keys=True)
+    if target.exists():
+        existing = target / STAMP
+        if existing.exists() and existing.read_text() == stamp and not force:
+            return target
+        if not force:
+            raise FileExistsError(
+                f"{target} already exists with different contents; pass --force to replace it"
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{DATASET_DIR}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for name in CLASSES:
+        (tmp / name / "images").mkdir(parents=True)
+        (tmp / name / "masks").mkdir(parents=True)
+    chunk = 256
+    jobs = [
+        (spec, str(tmp), cls, start, min(start + chunk, n))
+        for cls, n in enumerate(spec.counts)
+        for start in range(0, n, chunk)
+    ]
+    try:
+        if workers <= 1:
+            done = map(_write_class_chunk, jobs)
+            for n in done:
+                progress and progress(n)
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                for n in pool.map(_write_class_chunk, jobs):
+                    progress and progress(n)
+        _write_metadata(tmp, spec)
+        (tmp / STAMP).write_text(stamp)
+        if target.exists():
+            trash = out / f".{DATASET_DIR}.old-{os.getpid()}"
+            target.rename(trash)
+            tmp.rename(target)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def contact_sheet(spec: PhantomSpec, per_class: int = 4, tile: int = 160) -> Image.Image:
+    """A grid image, one row per class, of the first films of the phantom."""
+    from sharding.grid import image_grid
+
+    rows = []
+    for cls, name in enumerate(CLASSES):
+        n = min(per_class, spec.counts[cls])
+        rows.append((name, [render_sample(spec, cls, i)[0] for i in range(n)]))
+    return image_grid(rows, tile=tile)

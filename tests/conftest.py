@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny phantom datasets, made once per session."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    return ROOT
+
+
+@pytest.fixture(scope="session")
+def subprocess_env() -> dict[str, str]:
+    """Environment for child processes: this checkout first on the path, no GPU, quiet."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def python_exe() -> str:
+    return sys.executable
+
+
+@pytest.fixture(scope="session")
+def phantom_raw(tmp_path_factory) -> Path:
+    """A small phantom (12 films per class, seed 0) in the Kaggle layout; read-only for tests."""
+    from sharding.phantom import PhantomSpec, generate
+
+    out = tmp_path_factory.mktemp("phantom")
+    return generate(out, PhantomSpec(counts=(12, 12, 12, 12), seed=0))
