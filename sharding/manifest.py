@@ -59,6 +59,8 @@ class Manifest:
     build: dict = field(default_factory=dict)  # options, source, tool versions
     skipped: tuple[dict, ...] = ()  # {"path": ..., "reason": ...}
     duplicate_groups: tuple[dict, ...] = ()  # {"kind": exact|near, "members": [...], "labels": [...]}
+    mask_issues: tuple[dict, ...] = ()  # {"key", "path", "reason"}: sample kept, all-zero mask, json mask_missing
+    counts: dict = field(default_factory=dict)  # {"scanned", "written", "skipped", "mask_issues"}
 
     def split(self, name: str) -> SplitInfo:
         if name not in self.splits:
@@ -104,6 +106,8 @@ class Manifest:
                 build=data.get("build", {}),
                 skipped=tuple(data.get("skipped", ())),
                 duplicate_groups=tuple(data.get("duplicate_groups", ())),
+                mask_issues=tuple(data.get("mask_issues", ())),
+                counts=dict(data.get("counts", {})),
             )
         except (KeyError, TypeError) as exc:
             raise ManifestError(f"manifest is missing or has a malformed field: {exc}") from None

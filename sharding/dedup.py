@@ -1,0 +1,100 @@
+"""Duplicate grouping: exact (identical preprocessed pixels) and near (perceptual hash).
+
+Members of a group are assigned to one split as a whole, so a film and its
+copy never sit on both sides of the train/test line.
+
+The perceptual hash is a 64-bit difference hash (dHash) of the preprocessed
+image: shrink to 9x8, one bit per horizontal neighbour comparison. Two images
+are near duplicates when their hashes differ in at most `distance` bits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image
+
+
+def pixel_sha256(pixels: np.ndarray) -> str:
+    """Content hash of a preprocessed image (its uint8 pixels, row-major)."""
+    return hashlib.sha256(np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).hexdigest()
+
+
+def dhash(pixels: np.ndarray) -> int:
+    """64-bit difference hash of a uint8 [H, W] image."""
+    small = Image.fromarray(np.asarray(pixels, np.uint8).squeeze(), mode="L").resize(
+        (9, 8), Image.Resampling.BOX
+    )
+    arr = np.asarray(small, dtype=np.int16)
+    bits = (arr[:, 1:] > arr[:, :-1]).ravel()
+    return int(np.packbits(bits).view(">u8")[0])
+
+
+class UnionFind:
+    """Disjoint sets over 0..n-1 with path halving; roots are the smallest member."""
+
+    def __init__(self, n: int) -> None:
+        self.parent = list(range(n))
+
+    def find(self, i: int) -> int:
+        while self.parent[i] != i:
+            self.parent[i] = self.parent[self.parent[i]]
+            i = self.parent[i]
+        return i
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            lo, hi = min(ra, rb), max(ra, rb)
+            self.parent[hi] = lo
+
+
+def near_pairs(hashes: Sequence[int], distance: int, block: int = 1024) -> list[tuple[int, int]]:
+    """Index pairs (i < j) whose 64-bit hashes differ in at most `distance` bits (chunked numpy)."""
+    h = np.array([x & 0xFFFFFFFFFFFFFFFF for x in hashes], dtype=np.uint64)
+    pairs: list[tuple[int, int]] = []
+    for start in range(0, len(h), block):
+        rows = h[start : start + block]
+        dist = np.bitwise_count(rows[:, None] ^ h[None, :])
+        ii, jj = np.nonzero(dist <= distance)
+        ii = ii + start
+        keep = jj > ii
+        pairs.extend(zip(ii[keep].tolist(), jj[keep].tolist()))
+    return pairs
+
+
+def group(
+    sha: Sequence[str],
+    phash: Sequence[int] | None = None,
+    distance: int | None = None,
+) -> tuple[list[int], dict[int, str]]:
+    """Group items by equal `sha` and, if `distance` is given, by near `phash`.
+
+    Returns (group id per item, kind per multi-member group id), where a group
+    id is the index of its first member and kind is "exact" when every link in
+    the group is an identical-pixel link, else "near".
+    """
+    n = len(sha)
+    uf = UnionFind(n)
+    first: dict[str, int] = {}
+    for i, s in enumerate(sha):
+        if s in first:
+            uf.union(first[s], i)
+        else:
+            first[s] = i
+    near_links: list[tuple[int, int]] = []
+    if distance is not None and phash is not None:
+        for i, j in near_pairs(phash, distance):
+            if sha[i] != sha[j]:
+                near_links.append((i, j))
+            uf.union(i, j)
+    gid = [uf.find(i) for i in range(n)]
+    sizes: dict[int, int] = {}
+    for g in gid:
+        sizes[g] = sizes.get(g, 0) + 1
+    kinds = {g: "exact" for g, size in sizes.items() if size > 1}
+    for i, _ in near_links:
+        kinds[gid[i]] = "near"
+    return gid, kinds

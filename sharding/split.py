@@ -1,0 +1,62 @@
+"""Leakage-safe, stratified, seeded train/val/test assignment.
+
+Per class the targets are train = round(0.8 n), and the remaining 20 % split
+1:1 into val and test (val takes the odd one), so every split is within one
+sample of 80/10/10 per class. Duplicate groups are assigned as a whole: groups
+are visited largest first (in a seeded order among equal sizes) and each goes
+to the split where it least increases the squared distance of the per-class
+counts from their targets; the many singletons then fill the targets exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from sharding.contract import CLASSES, SPLITS
+
+FRACTIONS = (0.8, 0.1, 0.1)
+
+
+def targets(n: int) -> tuple[int, int, int]:
+    """(train, val, test) sample counts for a class of `n` samples."""
+    train = int(np.floor(0.8 * n + 0.5))
+    rest = n - train
+    test = rest // 2
+    return train, rest - test, test
+
+
+def assign(labels: Sequence[int], groups: Sequence[int], seed: int, n_classes: int = len(CLASSES)) -> list[str]:
+    """Split name for each item; items sharing a group id share a split."""
+    labels = list(labels)
+    n = len(labels)
+    if len(groups) != n:
+        raise ValueError("labels and groups must have the same length")
+    per_class = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes) if n else np.zeros(n_classes, int)
+    target = np.array([targets(int(c)) for c in per_class], dtype=np.int64).T  # [split, class]
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    order = sorted(members)  # group ids, deterministic before the seeded shuffle
+    rng = np.random.default_rng([seed, 0x5917])
+    perm = rng.permutation(len(order))
+    shuffled = [order[k] for k in perm]
+    shuffled.sort(key=lambda g: -len(members[g]))  # stable: largest groups first, seeded among equals
+    current = np.zeros_like(target)
+    split_of = [""] * n
+    for g in shuffled:
+        vec = np.bincount([labels[i] for i in members[g]], minlength=n_classes)
+        cost = ((current + vec[None, :] - target) ** 2).sum(1) - ((current - target) ** 2).sum(1)
+        best = int(np.argmin(cost))  # ties: train, then val, then test
+        current[best] += vec
+        for i in members[g]:
+            split_of[i] = SPLITS[best]
+    return split_of
+
+
+def shuffled(keys: Sequence[str], seed: int, split: str) -> list[int]:
+    """A seeded permutation (indices into `keys` sorted) for the write order of one split."""
+    order = sorted(range(len(keys)), key=lambda i: keys[i])
+    rng = np.random.default_rng([seed, SPLITS.index(split), 0x5A4D])
+    return [order[k] for k in rng.permutation(len(order))]
