@@ -1,0 +1,91 @@
+"""Checkpoints and best-model files: atomic writes, safe loads, compatibility checks.
+
+Everything is written to a temporary name in the target folder, fsynced and
+renamed, so a process killed mid-write leaves the previous file intact.
+Everything is read with `torch.load(weights_only=True)`: a checkpoint can
+never execute code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+CHECKPOINT = "checkpoint.pth"
+BEST_PTH = "best_model.pth"
+BEST_SAFETENSORS = "best_model.safetensors"
+BEST_JSON = "best_model.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: unreadable, unsafe, or from another model/config."""
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` then fsync and rename tmp over `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by `save_checkpoint`; refuses pickled objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(
+            f"refusing to load {path}: not a plain-tensor checkpoint ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        ) from None
+
+
+def check_compatible(found: dict[str, Any], expected: dict[str, Any], path: str | Path) -> None:
+    """Refuse a resume whose model identity (name, classes, size...) differs from this run's."""
+    diffs = [f"{k}: checkpoint has {found.get(k)!r}, this run has {v!r}" for k, v in expected.items() if found.get(k) != v]
+    if diffs:
+        raise CheckpointError(f"cannot resume from {path}, it was made for another model/config: " + "; ".join(diffs))
+
+
+def save_best_model(models_dir: Path, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+    """best_model.pth (weights only) + .safetensors + .json (config, epoch, metric, classes)."""
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    atomic_write(models_dir / BEST_SAFETENSORS, lambda tmp: save_file(cpu, str(tmp)))
+    atomic_write(models_dir / BEST_PTH, lambda tmp: torch.save(cpu, tmp))
+    atomic_write(models_dir / BEST_JSON, lambda tmp: tmp.write_text(json.dumps(info, indent=2, sort_keys=True)))
+
+
+def load_best_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(state_dict, info) from best_model.pth/.safetensors and the .json beside it."""
+    path = Path(path)
+    info_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise CheckpointError(f"no model file at {path}")
+    if not info_path.is_file():
+        raise CheckpointError(f"{info_path} is missing: it records the model name, classes and image size")
+    info = json.loads(info_path.read_text())
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), info
+    state = load_checkpoint(path)
+    return state, info

@@ -1,0 +1,295 @@
+"""Train a ResNet18 (any timm model) on radstream shards, on 1 CPU to many GPUs.
+
+Launch (from the repository root):
+
+    # one GPU, bf16
+    accelerate launch --config_file configs/accelerate/gpu_1.yaml train/main.py --config configs/default.yaml
+    # 8 GPUs on one node
+    accelerate launch --config_file configs/accelerate/gpu_8.yaml train/main.py --config configs/default.yaml
+    # 2 nodes x 8 GPUs (run on each node with its --machine_rank)
+    accelerate launch --config_file configs/accelerate/nodes_2x8.yaml --machine_rank 0 \
+        --main_process_ip 10.0.0.1 train/main.py --config configs/default.yaml
+    # 2 CPU processes (DDP over gloo, no GPU needed)
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml train/main.py --config configs/demo.yaml
+    # one CPU process
+    accelerate launch --cpu --num_processes 1 train/main.py --config configs/demo.yaml
+
+Any config key can be overridden: `... train/main.py --config configs/demo.yaml train.epochs=3 optim.lr=3e-4`.
+Outputs land in `train.output_dir`: config.yaml, metrics.jsonl, models/{best_model.*, checkpoint.pth},
+report.{json,md} and figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+if __package__ in (None, ""):  # `accelerate launch train/main.py` runs this file as a script
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
+
+from pipeline.augment import DeviceAugment
+from pipeline.stream import build_loader
+from sharding.manifest import Manifest, ManifestError, load_manifest
+from train.checkpoint import (
+    BEST_PTH,
+    CHECKPOINT,
+    CheckpointError,
+    atomic_write,
+    check_compatible,
+    load_checkpoint,
+    save_best_model,
+    save_checkpoint,
+)
+from train.config import Config, ConfigError, load_config, to_yaml
+from train.loop import EarlyStopping, predict_split, train_one_epoch
+from train.metrics import quick_metrics
+from train.model import build_model
+from train.optim import build_loss, build_optimizer, build_scheduler
+
+
+class RunError(RuntimeError):
+    """A run cannot start or continue; the message says why and how to fix it."""
+
+
+def check_manifest(cfg: Config, manifest: Manifest) -> None:
+    """Refuse shards whose classes or stored image size differ from the config."""
+    problems = []
+    if list(manifest.classes) != list(cfg.data.classes):
+        problems.append(f"classes: manifest {list(manifest.classes)} vs config data.classes {cfg.data.classes}")
+    if len(manifest.classes) != cfg.model.num_classes:
+        problems.append(f"class count: manifest {len(manifest.classes)} vs config model.num_classes {cfg.model.num_classes}")
+    if manifest.image_size != cfg.data.stored_size:
+        problems.append(f"image size: manifest {manifest.image_size} vs config data.stored_size {cfg.data.stored_size}")
+    if cfg.data.mask_lungs and not manifest.masks:
+        problems.append("data.mask_lungs=true but the shards carry no masks (rebuild with --include-masks)")
+    if problems:
+        raise RunError("the shards do not match the config: " + "; ".join(problems))
+
+
+def build_accelerator(cfg: Config) -> Accelerator:
+    kwargs = {"kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))]}
+    if cfg.train.mixed_precision:
+        kwargs["mixed_precision"] = cfg.train.mixed_precision
+    if cfg.logging.tensorboard:
+        kwargs.update(log_with="tensorboard", project_dir=cfg.train.output_dir)
+    return Accelerator(**kwargs)
+
+
+def build_loaders(cfg: Config, manifest: Manifest, accelerator: Accelerator, splits=("train", "val")) -> dict:
+    """One ShardLoader per split for this rank; not passed to `prepare` (see pipeline.stream)."""
+    return {
+        split: build_loader(
+            cfg.data.shards, split,
+            batch_size=cfg.train.batch_size if split == "train" else cfg.eval.batch_size,
+            rank=accelerator.process_index, world_size=accelerator.num_processes,
+            num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+            cache_dir=cfg.data.cache_dir, strict=cfg.data.strict,
+            pin_memory=accelerator.device.type == "cuda", manifest=manifest,
+        )
+        for split in splits
+    }
+
+
+def build_augment(cfg: Config, train: bool) -> DeviceAugment:
+    return DeviceAugment(
+        train=train, rotation_degrees=cfg.data.rotation_degrees, hflip_p=cfg.data.hflip_p,
+        image_size=cfg.data.image_size, mask_lungs=cfg.data.mask_lungs, channels_last=cfg.model.channels_last,
+    )
+
+
+def model_identity(cfg: Config, manifest: Manifest) -> dict:
+    """What a checkpoint must share with this run to be resumed."""
+    return {"model": cfg.model.name, "classes": list(manifest.classes), "image_size": cfg.data.image_size,
+            "in_chans": 1, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    if not cfg.train.resume:
+        return None
+    if cfg.train.resume == "auto":
+        path = Path(cfg.train.output_dir) / "models" / CHECKPOINT
+        return path if path.exists() else None
+    path = Path(cfg.train.resume)
+    if not path.is_file():
+        raise RunError(f"train.resume={cfg.train.resume!r}: no checkpoint file there (use 'auto' or a path)")
+    return path
+
+
+def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """Rank 0 creates the run folder and writes config.yaml; every rank learns if that failed."""
+    out = Path(cfg.train.output_dir)
+    problem = [None]
+    if accelerator.is_main_process:
+        try:
+            (out / "models").mkdir(parents=True, exist_ok=True)
+            atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(to_yaml(cfg)))
+        except OSError as exc:
+            problem[0] = f"train.output_dir={out} is not writable ({exc.strerror or exc}); choose another folder"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(problem, from_process=0)
+    if problem[0]:
+        raise RunError(problem[0])
+    return out
+
+
+def append_metrics(path: Path, row: dict, keep_through_epoch: int | None = None) -> None:
+    """Append one epoch line; on resume first drop lines of epochs after the checkpoint."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    if keep_through_epoch is not None:
+        lines = [line for line in lines if json.loads(line)["epoch"] <= keep_through_epoch]
+    lines.append(json.dumps(row, sort_keys=True))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def fit(cfg: Config, accelerator: Accelerator) -> dict:
+    """The whole training run; returns the last epoch's metrics row."""
+    manifest = load_manifest(cfg.data.shards) if "://" not in cfg.data.shards else None
+    loaders = build_loaders(cfg, manifest, accelerator)
+    manifest = loaders["train"].manifest
+    check_manifest(cfg, manifest)
+    out = prepare_output_dir(cfg, accelerator)
+    set_seed(cfg.train.seed)
+    model = build_model(cfg.model, num_classes=len(manifest.classes))
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    monitor_mode = "min" if cfg.train.monitor == "val_loss" else "max"
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.epochs, monitor_mode)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    loss_fn = build_loss(cfg.optim, manifest.split("train").class_counts, accelerator.device)
+    stopper = EarlyStopping(cfg.train.patience, monitor_mode, cfg.train.min_delta)
+    identity = model_identity(cfg, manifest)
+    start_epoch = 0
+    resume = resolve_resume(cfg)
+    if resume is not None:
+        state = load_checkpoint(resume)
+        check_compatible(state.get("identity", {}), identity, resume)
+        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        if accelerator.scaler is not None and state.get("scaler"):
+            accelerator.scaler.load_state_dict(state["scaler"])
+        stopper.load_state_dict(state["early_stopping"])
+        start_epoch = state["epoch"] + 1
+        accelerator.print(f"resumed from {resume} at epoch {start_epoch}")
+    if cfg.logging.tensorboard:
+        accelerator.init_trackers("tb")
+    steps = loaders["train"].steps_per_epoch
+    if cfg.train.max_steps_per_epoch:
+        steps = min(steps, cfg.train.max_steps_per_epoch)
+    train_aug, eval_aug = build_augment(cfg, True).to(accelerator.device), build_augment(cfg, False).to(accelerator.device)
+    accelerator.print(
+        f"training {cfg.model.name} on {manifest.split('train').samples} images, {accelerator.num_processes} "
+        f"process(es) on {accelerator.device}, {steps} steps/epoch of {cfg.train.batch_size}/device, "
+        f"mixed precision {accelerator.mixed_precision}"
+    )
+    row: dict = {}
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if stopper.should_stop:
+            break
+        loaders["train"].set_epoch(epoch)
+        result = train_one_epoch(
+            model, optimizer, loaders["train"], train_aug, loss_fn, accelerator, epoch, steps,
+            seed=cfg.train.seed, grad_accum=cfg.train.grad_accum, log=accelerator.log if cfg.logging.tensorboard else None,
+            log_every=cfg.train.log_every, progress=cfg.logging.progress,
+        )
+        val = predict_split(model, loaders["val"], eval_aug, accelerator, progress=cfg.logging.progress, desc="val")
+        scores = quick_metrics(val.labels, val.probs, len(manifest.classes))
+        row = {
+            "epoch": epoch, "train_loss": result.loss, "train_accuracy": result.accuracy,
+            "val_loss": val.loss, "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
+            "lr": optimizer.param_groups[0]["lr"], "img_per_s": result.images_per_s,
+            "data_wait_frac": result.data_wait_frac, "epoch_s": result.seconds,
+        }
+        improved = stopper.step(row[cfg.train.monitor], epoch)
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler.step(row[cfg.train.monitor])
+        elif scheduler is not None:
+            scheduler.step()
+        if accelerator.is_main_process:
+            append_metrics(out / "metrics.jsonl", row, keep_through_epoch=epoch - 1)
+            if improved:
+                save_best_model(out / "models", accelerator.unwrap_model(model).state_dict(), {
+                    "config": to_yaml_dict(cfg), "epoch": epoch,
+                    "monitor": cfg.train.monitor, "value": row[cfg.train.monitor], "classes": list(manifest.classes),
+                    "model": cfg.model.name, "image_size": cfg.data.image_size, "in_chans": 1,
+                })
+            save_checkpoint(out / "models" / CHECKPOINT, {
+                "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict() if scheduler is not None else {},
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+                "epoch": epoch, "early_stopping": stopper.state_dict(), "identity": identity,
+                "config": to_yaml(cfg),
+            })
+            if cfg.logging.tensorboard:
+                accelerator.log({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=epoch)
+        accelerator.wait_for_everyone()
+        accelerator.print(
+            f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
+            f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f} f1 {row['val_macro_f1']:.3f} | "
+            f"{row['img_per_s']:.0f} img/s, data wait {100 * row['data_wait_frac']:.1f}%"
+            + ("  *best*" if improved else f"  ({stopper.bad_epochs}/{stopper.patience} without improvement)")
+        )
+    if stopper.should_stop:
+        accelerator.print(f"early stop: no {cfg.train.monitor} improvement for {stopper.patience} epochs; "
+                          f"best epoch {stopper.best_epoch} ({cfg.train.monitor} {stopper.best:.4f})")
+    if cfg.logging.tensorboard:
+        accelerator.end_training()
+    return row
+
+
+def to_yaml_dict(cfg: Config) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def run_test_report(cfg: Config, accelerator: Accelerator) -> None:
+    """Evaluate the best model on the test split and write the report (rank 0 writes)."""
+    from train.evaluate import evaluate_run
+
+    best = Path(cfg.train.output_dir) / "models" / BEST_PTH
+    if best.exists():
+        evaluate_run(Path(cfg.train.output_dir), split="test", accelerator=accelerator, cfg=cfg)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--config", default=None, help="YAML file in configs/ (defaults if omitted)")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=3")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    accelerator = build_accelerator(cfg)
+    try:
+        fit(cfg, accelerator)
+        if cfg.eval.test_at_end:
+            run_test_report(cfg, accelerator)
+    except (RunError, ManifestError, CheckpointError, ConfigError) as exc:
+        print(f"error (rank {accelerator.process_index}): {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""Classification metrics for imbalanced multi-class chest X-ray data.
+
+scikit-learn computes the standard scores and torchmetrics the calibration
+error; this module only arranges them per class name (and adds specificity,
+which neither reports directly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from sklearn import metrics as skm
+from torchmetrics.functional.classification import multiclass_calibration_error
+
+
+def classification_report(
+    labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str], ece_bins: int = 15
+) -> dict:
+    """All numbers of an evaluation: labels int [N], probs float [N, C] (rows sum to 1)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    probs = np.asarray(probs, dtype=np.float64)
+    n_classes = len(class_names)
+    preds = probs.argmax(axis=1)
+    idx = list(range(n_classes))
+    cm = skm.confusion_matrix(labels, preds, labels=idx)
+    precision, recall, f1, support = skm.precision_recall_fscore_support(
+        labels, preds, labels=idx, zero_division=0
+    )
+    total = cm.sum()
+    per_class = {}
+    aucs = {}
+    for c, name in enumerate(class_names):
+        tp = cm[c, c]
+        fp = cm[:, c].sum() - tp
+        fn = cm[c, :].sum() - tp
+        tn = total - tp - fp - fn
+        positives = labels == c
+        auc = None
+        if 0 < positives.sum() < len(labels):
+            auc = float(skm.roc_auc_score(positives, probs[:, c]))
+            aucs[name] = auc
+        per_class[name] = {
+            "precision": float(precision[c]),
+            "sensitivity": float(recall[c]),
+            "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
+            "f1": float(f1[c]),
+            "support": int(support[c]),
+            "roc_auc": auc,
+        }
+    row_sums = cm.sum(axis=1, keepdims=True)
+    ece = multiclass_calibration_error(
+        torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels), num_classes=n_classes,
+        n_bins=ece_bins, norm="l1",
+    )
+    return {
+        "samples": int(len(labels)),
+        "accuracy": float(skm.accuracy_score(labels, preds)) if len(labels) else 0.0,
+        "balanced_accuracy": float(skm.balanced_accuracy_score(labels, preds)) if len(labels) else 0.0,
+        "macro_f1": float(skm.f1_score(labels, preds, labels=idx, average="macro", zero_division=0)),
+        "macro_roc_auc": float(np.mean(list(aucs.values()))) if aucs else None,
+        "ece": float(ece),
+        "per_class": per_class,
+        "confusion_matrix": cm.tolist(),
+        "confusion_matrix_normalized": np.divide(cm, np.maximum(row_sums, 1)).round(4).tolist(),
+        "classes": list(class_names),
+    }
+
+
+def quick_metrics(labels: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float]:
+    """Accuracy and macro-F1 for per-epoch validation (cheap)."""
+    preds = np.asarray(probs).argmax(axis=1)
+    return {
+        "accuracy": float((preds == labels).mean()) if len(labels) else 0.0,
+        "macro_f1": float(skm.f1_score(labels, preds, labels=list(range(n_classes)), average="macro", zero_division=0)),
+    }
