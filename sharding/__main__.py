@@ -56,6 +56,78 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_download(args: argparse.Namespace) -> int:
+    from sharding.download import CredentialsError, DownloadError, download
+
+    try:
+        target, fetched = download(args.out, dataset=args.dataset)
+    except (CredentialsError, DownloadError) as exc:
+        raise UsageError(str(exc)) from None
+    if fetched:
+        print(f"download: {target} is ready")
+    else:
+        print(f"download: {target} already holds the dataset; nothing to do")
+    return 0
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    from sharding.build import BuildError, run_build
+    from sharding.inspect import summary
+
+    try:
+        report = run_build(
+            args.raw, args.out, encoding=args.encoding, include_masks=args.include_masks,
+            shard_size=args.shard_size, workers=args.workers, seed=args.seed,
+            near_dup_distance=args.near_dup_distance, strict=args.strict, force=args.force,
+            progress=not args.quiet,
+        )
+    except BuildError as exc:
+        raise UsageError(str(exc)) from None
+    m = report.manifest
+    if report.noop:
+        print(f"build: {report.out} is up to date with {args.raw} and these options; nothing to do "
+              "(--force rebuilds)")
+        return 0
+    print(summary(m, report.elapsed))
+    print(f"build: wrote {m.counts['written']} samples in "
+          f"{sum(len(s.shards) for s in m.splits.values())} shards to {report.out} "
+          f"(analyse {report.analyse_s:.1f}s, write {report.write_s:.1f}s)")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from sharding.manifest import ManifestError
+    from sharding.verify import verify
+
+    try:
+        result = verify(args.shards)
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from None
+    if result.ok:
+        print(f"OK: {result.shards} shards, {result.samples} samples match {args.shards}/manifest.json")
+        return 0
+    for problem in result.problems:
+        print(f"FAIL {problem}", file=sys.stderr)
+    bad = sorted({p.split(":", 1)[0] for p in result.problems})
+    print(f"verify: {len(result.problems)} problem(s) in {', '.join(bad)}", file=sys.stderr)
+    return 1
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from sharding.inspect import sample_grid, summary
+    from sharding.manifest import ManifestError, load_manifest
+
+    try:
+        manifest = load_manifest(args.shards)
+    except ManifestError as exc:
+        raise UsageError(str(exc)) from None
+    print(summary(manifest))
+    if args.out:
+        path = sample_grid(args.shards, args.out, per_class=args.per_class)
+        print(f"inspect: wrote a grid of up to {args.per_class} samples per class to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m sharding", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +146,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--contact-sheet", default=None, help="also write a PNG grid of a few films per class")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser("download", help="fetch the Kaggle dataset (needs Kaggle credentials)")
+    p.add_argument("--out", default="data/raw", help="parent folder of COVID-19_Radiography_Dataset/")
+    p.add_argument("--dataset", default="tawsifurrahman/covid19-radiography-database", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("build", help="raw dataset -> WebDataset shards per split + manifest.json")
+    p.add_argument("--raw", default="data/raw", help="data/raw or the COVID-19_Radiography_Dataset folder")
+    p.add_argument("--out", default="shards", help="shard folder (replaced atomically)")
+    p.add_argument("--encoding", choices=("raw", "png"), default="raw",
+                   help="raw: uint8 .npy, no decoding (default); png: about 2x smaller")
+    p.add_argument("--include-masks", action="store_true", help="store the lung masks (299x299, {0,1})")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
+    p.add_argument("--near-dup-distance", type=int, default=None, metavar="D",
+                   help="also group images whose 64-bit dHash differs in <= D bits (off by default)")
+    p.add_argument("--strict", action="store_true", help="fail (exit 2) if any input would be skipped")
+    p.add_argument("--force", action="store_true", help="rebuild even if inputs and options are unchanged")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_build)
+
+    p = sub.add_parser("verify", help="re-hash shards and decode every sample against the manifest")
+    p.add_argument("--shards", default="shards")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("inspect", help="print the manifest summary and write a PNG grid of samples")
+    p.add_argument("--shards", default="shards")
+    p.add_argument("--out", default=None, help="PNG path for the grid")
+    p.add_argument("--per-class", type=int, default=6)
+    p.set_defaults(func=_cmd_inspect)
     return parser
 
 

@@ -1,0 +1,97 @@
+"""Human-readable views of a shard set: a summary table and a PNG grid of samples per class."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sharding.contract import CLASSES, LABEL, SPLITS, image_member, mask_member
+from sharding.manifest import Manifest, load_manifest
+from sharding.verify import decode_member, iter_samples
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def summary(manifest: Manifest, elapsed: float | None = None) -> str:
+    """Split x class counts, skipped inputs, duplicate groups, bytes (and elapsed, if given)."""
+    names = list(manifest.classes)
+    width = max(len(n) for n in names + ["split"]) + 2
+    header = "split".ljust(8) + "".join(n.rjust(width) for n in names) + "total".rjust(9) + "shards".rjust(8) + "bytes".rjust(13)
+    lines = [header, "-" * len(header)]
+    totals = [0] * len(names)
+    all_bytes = 0
+    all_shards = 0
+    order = [s for s in SPLITS if s in manifest.splits] + sorted(set(manifest.splits) - set(SPLITS))
+    for split in order:
+        info = manifest.splits[split]
+        nbytes = sum(s.bytes for s in info.shards)
+        counts = list(info.class_counts) or [0] * len(names)
+        totals = [a + b for a, b in zip(totals, counts)]
+        all_bytes += nbytes
+        all_shards += len(info.shards)
+        lines.append(split.ljust(8) + "".join(str(c).rjust(width) for c in counts)
+                     + str(sum(counts)).rjust(9) + str(len(info.shards)).rjust(8) + _mb(nbytes).rjust(13))
+    lines.append("-" * len(header))
+    lines.append("all".ljust(8) + "".join(str(c).rjust(width) for c in totals) + str(sum(totals)).rjust(9)
+                 + str(all_shards).rjust(8) + _mb(all_bytes).rjust(13))
+    c = manifest.counts
+    written = sum(totals)
+    scanned = c.get("scanned", written + len(manifest.skipped))
+    lines.append("")
+    lines.append(f"encoding {manifest.encoding}, image uint8[1, {manifest.image_size}, {manifest.image_size}], "
+                 f"masks {'yes' if manifest.masks else 'no'}, seed {manifest.seed}")
+    lines.append(f"scanned {scanned} = written {written} + skipped {len(manifest.skipped)}"
+                 + (f"; {len(manifest.mask_issues)} sample(s) with an all-zero mask (mask_missing)"
+                    if manifest.masks else ""))
+    groups = manifest.duplicate_groups
+    mixed = [g for g in groups if g.get("mixed_labels")]
+    near = [g for g in groups if g.get("kind") == "near"]
+    lines.append(f"duplicate groups {len(groups)} ({sum(len(g['members']) for g in groups)} images; "
+                 f"{len(near)} near, {len(mixed)} with different labels)")
+    if written:
+        lines.append(f"bytes per image {all_bytes / written:,.0f}")
+    if elapsed is not None:
+        lines.append(f"elapsed {elapsed:.1f}s ({written / max(elapsed, 1e-9):,.0f} img/s)")
+    for s in manifest.skipped[:10]:
+        lines.append(f"  skipped {s['path']}: {s['reason']}")
+    if len(manifest.skipped) > 10:
+        lines.append(f"  ... and {len(manifest.skipped) - 10} more skipped (see manifest.json)")
+    for m in manifest.mask_issues[:5]:
+        lines.append(f"  mask of {m['path']}: {m['reason']}")
+    for g in mixed[:5]:
+        lines.append(f"  different labels in one group: {', '.join(g['members'])} ({', '.join(g['labels'])})")
+    return "\n".join(lines)
+
+
+def sample_grid(shards: str | Path, out: str | Path, per_class: int = 6, tile: int = 160) -> Path:
+    """Write a PNG with one row per class of the first `per_class` samples found (masks outlined)."""
+    from sharding.grid import image_grid
+
+    root = Path(shards)
+    manifest = load_manifest(root)
+    img_ext, mask_ext = image_member(manifest.encoding), mask_member(manifest.encoding)
+    images: list[list] = [[] for _ in CLASSES]
+    outlines: list[list] = [[] for _ in CLASSES]
+    done = False
+    for split in manifest.splits:
+        for shard in manifest.split(split).shards:
+            for sample in iter_samples(root / shard.name):
+                label = int(sample[LABEL])
+                if len(images[label]) >= per_class:
+                    continue
+                images[label].append(decode_member(img_ext, sample[img_ext])[0])
+                outlines[label].append(decode_member(mask_ext, sample[mask_ext])[0] if mask_ext in sample else None)
+                if all(len(row) >= per_class for row in images):
+                    done = True
+                    break
+            if done:
+                break
+        if done:
+            break
+    rows = [(f"{name} ({i})", images[i]) for i, name in enumerate(CLASSES)]
+    grid = image_grid(rows, tile=tile, label_width=150, outlines=outlines if manifest.masks else None)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(out)
+    return out
