@@ -14,7 +14,7 @@ def image_grid(
     label_width: int = 120,
     outlines: Sequence[Sequence[np.ndarray | None]] | None = None,
 ) -> Image.Image:
-    """One row per (label, images); uint8 [H, W] arrays scaled to `tile` pixels.
+    """One row per (label, images); uint8 [H, W] (gray) or [H, W, 3] (RGB) arrays scaled to `tile` pixels.
 
     `outlines`, parallel to `rows`, may give a binary mask per image whose
     outline is drawn in colour (e.g. the lung mask).
@@ -28,7 +28,8 @@ def image_grid(
         y = pad + r * (tile + pad)
         draw.text((6, y + tile // 2 - 6), label, fill=(255, 255, 255), font=font)
         for c, array in enumerate(images):
-            img = Image.fromarray(np.asarray(array, np.uint8).squeeze(), mode="L")
+            pixels = np.asarray(array, np.uint8).squeeze()
+            img = Image.fromarray(pixels, mode="RGB" if pixels.ndim == 3 else "L")
             img = img.resize((tile, tile), Image.Resampling.BILINEAR).convert("RGB")
             mask = outlines[r][c] if outlines is not None else None
             if mask is not None:
