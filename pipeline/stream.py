@@ -1,0 +1,412 @@
+"""Shard URLs -> host batches for one rank: `build_loader(...)` returns a `ShardLoader`.
+
+Per worker process the stream is a `webdataset.DataPipeline`:
+
+    shard list (this rank/worker's share) -> open URL (pipeline.urls) ->
+    read samples (pipeline.fast_tar: fast raw path, or generic decode) ->
+    [train: sample shuffle buffer] -> Batcher (copies pixels straight into the
+    batch tensor, allocated in shared memory inside a worker)
+
+and the loader is a `webdataset.WebLoader` (a `torch.utils.data.DataLoader`)
+with `batch_size=None`, so each worker hands over whole `Batch` objects; with
+`pin_memory=True` the DataLoader's pin thread calls `Batch.pin_memory()`.
+
+**Train** (exact batch count per rank). `steps_per_epoch = ceil(train_samples /
+(batch_size * world_size))`, from the manifest, identical on every rank. The
+shard sequence is infinite: cycle c is a permutation of all train shards seeded
+by (seed, epoch, c), the same on every rank; the R*W reader slots (R ranks x W
+workers) deal positions round-robin (slot s reads positions s, s+RW, ...), so a
+slot is never empty even with fewer shards than slots, and one epoch reads about
+each sample once. Samples go through a shuffle buffer seeded by (seed, epoch,
+rank, worker); only full batches are made; `WebLoader.with_epoch(steps)` cuts
+the infinite stream to exactly `steps_per_epoch` batches. `set_epoch(e)`
+reshuffles deterministically; the same seed gives the same batches (for a fixed
+`num_workers`).
+
+**Val/test** (exactly once across ranks). The split's samples, in manifest
+order, are numbered 0..N-1; rank r owns [N*r//R, N*(r+1)//R) and worker w of W
+owns the w-th contiguous part of that. A reader opens only the shards that
+overlap its range and keeps the samples in it, so every sample is seen by
+exactly one (rank, worker) for any N, R, W (more ranks than shards, odd counts,
+idle workers). Batches are not shuffled; the last batch of each worker may be
+partial, so `steps_per_epoch` (= sum over workers of ceil(n_w / batch_size))
+may differ across ranks: evaluation must not run a collective per batch.
+
+**Rank splitting and devices are this package's job.** Pass `rank` and
+`world_size` (e.g. `accelerator.process_index`, `accelerator.num_processes`);
+do *not* hand the loader to `accelerate.prepare()` (it does not wrap a
+WebLoader, and for a wrapped iterable DataLoader it would read on rank 0 and
+broadcast). Move batches with `batch.to(device, non_blocking=True)`.
+
+**Corrupt shards.** Train: a shard that fails to open or parse is skipped with a
+`RuntimeWarning` and counted; samples it yielded before the fault were already
+validated and are kept. Read `loader.corrupt_shards` (a `CorruptReport`:
+`.shards`, `.samples_lost`, `.events` [(url, reason)]), counted across worker
+processes. `strict=True` raises `ShardFormatError` instead. Val/test always
+raise `ShardFormatError` naming the shard (also when a shard holds a different
+number of samples than the manifest says).
+
+**Memory** per rank: workers x (prefetch_factor + 1) x batch bytes (batch bytes
+= B x 89,401 B for 299^2 images, x2 with masks: 22.9 MB at B=256) plus, in train,
+each worker's shuffle buffer (shuffle_buffer x sample bytes: 179 MB at the
+default 2000 without masks) plus one shard read buffer member; independent of
+the dataset size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import random
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from pipeline.batch import Batch
+from pipeline.fast_tar import Sample, ShardFormatError, read_samples
+from pipeline.urls import join_url, local_path, open_url
+from sharding.manifest import Manifest, ManifestError, load_manifest
+
+TRAIN = "train"
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+@dataclass
+class CorruptReport:
+    """Corrupt shards skipped in train streams so far (all epochs, all workers)."""
+
+    shards: int = 0
+    samples_lost: int = 0  # manifest count minus samples read before the fault
+    events: list[tuple[str, str]] = field(default_factory=list)  # (url, reason)
+
+
+class _CorruptCounter:
+    """Counts shared with worker processes (multiprocessing Values + an event queue)."""
+
+    def __init__(self) -> None:
+        ctx = mp.get_context()
+        self.shards = ctx.Value("q", 0)
+        self.samples = ctx.Value("q", 0)
+        self.queue = ctx.SimpleQueue()
+        self.events: list[tuple[str, str]] = []
+
+    def add(self, url: str, lost: int, reason: str) -> None:
+        with self.shards.get_lock():
+            self.shards.value += 1
+        with self.samples.get_lock():
+            self.samples.value += max(0, lost)
+        self.queue.put((url, reason))
+
+    def report(self) -> CorruptReport:
+        while not self.queue.empty():
+            self.events.append(self.queue.get())
+        return CorruptReport(self.shards.value, self.samples.value, list(self.events))
+
+
+@dataclass
+class StreamSpec:
+    """Everything a worker needs (picklable)."""
+
+    urls: list[str]
+    counts: list[int]
+    encoding: str
+    image_size: int
+    num_classes: int
+    masks: bool
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    train: bool
+    shuffle_buffer: int
+    cache_dir: str | None
+    strict: bool
+    fast: bool = True
+    allow_pipe: bool | None = None
+
+
+def eval_ranges(total: int, rank: int, world_size: int, worker: int, num_workers: int) -> tuple[int, int]:
+    """Global sample range [lo, hi) of a (rank, worker) in an eval split of `total` samples."""
+    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
+    n = hi - lo
+    return lo + n * worker // num_workers, lo + n * (worker + 1) // num_workers
+
+
+class _ShardList(IterableDataset):
+    """First pipeline stage: this (rank, worker)'s shards as {url, count, lo, hi} dicts."""
+
+    def __init__(self, spec: StreamSpec, epoch: int, worker: int, num_workers: int):
+        super().__init__()
+        self.spec, self.epoch, self.worker, self.num_workers = spec, epoch, worker, num_workers
+
+    def __iter__(self):
+        spec = self.spec
+        n = len(spec.urls)
+        if spec.train:
+            slots = spec.world_size * self.num_workers
+            slot = spec.rank * self.num_workers + self.worker
+            cycle, pos = 0, 0
+            while True:
+                order = random.Random(_seed(spec.seed, self.epoch, cycle, 0x5EED)).sample(range(n), n)
+                for i in order:
+                    if pos % slots == slot:
+                        yield {"url": spec.urls[i], "count": spec.counts[i], "lo": 0, "hi": spec.counts[i]}
+                    pos += 1
+                cycle += 1
+        else:
+            lo, hi = eval_ranges(sum(spec.counts), spec.rank, spec.world_size, self.worker, self.num_workers)
+            start = 0
+            for url, count in zip(spec.urls, spec.counts):
+                a, b = max(lo, start), min(hi, start + count)
+                if a < b:
+                    yield {"url": url, "count": count, "lo": a - start, "hi": b - start}
+                start += count
+
+
+class _ReadShards:
+    """Pipeline stage: shard dicts -> validated Samples, with the corrupt-shard policy."""
+
+    def __init__(self, spec: StreamSpec, counter: _CorruptCounter | None):
+        self.spec, self.counter = spec, counter
+
+    def __call__(self, shards):
+        spec = self.spec
+        empty_run = 0
+        limit = 3 * max(1, len(spec.urls)) + spec.world_size * 8
+        for shard in shards:
+            got = 0
+            for sample in self._one(shard):
+                got += 1
+                yield sample
+            if spec.train:  # guard: an all-corrupt/empty train set must not spin forever
+                empty_run = 0 if got else empty_run + 1
+                if empty_run > limit:
+                    raise RuntimeError(f"no readable train samples in {empty_run} consecutive shards; last {shard['url']}")
+
+    def _one(self, shard) -> Iterator[Sample]:
+        spec = self.spec
+        url, lo, hi, count = shard["url"], shard["lo"], shard["hi"], shard["count"]
+        seen = 0
+        stream = None
+        try:
+            stream = open_url(url, cache_dir=spec.cache_dir, allow_pipe=spec.allow_pipe)
+            samples = read_samples(stream, encoding=spec.encoding, image_size=spec.image_size,
+                                   num_classes=spec.num_classes, masks=spec.masks, fast=spec.fast)
+            for sample in samples:
+                if seen >= count:
+                    raise ShardFormatError(f"holds more samples than the manifest's {count}")
+                if lo <= seen < hi:
+                    yield sample
+                seen += 1
+                if seen >= hi and hi < count:
+                    return  # rest of the shard belongs to another rank/worker
+            if seen != count:
+                raise ShardFormatError(f"holds {seen} samples, the manifest says {count}")
+        except (ShardFormatError, OSError) as exc:
+            reason = f"{type(exc).__name__}: {exc}"
+            if not spec.train or spec.strict:
+                raise ShardFormatError(f"shard {url}: {exc}") from exc
+            warnings.warn(f"skipping corrupt shard {url} after {seen} samples: {reason}", RuntimeWarning, stacklevel=2)
+            if self.counter is not None:
+                self.counter.add(url, count - seen, reason)
+        finally:
+            if stream is not None:
+                stream.close()
+
+
+class _Shuffle:
+    """Pipeline stage: webdataset's sample shuffle buffer with a (seed, epoch, rank, worker) rng."""
+
+    def __init__(self, bufsize: int, seed: int):
+        self.bufsize, self.seed = bufsize, seed
+
+    def __call__(self, samples):
+        if self.bufsize <= 1:
+            return samples
+        return wds.filters._shuffle(iter(samples), self.bufsize, self.bufsize, random.Random(self.seed))
+
+
+def _empty_uint8(shape: tuple[int, ...], shared: bool) -> torch.Tensor:
+    """A uint8 tensor; in a worker, allocated in shared memory so the hand-over copies nothing."""
+    if not shared:
+        return torch.empty(shape, dtype=torch.uint8)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
+class Batcher:
+    """Pipeline stage: Samples -> host `Batch`, pixels copied straight into the batch tensor."""
+
+    def __init__(self, batch_size: int, image_size: int, masks: bool, partial: bool):
+        self.batch_size, self.image_size, self.masks, self.partial = batch_size, image_size, masks, partial
+
+    def __call__(self, samples):
+        shared = get_worker_info() is not None
+        shape = (self.batch_size, 1, self.image_size, self.image_size)
+        buf: list[Sample] = []
+        for sample in samples:
+            buf.append(sample)
+            if len(buf) == self.batch_size:
+                yield self._make(buf, shape, shared)
+                buf = []
+        if buf and self.partial:
+            yield self._make(buf, (len(buf),) + shape[1:], shared)
+
+    def _make(self, buf: list[Sample], shape, shared: bool) -> Batch:
+        images = _empty_uint8(shape, shared)
+        out = images.numpy()
+        for i, s in enumerate(buf):
+            out[i] = s.image
+        masks = None
+        if self.masks:
+            masks = _empty_uint8(shape, shared)
+            mout = masks.numpy()
+            for i, s in enumerate(buf):
+                mout[i] = s.mask
+        labels = torch.tensor([s.label for s in buf], dtype=torch.int64)
+        return Batch(images=images, labels=labels, keys=[s.key for s in buf], masks=masks)
+
+
+class RankStream(IterableDataset):
+    """The per-rank stream; builds one `webdataset.DataPipeline` per worker at iteration time."""
+
+    def __init__(self, spec: StreamSpec, counter: _CorruptCounter | None = None):
+        super().__init__()
+        self.spec, self.counter, self.epoch = spec, counter, 0
+
+    def pipeline(self) -> wds.DataPipeline:
+        info = get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        spec = self.spec
+        stages = [_ShardList(spec, self.epoch, worker, num_workers), _ReadShards(spec, self.counter)]
+        if spec.train:
+            stages.append(_Shuffle(spec.shuffle_buffer, _seed(spec.seed, self.epoch, spec.rank, worker, 0x5A3)))
+        stages.append(Batcher(spec.batch_size, spec.image_size, spec.masks, partial=not spec.train))
+        return wds.DataPipeline(*stages)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return iter(self.pipeline())
+
+
+class ShardLoader:
+    """Iterable of host `Batch`es for one rank (see the module docstring for the semantics).
+
+    Attributes: `steps_per_epoch` (batches per epoch on this rank), `num_samples`,
+    `manifest`, `split`, `corrupt_shards` (a `CorruptReport`).
+    """
+
+    def __init__(self, stream: RankStream, manifest: Manifest, split: str, *, num_workers: int,
+                 pin_memory: bool, prefetch_factor: int = 2):
+        spec = stream.spec
+        self.stream, self.manifest, self.split = stream, manifest, split
+        self.num_workers, self.pin_memory, self.prefetch_factor = num_workers, pin_memory, prefetch_factor
+        self.batch_size = spec.batch_size
+        if spec.train:
+            self.steps_per_epoch = math.ceil(sum(spec.counts) / (spec.batch_size * spec.world_size))
+            self.num_samples = self.steps_per_epoch * spec.batch_size
+        else:
+            workers = max(1, num_workers)
+            total = sum(spec.counts)
+            sizes = [hi - lo for lo, hi in (eval_ranges(total, spec.rank, spec.world_size, w, workers)
+                                            for w in range(workers))]
+            self.steps_per_epoch = sum(math.ceil(n / spec.batch_size) for n in sizes)
+            self.num_samples = sum(sizes)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reshuffle deterministically by (seed, epoch, rank, worker) for the next iteration."""
+        self.epoch = int(epoch)
+        self.stream.epoch = int(epoch)
+
+    @property
+    def corrupt_shards(self) -> CorruptReport:
+        counter = self.stream.counter
+        return counter.report() if counter is not None else CorruptReport()
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch
+
+    def __iter__(self) -> Iterator[Batch]:
+        kwargs = {}
+        if self.num_workers > 0:
+            kwargs["prefetch_factor"] = self.prefetch_factor
+        loader = wds.WebLoader(self.stream, batch_size=None, shuffle=False, num_workers=self.num_workers,
+                               pin_memory=self.pin_memory and torch.cuda.is_available(),
+                               persistent_workers=False, **kwargs)
+        if self.stream.spec.train:
+            loader = loader.with_epoch(nbatches=self.steps_per_epoch)
+        return iter(loader)
+
+
+def _load_manifest(shards: str | Path) -> Manifest:
+    path = local_path(str(shards))
+    if path is not None:
+        return load_manifest(path)
+    url = join_url(shards, "manifest.json")
+    try:
+        with open_url(url) as fh:
+            data = json.loads(fh.read())
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"cannot read manifest {url}: {exc}") from None
+    return Manifest.from_dict(data)
+
+
+def build_loader(
+    shards: str | Path,
+    split: str,
+    *,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 2,
+    seed: int = 0,
+    shuffle_buffer: int = 2000,
+    cache_dir: str | Path | None = None,
+    strict: bool = False,
+    pin_memory: bool = False,
+    manifest: Manifest | None = None,
+    fast: bool = True,
+    allow_pipe: bool | None = None,
+    prefetch_factor: int = 2,
+) -> ShardLoader:
+    """A `ShardLoader` over `split` of the shards at `shards` (folder, file:, http(s)://, gs://, s3:// prefix).
+
+    `fast=False` forces webdataset's generic decode path; `allow_pipe=False`
+    (or env RADSTREAM_ALLOW_PIPE=0) refuses pipe:/gs:/s3 URLs.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    manifest = manifest if manifest is not None else _load_manifest(shards)
+    info = manifest.split(split)
+    base = local_path(str(shards))
+    base = str(base) if base is not None else str(shards)
+    train = split == TRAIN
+    if train and info.samples == 0:
+        raise ValueError(f"split {split!r} has no samples")
+    spec = StreamSpec(
+        urls=manifest.shard_urls(split, base), counts=[s.samples for s in info.shards],
+        encoding=manifest.encoding, image_size=manifest.image_size, num_classes=len(manifest.classes),
+        masks=manifest.masks, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+        train=train, shuffle_buffer=shuffle_buffer if train else 0,
+        cache_dir=None if cache_dir is None else str(cache_dir), strict=strict, fast=fast, allow_pipe=allow_pipe,
+    )
+    counter = _CorruptCounter() if train else None
+    return ShardLoader(RankStream(spec, counter), manifest, split, num_workers=num_workers,
+                       pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+
+
+__all__ = ["Batcher", "CorruptReport", "RankStream", "ShardLoader", "StreamSpec", "build_loader", "eval_ranges"]
