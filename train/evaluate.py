@@ -1,0 +1,191 @@
+"""Evaluate a run's best model on a split and write the report a practitioner reads.
+
+    python -m train.evaluate --run runs/demo [--split test] [--shards DIR]
+    accelerate launch --multi_gpu --num_processes 2 -m train.evaluate --run runs/demo
+
+Writes into the run folder: report.json (every number), report.md (tables),
+and figures: confusion_matrix.png, roc.png, training_curves.png,
+reliability.png, gradcam.png (with the lung-mask outline when the shards
+carry masks) and, with masks, the Grad-CAM lung share per class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from pipeline.stream import build_loader
+from sharding.grid import image_grid
+from train import explain, plots
+from train.checkpoint import BEST_PTH, atomic_write, load_best_model
+from train.config import Config, load_config
+from train.loop import Predictions, predict_split
+from train.metrics import classification_report
+from train.model import build_model
+
+
+def load_model(model_path: Path, cfg: Config) -> torch.nn.Module:
+    """The network of `cfg` with the weights of best_model.pth (weights only, no pickle)."""
+    state, _ = load_best_model(model_path)
+    model = build_model(replace(cfg.model, pretrained="false"), num_classes=cfg.model.num_classes)
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def explain_split(model, cfg: Config, shards: str, split: str, classes, device, per_class: int) -> dict:
+    """Grad-CAM over the whole split (one process): lung shares and a grid of examples."""
+    from train.main import build_augment
+
+    augment = build_augment(cfg, train=False).to(device)
+    loader = build_loader(shards, split, batch_size=cfg.eval.batch_size, num_workers=min(cfg.data.num_workers, 2),
+                          seed=cfg.train.seed)
+    model = model.to(device)
+    shares, labels = [], []
+    picks: dict[tuple[int, bool], list] = {}
+    for batch in loader:
+        batch = batch.to(device)
+        images, _ = augment(batch.images, None)
+        preds = model(images).argmax(1).tolist()
+        cams = explain.gradcam(model, images)
+        masks = None
+        if batch.masks is not None:
+            masks = F.interpolate(batch.masks.float(), size=cams.shape[-2:], mode="nearest").squeeze(1).cpu().numpy()
+            shares.append(explain.lung_share(cams, masks))
+            labels.append(batch.labels.cpu().numpy())
+        small = F.interpolate(batch.images.float(), size=cams.shape[-2:], mode="bilinear").squeeze(1).cpu().numpy()
+        for i, (label, pred) in enumerate(zip(batch.labels.tolist(), preds)):
+            slot = picks.setdefault((label, label == pred), [])
+            if len(slot) < per_class:
+                slot.append((explain.overlay(small[i], cams[i]), None if masks is None else masks[i],
+                             f"{classes[pred]}"))
+    rows, outlines = [], []
+    for c, name in enumerate(classes):
+        good, bad = picks.get((c, True), []), picks.get((c, False), [])
+        rows.append((f"{name}\n{len(good)} right | {len(bad)} wrong", [p[0] for p in good + bad]))
+        outlines.append([p[1] for p in good + bad])
+    result: dict = {"grid": image_grid(rows, tile=150, label_width=150, outlines=outlines)}
+    if shares:
+        result["lung_share"] = explain.summarize_shares(np.concatenate(shares), np.concatenate(labels), classes)
+    return result
+
+
+def report_markdown(report: dict, split: str, run_dir: Path) -> str:
+    classes = report["classes"]
+    lines = [f"# Evaluation on the {split} split ({report['samples']} images)", "",
+             f"Run: `{run_dir}`, model epoch {report.get('model_epoch')}.", "",
+             "| metric | value |", "| --- | --- |"]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "ece"):
+        value = report.get(key)
+        lines.append(f"| {key} | {'n/a' if value is None else f'{value:.4f}'} |")
+    lines += ["", "| class | precision | sensitivity | specificity | F1 | ROC-AUC | support |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name in classes:
+        m = report["per_class"][name]
+        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
+        lines.append(f"| {name} | {m['precision']:.3f} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | "
+                     f"{m['f1']:.3f} | {auc} | {m['support']} |")
+    lines += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
+              "| true \\ predicted | " + " | ".join(classes) + " |", "| --- |" + " --- |" * len(classes)]
+    for name, row in zip(classes, report["confusion_matrix"]):
+        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
+    share = report.get("lung_share")
+    if share:
+        lines += ["", "## Where the model looks: Grad-CAM mass inside the lung mask", "",
+                  "A low share means the model reads markers, borders or artefacts instead of lungs.", "",
+                  "| class | mean lung share | 10th percentile | images |", "| --- | --- | --- | --- |"]
+        for name, s in share.items():
+            if s["n"]:
+                lines.append(f"| {name} | {s['mean']:.3f} | {s['p10']:.3f} | {s['n']} |")
+    lines += ["", "Figures: ![confusion](confusion_matrix.png) ![roc](roc.png) ![curves](training_curves.png) "
+              "![reliability](reliability.png) ![gradcam](gradcam.png)", ""]
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, split: str, preds: Predictions, classes, extra: dict) -> dict:
+    """report.json, report.md and the figures; returns the report dict."""
+    report = classification_report(preds.labels, preds.probs, classes)
+    report.update({k: v for k, v in extra.items() if k != "grid"})
+    report["split"] = split
+    suffix = "" if split == "test" else f"_{split}"
+    figures = {
+        "confusion_matrix": plots.confusion_matrix_figure(report["confusion_matrix"], classes,
+                                                          run_dir / f"confusion_matrix{suffix}.png", split),
+        "roc": plots.roc_figure(preds.labels, preds.probs, classes, run_dir / f"roc{suffix}.png", split),
+        "reliability": plots.reliability_figure(preds.labels, preds.probs, run_dir / f"reliability{suffix}.png", split),
+        "training_curves": plots.training_curves_figure(run_dir / "metrics.jsonl", run_dir / "training_curves.png"),
+    }
+    if "grid" in extra:
+        extra["grid"].save(run_dir / f"gradcam{suffix}.png")
+        figures["gradcam"] = run_dir / f"gradcam{suffix}.png"
+    report["figures"] = {k: str(v.name) for k, v in figures.items() if v is not None}
+    atomic_write(run_dir / f"report{suffix}.json",
+                 lambda tmp: tmp.write_text(json.dumps(report, indent=2, sort_keys=True)))
+    atomic_write(run_dir / f"report{suffix}.md", lambda tmp: tmp.write_text(report_markdown(report, split, run_dir)))
+    predictions = [{"key": k, "label": int(y), "probs": [round(float(p), 6) for p in row]}
+                   for k, y, row in zip(preds.keys, preds.labels, preds.probs)]
+    atomic_write(run_dir / f"predictions{suffix}.jsonl",
+                 lambda tmp: tmp.write_text("".join(json.dumps(p) + "\n" for p in predictions)))
+    return report
+
+
+def evaluate_run(run_dir: Path, split: str = "test", accelerator: Accelerator | None = None,
+                 cfg: Config | None = None, shards: str | None = None) -> dict | None:
+    """Evaluate best_model on `split` across all ranks; rank 0 writes and returns the report."""
+    run_dir = Path(run_dir)
+    cfg = cfg or load_config(run_dir / "config.yaml")
+    accelerator = accelerator or Accelerator()
+    shards = shards or cfg.data.shards
+    model_path = run_dir / "models" / BEST_PTH
+    _, info = load_best_model(model_path)
+    model = load_model(model_path, cfg).to(accelerator.device)
+    from train.main import build_augment
+
+    loader = build_loader(shards, split, batch_size=cfg.eval.batch_size, rank=accelerator.process_index,
+                          world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
+                          seed=cfg.train.seed, pin_memory=accelerator.device.type == "cuda")
+    classes = list(loader.manifest.classes)
+    preds = predict_split(model, loader, build_augment(cfg, train=False).to(accelerator.device), accelerator)
+    expected = loader.manifest.split(split).samples
+    if len(preds.keys) != expected:
+        raise RuntimeError(f"evaluation counted {len(preds.keys)} samples, the manifest lists {expected}")
+    if not accelerator.is_main_process:
+        return None
+    extra: dict = {"model_epoch": info.get("epoch"), "model_path": str(model_path)}
+    if cfg.eval.gradcam_per_class > 0:
+        extra.update(explain_split(model, cfg, shards, split, classes, accelerator.device, cfg.eval.gradcam_per_class))
+    report = write_report(run_dir, split, preds, classes, extra)
+    print(f"{split}: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
+          f"balanced accuracy {report['balanced_accuracy']:.4f}  ({report['samples']} images)")
+    if report.get("lung_share"):
+        print(f"{split}: Grad-CAM lung share (mean, all classes) {report['lung_share']['all']['mean']:.3f}")
+    print(f"report: {run_dir / ('report.md' if split == 'test' else f'report_{split}.md')}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Evaluate a run's best model and write its report.")
+    parser.add_argument("--run", required=True, help="run folder (holds config.yaml and models/)")
+    parser.add_argument("--split", default="test", choices=("val", "test"))
+    parser.add_argument("--shards", default=None, help="shard folder/URL (default: the run's data.shards)")
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run)
+    if not (run_dir / "config.yaml").exists() or not (run_dir / "models" / BEST_PTH).exists():
+        print(f"error: {run_dir} is not a finished run (needs config.yaml and models/{BEST_PTH})", file=sys.stderr)
+        return 2
+    evaluate_run(run_dir, args.split, shards=args.shards)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
