@@ -1,0 +1,120 @@
+"""Device-side augmentation and normalisation ("DALI-style"): uint8 batch in, float32 batch out.
+
+    uint8 [B,1,H,W] -> float32 [0,1] -> (train) ONE affine warp per batch that
+    combines a per-sample horizontal flip and rotation (masks warped with the
+    same matrices, nearest) -> optional resize -> optional lung masking ->
+    normalise -> channels_last
+
+Everything runs in float32 with autocast disabled (Kornia has dtype bugs under
+fp16 autocast), on whatever device the batch is on (CPU in tests). Composing
+flip and rotation into one matrix costs one `kornia.geometry.transform.warp_affine`
+per batch instead of one generic augmentation call per transform.
+
+**1-channel ImageNet normalisation.** `timm.data.resolve_model_data_config`
+returns the 3-channel ImageNet mean/std even for an `in_chans=1` model, whose
+first convolution timm adapts by summing the RGB kernels. A grayscale film is
+what a colour camera sees as R = G = B = Y, with luminance Y = 0.299 R + 0.587 G
++ 0.114 B (ITU-R BT.601). So:
+
+- MEAN_1CH = sum_c w_c mean_c = 0.299*0.485 + 0.587*0.456 + 0.114*0.406 = 0.4590
+- STD_1CH  = sum_c w_c std_c  = 0.299*0.229 + 0.587*0.224 + 0.114*0.225 = 0.2256
+
+(the std of a weighted sum of perfectly correlated channels is the weighted sum
+of their stds; with R = G = B that correlation is exactly 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+LUMA_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R BT.601
+MEAN_1CH: float = sum(w * m for w, m in zip(LUMA_WEIGHTS, IMAGENET_MEAN))
+STD_1CH: float = sum(w * s for w, s in zip(LUMA_WEIGHTS, IMAGENET_STD))
+
+
+def sample_params(batch_size: int, *, rotation_degrees: float, hflip_p: float,
+                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """Per-sample flip flags (bool [B]) and angles (float32 [B], degrees, in [-d, d]) on the generator's device."""
+    device = generator.device if generator is not None else torch.device("cpu")
+    flip = torch.rand(batch_size, generator=generator, device=device) < hflip_p
+    angle = (torch.rand(batch_size, generator=generator, device=device) * 2 - 1) * rotation_degrees
+    return {"flip": flip, "angle": angle.float()}
+
+
+def affine_matrices(flip: torch.Tensor, angle: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B,2,3] source->destination matrices: horizontal flip (about the centre) then rotation by `angle`.
+
+    Pixel-centre convention of `warp_affine(align_corners=True)`: x in [0, W-1],
+    so the flip is x -> (W-1) - x; positive angles rotate counter-clockwise.
+    """
+    b, device = flip.shape[0], angle.device
+    center = torch.tensor([[(width - 1) / 2, (height - 1) / 2]], device=device, dtype=torch.float32).expand(b, 2)
+    rot = get_rotation_matrix2d(center, angle.float(), torch.ones(b, 2, device=device))  # [B,2,3]
+    flip_m = torch.eye(3, device=device).repeat(b, 1, 1)
+    f = flip.to(device)
+    flip_m[f, 0, 0] = -1.0
+    flip_m[f, 0, 2] = width - 1.0
+    rot3 = torch.cat([rot, torch.tensor([0.0, 0.0, 1.0], device=device).expand(b, 1, 3)], dim=1)
+    return (rot3 @ flip_m)[:, :2, :]
+
+
+class DeviceAugment(torch.nn.Module):
+    """uint8 images (and masks) -> normalised float32 images (and float masks in {0,1}).
+
+    After each call, `last_params` holds the sampled `flip`, `angle` and `matrix`
+    (train only), so the statistics can be checked and a transform replayed.
+    """
+
+    def __init__(self, *, train: bool, rotation_degrees: float = 10.0, hflip_p: float = 0.5,
+                 image_size: int | None = None, mask_lungs: bool = False, channels_last: bool = True,
+                 mean: float = MEAN_1CH, std: float = STD_1CH):
+        super().__init__()
+        if rotation_degrees < 0 or not 0.0 <= hflip_p <= 1.0:
+            raise ValueError(f"need rotation_degrees >= 0 and 0 <= hflip_p <= 1, got {rotation_degrees}, {hflip_p}")
+        self.train_mode, self.rotation_degrees, self.hflip_p = train, float(rotation_degrees), float(hflip_p)
+        self.image_size, self.mask_lungs, self.channels_last = image_size, mask_lungs, channels_last
+        self.mean, self.std = float(mean), float(std)
+        self.last_params: dict[str, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return (f"train={self.train_mode}, rotation_degrees={self.rotation_degrees}, hflip_p={self.hflip_p}, "
+                f"image_size={self.image_size}, mask_lungs={self.mask_lungs}, mean={self.mean:.4f}, std={self.std:.4f}")
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None,
+                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if images.ndim != 4 or images.shape[1] != 1:
+            raise ValueError(f"expected images [B,1,H,W], got {list(images.shape)}")
+        if self.mask_lungs and masks is None:
+            raise ValueError("mask_lungs=True needs masks; build shards with masks")
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+            m = None if masks is None else masks.float()
+            b, _, h, w = x.shape
+            if self.train_mode and b > 0 and (self.rotation_degrees > 0 or self.hflip_p > 0):
+                params = sample_params(b, rotation_degrees=self.rotation_degrees, hflip_p=self.hflip_p,
+                                       generator=generator)
+                flip, angle = params["flip"].to(x.device), params["angle"].to(x.device)
+                matrix = affine_matrices(flip, angle, h, w)
+                x = warp_affine(x, matrix, dsize=(h, w), mode="bilinear", padding_mode="zeros", align_corners=True)
+                if m is not None:
+                    m = warp_affine(m, matrix, dsize=(h, w), mode="nearest", padding_mode="zeros", align_corners=True)
+                self.last_params = {"flip": flip, "angle": angle, "matrix": matrix}
+            if self.image_size is not None and (h, w) != (self.image_size, self.image_size):
+                size = (self.image_size, self.image_size)
+                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+                if m is not None:
+                    m = F.interpolate(m, size=size, mode="nearest")
+            if self.mask_lungs:
+                x = x * m
+            x = (x - self.mean) / self.std
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+        return x, m
+
+
+__all__ = ["DeviceAugment", "IMAGENET_MEAN", "IMAGENET_STD", "LUMA_WEIGHTS", "MEAN_1CH", "STD_1CH",
+           "affine_matrices", "sample_params"]

@@ -1,0 +1,100 @@
+"""Device augmentation: exact flips, image/mask correspondence, parameter statistics, normalisation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.augment import MEAN_1CH, STD_1CH, DeviceAugment, affine_matrices, sample_params
+
+
+def test_one_channel_constants():
+    assert MEAN_1CH == pytest.approx(0.299 * 0.485 + 0.587 * 0.456 + 0.114 * 0.406)
+    assert STD_1CH == pytest.approx(0.299 * 0.229 + 0.587 * 0.224 + 0.114 * 0.225)
+    assert 0.45 < MEAN_1CH < 0.47 and 0.22 < STD_1CH < 0.23
+
+
+def _unnorm(y):
+    return y * STD_1CH + MEAN_1CH
+
+
+def test_eval_is_only_normalisation_float32_channels_last():
+    x = torch.randint(0, 256, (3, 1, 12, 12), dtype=torch.uint8)
+    aug = DeviceAugment(train=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, m = aug(x)
+    assert y.dtype == torch.float32 and m is None
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y, (x.float() / 255 - MEAN_1CH) / STD_1CH)
+
+
+def test_flip_is_exact():
+    x = torch.randint(0, 256, (4, 1, 9, 11), dtype=torch.uint8)
+    y, _ = DeviceAugment(train=True, rotation_degrees=0, hflip_p=1.0)(x)
+    torch.testing.assert_close(_unnorm(y), torch.flip(x.float() / 255, [-1]), atol=1e-5, rtol=0)
+
+
+def test_rotation_by_90_is_a_rot90():
+    x = torch.randint(0, 256, (2, 1, 9, 9), dtype=torch.uint8).float()
+    m = affine_matrices(torch.tensor([False, False]), torch.tensor([90.0, 90.0]), 9, 9)
+    from kornia.geometry.transform import warp_affine
+
+    y = warp_affine(x, m, dsize=(9, 9), align_corners=True)
+    assert torch.allclose(y, torch.rot90(x, 1, (-2, -1)), atol=1e-3) or torch.allclose(
+        y, torch.rot90(x, -1, (-2, -1)), atol=1e-3)
+
+
+def test_mask_and_image_get_the_same_transform():
+    size, b = 32, 64
+    masks = torch.zeros(b, 1, size, size, dtype=torch.uint8)
+    masks[:, :, 6:26, 4:13] = 1  # asymmetric: a flip or rotation left out would show
+    images = (masks * 200 + 20).to(torch.uint8)
+    aug = DeviceAugment(train=True, rotation_degrees=10, hflip_p=0.5, channels_last=False)
+    y, m = aug(images, masks, generator=torch.Generator().manual_seed(1))
+    img = _unnorm(y)
+    assert m.shape == masks.shape and set(m.unique().tolist()) <= {0.0, 1.0}
+    kernel = torch.ones(1, 1, 5, 5)
+    inside = F.conv2d(m, kernel, padding=2) == 25  # mask 1 in a 5x5 neighbourhood
+    outside = F.conv2d(m, kernel, padding=2) == 0
+    assert inside.sum() > 0 and outside.sum() > 0
+    assert torch.allclose(img[inside], torch.full_like(img[inside], 220 / 255), atol=1e-4)
+    assert (img[outside] <= 20 / 255 + 1e-4).all()
+    flipped = aug.last_params["flip"]
+    assert 0 < flipped.sum() < b  # both cases were exercised
+    # the mask moved: flipped samples have their mask mostly in the right half
+    right = m[:, 0, :, size // 2 :].sum((-1, -2)) > m[:, 0, :, : size // 2].sum((-1, -2))
+    assert torch.equal(right, flipped)
+
+
+def test_flip_and_angle_statistics():
+    g = torch.Generator().manual_seed(0)
+    p = sample_params(20000, rotation_degrees=10, hflip_p=0.5, generator=g)
+    assert 0.48 < p["flip"].float().mean() < 0.52
+    assert p["angle"].abs().max() <= 10 and p["angle"].min() < -9.9 and p["angle"].max() > 9.9
+    assert abs(float(p["angle"].mean())) < 0.2
+    aug = DeviceAugment(train=True, rotation_degrees=5, hflip_p=0.25)
+    aug(torch.zeros(4000, 1, 4, 4, dtype=torch.uint8), generator=torch.Generator().manual_seed(2))
+    assert 0.22 < aug.last_params["flip"].float().mean() < 0.28
+    assert aug.last_params["angle"].abs().max() <= 5
+
+
+def test_seeded_generator_is_deterministic():
+    x = torch.randint(0, 256, (8, 1, 16, 16), dtype=torch.uint8)
+    aug = DeviceAugment(train=True)
+    a, _ = aug(x, generator=torch.Generator().manual_seed(7))
+    b, _ = aug(x, generator=torch.Generator().manual_seed(7))
+    c, _ = aug(x, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_resize_and_mask_lungs():
+    x = torch.full((2, 1, 20, 20), 255, dtype=torch.uint8)
+    mk = torch.zeros(2, 1, 20, 20, dtype=torch.uint8)
+    mk[:, :, :, :10] = 1
+    y, m = DeviceAugment(train=False, image_size=10, mask_lungs=True)(x, mk)
+    assert y.shape == (2, 1, 10, 10) and m.shape == (2, 1, 10, 10)
+    torch.testing.assert_close(_unnorm(y[:, :, :, :5]), torch.ones(2, 1, 10, 5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(_unnorm(y[:, :, :, 5:]), torch.zeros(2, 1, 10, 5), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="mask_lungs"):
+        DeviceAugment(train=False, mask_lungs=True)(x)
