@@ -39,3 +39,14 @@ def phantom_raw(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("phantom")
     return generate(out, PhantomSpec(counts=(12, 12, 12, 12), seed=0))
+
+
+@pytest.fixture(scope="session")
+def phantom_shards(phantom_raw, tmp_path_factory) -> Path:
+    """Raw-encoded shards with masks of the small phantom (8 samples per shard); read-only for tests."""
+    from sharding.build import build_shards
+
+    out = tmp_path_factory.mktemp("shards")
+    build_shards(phantom_raw, out, encoding="raw", include_masks=True, shard_size=8, workers=1, seed=0,
+                 progress=False)
+    return out

@@ -34,8 +34,30 @@ def build_model(cfg: ModelConfig, num_classes: int) -> torch.nn.Module:
     if not path.is_file():
         raise ConfigError(f"model.pretrained={choice!r}: no such weights file")
     try:
-        return timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
+        model = timm.create_model(cfg.name, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs)
     except Exception as exc:
         raise ConfigError(
             f"model.pretrained={choice!r} could not be loaded into {cfg.name}: {type(exc).__name__}: {exc}"
         ) from None
+    _check_covers(model, path)
+    return model
+
+
+def _check_covers(model: torch.nn.Module, path: Path) -> None:
+    """timm loads leniently (missing keys only warn): refuse a file that is not this architecture."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            keys = set(fh.keys())
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        keys = set(state.get("state_dict", state.get("model", state)).keys())
+    classifier = model.default_cfg.get("classifier", "fc")
+    needed = {k for k in model.state_dict() if not k.startswith(classifier + ".") and "num_batches_tracked" not in k}
+    missing = sorted(needed - keys)
+    if missing:
+        raise ConfigError(
+            f"model.pretrained={str(path)!r} could not be loaded into {model.default_cfg.get('architecture')}: "
+            f"the file lacks {len(missing)} of its weights (e.g. {missing[:3]}); is it another architecture?"
+        )
