@@ -1,0 +1,85 @@
+"""Shard URLs: http(s) from a real local server, cache, pipe:, secure mode, cloud scheme mapping."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+
+import pytest
+from conftest import split_ids
+from test_pipeline_stream import check_batch
+
+from pipeline.stream import build_loader
+from pipeline.urls import ALLOW_PIPE_ENV, expand_urls, normalize_url, open_url
+from sharding.manifest import load_manifest
+
+
+@pytest.fixture()
+def http_base(tiny_shards):
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tiny_shards))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_http_shards_eval_and_train(http_base, num_workers):
+    seen = []
+    for rank in range(2):
+        loader = build_loader(http_base, "val", batch_size=2, rank=rank, world_size=2, num_workers=num_workers)
+        seen += [g for b in loader for g in check_batch(b)]
+    assert sorted(seen) == sorted(split_ids("val"))
+    train = build_loader(http_base, "train", batch_size=4, num_workers=num_workers, shuffle_buffer=4)
+    assert len(list(train)) == train.steps_per_epoch == 6
+
+
+def test_http_cache_reads_local_disk_afterwards(http_base, tiny_shards, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    loader = build_loader(http_base, "test", batch_size=2, num_workers=0, cache_dir=cache)
+    first = [k for b in loader for k in b.keys]
+    assert len(list(cache.iterdir())) == 1 and not list(cache.glob(".*tmp*"))
+    # epoch 2 reads local disk: the network is no longer touched
+    import urllib.request
+
+    def no_network(*a, **k):
+        raise AssertionError("network used despite the cache")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    again = build_loader(http_base, "test", batch_size=2, num_workers=0, cache_dir=cache,
+                         manifest=load_manifest(tiny_shards))
+    assert [k for b in again for k in b.keys] == first
+
+
+def test_pipe_urls_and_secure_mode(tiny_shards, monkeypatch):
+    url = f"pipe:cat {tiny_shards}/test-000000.tar"
+    with open_url(url) as fh:
+        assert fh.read() == (tiny_shards / "test-000000.tar").read_bytes()
+    with pytest.raises(PermissionError):
+        open_url(url, allow_pipe=False)
+    monkeypatch.setenv(ALLOW_PIPE_ENV, "0")
+    with pytest.raises(PermissionError, match=ALLOW_PIPE_ENV):
+        open_url(url)
+    with pytest.raises(PermissionError):
+        open_url("gs://bucket/train-000000.tar")
+
+
+def test_failing_pipe_raises():
+    with pytest.raises(OSError, match="exit status"):
+        with open_url("pipe:exit 3") as fh:
+            fh.read()
+
+
+def test_file_urls_and_schemes(tiny_shards):
+    loader = build_loader(f"file:{tiny_shards}", "test", batch_size=5, num_workers=0)
+    assert sorted(g for b in loader for g in check_batch(b)) == sorted(split_ids("test"))
+    assert normalize_url("gs://b/k/x.tar") == "pipe:gsutil cat gs://b/k/x.tar"
+    assert normalize_url("s3://b/k/x.tar") == "pipe:aws s3 cp s3://b/k/x.tar -"
+    assert normalize_url("/a/b.tar") == "/a/b.tar"
+    assert expand_urls("s3://b/train-{000000..000002}.tar") == [f"s3://b/train-00000{i}.tar" for i in range(3)]
