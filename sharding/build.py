@@ -31,6 +31,7 @@ import itertools
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import time
@@ -41,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from sharding.contract import CLASSES, DATASET_DIR, ENCODINGS, IMAGE_SIZE, SPLITS
-from sharding.dedup import dhash, group, pixel_sha256
+from sharding.dedup import HASH_BITS, dhash, group, pixel_sha256
 from sharding.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -84,8 +85,8 @@ class BuildOptions:
             raise BuildError(f"--encoding must be one of {list(ENCODINGS)}, got {self.encoding!r}")
         if self.shard_size < 1:
             raise BuildError(f"--shard-size must be >= 1, got {self.shard_size}")
-        if self.near_dup_distance is not None and not 0 <= self.near_dup_distance <= 64:
-            raise BuildError(f"--near-dup-distance must be in 0..64 bits, got {self.near_dup_distance}")
+        if self.near_dup_distance is not None and not 0 <= self.near_dup_distance <= HASH_BITS:
+            raise BuildError(f"--near-dup-distance must be in 0..{HASH_BITS} bits, got {self.near_dup_distance}")
 
 
 @dataclass(frozen=True)
@@ -111,9 +112,9 @@ def _mask_problem(rec: Record, size: tuple[int, int]) -> str | None:
     try:
         mask = open_image(rec.mask_path)
     except PreprocessError as exc:
-        return f"mask {exc}"
+        return f"mask {_reason(exc)}"
     except OSError as exc:
-        return f"mask unreadable: {exc}"
+        return f"mask unreadable: {_reason(exc)}"
     w, h = size
     ratio_img, ratio_mask = w / h, mask.width / mask.height
     if abs(ratio_mask / ratio_img - 1.0) > MASK_ASPECT_TOLERANCE:
@@ -121,14 +122,22 @@ def _mask_problem(rec: Record, size: tuple[int, int]) -> str | None:
     return None
 
 
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _reason(exc: BaseException) -> str:
+    """The message of an error, without object addresses (the manifest must be deterministic)."""
+    return _ADDRESS.sub("the file", str(exc))
+
+
 def _analyse(task: tuple[Record, bool, bool]) -> dict:
     rec, include_masks, want_phash = task
     try:
         pixels, info = load_image(rec.path)
     except PreprocessError as exc:
-        return {"error": str(exc)}
+        return {"error": _reason(exc)}
     except OSError as exc:
-        return {"error": f"cannot read file: {exc}"}
+        return {"error": f"cannot read file: {_reason(exc)}"}
     out = {"sha": pixel_sha256(pixels), "size": [info.width, info.height], "mode": info.mode}
     if want_phash:
         out["phash"] = dhash(pixels)
@@ -465,7 +474,7 @@ def run_build(
                 "build_version": BUILD_VERSION,
                 "versions": _versions(),
                 "split_fractions": [0.8, 0.1, 0.1],
-                "near_dup_hash": "dhash64" if want_phash else None,
+                "near_dup_hash": "dhash256" if want_phash else None,
             },
             skipped=tuple(skipped),
             duplicate_groups=tuple(dup_groups),

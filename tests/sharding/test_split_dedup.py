@@ -1,0 +1,92 @@
+"""Split targets, grouped stratified assignment, exact and near duplicate grouping."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sharding.dedup import dhash, group, hamming, near_pairs, pixel_sha256
+from sharding.phantom import PhantomSpec, _source_of, render_sample
+from sharding.split import assign, shuffled, targets
+
+
+@pytest.mark.parametrize("n", [0, 1, 2, 3, 9, 10, 12, 1345, 3616, 6012, 10192])
+def test_targets_within_one_of_80_10_10(n):
+    t = targets(n)
+    assert sum(t) == n
+    for got, frac in zip(t, (0.8, 0.1, 0.1)):
+        assert abs(got - frac * n) <= 1
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 3), min_size=20, max_size=200),
+    labels_seed=st.integers(0, 2**16),
+    seed=st.integers(0, 2**16),
+)
+def test_groups_never_cross_and_classes_stay_within_one(sizes, labels_seed, seed):
+    rng = np.random.default_rng(labels_seed)
+    labels, groups = [], []
+    for g, size in enumerate(sizes):
+        label = int(rng.integers(0, 4))
+        labels += [label] * size
+        groups += [g] * size
+    splits = assign(labels, groups, seed)
+    by_group: dict[int, set] = {}
+    for g, s in zip(groups, splits):
+        by_group.setdefault(g, set()).add(s)
+    assert all(len(v) == 1 for v in by_group.values())
+    singles_per_class = np.bincount([labels[i] for i in range(len(labels)) if sizes[groups[i]] == 1], minlength=4)
+    for c in range(4):
+        n = labels.count(c)
+        got = [sum(1 for l, s in zip(labels, splits) if l == c and s == name) for name in ("train", "val", "test")]
+        if singles_per_class[c] >= 6:  # enough singletons to fill the targets exactly
+            assert tuple(got) == targets(n)
+        for g_, frac in zip(got, (0.8, 0.1, 0.1)):
+            assert abs(g_ - frac * n) <= max(1, 3 if singles_per_class[c] < 6 else 1)
+
+
+def test_assign_is_deterministic_and_seed_dependent():
+    labels = [i % 4 for i in range(200)]
+    groups = list(range(200))
+    a = assign(labels, groups, 0)
+    assert a == assign(labels, groups, 0)
+    assert a != assign(labels, groups, 1)
+
+
+def test_mixed_label_group_counts_for_each_member():
+    labels = [0, 1] + [i % 4 for i in range(100)]
+    groups = [0, 0] + list(range(1, 101))
+    splits = assign(labels, groups, 3)
+    assert splits[0] == splits[1]
+
+
+def test_shuffled_is_a_seeded_permutation():
+    keys = [f"k{i}" for i in range(50)]
+    a = shuffled(keys, 0, "train")
+    assert sorted(a) == list(range(50)) and a != list(range(50))
+    assert [keys[i] for i in a] == [list(reversed(keys))[i] for i in shuffled(list(reversed(keys)), 0, "train")]
+    assert a != shuffled(keys, 1, "train")
+
+
+def test_exact_groups_by_pixels():
+    gid, kinds = group(["a", "b", "a", "c", "b"])
+    assert gid == [0, 1, 0, 3, 1]
+    assert kinds == {0: "exact", 1: "exact"}
+
+
+def test_near_duplicates_found_across_classes_and_unrelated_films_apart():
+    spec = PhantomSpec(counts=(40,) * 4, seed=0, near_dup_fraction=0.05, dup_fraction=0)
+    images = [render_sample(spec, c, i)[0] for c in range(4) for i in range(40)]
+    hashes = [dhash(x) for x in images]
+    near = {c * 40 + i for c in range(4) for i in range(40) if _source_of(spec, c, i)[0] == "near"}
+    assert near
+    pairs = near_pairs(hashes, 10)
+    assert {i for p in pairs for i in p} >= near
+    for i, j in pairs:  # only near copies pair up
+        assert i in near or j in near
+    gid, kinds = group([pixel_sha256(x) for x in images], hashes, 10)
+    assert set(kinds.values()) == {"near"}
+    assert hamming(hashes[0], hashes[1]) > 10
