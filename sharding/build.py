@@ -54,7 +54,6 @@ from sharding.manifest import (
 from sharding.preprocess import PreprocessError, load_image, load_mask, open_image
 from sharding.source import Record, SourceError, scan
 from sharding.split import assign, shuffled
-from sharding.writer import encode_sample, write_shard
 
 #: Bump when a code change alters shard bytes, so old fingerprints stop matching.
 BUILD_VERSION = 1
@@ -173,6 +172,8 @@ def _encode(task: tuple) -> dict:
         else:
             mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
         meta["mask_missing"] = mask_issue is not None
+    from sharding.writer import encode_sample
+
     return encode_sample(rec.key, pixels, rec.label, meta, encoding, mask)
 
 
@@ -294,10 +295,15 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _versions() -> dict:
-    import PIL
-    import webdataset
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"numpy": np.__version__, "pillow": PIL.__version__, "webdataset": webdataset.__version__}
+    out = {}
+    for name in ("numpy", "pillow", "webdataset"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def _bar(total: int, desc: str, enabled: bool):
@@ -339,6 +345,10 @@ def run_build(
         existing = _existing_matches(out, fp)
         if existing is not None:
             return BuildReport(existing, out, True, time.perf_counter() - start)
+
+    # The writer imports webdataset (and with it torch): only once we know we will write,
+    # and before the pool forks, so workers inherit it instead of importing it each.
+    from sharding.writer import write_shard
 
     records = found.records
     n_workers = (os.cpu_count() or 1) if workers is None else int(workers)

@@ -74,8 +74,8 @@ def safe_extract(archive: Path, dest: Path) -> int:
             parts = PurePosixPath(name.replace("\\", "/")).parts
             if name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":") or ".." in parts:
                 raise DownloadError(f"refusing archive member with an unsafe path: {name!r}")
-            mode = (info.external_attr >> 16) & 0o177777
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            kind = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0  # 3: Unix
+            if kind and kind not in (stat.S_IFREG, stat.S_IFDIR):
                 raise DownloadError(f"refusing archive member that is a link or special file: {name!r}")
             target = (dest / Path(*parts)).resolve() if parts else dest
             if target != dest and dest not in target.parents:
