@@ -27,7 +27,6 @@ nothing unless forced.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import multiprocessing as mp
 import os
@@ -35,7 +34,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -177,28 +176,81 @@ def _encode(task: tuple) -> dict:
     return encode_sample(rec.key, pixels, rec.label, meta, encoding, mask)
 
 
-def _worker_init() -> None:
+#: Called once per sample written; in a worker it bumps the shared counter the parent's bar reads.
+_TICK: Callable[[], None] | None = None
+
+
+def _worker_init(counter=None) -> None:
     # Workers are only ever children of a build: a Ctrl-C is handled by the parent.
     import signal
 
+    global _TICK
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if counter is not None:
+
+        def tick() -> None:
+            with counter.get_lock():
+                counter.value += 1
+
+        _TICK = tick
+
+
+def _write_one(task: tuple[str, list[tuple], float]) -> object:
+    """Preprocess, encode and write one whole shard (in a worker: no pixels cross processes)."""
+    from sharding.writer import write_shard
+
+    path, sample_tasks, delay = task
+
+    def samples() -> Iterator[dict]:
+        for t in sample_tasks:
+            yield _encode(t)
+            if _TICK is not None:
+                _TICK()
+
+    info = write_shard(path, samples())
+    if delay:
+        time.sleep(delay)
+    return info
 
 
 class _Mapper:
-    """`map` in-process for one worker, else an ordered, chunked process-pool imap."""
+    """In-process for one worker, else a process pool (fork where available) of `workers`."""
 
     def __init__(self, workers: int) -> None:
         self.workers = workers
         self.pool = None
+        self.counter = None
         if workers > 1:
             method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-            self.pool = mp.get_context(method).Pool(workers, initializer=_worker_init)
+            ctx = mp.get_context(method)
+            self.counter = ctx.Value("q", 0)
+            self.pool = ctx.Pool(workers, initializer=_worker_init, initargs=(self.counter,))
 
     def imap(self, fn: Callable, tasks: list) -> Iterator:
+        """Ordered results of fn over many small tasks (chunked)."""
         if self.pool is None:
             return map(fn, tasks)
         chunk = max(1, min(32, len(tasks) // (self.workers * 16) or 1))
         return self.pool.imap(fn, tasks, chunksize=chunk)
+
+    def map_counted(self, fn: Callable, tasks: list, bar) -> list:
+        """Ordered results of fn over a few big tasks, advancing `bar` by the samples the tasks tick."""
+        global _TICK
+        if self.pool is None:
+            _TICK = lambda: bar.update(1)  # noqa: E731
+            try:
+                return [fn(t) for t in tasks]
+            finally:
+                _TICK = None
+        with self.counter.get_lock():
+            self.counter.value = 0
+        pending = self.pool.map_async(fn, tasks, chunksize=1)
+        while not pending.ready():
+            pending.wait(0.25)
+            bar.update(self.counter.value - bar.n)
+        results = pending.get()
+        bar.update(self.counter.value - bar.n)
+        return results
 
     def close(self, ok: bool) -> None:
         if self.pool is not None:
@@ -348,7 +400,7 @@ def run_build(
 
     # The writer imports webdataset (and with it torch): only once we know we will write,
     # and before the pool forks, so workers inherit it instead of importing it each.
-    from sharding.writer import write_shard
+    import sharding.writer  # noqa: F401
 
     records = found.records
     n_workers = (os.cpu_count() or 1) if workers is None else int(workers)
@@ -426,29 +478,21 @@ def run_build(
             order = [idx[k] for k in shuffled([records[good[j]].key for j in idx], seed, split)]
             for s, lo in enumerate(range(0, len(order), shard_size)):
                 plan.append((f"{split}-{s:06d}.tar", order[lo : lo + shard_size]))
-        write_tasks = []
+        delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+        shard_tasks = []
         for name, idx in plan:
             split = name.split("-", 1)[0]
-            for j in idx:
-                i = good[j]
-                write_tasks.append((records[i], split, facts[i]["sha"], facts[i], encoding,
-                                    options.include_masks, issue_of.get(records[i].key)))
-        delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
+            sample_tasks = [
+                (records[good[j]], split, facts[good[j]]["sha"], facts[good[j]], encoding, options.include_masks,
+                 issue_of.get(records[good[j]].key))
+                for j in idx
+            ]
+            shard_tasks.append((str(tmp / name), sample_tasks, delay))
         t1 = time.perf_counter()
         shard_infos: dict[str, list] = {s: [] for s in SPLITS}
-        with _bar(len(write_tasks), "write", progress) as bar:
-            results = mapper.imap(_encode, write_tasks)
-
-            def take(n: int) -> Iterable[dict]:
-                for sample in itertools.islice(results, n):
-                    bar.update(1)
-                    yield sample
-
-            for name, idx in plan:
-                info = write_shard(tmp / name, take(len(idx)))
+        with _bar(len(good), "write", progress) as bar:
+            for (name, _), info in zip(plan, mapper.map_counted(_write_one, shard_tasks, bar)):
                 shard_infos[name.split("-", 1)[0]].append(info)
-                if delay:
-                    time.sleep(delay)
         write_s = time.perf_counter() - t1
 
         splits = {}
