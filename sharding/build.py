@@ -186,6 +186,13 @@ def _worker_init(counter=None) -> None:
 
     global _TICK
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):  # die with the parent (kill -9): no orphan keeps writing
+        try:
+            import ctypes
+
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
     if counter is not None:
 
         def tick() -> None:
