@@ -91,8 +91,21 @@ def _cmd_build(args: argparse.Namespace) -> int:
     print(summary(m, report.elapsed))
     print(f"build: wrote {m.counts['written']} samples in "
           f"{sum(len(s.shards) for s in m.splits.values())} shards to {report.out} "
-          f"(analyse {report.analyse_s:.1f}s, write {report.write_s:.1f}s)")
+          f"(analyse {report.analyse_s:.1f}s, write {report.write_s:.1f}s, {_peak_rss()})")
     return 0
+
+
+def _peak_rss() -> str:
+    """Peak resident memory of this process and of its largest child (the workers), Linux/macOS."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - Windows
+        return "peak RSS unknown"
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * scale
+    text = f"peak RSS {own / 2**20:,.0f} MiB"
+    return text + (f", largest worker {kids / 2**20:,.0f} MiB" if kids else "")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
