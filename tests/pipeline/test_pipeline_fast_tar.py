@@ -11,7 +11,7 @@ from conftest import image_index, key_of, label_of, make_image, make_mask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.fast_tar import ShardFormatError, generic_samples, raw_samples
+from pipeline.fast_tar import ShardFormatError, generic_samples, map_file, raw_samples, read_samples
 from sharding.writer import encode_sample, write_shard
 
 SIZE = 8
@@ -40,11 +40,14 @@ def assert_well_formed(sample, masks=True):
         assert sample.mask.dtype == np.uint8 and sample.mask.shape == (1, SIZE, SIZE)
 
 
-def drain(data: bytes, masks: bool = True):
-    """Property: only well-formed samples come out, else ShardFormatError (any other exception fails)."""
+def drain(data: bytes, masks: bool = True, buffer: bool = False):
+    """Property: only well-formed samples come out, else ShardFormatError (any other exception fails).
+
+    buffer=False walks a stream (remote shards); True walks an in-memory buffer (the mmap path).
+    """
     out = []
     try:
-        for s in raw_samples(io.BytesIO(data), image_size=SIZE, num_classes=4, masks=masks):
+        for s in raw_samples(data if buffer else io.BytesIO(data), image_size=SIZE, num_classes=4, masks=masks):
             assert_well_formed(s, masks)
             out.append(s)
     except ShardFormatError:
@@ -52,8 +55,15 @@ def drain(data: bytes, masks: bool = True):
     return out, False
 
 
-def test_fast_matches_generic(shard_bytes):
+def test_fast_matches_generic(shard_bytes, tmp_path):
     fast, generic = read_all(shard_bytes), read_all(shard_bytes, fast=False)
+    path = tmp_path / "s.tar"
+    path.write_bytes(shard_bytes)
+    with open(path, "rb") as fh:
+        assert map_file(fh) is not None
+        mapped = list(read_samples(fh, encoding="raw", image_size=SIZE, num_classes=4, masks=True))
+    assert [s.key for s in mapped] == [s.key for s in fast]
+    assert all(np.array_equal(a.image, b.image) for a, b in zip(mapped, fast))
     assert [s.key for s in fast] == [s.key for s in generic] == [key_of(g) for g in range(N)]
     for a, b in zip(fast, generic):
         assert a.label == b.label and np.array_equal(a.image, b.image) and np.array_equal(a.mask, b.mask)
@@ -106,8 +116,8 @@ def test_every_truncation_is_a_prefix_or_an_error(shard_bytes):
     with tarfile.open(fileobj=io.BytesIO(shard_bytes)) as tf:
         last = tf.getmembers()[-1]
     end_marker = last.offset_data + (last.size + 511) // 512 * 512  # first zero block
-    for cut in range(0, len(shard_bytes), 97):
-        out, raised = drain(shard_bytes[:cut])
+    for cut, buffer in [(c, b) for c in range(0, len(shard_bytes), 97) for b in (False, True)]:
+        out, raised = drain(shard_bytes[:cut], buffer=buffer)
         if cut >= end_marker + 512:  # only trailing zero padding was cut
             assert not raised and len(out) == N
             continue
@@ -117,9 +127,9 @@ def test_every_truncation_is_a_prefix_or_an_error(shard_bytes):
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.binary(max_size=4096))
-def test_fuzz_arbitrary_bytes(data):
-    drain(data)
+@given(st.binary(max_size=4096), st.booleans())
+def test_fuzz_arbitrary_bytes(data, buffer):
+    drain(data, buffer=buffer)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
@@ -131,7 +141,7 @@ def test_fuzz_mutated_shard(shard_bytes, data):
         pos = data.draw(st.integers(0, len(raw) - 1))
         raw[pos] = data.draw(st.integers(0, 255))
     cut = data.draw(st.integers(0, len(raw)))
-    out, _ = drain(bytes(raw[:cut]))
+    out, _ = drain(bytes(raw[:cut]), buffer=data.draw(st.booleans()))
     assert len(out) <= N
 
 
@@ -148,7 +158,7 @@ def test_fuzz_header_damage_never_mislabels(shard_bytes, data):
     for _ in range(data.draw(st.integers(1, 4))):
         h = data.draw(st.sampled_from(headers))
         raw[h + data.draw(st.integers(0, 511))] = data.draw(st.integers(0, 255))
-    out, _ = drain(bytes(raw))
+    out, _ = drain(bytes(raw), buffer=data.draw(st.booleans()))
     for s in out:
         g = int(s.key[1:])
         assert s.label == label_of(g) and image_index(s.image) == g
