@@ -1,0 +1,370 @@
+"""Host input-pipeline benchmark: `python -m pipeline.bench --shards DIR --raw DIR [--workers N] [--json OUT]`.
+
+Measures images/s on the same train samples, with shuffling on (as in training):
+
+- `original`: the original project's approach: per-image PIL open of the raw PNG,
+  grayscale, resize to 299, torchvision RandomHorizontalFlip + RandomRotation(10),
+  ToTensor, Normalize, through a `torch.utils.data.DataLoader(shuffle=True)`;
+- `webdataset_generic`: webdataset's generic chain (WebDataset + shuffle +
+  decode + to_tuple + batched, WebLoader);
+- `radstream`: this package's host path (`build_loader(...)`, train split);
+- `memmap_bound`: batched copy of the same bytes out of one `.npy` memmap in
+  shuffled index order (in-process; the copy a loader cannot avoid);
+- `litdata`, `mosaic_streaming`: the peers, on the same samples written in their
+  own formats (`litdata.optimize` + `StreamingDataset`, `MDSWriter` +
+  `StreamingDataset`); skipped with a message when not installed; their
+  unshuffled figures are recorded beside (`unshuffled`).
+
+Streaming figures are steady-state rates over `--batches` batches after
+`--warmup` batches (worker start-up and shuffle-buffer fill excluded). Also the
+device augmentation throughput (`DeviceAugment(train=True)`, batch/s) on the
+best device present. Prints a Markdown table and writes JSON:
+`{"img_per_s": {"workers_1": {...}, "workers_2": {...}}, "unshuffled": ..., "ratios": ...,
+"augment": ..., "machine": ...}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.fast_tar import read_samples
+from pipeline.stream import build_loader
+from pipeline.urls import open_url
+from sharding.manifest import load_manifest
+
+METHODS = ("original", "webdataset_generic", "radstream", "memmap_bound", "litdata", "mosaic_streaming")
+
+
+def _rate(iterator, batches: int, warmup: int) -> float:
+    """Images/s over `batches` batches after `warmup` ones."""
+    it = iter(iterator)
+    for _ in range(warmup):
+        next(it)
+    n, start = 0, time.perf_counter()
+    for _ in range(batches):
+        try:
+            b = next(it)
+        except StopIteration:
+            break
+        n += _batch_len(b)
+    elapsed = time.perf_counter() - start
+    return n / elapsed if elapsed > 0 and n else float("nan")
+
+
+def _batch_len(b) -> int:
+    if hasattr(b, "keys") and isinstance(getattr(b, "keys"), list):
+        return len(b.keys)
+    if isinstance(b, dict):
+        return len(next(iter(b.values())))
+    if isinstance(b, (list, tuple)):
+        return len(b[0])
+    return len(b)
+
+
+def _cycle(make):
+    """Endless iteration over epochs of a re-iterable."""
+    while True:
+        yield from make()
+
+
+# --- (a) the original project's approach -------------------------------------------------------
+
+class _PngDataset(torch.utils.data.Dataset):
+    def __init__(self, files: list[str], labels: list[int], image_size: int = 299):
+        from torchvision import transforms as T
+
+        self.files, self.labels = files, labels
+        self.transform = T.Compose([
+            T.Grayscale(1), T.Resize((image_size, image_size)), T.RandomHorizontalFlip(), T.RandomRotation(10), T.ToTensor(),
+            T.Normalize([0.5], [0.5]),
+        ])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.files[i]) as img:
+            return self.transform(img.convert("L")), self.labels[i]
+
+
+def bench_original(raw: Path, classes, batch_size: int, workers: int, batches: int, warmup: int,
+                   image_size: int = 299) -> float:
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        found = sorted(glob.glob(str(raw / "**" / name / "images" / "*.png"), recursive=True))
+        files += found
+        labels += [c] * len(found)
+    if not files:
+        raise FileNotFoundError(f"no <class>/images/*.png under {raw}")
+    loader = torch.utils.data.DataLoader(_PngDataset(files, labels, image_size), batch_size=batch_size, shuffle=True,
+                                         num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+    return _rate(_cycle(lambda: loader), batches, warmup)
+
+
+# --- (b) webdataset's generic chain ------------------------------------------------------------
+
+def bench_webdataset(urls: list[str], batch_size: int, workers: int, batches: int, warmup: int, shuffle: int) -> float:
+    import webdataset as wds
+
+    ds = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, empty_check=False)
+          .repeat().shuffle(shuffle).decode().to_tuple("image.npy", "cls").batched(batch_size, partial=False))
+    loader = wds.WebLoader(ds, batch_size=None, num_workers=workers)
+    return _rate(loader, batches, warmup)
+
+
+# --- (c) radstream -----------------------------------------------------------------------------
+
+def bench_radstream(shards: Path, batch_size: int, workers: int, batches: int, warmup: int, shuffle: int) -> float:
+    loader = build_loader(shards, "train", batch_size=batch_size, num_workers=workers, shuffle_buffer=shuffle)
+    loader.steps_per_epoch = batches + warmup  # one long epoch: a steady-state figure
+    return _rate(loader, batches, warmup)
+
+
+# --- (d) the memmap bound ----------------------------------------------------------------------
+
+def load_train_arrays(shards: Path, manifest) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = [], []
+    for url in manifest.shard_urls("train", shards):
+        with open_url(url) as fh:
+            for s in read_samples(fh, encoding=manifest.encoding, image_size=manifest.image_size,
+                                  num_classes=len(manifest.classes), masks=False):
+                images.append(np.array(s.image))
+                labels.append(s.label)
+    return np.stack(images), np.array(labels, np.int64)
+
+
+def bench_memmap(npy: Path, batch_size: int, batches: int, warmup: int) -> float:
+    mm = np.load(npy, mmap_mode="r")
+    rng = np.random.default_rng(0)
+
+    def gen():
+        while True:
+            order = rng.permutation(len(mm))
+            for i in range(0, len(order) - batch_size + 1, batch_size):
+                yield torch.from_numpy(mm[np.sort(order[i : i + batch_size])])
+
+    return _rate(gen(), batches, warmup)
+
+
+# --- (e) peers ---------------------------------------------------------------------------------
+
+def _litdata_item(i):  # top-level so litdata's workers can pickle it
+    images, labels = _LIT_SOURCE
+    return {"image": images[i], "label": int(labels[i])}
+
+
+_LIT_SOURCE: tuple[np.ndarray, np.ndarray] | None = None
+
+
+def bench_litdata(images, labels, work: Path, batch_size, workers, batches, warmup) -> dict[str, float]:
+    import litdata
+
+    global _LIT_SOURCE
+    out = work / "litdata"
+    if not (out / "index.json").exists():
+        _LIT_SOURCE = (images, labels)
+        litdata.optimize(fn=_litdata_item, inputs=list(range(len(labels))), output_dir=str(out),
+                         chunk_bytes="64MB", num_workers=1, verbose=False, start_method="fork")
+    result = {}
+    for shuffle in (True, False):
+        ds = litdata.StreamingDataset(str(out), shuffle=shuffle, drop_last=True, cache_dir=str(work / "litcache"))
+        loader = litdata.StreamingDataLoader(ds, batch_size=batch_size, num_workers=workers, drop_last=True)
+        result[shuffle] = _rate(_cycle(lambda: loader), batches, warmup)
+    return result
+
+
+def bench_mosaic(images, labels, work: Path, batch_size, workers, batches, warmup) -> dict[str, float]:
+    from streaming import MDSWriter, StreamingDataset
+    from streaming.base.util import clean_stale_shared_memory
+
+    out = work / "mds"
+    if not (out / "index.json").exists():
+        shape = ",".join(str(d) for d in images.shape[1:])
+        with MDSWriter(out=str(out), columns={"image": f"ndarray:uint8:{shape}", "label": "int"},
+                       size_limit="64mb") as writer:
+            for img, lab in zip(images, labels):
+                writer.write({"image": img, "label": int(lab)})
+    result = {}
+    for shuffle in (True, False):
+        clean_stale_shared_memory()
+        ds = StreamingDataset(local=str(out), shuffle=shuffle, batch_size=batch_size, shuffle_seed=0)
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, drop_last=True)
+        result[shuffle] = _rate(_cycle(lambda: loader), batches, warmup)
+        del loader, ds
+    return result
+
+
+# --- device augmentation -----------------------------------------------------------------------
+
+def bench_augment(batch_size: int, image_size: int, seconds: float = 3.0) -> dict:
+    from pipeline.augment import DeviceAugment
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        batch_size = min(batch_size, 64)
+    aug = DeviceAugment(train=True).to(device)
+    x = torch.randint(0, 256, (batch_size, 1, image_size, image_size), dtype=torch.uint8, device=device)
+    m = torch.randint(0, 2, x.shape, dtype=torch.uint8, device=device)
+    g = torch.Generator(device=device).manual_seed(0)
+    aug(x, m, generator=g)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        aug(x, m, generator=g)
+        n += 1
+    sync()
+    elapsed = time.perf_counter() - start
+    name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"
+    return {"device": f"{device.type} ({name})", "batch_size": batch_size, "batch_per_s": n / elapsed,
+            "img_per_s": n * batch_size / elapsed}
+
+
+# --- driver ------------------------------------------------------------------------------------
+
+def _versions() -> dict:
+    out = {}
+    for mod in ("torch", "numpy", "webdataset", "kornia", "litdata", "streaming", "torchvision"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            out[mod] = None
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    shards, raw = Path(args.shards), Path(args.raw)
+    manifest = load_manifest(shards)
+    if manifest.encoding != "raw":
+        print(f"note: shards are {manifest.encoding}-encoded; radstream uses the generic decode path")
+    urls = manifest.shard_urls("train", shards)
+    work = Path(args.work or tempfile.mkdtemp(prefix="radstream-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    images, labels = load_train_arrays(shards, manifest)
+    npy = work / "train_images.npy"
+    np.save(npy, images)
+    b, warm, n = args.batch_size, args.warmup, args.batches
+    results: dict = {"img_per_s": {}, "unshuffled": {}, "skipped": {}}
+    for workers in args.workers:
+        row: dict[str, float | None] = {}
+        unshuffled: dict[str, float | None] = {}
+        print(f"-- {workers} worker(s)")
+        row["original"] = bench_original(raw, manifest.classes, b, workers, max(2, n // 4), 1, manifest.image_size)
+        print(f"original            {row['original']:10.0f} img/s")
+        row["webdataset_generic"] = bench_webdataset(urls, b, workers, n, warm, args.shuffle)
+        print(f"webdataset_generic  {row['webdataset_generic']:10.0f} img/s")
+        row["radstream"] = bench_radstream(shards, b, workers, n, warm, args.shuffle)
+        print(f"radstream           {row['radstream']:10.0f} img/s")
+        row["memmap_bound"] = bench_memmap(npy, b, n, warm)
+        print(f"memmap_bound        {row['memmap_bound']:10.0f} img/s")
+        for name, fn in (("litdata", bench_litdata), ("mosaic_streaming", bench_mosaic)):
+            if not args.peers:
+                row[name] = None
+                results["skipped"][name] = "--no-peers"
+                continue
+            try:
+                rates = fn(images, labels, work, b, workers, n, warm)
+                row[name], unshuffled[name] = rates[True], rates[False]
+                print(f"{name:19s} {row[name]:10.0f} img/s (unshuffled {unshuffled[name]:.0f})")
+            except ImportError as exc:
+                row[name] = None
+                results["skipped"][name] = f"not installed ({exc}); pip install '.[bench]'"
+                print(f"{name}: skipped, not installed (pip install '.[bench]')")
+            except Exception as exc:  # noqa: BLE001 - a peer failing must not hide the other figures
+                row[name] = None
+                results["skipped"][name] = f"{type(exc).__name__}: {exc}"
+                print(f"{name}: failed: {type(exc).__name__}: {exc}")
+        results["img_per_s"][f"workers_{workers}"] = row
+        results["unshuffled"][f"workers_{workers}"] = unshuffled
+    ratios = {}
+    for key, row in results["img_per_s"].items():
+        r = row["radstream"]
+        ratios[key] = {
+            "radstream_vs_memmap_bound": r / row["memmap_bound"],
+            "radstream_vs_original": r / row["original"],
+            "radstream_vs_webdataset_generic": r / row["webdataset_generic"],
+            **{f"radstream_vs_{p}": r / row[p] for p in ("litdata", "mosaic_streaming") if row.get(p)},
+        }
+    if "workers_1" in results["img_per_s"] and "workers_2" in results["img_per_s"]:
+        ratios["radstream_2_vs_1_workers"] = (results["img_per_s"]["workers_2"]["radstream"]
+                                              / results["img_per_s"]["workers_1"]["radstream"])
+    results["ratios"] = ratios
+    results["augment"] = bench_augment(b, manifest.image_size, args.augment_seconds)
+    results["config"] = {"batch_size": b, "batches": n, "warmup": warm, "shuffle_buffer": args.shuffle,
+                         "train_samples": int(len(labels)), "shards": str(shards), "raw": str(raw)}
+    results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
+                          "python": platform.python_version(), "versions": _versions(),
+                          "load_avg_at_end": os.getloadavg()}
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def table(results: dict) -> str:
+    cols = list(results["img_per_s"])
+    lines = ["| pipeline (img/s, shuffled) | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for m in METHODS:
+        cells = []
+        for c in cols:
+            v = results["img_per_s"][c].get(m)
+            u = results["unshuffled"].get(c, {}).get(m)
+            cell = "skipped" if v is None else f"{v:,.0f}"
+            if u:
+                cell += f" ({u:,.0f} unshuffled)"
+            cells.append(cell)
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    for c in cols:
+        r = results["ratios"][c]
+        lines.append(f"\n{c}: radstream = {r['radstream_vs_memmap_bound']:.0%} of the memmap bound, "
+                     f"{r['radstream_vs_original']:.0f}x original, {r['radstream_vs_webdataset_generic']:.1f}x "
+                     "webdataset generic" + "".join(f", {r[k]:.1f}x {k[13:]}" for k in r if k.endswith(("litdata", "streaming"))))
+    if "radstream_2_vs_1_workers" in results["ratios"]:
+        lines.append(f"radstream 2 workers / 1 worker: {results['ratios']['radstream_2_vs_1_workers']:.2f}x")
+    a = results["augment"]
+    lines.append(f"DeviceAugment(train=True) on {a['device']}: {a['batch_per_s']:.1f} batch/s of {a['batch_size']} "
+                 f"({a['img_per_s']:,.0f} img/s)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--shards", required=True, help="shard folder with manifest.json (raw encoding)")
+    parser.add_argument("--raw", required=True, help="raw dataset folder (for the original-project baseline)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="loader worker counts (default 1 2)")
+    parser.add_argument("--json", default=None, help="write results here")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=40, help="timed batches per figure")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--shuffle", type=int, default=2000, help="shuffle buffer (samples)")
+    parser.add_argument("--work", default=None, help="scratch folder for peer formats (default: a temp dir)")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--augment-seconds", type=float, default=3.0, help="time spent timing DeviceAugment")
+    parser.add_argument("--no-peers", dest="peers", action="store_false", help="skip litdata and mosaic streaming")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    results = run(args)
+    print()
+    print(table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=float) + "\n")
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
