@@ -144,7 +144,7 @@ def evaluate_run(run_dir: Path, split: str = "test", accelerator: Accelerator | 
     """Evaluate best_model on `split` across all ranks; rank 0 writes and returns the report."""
     run_dir = Path(run_dir)
     cfg = cfg or load_config(run_dir / "config.yaml")
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     shards = shards or cfg.data.shards
     model_path = run_dir / "models" / BEST_PTH
     _, info = load_best_model(model_path)
@@ -167,8 +167,9 @@ def evaluate_run(run_dir: Path, split: str = "test", accelerator: Accelerator | 
     report = write_report(run_dir, split, preds, classes, extra)
     print(f"{split}: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
           f"balanced accuracy {report['balanced_accuracy']:.4f}  ({report['samples']} images)")
-    if report.get("lung_share"):
-        print(f"{split}: Grad-CAM lung share (mean, all classes) {report['lung_share']['all']['mean']:.3f}")
+    share = (report.get("lung_share") or {}).get("all", {}).get("mean")
+    if share is not None:
+        print(f"{split}: Grad-CAM lung share (mean, all classes) {share:.3f}")
     print(f"report: {run_dir / ('report.md' if split == 'test' else f'report_{split}.md')}")
     return report
 

@@ -75,6 +75,7 @@ class EpochResult:
     images: int  # across all ranks
     seconds: float
     data_wait_s: float  # rank 0's time blocked on the loader
+    rank_steps: list[int]  # steps taken by each rank (must all be equal)
 
     @property
     def images_per_s(self) -> float:
@@ -164,7 +165,9 @@ def train_one_epoch(
         reduction="sum",
     )
     loss_total, correct_total, seen_total = totals.tolist()
-    return EpochResult(loss_total / seen_total, correct_total / seen_total, int(seen_total), seconds, waits[0])
+    rank_steps = accelerator.gather(torch.tensor([step + 1], device=accelerator.device)).tolist()
+    return EpochResult(loss_total / seen_total, correct_total / seen_total, int(seen_total), seconds, waits[0],
+                       rank_steps)
 
 
 @dataclass

@@ -74,7 +74,14 @@ def check_manifest(cfg: Config, manifest: Manifest) -> None:
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
-    kwargs = {"kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))]}
+    """Accelerator from the launcher's environment plus the config's precision and timeout.
+
+    Without CUDA, `cpu=True` is what makes accelerate form a gloo process group:
+    otherwise `accelerate launch --multi_gpu --num_processes 2` on a CPU machine
+    starts two unrelated single processes.
+    """
+    kwargs = {"kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))],
+              "cpu": not torch.cuda.is_available()}
     if cfg.train.mixed_precision:
         kwargs["mixed_precision"] = cfg.train.mixed_precision
     if cfg.logging.tensorboard:
@@ -211,7 +218,7 @@ def fit(cfg: Config, accelerator: Accelerator) -> dict:
             "epoch": epoch, "train_loss": result.loss, "train_accuracy": result.accuracy,
             "val_loss": val.loss, "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
             "lr": optimizer.param_groups[0]["lr"], "img_per_s": result.images_per_s,
-            "data_wait_frac": result.data_wait_frac, "epoch_s": result.seconds,
+            "data_wait_frac": result.data_wait_frac, "epoch_s": result.seconds, "rank_steps": result.rank_steps,
         }
         improved = stopper.step(row[cfg.train.monitor], epoch)
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

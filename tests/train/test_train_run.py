@@ -1,0 +1,178 @@
+"""Real `accelerate launch train/main.py` runs on tiny phantom shards (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from sharding.manifest import load_manifest
+from train.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "data.image_size=32", "data.num_workers=0", "data.shuffle_buffer=16", "train.batch_size=8",
+    "eval.batch_size=16", "logging.progress=false", "eval.gradcam_per_class=1", "train.log_every=1",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(nproc: int, extra_launch: list[str] | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
+    if nproc == 1:
+        cmd += ["--cpu", "--num_processes", "1"]
+    else:
+        cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(free_port())]
+    cmd += extra_launch or ["--mixed_precision", "no"]
+    return cmd + ["train/main.py", "--config", "configs/demo.yaml"]
+
+
+def run_train(overrides, env, cwd, nproc=1, extra_launch=None, timeout=420):
+    return subprocess.run(launch_cmd(nproc, extra_launch) + TINY + overrides, env=env, cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_single_process_run_writes_everything(tmp_path, phantom_shards, subprocess_env, repo_root):
+    out = tmp_path / "run"
+    run = run_train([f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=2",
+                     "data.image_size=64"], subprocess_env, repo_root, extra_launch=["--mixed_precision", "bf16"])
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == [0, 1]
+    for key in ("train_loss", "val_loss", "val_accuracy", "val_macro_f1", "img_per_s", "data_wait_frac"):
+        assert all(isinstance(r[key], float) for r in rows), key
+    models = out / "models"
+    for name in ("best_model.pth", "best_model.safetensors", "best_model.json", "checkpoint.pth"):
+        assert (models / name).is_file(), name
+    info = json.loads((models / "best_model.json").read_text())
+    assert info["classes"] == ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
+    assert info["image_size"] == 64 and info["config"]["train"]["epochs"] == 2
+    state = torch.load(models / "best_model.pth", weights_only=True)
+    st = load_file(str(models / "best_model.safetensors"))
+    assert state["conv1.weight"].shape == (64, 1, 7, 7)
+    assert all(torch.equal(state[k], st[k]) for k in state)
+    assert "mixed precision bf16" in run.stdout
+    assert (out / "config.yaml").read_text().count("image_size: 64") == 1
+    report = json.loads((out / "report.json").read_text())
+    test_counts = load_manifest(phantom_shards).split("test").class_counts
+    assert [report["per_class"][c]["support"] for c in report["classes"]] == list(test_counts)
+    for fig in ("confusion_matrix.png", "roc.png", "training_curves.png", "reliability.png", "gradcam.png"):
+        assert (out / fig).stat().st_size > 1000, fig
+    assert "lung_share" in report and 0.0 <= report["lung_share"]["all"]["mean"] <= 1.0
+    assert not [p for p in out.rglob(".*tmp*")], "temporary files left behind"
+
+
+def test_early_stopping_after_patience_keeps_best_epoch(tmp_path, phantom_shards, subprocess_env, repo_root):
+    out = tmp_path / "run"
+    # min_delta larger than any possible change: epoch 0 is best, then exactly `patience` bad epochs.
+    run = run_train([f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=10",
+                     "train.patience=2", "train.min_delta=100", "eval.test_at_end=false"], subprocess_env, repo_root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert [r["epoch"] for r in metrics(out)] == [0, 1, 2]
+    assert "early stop" in run.stdout
+    info = json.loads((out / "models" / "best_model.json").read_text())
+    assert info["epoch"] == 0
+    best = torch.load(out / "models" / "best_model.pth", weights_only=True)
+    last = load_checkpoint(out / "models" / "checkpoint.pth")
+    assert last["epoch"] == 2
+    assert not torch.equal(best["fc.weight"], last["model"]["fc.weight"]), "best model must be epoch 0's weights"
+
+
+def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for training progress")
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path, phantom_shards, subprocess_env, repo_root):
+    common = [f"data.shards={phantom_shards}", "train.epochs=4", "eval.test_at_end=false", "train.seed=7"]
+    full = tmp_path / "full"
+    run = run_train(common + [f"train.output_dir={full}"], subprocess_env, repo_root)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    part = tmp_path / "part"
+    cmd = launch_cmd(1, ["--mixed_precision", "no"]) + TINY + common + [f"train.output_dir={part}", "train.resume=auto"]
+    proc = subprocess.Popen(cmd, env=subprocess_env, cwd=repo_root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        ckpt = part / "models" / "checkpoint.pth"
+        # The checkpoint is replaced atomically, so reading it while training runs is safe.
+        _wait_for(lambda: ckpt.exists() and load_checkpoint(ckpt)["epoch"] >= 1, 300, proc)
+        time.sleep(0.3)  # now inside epoch 2
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert load_checkpoint(part / "models" / "checkpoint.pth")["epoch"] in (1, 2)
+    resumed = subprocess.run(cmd, env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=420)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert [r["epoch"] for r in metrics(part)] == [0, 1, 2, 3]
+    a = load_checkpoint(full / "models" / "checkpoint.pth")["model"]
+    b = load_checkpoint(part / "models" / "checkpoint.pth")["model"]
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run's final weights differ from the uninterrupted run"
+    best_a = torch.load(full / "models" / "best_model.pth", weights_only=True)
+    best_b = torch.load(part / "models" / "best_model.pth", weights_only=True)
+    assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
+
+
+def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subprocess_env, repo_root):
+    out = tmp_path / "run"
+    run = run_train([f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=2"],
+                    subprocess_env, repo_root, nproc=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "2 process(es)" in run.stdout
+    assert run.stdout.count("epoch   0 ") == 1, "only rank 0 prints"
+    train_samples = load_manifest(phantom_shards).split("train").samples
+    for row in metrics(out):
+        assert len(row["rank_steps"]) == 2 and row["rank_steps"][0] == row["rank_steps"][1]
+        assert row["rank_steps"][0] == -(-train_samples // 16)
+    report = json.loads((out / "report.json").read_text())
+    assert report["samples"] == load_manifest(phantom_shards).split("test").samples
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert files == sorted([
+        "config.yaml", "metrics.jsonl", "models/best_model.json", "models/best_model.pth",
+        "models/best_model.safetensors", "models/checkpoint.pth", "report.json", "report.md", "predictions.jsonl",
+        "confusion_matrix.png", "roc.png", "training_curves.png", "reliability.png", "gradcam.png",
+    ])
+
+
+def no_traceback_from_us(stderr: str) -> bool:
+    """accelerate's launcher prints its own traceback when a child fails; ours must not appear."""
+    return 'train/main.py", line' not in stderr and 'pipeline/' not in stderr and 'sharding/' not in stderr.split("error")[-1]
+
+
+def test_bad_inputs_fail_clearly(tmp_path, phantom_shards, subprocess_env, repo_root):
+    missing = run_train([f"data.shards={tmp_path / 'nothing'}", f"train.output_dir={tmp_path / 'r1'}"],
+                        subprocess_env, repo_root)
+    assert missing.returncode != 0
+    assert "python -m sharding build" in missing.stderr and no_traceback_from_us(missing.stderr)
+    wrong = run_train([f"data.shards={phantom_shards}", f"train.output_dir={tmp_path / 'r2'}",
+                       "data.stored_size=256"], subprocess_env, repo_root)
+    assert wrong.returncode != 0 and "image size: manifest 299 vs config data.stored_size 256" in wrong.stderr
+    bad_cfg = run_train(["train.epochs=zero"], subprocess_env, repo_root)
+    assert bad_cfg.returncode == 2 and "train.epochs" in bad_cfg.stderr
