@@ -11,6 +11,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 DEMO_RAW ?= data/phantom
 DEMO_SHARDS ?= shards/demo
 DEMO_PER_CLASS ?= 300
+DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup test test-fast demo bench soak clean
@@ -31,11 +32,13 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
+# The whole product on the phantom: films -> shards -> training -> report.
 demo: $(STAMP)
-	$(PY) -m sharding phantom --out $(DEMO_RAW) --per-class $(DEMO_PER_CLASS) --seed 0 --workers 2
-	@if $(PY) -c "import sharding.build" 2>/dev/null; then \
-	  $(PY) -m sharding build --raw $(DEMO_RAW) --out $(DEMO_SHARDS) --include-masks --shard-size 200; \
-	else echo "demo: sharding build not implemented yet; stopping after phantom"; fi
+	$(PY) -m sharding phantom --out $(DEMO_RAW) --per-class $(DEMO_PER_CLASS) --seed 0 --workers 2 --quiet
+	$(PY) -m sharding build --raw $(DEMO_RAW) --out $(DEMO_SHARDS) --include-masks --shard-size 200 --workers 2
+	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
+	  --dynamo_backend no train/main.py --config configs/demo.yaml $(DEMO_ARGS)
+	@echo "demo: report runs/demo/report.md, figures runs/demo/*.png, model runs/demo/models/best_model.pth"
 
 clean:
 	rm -rf data runs shards/*/ .pytest_cache
