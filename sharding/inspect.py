@@ -60,7 +60,17 @@ def summary(manifest: Manifest, elapsed: float | None = None) -> str:
     for m in manifest.mask_issues[:5]:
         lines.append(f"  mask of {m['path']}: {m['reason']}")
     for g in mixed[:5]:
-        lines.append(f"  different labels in one group: {', '.join(g['members'])} ({', '.join(g['labels'])})")
+        names = sorted(set(g["labels"]))
+        members = ", ".join(g["members"][:6]) + (f", ... ({len(g['members'])} images)" if len(g["members"]) > 6 else "")
+        lines.append(f"  different labels ({', '.join(names)}) in one {g['kind']} group: {members}")
+    if len(mixed) > 5:
+        lines.append(f"  ... and {len(mixed) - 5} more groups with different labels (see manifest.json)")
+    written_total = max(written, 1)
+    for g in groups:
+        if len(g["members"]) > max(20, 0.01 * written_total):
+            lines.append(f"  warning: a {g['kind']} duplicate group holds {len(g['members'])} images "
+                         f"({len(g['members']) / written_total:.1%}); --near-dup-distance is probably too large")
+            break
     return "\n".join(lines)
 
 
