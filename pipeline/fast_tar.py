@@ -242,29 +242,32 @@ def tar_members(stream: BinaryIO, sizes: dict[str, int] | None = None) -> Iterat
 
 
 def tar_members_buffer(buf, sizes: dict[str, int] | None = None) -> Iterator[tuple[str, str, memoryview]]:
-    """Like `tar_members`, over an in-memory buffer (bytes, mmap): payloads are zero-copy memoryviews."""
+    """Like `tar_members`, over an in-memory buffer (bytes, mmap): payloads are zero-copy memoryviews.
+
+    A pax header identical (header block + payload block) to the previous one,
+    which is the norm (`sharding.writer` gives every member the same pax record),
+    is recognised by one 1 KiB comparison and not parsed again.
+    """
     sizes = sizes or {}
+    data = buf if isinstance(buf, (bytes, mmap.mmap)) else bytes(buf)
+    view = memoryview(data)
+    end = len(data)
     state = _Members()
-    view = memoryview(buf)
-    end = len(view)
+    pax_pair: bytes | None = None  # the last verified pax header + its one payload block
+    pax_records: dict[str, str] = {}
     off = 0
-    checked: dict[bytes, int] = {}  # identical pax header blocks (one per member) are verified once
     while True:
         if off + BLOCK > end:
             raise ShardFormatError("truncated shard: no end-of-archive marker")
-        header = bytes(view[off : off + BLOCK])
+        if pax_pair is not None and data[off : off + 2 * BLOCK] == pax_pair:
+            state.pax = pax_records
+            off += 2 * BLOCK
+            continue
+        header = data[off : off + BLOCK]
         if header == _ZERO_BLOCK:
             return
         kind = header[156:157]
-        if kind == b"x":
-            raw_size = checked.get(header)
-            if raw_size is None:
-                raw_size = _check_header(header)
-                if len(checked) < 64:
-                    checked[header] = raw_size
-        else:
-            raw_size = _check_header(header)
-        size = state.size(kind, raw_size)
+        size = state.size(kind, _check_header(header))
         start = off + BLOCK
         off = start + (size + BLOCK - 1) // BLOCK * BLOCK
         if off > end:
@@ -272,12 +275,13 @@ def tar_members_buffer(buf, sizes: dict[str, int] | None = None) -> Iterator[tup
         if kind in (b"x", b"g", b"L"):
             if size > MAX_SMALL_MEMBER:
                 raise ShardFormatError(f"tar extension header too large: {size} bytes")
-            state.extension(kind, view[start : start + size])
-            continue
-        if kind not in (b"0", b"\0", b"7"):
-            state.name(header)
+            state.extension(kind, data[start : start + size])
+            if kind == b"x" and off - start == BLOCK:
+                pax_pair, pax_records = data[start - BLOCK : off], state.pax
             continue
         name = state.name(header)
+        if kind not in (b"0", b"\0", b"7"):
+            continue
         key, ext = _split(name)
         _check_member_size(name, ext, size, sizes)
         yield key, ext, view[start : start + size]
@@ -332,7 +336,7 @@ def raw_samples(
         if ext in fields:
             raise ShardFormatError(f"sample {key!r} has two {ext!r} members")
         if ext == image_ext or ext == mask_ext:
-            if payload[:hlen] != header:
+            if bytes(payload[:hlen]) != header:
                 raise ShardFormatError(f"sample {key!r}: {ext} is not uint8 {list(shape)} .npy")
             fields[ext] = np.frombuffer(payload, np.uint8, count=pixels, offset=hlen).reshape(shape)
         elif ext == label_ext:

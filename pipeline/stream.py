@@ -46,11 +46,18 @@ processes. `strict=True` raises `ShardFormatError` instead. Val/test always
 raise `ShardFormatError` naming the shard (also when a shard holds a different
 number of samples than the manifest says).
 
-**Memory** per rank: workers x (prefetch_factor + 1) x batch bytes (batch bytes
-= B x 89,401 B for 299^2 images, x2 with masks: 22.9 MB at B=256) plus, in train,
-each worker's shuffle buffer (shuffle_buffer x sample bytes: 179 MB at the
-default 2000 without masks) plus one shard read buffer member; independent of
-the dataset size.
+**Memory** per rank, independent of the dataset size: the batch ring,
+workers x (prefetch_factor + 1) x batch bytes in shared memory (batch bytes =
+B x 89,401 B for 299^2 images, x2 with masks: 22.9 MB at B=256, so 137 MB for
+2 workers at the default prefetch 2), plus the batch being consumed, plus each
+worker's shuffle buffer. For local (or cached) shards the reader mmaps the shard
+and the shuffle buffer holds zero-copy views into the page cache, so it costs
+no private memory (only evictable page cache); for streamed remote shards it
+holds shuffle_buffer x sample bytes per worker (179 MB at the default 2000
+without masks). Data path: one copy in the worker (page cache -> ring slot),
+one in the main process (ring slot -> the batch handed out, straight into
+pinned memory when `pin_memory=True` on a CUDA machine: the copy pinning needs
+anyway).
 """
 
 from __future__ import annotations
