@@ -175,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
     p.add_argument("--near-dup-distance", type=int, default=None, metavar="D",
-                   help="also group images whose 256-bit dHash differs in <= D bits (off by default; try 10)")
+                   help="also group images whose 256-bit perceptual hash differs in <= D bits (off by default; try 6)")
     p.add_argument("--strict", action="store_true", help="fail (exit 2) if any input would be skipped")
     p.add_argument("--force", action="store_true", help="rebuild even if inputs and options are unchanged")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from sharding.contract import CLASSES, DATASET_DIR, ENCODINGS, IMAGE_SIZE, SPLITS
-from sharding.dedup import HASH_BITS, dhash, group, pixel_sha256
+from sharding.dedup import HASH_BITS, phash, group, pixel_sha256
 from sharding.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -138,7 +138,7 @@ def _analyse(task: tuple[Record, bool, bool]) -> dict:
         return {"error": f"cannot read file: {_reason(exc)}"}
     out = {"sha": pixel_sha256(pixels), "size": [info.width, info.height], "mode": info.mode}
     if want_phash:
-        out["phash"] = dhash(pixels)
+        out["phash"] = phash(pixels)
     if include_masks:
         out["mask_issue"] = _mask_problem(rec, (info.width, info.height))
     return out
@@ -535,7 +535,7 @@ def run_build(
                 "build_version": BUILD_VERSION,
                 "versions": _versions(),
                 "split_fractions": [0.8, 0.1, 0.1],
-                "near_dup_hash": "dhash256" if want_phash else None,
+                "near_dup_hash": "phash256-dct" if want_phash else None,
             },
             skipped=tuple(skipped),
             duplicate_groups=tuple(dup_groups),

@@ -210,7 +210,7 @@ def test_refuses_to_replace_a_folder_that_is_not_a_shard_set(phantom_raw, tmp_pa
 
 def test_near_duplicates_across_classes_grouped_and_reported(tmp_path):
     raw = generate(tmp_path / "raw", PhantomSpec(counts=(12,) * 4, seed=0, near_dup_fraction=0.1))
-    m = build_shards(raw, tmp_path / "s", shard_size=8, near_dup_distance=10, workers=1, progress=False)
+    m = build_shards(raw, tmp_path / "s", shard_size=8, near_dup_distance=6, workers=1, progress=False)
     near = [g for g in m.duplicate_groups if g["kind"] == "near"]
     assert near and all(g["mixed_labels"] for g in near)
     keys = {}

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharding.dedup import dhash, group, hamming, near_pairs, pixel_sha256
+from sharding.dedup import phash, group, hamming, near_pairs, pixel_sha256
 from sharding.phantom import PhantomSpec, _source_of, render_sample
 from sharding.split import assign, shuffled, targets
 
@@ -80,13 +80,13 @@ def test_exact_groups_by_pixels():
 def test_near_duplicates_found_across_classes_and_unrelated_films_apart():
     spec = PhantomSpec(counts=(40,) * 4, seed=0, near_dup_fraction=0.05, dup_fraction=0)
     images = [render_sample(spec, c, i)[0] for c in range(4) for i in range(40)]
-    hashes = [dhash(x) for x in images]
+    hashes = [phash(x) for x in images]
     near = {c * 40 + i for c in range(4) for i in range(40) if _source_of(spec, c, i)[0] == "near"}
     assert near
-    pairs = near_pairs(hashes, 10)
+    pairs = near_pairs(hashes, 6)
     assert {i for p in pairs for i in p} >= near
     for i, j in pairs:  # only near copies pair up
         assert i in near or j in near
-    gid, kinds = group([pixel_sha256(x) for x in images], hashes, 10)
+    gid, kinds = group([pixel_sha256(x) for x in images], hashes, 6)
     assert set(kinds.values()) == {"near"}
-    assert hamming(hashes[0], hashes[1]) > 10
+    assert hamming(hashes[0], hashes[1]) > 6
