@@ -221,6 +221,8 @@ class _ReadShards:
                     return  # rest of the shard belongs to another rank/worker
             if seen != count:
                 raise ShardFormatError(f"holds {seen} samples, the manifest says {count}")
+        except PermissionError:
+            raise  # secure mode refusing a pipe: URL is a configuration error, never a skippable shard
         except (ShardFormatError, OSError) as exc:
             reason = f"{type(exc).__name__}: {exc}"
             if not spec.train or spec.strict:

@@ -70,6 +70,14 @@ def test_pipe_urls_and_secure_mode(tiny_shards, monkeypatch):
         open_url("gs://bucket/train-000000.tar")
 
 
+def test_secure_mode_is_not_a_skippable_train_shard(tiny_shards, monkeypatch):
+    loader = build_loader(tiny_shards, "train", batch_size=2, num_workers=0)
+    loader.stream.spec.urls = [f"pipe:cat {u}" for u in loader.stream.spec.urls]
+    monkeypatch.setenv(ALLOW_PIPE_ENV, "0")
+    with pytest.raises(PermissionError):
+        list(loader)
+
+
 def test_failing_pipe_raises():
     with pytest.raises(OSError, match="exit status"):
         with open_url("pipe:exit 3") as fh:
