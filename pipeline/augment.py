@@ -54,10 +54,11 @@ def affine_matrices(flip: torch.Tensor, angle: torch.Tensor, height: int, width:
     b, device = flip.shape[0], angle.device
     center = torch.tensor([[(width - 1) / 2, (height - 1) / 2]], device=device, dtype=torch.float32).expand(b, 2)
     rot = get_rotation_matrix2d(center, angle.float(), torch.ones(b, 2, device=device))  # [B,2,3]
-    flip_m = torch.eye(3, device=device).repeat(b, 1, 1)
     f = flip.to(device)
-    flip_m[f, 0, 0] = -1.0
-    flip_m[f, 0, 2] = width - 1.0
+    flip_m = torch.eye(3, device=device).repeat(b, 1, 1)
+    # torch.where, not boolean-mask assignment: no device->host sync on CUDA
+    flip_m[:, 0, 0] = torch.where(f, -1.0, 1.0)
+    flip_m[:, 0, 2] = torch.where(f, width - 1.0, 0.0)
     rot3 = torch.cat([rot, torch.tensor([0.0, 0.0, 1.0], device=device).expand(b, 1, 3)], dim=1)
     return (rot3 @ flip_m)[:, :2, :]
 
