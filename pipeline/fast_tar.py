@@ -395,6 +395,20 @@ def generic_samples(
         raise ShardFormatError(f"unreadable tar: {type(exc).__name__}: {exc}") from None
 
 
+def index_samples(buf, *, image_size: int, num_classes: int, masks: bool) -> list[tuple[str, int, int, int]]:
+    """Validate a whole raw shard buffer once: [(key, label, image offset, mask offset or -1)].
+
+    Raises ShardFormatError like `raw_samples` (it is `raw_samples`, keeping offsets).
+    """
+    base = np.frombuffer(buf, np.uint8).__array_interface__["data"][0]
+    out = []
+    for s in raw_samples(buf, image_size=image_size, num_classes=num_classes, masks=masks):
+        image = s.image.__array_interface__["data"][0] - base
+        mask = s.mask.__array_interface__["data"][0] - base if s.mask is not None else -1
+        out.append((s.key, s.label, image, mask))
+    return out
+
+
 def map_file(stream) -> mmap.mmap | None:
     """A read-only mmap of `stream` when it is a non-empty regular local file, else None.
 
@@ -425,5 +439,5 @@ def read_samples(
     return generic_samples(stream, encoding=encoding, image_size=image_size, num_classes=num_classes, masks=masks)
 
 
-__all__ = ["ShardFormatError", "Sample", "generic_samples", "map_file", "npy_header", "raw_samples", "read_samples",
+__all__ = ["ShardFormatError", "Sample", "generic_samples", "index_samples", "map_file", "npy_header", "raw_samples", "read_samples",
            "tar_members", "tar_members_buffer"]

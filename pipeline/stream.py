@@ -66,10 +66,11 @@ import copy
 import json
 import math
 import multiprocessing as mp
+import os
 import random
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -79,7 +80,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline.batch import Batch
-from pipeline.fast_tar import Sample, ShardFormatError, read_samples
+from pipeline.fast_tar import Sample, ShardFormatError, index_samples, map_file, read_samples
 from pipeline.urls import join_url, local_path, open_url
 from sharding.manifest import Manifest, ManifestError, load_manifest
 
@@ -142,6 +143,48 @@ class StreamSpec:
     strict: bool
     fast: bool = True
     allow_pipe: bool | None = None
+    index: dict | None = None  # url -> ShardIndex for local raw shards (see build_index)
+
+
+@dataclass
+class ShardIndex:
+    """A local raw shard validated once (checksums, npy headers, labels): sample offsets, or the error."""
+
+    size: int
+    mtime_ns: int
+    entries: list | None  # [(key, label, image offset, mask offset)]
+    error: str | None = None
+
+
+def build_index(spec: StreamSpec) -> dict[str, ShardIndex]:
+    """Index the local raw shards of `spec` once in the loader's process (one header walk per shard).
+
+    Workers then read each sample with one mmap view and one copy, with no tar
+    parsing per epoch; a shard whose size or mtime changed since is walked again.
+    """
+    index: dict[str, ShardIndex] = {}
+    if not spec.fast or spec.encoding != "raw":
+        return index
+    for url in spec.urls:
+        path = local_path(url)
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+            with open(path, "rb") as fh:
+                mapped = map_file(fh)
+            if mapped is None:
+                raise ShardFormatError("empty or not a regular file")
+            entries = index_samples(mapped, image_size=spec.image_size, num_classes=spec.num_classes,
+                                    masks=spec.masks)
+            index[url] = ShardIndex(st.st_size, st.st_mtime_ns, entries)
+        except (ShardFormatError, OSError) as exc:
+            try:
+                st = os.stat(path)
+                index[url] = ShardIndex(st.st_size, st.st_mtime_ns, None, f"{type(exc).__name__}: {exc}")
+            except OSError:
+                pass  # missing file: the reader reports it
+    return index
 
 
 def eval_ranges(total: int, rank: int, world_size: int, worker: int, num_workers: int) -> tuple[int, int]:
@@ -208,6 +251,14 @@ class _ReadShards:
         seen = 0
         stream = None
         try:
+            indexed = self._indexed(url)
+            if indexed is not None:
+                if indexed.error is not None:
+                    raise ShardFormatError(indexed.error)
+                if len(indexed.entries) != count:
+                    raise ShardFormatError(f"holds {len(indexed.entries)} samples, the manifest says {count}")
+                yield from self._from_index(url, indexed.entries, lo, hi)
+                return
             stream = open_url(url, cache_dir=spec.cache_dir, allow_pipe=spec.allow_pipe)
             samples = read_samples(stream, encoding=spec.encoding, image_size=spec.image_size,
                                    num_classes=spec.num_classes, masks=spec.masks, fast=spec.fast)
@@ -233,6 +284,31 @@ class _ReadShards:
         finally:
             if stream is not None:
                 stream.close()
+
+
+    def _indexed(self, url: str) -> ShardIndex | None:
+        index = self.spec.index
+        entry = index.get(url) if index else None
+        if entry is None:
+            return None
+        try:
+            st = os.stat(local_path(url))
+        except OSError:
+            return None
+        return entry if (st.st_size, st.st_mtime_ns) == (entry.size, entry.mtime_ns) else None
+
+    def _from_index(self, url: str, entries, lo: int, hi: int) -> Iterator[Sample]:
+        spec = self.spec
+        with open(local_path(url), "rb") as fh:
+            mapped = map_file(fh)
+        if mapped is None:
+            raise ShardFormatError("empty or not a regular file")
+        arr = np.frombuffer(mapped, np.uint8)
+        pixels = spec.image_size * spec.image_size
+        shape = (1, spec.image_size, spec.image_size)
+        for key, label, image, mask in entries[lo:hi]:
+            yield Sample(key, label, arr[image : image + pixels].reshape(shape),
+                         arr[mask : mask + pixels].reshape(shape) if mask >= 0 else None)
 
 
 class _Shuffle:
@@ -407,6 +483,7 @@ class ShardLoader:
             self.steps_per_epoch = sum(math.ceil(n / spec.batch_size) for n in sizes)
             self.num_samples = sum(sizes)
         self.epoch = 0
+        self._index: dict[str, ShardIndex] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Reshuffle deterministically by (seed, epoch, rank, worker) for the next iteration."""
@@ -423,13 +500,16 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[Batch]:
         pin = self.pin_memory and torch.cuda.is_available()
-        stream, ring, kwargs = self.stream, None, {}
+        if self._index is None:
+            self._index = build_index(self.stream.spec)
+        stream = copy.copy(self.stream)
+        stream.spec = replace(stream.spec, index=self._index)
+        ring, kwargs = None, {}
         if self.num_workers > 0:
             kwargs["prefetch_factor"] = self.prefetch_factor
             spec = stream.spec
             # a fresh ring per iteration: a still-running iterator of a previous epoch keeps its own
             ring = BatchRing(self.num_workers, self.prefetch_factor + 1, spec.batch_size, spec.image_size, spec.masks)
-            stream = copy.copy(stream)
             stream.ring = ring
         loader = wds.WebLoader(stream, batch_size=None, shuffle=False, num_workers=self.num_workers,
                                pin_memory=False, persistent_workers=False, **kwargs)

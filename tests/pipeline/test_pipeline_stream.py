@@ -184,3 +184,22 @@ def test_bad_arguments(tiny_shards):
         build_loader(tiny_shards, "val", batch_size=2, rank=2, world_size=2)
     with pytest.raises(ValueError):
         build_loader(tiny_shards, "val", batch_size=0)
+
+
+def test_index_is_rechecked_when_a_shard_changes(tmp_path):
+    root = tmp_path / "s"
+    write_shards(root, {"train": [4, 4], "val": [5]}, masks=True)
+    loader = build_loader(root, "val", batch_size=2, num_workers=0)
+    assert sorted(g for b in loader for g in check_batch(b)) == [8, 9, 10, 11, 12]
+    assert loader._index  # local raw shards were indexed once
+    # rewrite the shard (same layout, new mtime): the stale index is not trusted, the shard is walked again
+    import os
+
+    path = root / "val-000000.tar"
+    data = path.read_bytes()
+    path.write_bytes(data)
+    os.utime(path, ns=(1, 1))
+    assert sorted(g for b in loader for g in check_batch(b)) == [8, 9, 10, 11, 12]
+    path.write_bytes(data[:1024])  # now truncated: the walk reports it, naming the shard
+    with pytest.raises(ShardFormatError, match="val-000000.tar"):
+        list(loader)
