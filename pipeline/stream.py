@@ -3,13 +3,22 @@
 Per worker process the stream is a `webdataset.DataPipeline`:
 
     shard list (this rank/worker's share) -> open URL (pipeline.urls) ->
-    read samples (pipeline.fast_tar: fast raw path, or generic decode) ->
-    [train: sample shuffle buffer] -> Batcher (copies pixels straight into the
-    batch tensor, allocated in shared memory inside a worker)
+    read samples (pipeline.fast_tar) -> [train: sample shuffle buffer] ->
+    Batcher (copies pixels straight into a batch slot in shared memory)
 
-and the loader is a `webdataset.WebLoader` (a `torch.utils.data.DataLoader`)
-with `batch_size=None`, so each worker hands over whole `Batch` objects; with
-`pin_memory=True` the DataLoader's pin thread calls `Batch.pin_memory()`.
+Reading samples, fastest first:
+1. local raw shards (or remote ones in `cache_dir`): validated once per loader
+   by a full header walk in the loader's process (`build_index`: checksums, npy
+   headers, labels, counts) into an offset index; workers then mmap the shard
+   and take each sample as a zero-copy view (re-walked if the file's size or
+   mtime changed);
+2. streamed raw shards (http, pipe): `fast_tar.raw_samples` walks the tar headers itself;
+3. png shards, or `fast=False`: webdataset's generic tar iterator + decode.
+
+The loader is a `webdataset.WebLoader` (a `torch.utils.data.DataLoader`) with
+`batch_size=None`; a worker fills a slot of a shared `BatchRing` and sends only
+a small `SlotRef`; the main process copies the slot into the `Batch` it hands
+out (into pinned memory when `pin_memory=True` on a CUDA machine) and frees it.
 
 **Train** (exact batch count per rank). `steps_per_epoch = ceil(train_samples /
 (batch_size * world_size))`, from the manifest, identical on every rank. The
@@ -63,6 +72,7 @@ anyway).
 from __future__ import annotations
 
 import copy
+import ctypes
 import json
 import math
 import multiprocessing as mp
@@ -70,6 +80,7 @@ import os
 import random
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -343,14 +354,36 @@ class BatchRing:
         self.masks = _shared_uint8(shape) if masks else None
         self.busy = mp.get_context().RawArray("b", workers * slots)
 
-    def acquire(self, worker: int, counter: int, timeout_s: float = 600.0) -> int:
-        slot = worker * self.slots + counter % self.slots
-        deadline = time.monotonic() + timeout_s
-        while self.busy[slot]:
+    def acquire(self, worker: int, wait_s: float = 0.05) -> int | None:
+        """A free slot of `worker`, or None after `wait_s` (the caller then allocates a fresh batch)."""
+        first = worker * self.slots
+        deadline = time.monotonic() + wait_s
+        while True:
+            for slot in range(first, first + self.slots):
+                if not self.busy[slot]:
+                    return slot
             if time.monotonic() > deadline:
-                raise RuntimeError(f"batch slot {slot} not released for {timeout_s:.0f}s; is the consumer alive?")
+                return None
             time.sleep(0.0002)
-        return slot
+
+
+class _SlotRelease:
+    """Frees a ring slot once every tensor/array handed out over it is gone."""
+
+    def __init__(self, ring: BatchRing, slot: int, parts: int):
+        self.ring, self.slot, self.parts = ring, slot, parts
+
+    def __call__(self) -> None:
+        self.parts -= 1
+        if self.parts == 0:
+            self.ring.busy[self.slot] = 0
+
+
+def _slot_tensor(src: torch.Tensor, release: _SlotRelease) -> torch.Tensor:
+    """A zero-copy tensor over ring memory whose storage's death (all views, .numpy() arrays) calls `release`."""
+    cbuf = (ctypes.c_uint8 * src.numel()).from_address(src.data_ptr())
+    weakref.finalize(cbuf, release)
+    return torch.from_numpy(np.frombuffer(cbuf, np.uint8).reshape(src.shape))
 
 
 @dataclass
@@ -394,10 +427,13 @@ class Batcher:
     def _make(self, buf: list[Sample], ring: BatchRing | None, worker: int, made: int):
         n = len(buf)
         shape = (n, 1, self.image_size, self.image_size)
-        if ring is not None:
-            slot = ring.acquire(worker, made)
+        slot = ring.acquire(worker) if ring is not None else None
+        if slot is not None:
             images = ring.images[slot, :n]
             masks = ring.masks[slot, :n] if self.masks else None
+        elif ring is not None:  # every slot still held by the consumer: a fresh shared batch, as DataLoader does
+            images = _shared_uint8(shape)
+            masks = _shared_uint8(shape) if self.masks else None
         else:
             images = torch.from_numpy(np.empty(shape, np.uint8))
             masks = torch.from_numpy(np.empty(shape, np.uint8)) if self.masks else None
@@ -410,7 +446,7 @@ class Batcher:
                 np.copyto(mout[i], s.mask)
         labels = [s.label for s in buf]
         keys = [s.key for s in buf]
-        if ring is not None:
+        if slot is not None:
             ring.busy[slot] = 1
             return SlotRef(slot, n, labels, keys)
         return Batch(images=images, labels=torch.tensor(labels, dtype=torch.int64), keys=keys, masks=masks)
@@ -425,16 +461,28 @@ def _copy_out(src: torch.Tensor, pin: bool) -> torch.Tensor:
 
 
 def _from_ring(items, ring: BatchRing, pin: bool) -> Iterator[Batch]:
+    """SlotRefs -> Batches: pinned copies (then the slot is free at once), else zero-copy slot views.
+
+    A zero-copy batch keeps its slot until every tensor, view and `.numpy()` array
+    over it is gone; a consumer that holds many batches makes the worker fall back
+    to fresh buffers instead of waiting, so nothing can deadlock.
+    """
     for item in items:
         if isinstance(item, Batch):
-            yield item
+            yield item.pin_memory() if pin else item
             continue
         slot, n = item.slot, item.count
-        images = _copy_out(ring.images[slot, :n], pin)
-        masks = _copy_out(ring.masks[slot, :n], pin) if ring.masks is not None else None
-        ring.busy[slot] = 0
         labels = torch.tensor(item.labels, dtype=torch.int64)
-        yield Batch(images=images, labels=labels.pin_memory() if pin else labels, keys=item.keys, masks=masks)
+        if pin:
+            images = _copy_out(ring.images[slot, :n], pin)
+            masks = _copy_out(ring.masks[slot, :n], pin) if ring.masks is not None else None
+            ring.busy[slot] = 0
+            labels = labels.pin_memory()
+        else:
+            release = _SlotRelease(ring, slot, 1 if ring.masks is None else 2)
+            images = _slot_tensor(ring.images[slot, :n], release)
+            masks = _slot_tensor(ring.masks[slot, :n], release) if ring.masks is not None else None
+        yield Batch(images=images, labels=labels, keys=item.keys, masks=masks)
 
 
 class RankStream(IterableDataset):
@@ -509,7 +557,7 @@ class ShardLoader:
             kwargs["prefetch_factor"] = self.prefetch_factor
             spec = stream.spec
             # a fresh ring per iteration: a still-running iterator of a previous epoch keeps its own
-            ring = BatchRing(self.num_workers, self.prefetch_factor + 1, spec.batch_size, spec.image_size, spec.masks)
+            ring = BatchRing(self.num_workers, self.prefetch_factor + 2, spec.batch_size, spec.image_size, spec.masks)
             stream.ring = ring
         loader = wds.WebLoader(stream, batch_size=None, shuffle=False, num_workers=self.num_workers,
                                pin_memory=False, persistent_workers=False, **kwargs)

@@ -203,3 +203,17 @@ def test_index_is_rechecked_when_a_shard_changes(tmp_path):
     path.write_bytes(data[:1024])  # now truncated: the walk reports it, naming the shard
     with pytest.raises(ShardFormatError, match="val-000000.tar"):
         list(loader)
+
+
+def test_ring_slots_are_reused_only_when_free(tiny_shards):
+    """Zero-copy batches over shared slots: contents stay right whether the consumer drops or keeps them."""
+    loader = build_loader(tiny_shards, "train", batch_size=2, num_workers=2, shuffle_buffer=4, prefetch_factor=1)
+    loader.steps_per_epoch = 40  # many more batches than slots
+    kept_arrays, kept_ids = [], []
+    for i, batch in enumerate(loader):
+        ids = check_batch(batch)  # dropped right after: its slot is recycled
+        if i % 5 == 0:  # keep only a numpy view of some: the slot must not be recycled under it
+            kept_arrays.append(batch.images.numpy())
+            kept_ids.append(ids)
+    for arr, ids in zip(kept_arrays, kept_ids):
+        assert [image_index(a) for a in arr] == ids
