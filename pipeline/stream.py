@@ -16,9 +16,13 @@ Reading samples, fastest first:
 3. png shards, or `fast=False`: webdataset's generic tar iterator + decode.
 
 The loader is a `webdataset.WebLoader` (a `torch.utils.data.DataLoader`) with
-`batch_size=None`; a worker fills a slot of a shared `BatchRing` and sends only
-a small `SlotRef`; the main process copies the slot into the `Batch` it hands
-out (into pinned memory when `pin_memory=True` on a CUDA machine) and frees it.
+`batch_size=None`; a worker copies each sample once, from the page cache into a
+slot of a shared-memory `BatchRing`, and sends only a small `SlotRef`. The main
+process hands out a zero-copy `Batch` over the slot; the slot is reused only
+after every tensor, view and `.numpy()` array over it is gone (a consumer that
+keeps batches makes workers fall back to fresh buffers, never to waiting). With
+`pin_memory=True` on a CUDA machine the slot is instead copied into pinned
+memory (the copy pinning needs anyway) and freed at once.
 
 **Train** (exact batch count per rank). `steps_per_epoch = ceil(train_samples /
 (batch_size * world_size))`, from the manifest, identical on every rank. The
@@ -56,17 +60,14 @@ raise `ShardFormatError` naming the shard (also when a shard holds a different
 number of samples than the manifest says).
 
 **Memory** per rank, independent of the dataset size: the batch ring,
-workers x (prefetch_factor + 1) x batch bytes in shared memory (batch bytes =
-B x 89,401 B for 299^2 images, x2 with masks: 22.9 MB at B=256, so 137 MB for
-2 workers at the default prefetch 2), plus the batch being consumed, plus each
-worker's shuffle buffer. For local (or cached) shards the reader mmaps the shard
-and the shuffle buffer holds zero-copy views into the page cache, so it costs
-no private memory (only evictable page cache); for streamed remote shards it
-holds shuffle_buffer x sample bytes per worker (179 MB at the default 2000
-without masks). Data path: one copy in the worker (page cache -> ring slot),
-one in the main process (ring slot -> the batch handed out, straight into
-pinned memory when `pin_memory=True` on a CUDA machine: the copy pinning needs
-anyway).
+workers x (prefetch_factor + 2) x batch bytes in shared memory (batch bytes =
+B x 89,401 B for 299^2 images, x2 with masks: 22.9 MB at B=256, so 183 MB for
+2 workers at the default prefetch 2), plus batches the consumer keeps, plus the
+shuffle buffers. For local (or cached) shards the shuffle buffer holds
+zero-copy views into the mmapped page cache, so it costs no private memory
+(only evictable page cache) and the offset index ~150 B per sample; for
+streamed remote shards it holds shuffle_buffer x sample bytes per worker
+(179 MB at the default 2000 without masks).
 """
 
 from __future__ import annotations
