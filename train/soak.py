@@ -1,0 +1,195 @@
+"""Soak test: a long CPU training run watched for memory growth, fd leaks and uneven epochs.
+
+    python -m sharding phantom --out data/soak --full-size --workers 2
+    python -m sharding build --raw data/soak --out shards/soak --workers 2
+    python -m train.soak --shards shards/soak --out runs/soak --epochs 10 --image-size 32 --json runs/soak.json
+
+It launches one real `accelerate launch --cpu train/main.py` process, and each
+time an epoch line lands in `metrics.jsonl` samples the training process's
+resident memory (RSS, from /proc) and open file descriptors, plus the peak RSS
+seen while the epoch ran (polled every `--poll` seconds). It then checks:
+
+- RSS at the end of every epoch after `--baseline-epoch` is within `--max-growth`
+  (default 5 %) of the RSS at the end of the baseline epoch (the first epochs
+  fill allocator pools and page caches, so they are not the baseline);
+- the open fd count is the same at the end of every epoch after the baseline;
+- every epoch took the same number of steps on every rank.
+
+Prints a table a person can paste, writes JSON a script can check, exits 0 when
+all checks hold, 1 otherwise. Linux only (/proc).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as fh:
+            return [int(x) for x in fh.read().split()]
+    except OSError:
+        return []
+
+
+def rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+def find_trainer(launcher_pid: int, timeout: float = 120.0) -> int:
+    """The `train/main.py` python process under the accelerate launcher."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        stack = list(_children(launcher_pid))
+        while stack:
+            pid = stack.pop()
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if any(part.endswith(b"train/main.py") for part in cmd):
+                return pid
+            stack.extend(_children(pid))
+        time.sleep(0.2)
+    raise RuntimeError("the training process did not appear under the launcher")
+
+
+def soak(shards: str, out: str, *, epochs: int = 10, image_size: int = 32, batch_size: int = 32,
+         num_workers: int = 1, max_steps: int | None = None, max_growth: float = 0.05, baseline_epoch: int = 2,
+         poll: float = 0.5, extra: list[str] | None = None, env: dict | None = None,
+         timeout: float = 6 * 3600) -> dict:
+    out_dir = Path(out)
+    metrics = out_dir / "metrics.jsonl"
+    if metrics.exists():
+        metrics.unlink()
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "train/main.py", "--config", "configs/demo.yaml",
+           f"data.shards={shards}", f"train.output_dir={out}", f"train.epochs={epochs}", f"data.image_size={image_size}",
+           f"train.batch_size={batch_size}", f"data.num_workers={num_workers}", f"train.patience={epochs + 1}",
+           "eval.test_at_end=false", "logging.progress=false"]
+    if max_steps:
+        cmd.append(f"train.max_steps_per_epoch={max_steps}")
+    cmd += extra or []
+    child_env = dict(os.environ if env is None else env)
+    child_env["PYTHONPATH"] = str(ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
+    child_env.setdefault("CUDA_VISIBLE_DEVICES", "")
+    start = time.monotonic()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    samples: list[dict] = []
+    try:
+        trainer = find_trainer(proc.pid)
+        peak = 0
+        seen = 0
+        while True:
+            peak = max(peak, rss_bytes(trainer))
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            while len(lines) > seen:  # an epoch just ended (checkpoint written next to it)
+                row = json.loads(lines[seen])
+                samples.append({"epoch": row["epoch"], "rss_mib": rss_bytes(trainer) / 2**20,
+                                "peak_rss_mib": peak / 2**20, "fds": fd_count(trainer),
+                                "steps": row["rank_steps"], "epoch_s": row.get("epoch_s"),
+                                "img_per_s": row.get("img_per_s")})
+                peak = 0
+                seen += 1
+            if proc.poll() is not None:
+                break
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"soak did not finish within {timeout:.0f} s")
+            time.sleep(poll)
+        stderr = proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    result = {"epochs": samples, "returncode": proc.returncode, "elapsed_s": time.monotonic() - start,
+              "command": " ".join(cmd), "problems": []}
+    problems = result["problems"]
+    if proc.returncode != 0:
+        problems.append(f"training exited {proc.returncode}: {stderr[-2000:]}")
+    if len(samples) != epochs:
+        problems.append(f"{len(samples)} epochs recorded, expected {epochs}")
+    after = [s for s in samples if s["epoch"] >= baseline_epoch]
+    if after:
+        base = after[0]
+        growth = max(s["rss_mib"] for s in after) / base["rss_mib"] - 1
+        peak_growth = max(s["peak_rss_mib"] for s in after) / base["peak_rss_mib"] - 1
+        result["rss_growth"], result["peak_rss_growth"] = growth, peak_growth
+        if growth >= max_growth:
+            problems.append(f"RSS grew {100 * growth:.1f}% after epoch {baseline_epoch} (limit {100 * max_growth:.0f}%)")
+        if peak_growth >= max_growth:
+            problems.append(f"peak RSS grew {100 * peak_growth:.1f}% after epoch {baseline_epoch}")
+        fds = sorted({s["fds"] for s in after})
+        if len(fds) != 1:
+            problems.append(f"open fds changed after epoch {baseline_epoch}: {fds}")
+    steps = {tuple(s["steps"]) for s in samples}
+    if len(steps) != 1 or any(len(set(s)) != 1 for s in steps):
+        problems.append(f"steps per epoch differ: {sorted(steps)}")
+    result["ok"] = not problems
+    return result
+
+
+def table(result: dict) -> str:
+    rows = ["| epoch | RSS end (MiB) | RSS peak (MiB) | open fds | steps/rank | epoch s | img/s |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in result["epochs"]:
+        rows.append(f"| {s['epoch']} | {s['rss_mib']:.0f} | {s['peak_rss_mib']:.0f} | {s['fds']} | "
+                    f"{s['steps'][0]} | {s['epoch_s'] or 0:.1f} | {s['img_per_s'] or 0:.0f} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True)
+    p.add_argument("--out", default="runs/soak")
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-workers", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None, help="cap steps per epoch (default: full passes)")
+    p.add_argument("--max-growth", type=float, default=0.05)
+    p.add_argument("--baseline-epoch", type=int, default=2)
+    p.add_argument("--json", default=None, help="also write the result here")
+    p.add_argument("overrides", nargs="*", help="extra train/main.py key=value overrides")
+    args = p.parse_args(argv)
+    result = soak(args.shards, args.out, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
+                  num_workers=args.num_workers, max_steps=args.max_steps, max_growth=args.max_growth,
+                  baseline_epoch=args.baseline_epoch, extra=args.overrides)
+    print(table(result))
+    print(f"soak: {len(result['epochs'])} epochs in {result['elapsed_s']:.0f}s, RSS growth after epoch "
+          f"{args.baseline_epoch}: {100 * result.get('rss_growth', float('nan')):+.1f}% (end of epoch), "
+          f"{100 * result.get('peak_rss_growth', float('nan')):+.1f}% (peak)")
+    for problem in result["problems"]:
+        print(f"FAIL {problem}", file=sys.stderr)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    print("soak: OK" if result["ok"] else "soak: FAILED")
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
