@@ -83,6 +83,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         )
     except BuildError as exc:
         raise UsageError(str(exc)) from None
+    except OSError as exc:  # disk full, file size limit, unwritable folder: the previous set is still in place
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise UsageError(f"cannot write the shard set {args.out}: {exc.strerror or exc}{where}; "
+                         f"nothing was replaced (any previous set in {args.out} is intact)") from None
     m = report.manifest
     if report.noop:
         print(f"build: {report.out} is up to date with {args.raw} and these options; nothing to do "

@@ -70,11 +70,19 @@ def write_shard(path: str | Path, samples: Iterable[dict]) -> ShardInfo:
     try:
         with open(tmp, "wb") as fh:
             writer = wds.TarWriter(fh, user=TAR_USER, group=TAR_USER, mtime=TAR_MTIME, encoder=False)
-            for sample in samples:
-                writer.write(sample)
-                counts[int(sample[LABEL])] += 1
-                n += 1
-            writer.close()
+            try:
+                for sample in samples:
+                    writer.write(sample)
+                    counts[int(sample[LABEL])] += 1
+                    n += 1
+                writer.close()
+            except BaseException:
+                # Abandon the tar (it is deleted below): without this, tarfile's __del__ would try to
+                # write the end-of-archive blocks again into the closed file and print a traceback.
+                writer.tarstream.closed = True
+                if hasattr(writer.tarstream.fileobj, "closed"):  # the "w|" stream object
+                    writer.tarstream.fileobj.closed = True
+                raise
             fh.flush()
             os.fsync(fh.fileno())
         digest = hashlib.sha256()
