@@ -37,6 +37,9 @@ from PIL import Image, ImageDraw, ImageFont
 from sharding.contract import CLASSES, DATASET_DIR, IMAGE_SIZE, MASK_SIZE, REAL_COUNTS
 
 STAMP = ".phantom.json"
+#: Bump whenever the drawing code changes the bytes: an existing phantom with
+#: another version is stale and is not mistaken for an up-to-date one.
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -259,7 +262,7 @@ def generate(out: str | Path, spec: PhantomSpec, workers: int = 1, force: bool =
     """
     out = Path(out)
     target = out / DATASET_DIR
-    stamp = json.dumps(asdict(spec), sort_keys=True)
+    stamp = json.dumps({**asdict(spec), "generator": GENERATOR_VERSION}, sort_keys=True)
     if target.exists():
         existing = target / STAMP
         if existing.exists() and existing.read_text() == stamp and not force:
