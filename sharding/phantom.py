@@ -263,11 +263,15 @@ def generate(out: str | Path, spec: PhantomSpec, workers: int = 1, force: bool =
     out = Path(out)
     target = out / DATASET_DIR
     stamp = json.dumps({**asdict(spec), "generator": GENERATOR_VERSION}, sort_keys=True)
-    if target.exists():
+    if target.exists() and not force:
         existing = target / STAMP
-        if existing.exists() and existing.read_text() == stamp and not force:
+        found = json.loads(existing.read_text()) if existing.exists() else None
+        if found is not None and json.dumps(found, sort_keys=True) == stamp:
             return target
-        if not force:
+        # A phantom of the same spec from an older generator is ours and stale: replace it.
+        same_spec = found is not None and {k: v for k, v in found.items() if k != "generator"} == json.loads(
+            json.dumps(asdict(spec)))
+        if not same_spec:
             raise FileExistsError(
                 f"{target} already exists with different contents; pass --force to replace it"
             )

@@ -147,3 +147,16 @@ def test_cli_writes_and_reports(tmp_path, python_exe, subprocess_env, repo_root)
     assert "nothing to do" in again.stdout
     bad = subprocess.run(cmd[:-2] + ["--seed", "9"], capture_output=True, text=True, env=subprocess_env, cwd=repo_root)
     assert bad.returncode == 2 and "--force" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_stale_generator_version_is_regenerated(tmp_path):
+    import json
+
+    spec = PhantomSpec(counts=(2, 2, 2, 2), seed=1)
+    target = generate(tmp_path, spec)
+    stamp = json.loads((target / ".phantom.json").read_text())
+    stamp["generator"] = 1
+    (target / ".phantom.json").write_text(json.dumps(stamp))
+    (target / "COVID" / "images" / "COVID-1.png").write_bytes(b"old")
+    generate(tmp_path, spec)
+    assert (target / "COVID" / "images" / "COVID-1.png").read_bytes()[:4] == b"\x89PNG"
