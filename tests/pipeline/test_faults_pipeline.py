@@ -1,0 +1,249 @@
+"""Corrupt shards and hostile members through the real loader (issue 7, guarantees 4 and 7).
+
+Invariants: a corrupt train shard is skipped, counted and warned about (strict:
+raises naming it); an eval shard raises naming it; no yielded sample ever
+carries a label other than the one written for its key; nothing loops forever
+(each read runs under an alarm); nothing in a shard is ever unpickled; `pipe:`
+commands never run with RADSTREAM_ALLOW_PIPE=0.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import random
+import shutil
+import signal
+import tarfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.fast_tar import ShardFormatError
+from pipeline.stream import build_loader
+from pipeline.urls import ALLOW_PIPE_ENV, open_url
+from conftest import image_index, key_of, label_of, split_ids, write_shards
+
+TIMEOUT_S = 60
+
+
+@contextmanager
+def deadline(seconds: int = TIMEOUT_S):
+    """Fail (instead of hanging the suite) if the block runs longer than `seconds`."""
+    def boom(signum, frame):
+        raise TimeoutError(f"read did not finish within {seconds} s: an infinite loop or a hang")
+    old = signal.signal(signal.SIGALRM, boom)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def check_labels(batches) -> list[str]:
+    """No sample carries a label other than the one written for its key; pixels belong to the key too."""
+    keys = []
+    for b in batches:
+        for i, key in enumerate(b.keys):
+            g = int(key[1:])
+            assert key == key_of(g)
+            assert int(b.labels[i]) == label_of(g), f"silent wrong label for {key}"
+            assert image_index(b.images[i].numpy()) == g, f"pixels of another sample under {key}"
+            keys.append(key)
+    return keys
+
+
+def _members(path: Path):
+    with tarfile.open(path) as tf:
+        return [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+
+
+def _write_members(path: Path, members) -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for m, data in members:
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    path.write_bytes(buf.getvalue())
+
+
+def _flips(seed):
+    def corrupt(path: Path) -> None:
+        data = bytearray(path.read_bytes())
+        rng = random.Random(seed)
+        for _ in range(8):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        path.write_bytes(bytes(data))
+    return corrupt
+
+
+def _drop_cls(path: Path) -> None:
+    members = _members(path)
+    first = members[0][0].name.split(".")[0]
+    _write_members(path, [(m, d) for m, d in members if m.name != first + ".cls"])
+
+
+CORRUPT = {  # corruptions the reader must detect: the shard is lost, never misread
+    "header_flip": None,  # filled below: a flipped byte inside the 2nd tar header
+    "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
+    "truncated_at_block": lambda p: p.write_bytes(p.read_bytes()[: 512 * 4]),
+    "missing_member": _drop_cls,
+    "zero_length": lambda p: p.write_bytes(b""),
+    "not_a_tar": lambda p: p.write_bytes(b"PK\x03\x04" + b"not a tar at all " * 200),
+}
+
+
+def _header_flip(path: Path) -> None:
+    with tarfile.open(path) as tf:
+        second = tf.getmembers()[1]
+    data = bytearray(path.read_bytes())
+    data[second.offset + 100] ^= 0x04  # inside the mode field: checksum mismatch
+    path.write_bytes(bytes(data))
+
+
+CORRUPT["header_flip"] = _header_flip
+SHARD = "train-000001.tar"  # 5 samples (LAYOUT train [7, 5, 6, 3])
+
+
+def corrupt_copy(src: Path, dst: Path, kind, shard: str = SHARD) -> Path:
+    shutil.copytree(src, dst)
+    (CORRUPT[kind] if isinstance(kind, str) else kind)(dst / shard)
+    return dst
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("kind", sorted(CORRUPT))
+def test_corrupt_train_shard_skipped_counted_warned(tiny_shards, tmp_path, kind, fast):
+    root = corrupt_copy(tiny_shards, tmp_path / "s", kind)
+    loader = build_loader(root, "train", batch_size=4, num_workers=0, shuffle_buffer=4, fast=fast)
+    with deadline(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(loader)
+    assert len(batches) == loader.steps_per_epoch  # same step count whatever is lost
+    keys = check_labels(batches)
+    report = loader.corrupt_shards
+    assert report.shards >= 1 and report.samples_lost >= 1
+    assert all(SHARD in url for url, _ in report.events)
+    assert any(SHARD in str(w.message) and "skipping corrupt shard" in str(w.message) for w in caught)
+    lost = {key_of(g) for g in range(7, 12)}  # the corrupt shard's samples (ids 7..11)
+    good = {key_of(g) for g in split_ids("train")} - lost
+    assert set(keys) <= good | lost and set(keys) & good
+
+
+@pytest.mark.parametrize("kind", sorted(CORRUPT))
+def test_corrupt_train_shard_strict_raises_naming_it(tiny_shards, tmp_path, kind):
+    root = corrupt_copy(tiny_shards, tmp_path / "s", kind)
+    with deadline(), pytest.raises(ShardFormatError, match=SHARD):
+        list(build_loader(root, "train", batch_size=4, num_workers=0, shuffle_buffer=4, strict=True))
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("kind", sorted(CORRUPT))
+def test_corrupt_eval_shard_raises_naming_it(tiny_shards, tmp_path, kind, num_workers):
+    root = corrupt_copy(tiny_shards, tmp_path / "s", kind, shard="val-000000.tar")
+    with deadline(), pytest.raises(ShardFormatError, match="val-000000.tar"):
+        list(build_loader(root, "val", batch_size=2, num_workers=num_workers))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_byte_flips_never_a_wrong_label_never_a_hang(tiny_shards, tmp_path, seed):
+    """Flips may land in pixels (undetectable by the reader: verify's sha256 is the guard, see
+    tests/sharding/test_faults_build.py), headers or labels; whatever is read must still belong together,
+    except a flip landing in a .cls payload, which only the sha256 can catch; those seeds are counted."""
+    root = corrupt_copy(tiny_shards, tmp_path / "s", _flips(seed))
+    loader = build_loader(root, "train", batch_size=4, num_workers=0, shuffle_buffer=4)
+    with deadline(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        batches = list(loader)
+    assert len(batches) == loader.steps_per_epoch
+    data = (root / SHARD).read_bytes()
+    original = (tiny_shards / SHARD).read_bytes()
+    changed = [i for i in range(len(data)) if data[i] != original[i]]
+    cls_spans = [(m.offset_data, m.offset_data + m.size) for m, _ in _members(tiny_shards / SHARD)
+                 if m.name.endswith(".cls")]
+    pixel_spans = [(m.offset_data, m.offset_data + m.size) for m, _ in _members(tiny_shards / SHARD)
+                   if m.name.endswith(".npy")]
+    touched_cls = any(a <= i < b for i in changed for a, b in cls_spans)
+    touched_px = any(a <= i < b for i in changed for a, b in pixel_spans)
+    if touched_cls or touched_px:
+        pytest.skip("flip inside a .cls/.npy payload: only the manifest sha256 (verify) can detect it")
+    check_labels(batches)
+
+
+def test_flipped_label_digit_is_caught_by_verify_not_by_the_reader(tiny_shards, tmp_path):
+    """Documents the guard: a '1' -> '2' inside a .cls payload is a valid shard to any reader."""
+    from sharding.verify import verify
+
+    root = tmp_path / "s"
+    shutil.copytree(tiny_shards, root)
+    path = root / SHARD
+    member = next(m for m, _ in _members(path) if m.name.endswith(".cls"))
+    data = bytearray(path.read_bytes())
+    old = int(data[member.offset_data: member.offset_data + member.size])
+    data[member.offset_data: member.offset_data + member.size] = str((old + 1) % 4).encode()
+    path.write_bytes(bytes(data))
+    result = verify(root)
+    assert not result.ok and any(SHARD in p and "sha256" in p for p in result.problems), result.problems
+
+
+# --------------------------------------------------------------------------- nothing executes from data
+
+
+class Payload:
+    """Unpickling this creates `marker` (the classic __reduce__ code-execution trick)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _with_hostile_members(src: Path, dst: Path, marker: Path, shard: str) -> None:
+    shutil.copytree(src, dst)
+    members = _members(dst / shard)
+    payload = pickle.dumps(Payload(marker))
+    out = []
+    for m, d in members:  # each sample's hostile members right beside its own (same key, contiguous)
+        out.append((m, d))
+        stem, ext = m.name.split(".", 1)
+        if ext == "cls":
+            for suffix in ("pickle", "pyd", "pth", "pkl"):
+                out.append((tarfile.TarInfo(f"{stem}.{suffix}"), payload))
+    _write_members(dst / shard, out)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("split,shard", [("train", SHARD), ("val", "val-000000.tar")])
+def test_pickle_members_are_never_unpickled(tiny_shards, tmp_path, fast, split, shard):
+    marker = tmp_path / "executed"
+    pickle.loads(pickle.dumps(Payload(marker)))  # the payload really works when unpickled...
+    assert marker.exists()
+    marker.unlink()
+    root = tmp_path / "s"
+    _with_hostile_members(tiny_shards, root, marker, shard)
+    loader = build_loader(root, split, batch_size=2, num_workers=0, shuffle_buffer=4, strict=True, fast=fast)
+    with deadline():
+        keys = check_labels(list(loader))
+    assert not marker.exists(), "a shard member was unpickled"  # ...and reading the shard never does
+    if split == "val":
+        assert sorted(int(k[1:]) for k in keys) == sorted(split_ids("val"))  # unknown members ignored, no loss
+
+
+def test_pipe_commands_never_run_in_secure_mode(tiny_shards, tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    monkeypatch.setenv(ALLOW_PIPE_ENV, "0")
+    with pytest.raises(PermissionError, match=ALLOW_PIPE_ENV):
+        open_url(f"pipe:touch {marker}; cat {tiny_shards}/test-000000.tar")
+    loader = build_loader(tiny_shards, "test", batch_size=2, num_workers=0)
+    loader.stream.spec.urls = [f"pipe:touch {marker}; cat {u}" for u in loader.stream.spec.urls]
+    with deadline(), pytest.raises(PermissionError):
+        list(loader)
+    assert not marker.exists()
+    for url in ("s3://bucket/x.tar", "gs://bucket/x.tar"):  # both map to pipes
+        with pytest.raises(PermissionError):
+            open_url(url)
