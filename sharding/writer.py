@@ -21,7 +21,7 @@ from sharding.contract import CLASSES, LABEL, META, image_member, mask_member
 from sharding.manifest import ShardInfo
 
 #: Fixed tar metadata so the same samples give the same bytes on any machine.
-TAR_MTIME = 0.0
+TAR_MTIME = 0  # an int: a float mtime makes tarfile add a pax header to every member
 TAR_USER = "radstream"
 
 
