@@ -8,6 +8,7 @@ never execute code.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 CHECKPOINT = "checkpoint.pth"
 BEST_PTH = "best_model.pth"
@@ -41,8 +42,56 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
         raise
 
 
+def clean_stale_temporaries(folder: Path) -> list[Path]:
+    """Remove `.<name>.tmp-<pid>` files left by a writer that was killed (its pid is gone); returns them.
+
+    A live writer's temporary (another run writing into the same folder) is left alone.
+    """
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for path in folder.glob(".*.tmp-*"):
+        try:
+            pid = int(path.name.rsplit("-", 1)[1])
+        except ValueError:
+            continue
+        if pid == os.getpid() or _pid_alive(pid):
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _torch_save(obj: Any, tmp: Path) -> None:
+    """torch.save through a Python file, so a failed write (disk full, EFBIG) surfaces as the OSError it is.
+
+    torch's C++ writer reports it as a RuntimeError ("unexpected pos ..."), with the
+    OSError of our file object as its context.
+    """
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+    except RuntimeError as exc:
+        cause: BaseException | None = exc
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, OSError):
+            raise cause from exc
+        raise OSError(errno.EIO, f"torch.save failed ({str(exc).splitlines()[0][:200]})", str(tmp)) from exc
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    atomic_write(path, lambda tmp: _torch_save(state, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -69,8 +118,8 @@ def check_compatible(found: dict[str, Any], expected: dict[str, Any], path: str 
 def save_best_model(models_dir: Path, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
     """best_model.pth (weights only) + .safetensors + .json (config, epoch, metric, classes)."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    atomic_write(models_dir / BEST_SAFETENSORS, lambda tmp: save_file(cpu, str(tmp)))
-    atomic_write(models_dir / BEST_PTH, lambda tmp: torch.save(cpu, tmp))
+    atomic_write(models_dir / BEST_SAFETENSORS, lambda tmp: tmp.write_bytes(safetensors_bytes(cpu)))
+    atomic_write(models_dir / BEST_PTH, lambda tmp: _torch_save(cpu, tmp))
     atomic_write(models_dir / BEST_JSON, lambda tmp: tmp.write_text(json.dumps(info, indent=2, sort_keys=True)))
 
 

@@ -43,6 +43,7 @@ from train.checkpoint import (
     CheckpointError,
     atomic_write,
     check_compatible,
+    clean_stale_temporaries,
     load_checkpoint,
     save_best_model,
     save_checkpoint,
@@ -136,6 +137,8 @@ def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     if accelerator.is_main_process:
         try:
             (out / "models").mkdir(parents=True, exist_ok=True)
+            for folder in (out, out / "models"):  # of a run killed mid-write; the real files are intact
+                clean_stale_temporaries(folder)
             atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(to_yaml(cfg)))
         except OSError as exc:
             problem[0] = f"train.output_dir={out} is not writable ({exc.strerror or exc}); choose another folder"
@@ -152,9 +155,8 @@ def append_metrics(path: Path, row: dict, keep_through_epoch: int | None = None)
     if keep_through_epoch is not None:
         lines = [line for line in lines if json.loads(line)["epoch"] <= keep_through_epoch]
     lines.append(json.dumps(row, sort_keys=True))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    text = "\n".join(lines) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def fit(cfg: Config, accelerator: Accelerator) -> dict:
@@ -295,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
     except (RunError, ManifestError, CheckpointError, ConfigError) as exc:
         print(f"error (rank {accelerator.process_index}): {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, file size limit, folder removed mid-run: files in place stay intact
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error (rank {accelerator.process_index}): {exc.strerror or exc}{where}; the files already in "
+              f"{cfg.train.output_dir} are intact (each is written atomically): fix this and rerun with "
+              "train.resume=auto", file=sys.stderr)
+        return 1
     return 0
 
 
