@@ -303,5 +303,5 @@ def test_soak_scaled_down(tmp_path, phantom_shards, subprocess_env):
     assert [s["epoch"] for s in result["epochs"]] == [0, 1, 2, 3, 4]
     assert result["ok"], result["problems"]
     assert result["rss_growth"] < 0.05
-    assert len({s["fds"] for s in result["epochs"][2:]}) == 1
+    assert len({s["fds_min"] for s in result["epochs"][2:]}) == 1
     assert len({tuple(s["steps"]) for s in result["epochs"]}) == 1
