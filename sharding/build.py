@@ -565,29 +565,13 @@ def run_build(
     return BuildReport(manifest, out, False, elapsed, written / max(elapsed, 1e-9), analyse_s, write_s)
 
 
-def build_shards(
-    raw: str | Path,
-    out: str | Path,
-    *,
-    encoding: str = "raw",
-    include_masks: bool = False,
-    shard_size: int = 1000,
-    workers: int | None = None,
-    seed: int = 0,
-    near_dup_distance: int | None = None,
-    strict: bool = False,
-    force: bool = False,
-    progress: bool = True,
-) -> Manifest:
-    """Build shards from the raw dataset in `raw` into `out`; returns the manifest in place.
+def build_shards(raw: str | Path, out: str | Path, **options) -> Manifest:
+    """`run_build` (same keyword options) returning only the manifest now in place.
 
     A no-op (returning the existing manifest) when the inputs and options are
     unchanged, unless `force`. Raises BuildError for unusable input or options.
     """
-    return run_build(
-        raw, out, encoding=encoding, include_masks=include_masks, shard_size=shard_size, workers=workers,
-        seed=seed, near_dup_distance=near_dup_distance, strict=strict, force=force, progress=progress,
-    ).manifest
+    return run_build(raw, out, **options).manifest
 
 
 __all__ = ["BuildError", "BuildOptions", "BuildReport", "build_shards", "fingerprint", "run_build"]
