@@ -13,8 +13,9 @@ and open file descriptors; an epoch's window closes when its line lands in
   within `--max-growth` (default 5 %) of the baseline epoch's (the first epochs fill
   allocator pools and page caches, so they are not the baseline); a leak raises the
   floor, a transient peak (a checkpoint being serialised) does not; peaks are reported;
-- the fewest open fds in every epoch after the baseline is the same, and the most
-  does not grow (workers' pipes and a file being written come and go);
+- the fewest open fds in every epoch after the baseline stays within 1 of the baseline
+  epoch's, and the most grows by at most 4 (workers' pipes and a file being written
+  come and go; a leak of one fd per epoch shows after a few epochs);
 - every epoch took the same number of steps on every rank.
 
 Prints a table a person can paste, writes JSON a script can check, exits 0 when
@@ -148,9 +149,9 @@ def soak(shards: str, out: str, *, epochs: int = 10, image_size: int = 32, batch
         if growth >= max_growth:
             problems.append(f"RSS floor grew {100 * growth:.1f}% after epoch {baseline_epoch} "
                             f"(limit {100 * max_growth:.0f}%)")
-        floors = sorted({s["fds_min"] for s in after})
-        if len(floors) != 1:
-            problems.append(f"fewest open fds per epoch changed after epoch {baseline_epoch}: {floors}")
+        floors = [s["fds_min"] for s in after]
+        if max(floors) > base["fds_min"] + 1:  # +-1: a poll may or may not catch a worker pipe closed
+            problems.append(f"fewest open fds per epoch grew after epoch {baseline_epoch}: {floors}")
         if max(s["fds_max"] for s in after) > base["fds_max"] + 4:
             problems.append(f"most open fds per epoch grew after epoch {baseline_epoch}: "
                             f"{[s['fds_max'] for s in after]}")

@@ -9,12 +9,14 @@ commands never run with RADSTREAM_ALLOW_PIPE=0.
 
 from __future__ import annotations
 
+import gc
 import io
 import pickle
 import random
 import shutil
 import signal
 import tarfile
+import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,12 +143,33 @@ def test_corrupt_train_shard_strict_raises_naming_it(tiny_shards, tmp_path, kind
         list(build_loader(root, "train", batch_size=4, num_workers=0, shuffle_buffer=4, strict=True))
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
 @pytest.mark.parametrize("kind", sorted(CORRUPT))
-def test_corrupt_eval_shard_raises_naming_it(tiny_shards, tmp_path, kind, num_workers):
+def test_corrupt_eval_shard_raises_naming_it(tiny_shards, tmp_path, kind):
     root = corrupt_copy(tiny_shards, tmp_path / "s", kind, shard="val-000000.tar")
     with deadline(), pytest.raises(ShardFormatError, match="val-000000.tar"):
-        list(build_loader(root, "val", batch_size=2, num_workers=num_workers))
+        list(build_loader(root, "val", batch_size=2, num_workers=0))
+
+
+@pytest.mark.slow
+def test_corrupt_eval_shard_raises_naming_it_from_a_worker(tiny_shards, tmp_path):
+    root = corrupt_copy(tiny_shards, tmp_path / "s", "truncated", shard="val-000000.tar")
+    with deadline(), pytest.raises(ShardFormatError, match="val-000000.tar"):
+        list(build_loader(root, "val", batch_size=2, num_workers=1))
+    gc.collect()  # pay the worker shutdown here (see the xfail test below), not in a later test
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "pipeline bug: after a loader worker raises ShardFormatError (corrupt eval shard), the worker does not "
+    "exit when the DataLoader iterator is shut down: DataLoader.__del__ -> _shutdown_workers -> "
+    "w.join(timeout=5) runs out every time, so dropping the failed loader blocks ~5 s per worker"))
+def test_failed_worker_loader_shuts_down_promptly(tiny_shards, tmp_path):
+    root = corrupt_copy(tiny_shards, tmp_path / "s", "truncated", shard="val-000000.tar")
+    with pytest.raises(ShardFormatError):
+        list(build_loader(root, "val", batch_size=2, num_workers=1))
+    start = time.monotonic()
+    gc.collect()
+    assert time.monotonic() - start < 2.0
 
 
 @pytest.mark.parametrize("seed", range(12))
