@@ -174,12 +174,42 @@ def evaluate_run(run_dir: Path, split: str = "test", accelerator: Accelerator | 
     return report
 
 
+def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
+    """Markdown table of headline metrics and Grad-CAM lung share of finished runs, side by side."""
+    suffix = "" if split == "test" else f"_{split}"
+    reports = {str(d): json.loads((Path(d) / f"report{suffix}.json").read_text()) for d in run_dirs}
+    classes = next(iter(reports.values()))["classes"]
+    rows = ["accuracy", "macro_f1", "balanced_accuracy"] + [f"lung share {c}" for c in classes + ["all"]]
+    lines = ["| metric | " + " | ".join(f"`{d}`" for d in reports) + " |", "| --- |" + " --- |" * len(reports)]
+    for row in rows:
+        cells = []
+        for report in reports.values():
+            if row.startswith("lung share"):
+                value = (report.get("lung_share") or {}).get(row.split(" ", 2)[2], {}).get("mean")
+            else:
+                value = report.get(row)
+            cells.append("n/a" if value is None else f"{value:.3f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Evaluate a run's best model and write its report.")
-    parser.add_argument("--run", required=True, help="run folder (holds config.yaml and models/)")
+    parser.add_argument("--compare", nargs="+", default=None, metavar="RUN",
+                        help="print a side-by-side table of finished runs' reports instead of evaluating")
+    parser.add_argument("--run", help="run folder (holds config.yaml and models/)")
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--shards", default=None, help="shard folder/URL (default: the run's data.shards)")
     args = parser.parse_args(argv)
+    if args.compare:
+        missing = [d for d in args.compare if not (Path(d) / "report.json").exists()]
+        if missing:
+            print(f"error: no report.json in {missing}; evaluate those runs first", file=sys.stderr)
+            return 2
+        print(compare_runs([Path(d) for d in args.compare], args.split), end="")
+        return 0
+    if not args.run:
+        parser.error("--run is required (or --compare RUN RUN ...)")
     run_dir = Path(args.run)
     if not (run_dir / "config.yaml").exists() or not (run_dir / "models" / BEST_PTH).exists():
         print(f"error: {run_dir} is not a finished run (needs config.yaml and models/{BEST_PTH})", file=sys.stderr)

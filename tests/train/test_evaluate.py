@@ -1,0 +1,78 @@
+"""Report writing, figures, lung share and run comparison, on hand-made predictions."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from train.evaluate import compare_runs, main as evaluate_main, write_report
+from train.explain import lung_share, summarize_shares
+from train.loop import Predictions
+
+CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
+
+
+def test_lung_share_by_hand():
+    cams = np.zeros((2, 4, 4))
+    cams[0, :2, :] = 1.0  # all mass in the top half
+    cams[1] = 1.0  # uniform
+    masks = np.zeros((2, 4, 4))
+    masks[:, :2, :2] = 1  # top-left quarter
+    np.testing.assert_allclose(lung_share(cams, masks), [0.5, 0.25])
+    assert np.isnan(lung_share(np.zeros((1, 4, 4)), masks[:1]))[0]
+    summary = summarize_shares(np.array([0.5, 0.25, np.nan]), np.array([0, 0, 1]), CLASSES)
+    assert summary["COVID"]["mean"] == pytest.approx(0.375) and summary["COVID"]["n"] == 2
+    assert summary["Lung_Opacity"]["n"] == 0 and summary["Lung_Opacity"]["mean"] is None
+    assert summary["all"]["p10"] == pytest.approx(0.275)
+
+
+def _predictions(n=40, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 4
+    logits = rng.normal(size=(n, 4))
+    logits[np.arange(n), labels] += 2.0
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    return Predictions([f"k{i}" for i in range(n)], labels, probs.astype(np.float32), 0.5)
+
+
+def test_write_report_files_and_numbers(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(
+        {"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.2 / (e + 1), "train_accuracy": 0.5 + e / 10,
+         "val_accuracy": 0.45 + e / 10, "val_macro_f1": 0.4 + e / 10}) + "\n" for e in range(3)))
+    preds = _predictions()
+    report = write_report(tmp_path, "test", preds, CLASSES, {"model_epoch": 2})
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["accuracy"] == pytest.approx(float((preds.probs.argmax(1) == preds.labels).mean()))
+    assert [saved["per_class"][c]["support"] for c in CLASSES] == [10, 10, 10, 10]
+    for key in ("accuracy", "macro_f1", "balanced_accuracy", "per_class"):
+        assert key in saved
+    for c in CLASSES:
+        assert {"support", "sensitivity", "specificity", "precision", "f1", "roc_auc"} <= set(saved["per_class"][c])
+    md = (tmp_path / "report.md").read_text()
+    assert "| Viral Pneumonia |" in md and "specificity" in md
+    for fig in ("confusion_matrix.png", "roc.png", "reliability.png", "training_curves.png"):
+        with Image.open(tmp_path / fig) as img:
+            img.load()
+            assert img.size[0] > 300 and img.size[1] > 200
+    lines = (tmp_path / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 40 and json.loads(lines[0])["key"] == "k0"
+    assert report["figures"]["roc"] == "roc.png"
+
+
+def test_compare_runs_table(tmp_path, capsys):
+    runs = []
+    for name, share in (("clean", 0.8), ("markers", 0.4)):
+        run = tmp_path / name
+        run.mkdir()
+        lung = {c: {"mean": share, "p10": share / 2, "n": 3} for c in CLASSES + ["all"]}
+        (run / "report.json").write_text(json.dumps({"classes": CLASSES, "accuracy": 0.9, "macro_f1": 0.88,
+                                                     "balanced_accuracy": 0.9, "lung_share": lung}))
+        runs.append(run)
+    table = compare_runs(runs)
+    assert "| lung share all | 0.800 | 0.400 |" in table
+    assert evaluate_main(["--compare", str(runs[0]), str(runs[1])]) == 0
+    assert "| accuracy | 0.900 | 0.900 |" in capsys.readouterr().out
+    assert evaluate_main(["--compare", str(tmp_path / "nope")]) == 2
