@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sharding.contract import ENCODINGS, SPLITS
 
 FORMAT_VERSION = 1
+#: A shard name is a plain file name beside the manifest: no folders, `..`, quotes or shell characters,
+#: so a manifest fetched from elsewhere can neither point outside its folder nor smuggle a command.
+SHARD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\.tar")
 MANIFEST_NAME = "manifest.json"
 
 
@@ -113,6 +117,11 @@ class Manifest:
             raise ManifestError(f"manifest is missing or has a malformed field: {exc}") from None
         if manifest.encoding not in ENCODINGS:
             raise ManifestError(f"manifest encoding {manifest.encoding!r} unknown; expected one of {ENCODINGS}")
+        for split, info in manifest.splits.items():
+            for shard in info.shards:
+                if not isinstance(shard.name, str) or not SHARD_NAME.fullmatch(shard.name) or ".." in shard.name:
+                    raise ManifestError(f"manifest split {split!r} lists an unsafe shard name {shard.name!r}: "
+                                        "shard names are plain file names like train-000000.tar")
         return manifest
 
 

@@ -386,3 +386,18 @@ def test_safe_members_extract_normally(tmp_path):
     dest.mkdir()
     assert safe_extract(archive, dest) == len(GOOD) + 2
     assert (dest / DATASET_DIR / "a..b.txt").read_bytes() == b"ok"
+
+
+# --------------------------------------------------------------------------- a hostile manifest
+
+
+@pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd.tar", "a/b.tar", "x.tar; touch pwned",
+                                  "$(touch pwned).tar", ".hidden.tar", "train-000000.tar\n", "x..tar", "x.npy"])
+def test_manifest_with_unsafe_shard_name_refused(built_raw, tmp_path, name):
+    from sharding.manifest import ManifestError, load_manifest
+
+    data = json.loads((built_raw / "manifest.json").read_text())
+    data["splits"]["train"]["shards"][0]["name"] = name
+    (tmp_path / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(ManifestError, match="unsafe shard name"):
+        load_manifest(tmp_path)

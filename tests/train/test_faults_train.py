@@ -155,19 +155,22 @@ def test_kill_during_checkpoint_write_and_mid_epoch_then_resume_equals_uninterru
 
 
 def _rank_pid(launcher_pid: int, rank: int, timeout: float = 120) -> int:
-    """The python process of `rank` under the launcher (RANK in its environment)."""
-    import psutil
+    """The train/main.py process of `rank` under the launcher (RANK=<rank> in /proc/<pid>/environ)."""
+    from train.soak import _children
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for child in psutil.Process(launcher_pid).children(recursive=True):
+        stack = list(_children(launcher_pid))
+        while stack:
+            pid = stack.pop()
+            stack.extend(_children(pid))
             try:
-                env = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
-                cmd = child.cmdline()
-            except (OSError, psutil.Error):
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
                 continue
-            if f"RANK={rank}".encode() in env and any(c.endswith("train/main.py") for c in cmd):
-                return child.pid
+            if f"RANK={rank}".encode() in env and any(c.endswith(b"train/main.py") for c in cmd):
+                return pid
         time.sleep(0.2)
     raise AssertionError(f"rank {rank} process not found")
 
@@ -201,8 +204,8 @@ def test_dead_rank_fails_the_run_within_bound_no_partial_best_model(tmp_path, ph
     assert proc.returncode != 0
     assert elapsed < 60, f"took {elapsed:.0f} s to fail"
     assert_files_loadable(out)
-    present = [n for n in BEST if (out / "models" / n).exists()]
-    assert present in ([], list(BEST)) or len(present) == 3, present
+    # epoch 0's three best-model files were complete before its checkpoint (written last) existed
+    assert [n for n in BEST if (out / "models" / n).exists()] == list(BEST)
     # the next run cleans whatever a killed writer left and carries on from the checkpoint
     clean_stale_temporaries(out / "models")
     clean_stale_temporaries(out)
