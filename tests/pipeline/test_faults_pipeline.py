@@ -46,7 +46,7 @@ def deadline(seconds: int = TIMEOUT_S):
         signal.signal(signal.SIGALRM, old)
 
 
-def check_labels(batches) -> list[str]:
+def check_labels(batches, pixels: bool = True) -> list[str]:
     """No sample carries a label other than the one written for its key; pixels belong to the key too."""
     keys = []
     for b in batches:
@@ -54,7 +54,8 @@ def check_labels(batches) -> list[str]:
             g = int(key[1:])
             assert key == key_of(g)
             assert int(b.labels[i]) == label_of(g), f"silent wrong label for {key}"
-            assert image_index(b.images[i].numpy()) == g, f"pixels of another sample under {key}"
+            if pixels:
+                assert image_index(b.images[i].numpy()) == g, f"pixels of another sample under {key}"
             keys.append(key)
     return keys
 
@@ -172,7 +173,7 @@ def test_failed_worker_loader_shuts_down_promptly(tiny_shards, tmp_path):
     assert time.monotonic() - start < 2.0
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(16))
 def test_random_byte_flips_never_a_wrong_label_never_a_hang(tiny_shards, tmp_path, seed):
     """Flips may land in pixels (undetectable by the reader: verify's sha256 is the guard, see
     tests/sharding/test_faults_build.py), headers or labels; whatever is read must still belong together,
@@ -192,9 +193,9 @@ def test_random_byte_flips_never_a_wrong_label_never_a_hang(tiny_shards, tmp_pat
                    if m.name.endswith(".npy")]
     touched_cls = any(a <= i < b for i in changed for a, b in cls_spans)
     touched_px = any(a <= i < b for i in changed for a, b in pixel_spans)
-    if touched_cls or touched_px:
-        pytest.skip("flip inside a .cls/.npy payload: only the manifest sha256 (verify) can detect it")
-    check_labels(batches)
+    if touched_cls:
+        pytest.skip("flip inside a .cls payload: only the manifest sha256 (verify) can detect it")
+    check_labels(batches, pixels=not touched_px)  # a flipped pixel is silent too (sha256 again): labels hold
 
 
 def test_flipped_label_digit_is_caught_by_verify_not_by_the_reader(tiny_shards, tmp_path):
