@@ -203,6 +203,8 @@ def test_dead_rank_fails_the_run_within_bound_no_partial_best_model(tmp_path, ph
             proc.wait()
     assert proc.returncode != 0
     assert elapsed < 60, f"took {elapsed:.0f} s to fail"
+    print(stderr[-1500:])
+    assert "SIGKILL" in stderr or "Signal 9" in stderr, stderr[-3000:]  # the launcher names the dead rank's fate
     assert_files_loadable(out)
     # epoch 0's three best-model files were complete before its checkpoint (written last) existed
     assert [n for n in BEST if (out / "models" / n).exists()] == list(BEST)
