@@ -13,9 +13,9 @@ and open file descriptors; an epoch's window closes when its line lands in
   within `--max-growth` (default 5 %) of the baseline epoch's (the first epochs fill
   allocator pools and page caches, so they are not the baseline); a leak raises the
   floor, a transient peak (a checkpoint being serialised) does not; peaks are reported;
-- the fewest open fds in every epoch after the baseline stays within 1 of the baseline
-  epoch's, and the most grows by at most 4 (workers' pipes and a file being written
-  come and go; a leak of one fd per epoch shows after a few epochs);
+- the most open fds seen in each epoch after the baseline grows by at most 2 over the
+  baseline epoch's (loader workers' pipes and a file being written come and go; a leak of
+  one fd per epoch shows after a few epochs); the fewest is reported only;
 - every epoch took the same number of steps on every rank.
 
 Prints a table a person can paste, writes JSON a script can check, exits 0 when
@@ -132,10 +132,16 @@ def soak(shards: str, out: str, *, epochs: int = 10, image_size: int = 32, batch
             os.killpg(proc.pid, 9)
             proc.wait()
     result = {"epochs": samples, "returncode": proc.returncode, "elapsed_s": time.monotonic() - start,
-              "command": " ".join(cmd), "problems": []}
-    problems = result["problems"]
-    if proc.returncode != 0:
-        problems.append(f"training exited {proc.returncode}: {stderr[-2000:]}")
+              "command": " ".join(cmd), "stderr_tail": stderr[-2000:]}
+    return check(result, epochs=epochs, max_growth=max_growth, baseline_epoch=baseline_epoch)
+
+
+def check(result: dict, *, epochs: int, max_growth: float = 0.05, baseline_epoch: int = 2) -> dict:
+    """Add `problems`, `ok`, `rss_growth`, `peak_rss_growth` to a soak result (see the module docstring)."""
+    samples = result["epochs"]
+    problems = result["problems"] = []
+    if result["returncode"] != 0:
+        problems.append(f"training exited {result['returncode']}: {result.get('stderr_tail', '')}")
     if len(samples) != epochs:
         problems.append(f"{len(samples)} epochs recorded, expected {epochs}")
     after = [s for s in samples if s["epoch"] >= baseline_epoch]
@@ -149,12 +155,11 @@ def soak(shards: str, out: str, *, epochs: int = 10, image_size: int = 32, batch
         if growth >= max_growth:
             problems.append(f"RSS floor grew {100 * growth:.1f}% after epoch {baseline_epoch} "
                             f"(limit {100 * max_growth:.0f}%)")
-        floors = [s["fds_min"] for s in after]
-        if max(floors) > base["fds_min"] + 1:  # +-1: a poll may or may not catch a worker pipe closed
-            problems.append(f"fewest open fds per epoch grew after epoch {baseline_epoch}: {floors}")
-        if max(s["fds_max"] for s in after) > base["fds_max"] + 4:
-            problems.append(f"most open fds per epoch grew after epoch {baseline_epoch}: "
-                            f"{[s['fds_max'] for s in after]}")
+        # Most open fds per epoch: every loader's worker pipes and shared memory are open at some poll.
+        # (The fewest depends on whether a poll lands between two loaders, so it is only reported.)
+        most = [s["fds_max"] for s in after]
+        if max(most) > base["fds_max"] + 2:
+            problems.append(f"open fds grew after epoch {baseline_epoch}: most per epoch {most}")
     steps = {tuple(s["steps"]) for s in samples}
     if len(steps) != 1 or any(len(set(s)) != 1 for s in steps):
         problems.append(f"steps per epoch differ: {sorted(steps)}")
@@ -175,7 +180,7 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shards", required=True)
+    p.add_argument("--shards", default=None, help="shard folder (required unless --recheck)")
     p.add_argument("--out", default="runs/soak")
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--image-size", type=int, default=32)
@@ -187,10 +192,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--poll", type=float, default=0.5, help="seconds between RSS/fd samples")
     p.add_argument("--json", default=None, help="also write the result here")
     p.add_argument("overrides", nargs="*", help="extra train/main.py key=value overrides")
+    p.add_argument("--recheck", default=None, metavar="JSON", help="re-run the checks on a saved result")
     args = p.parse_args(argv)
-    result = soak(args.shards, args.out, epochs=args.epochs, image_size=args.image_size, batch_size=args.batch_size,
-                  num_workers=args.num_workers, max_steps=args.max_steps, max_growth=args.max_growth,
-                  baseline_epoch=args.baseline_epoch, poll=args.poll, extra=args.overrides)
+    if args.recheck:
+        result = check(json.loads(Path(args.recheck).read_text()), epochs=args.epochs, max_growth=args.max_growth,
+                       baseline_epoch=args.baseline_epoch)
+    else:
+            result = soak(args.shards, args.out, epochs=args.epochs, image_size=args.image_size,
+                      batch_size=args.batch_size, num_workers=args.num_workers, max_steps=args.max_steps,
+                      max_growth=args.max_growth, baseline_epoch=args.baseline_epoch, poll=args.poll,
+                      extra=args.overrides)
     print(table(result))
     print(f"soak: {len(result['epochs'])} epochs in {result['elapsed_s']:.0f}s, RSS growth after epoch "
           f"{args.baseline_epoch}: {100 * result.get('rss_growth', float('nan')):+.1f}% (floor), "

@@ -308,6 +308,6 @@ def test_soak_scaled_down(tmp_path, phantom_shards, subprocess_env):
     assert [s["epoch"] for s in result["epochs"]] == [0, 1, 2, 3, 4]
     assert result["ok"], result["problems"]
     assert result["rss_growth"] < 0.05
-    floors = [s["fds_min"] for s in result["epochs"][2:]]
-    assert max(floors) - floors[0] <= 1, floors
+    most = [s["fds_max"] for s in result["epochs"][2:]]
+    assert max(most) <= most[0] + 2, most  # no fd leak
     assert len({tuple(s["steps"]) for s in result["epochs"]}) == 1
