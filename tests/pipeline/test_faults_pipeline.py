@@ -21,13 +21,12 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from pipeline.fast_tar import ShardFormatError
 from pipeline.stream import build_loader
 from pipeline.urls import ALLOW_PIPE_ENV, open_url
-from conftest import image_index, key_of, label_of, split_ids, write_shards
+from conftest import image_index, key_of, label_of, split_ids
 
 TIMEOUT_S = 60
 
