@@ -42,7 +42,8 @@ demo: $(STAMP)
 
 # Shortcut check: the same training on a phantom whose films carry class-correlated
 # corner markers; the Grad-CAM lung share should fall against the clean demo.
-shortcut-demo: demo
+shortcut-demo: $(STAMP)
+	@test -f runs/demo/report.json || $(MAKE) demo
 	$(PY) -m sharding phantom --out data/phantom_markers --per-class $(DEMO_PER_CLASS) --seed 0 --workers 2 --quiet --markers
 	$(PY) -m sharding build --raw data/phantom_markers --out shards/demo_markers --include-masks --shard-size 200 --workers 2
 	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
