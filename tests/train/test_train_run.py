@@ -152,7 +152,11 @@ def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subpro
         assert len(row["rank_steps"]) == 2 and row["rank_steps"][0] == row["rank_steps"][1]
         assert row["rank_steps"][0] == -(-train_samples // 16)
     report = json.loads((out / "report.json").read_text())
-    assert report["samples"] == load_manifest(phantom_shards).split("test").samples
+    test_split = load_manifest(phantom_shards).split("test")
+    assert report["samples"] == test_split.samples
+    assert [report["per_class"][c]["support"] for c in report["classes"]] == list(test_split.class_counts)
+    keys = [json.loads(line)["key"] for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == test_split.samples, "each test sample exactly once across the 2 ranks"
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert files == sorted([
         "config.yaml", "metrics.jsonl", "models/best_model.json", "models/best_model.pth",
