@@ -81,7 +81,7 @@ class OptimConfig:
     scheduler: str = "none"
     """LR schedule: none, cosine (with warmup), step or plateau."""
     warmup_epochs: int = 0
-    """Linear warmup epochs for the cosine schedule."""
+    """Linear warmup epochs for the cosine schedule (a run shorter than that stays in warmup)."""
     step_size: int = 10
     """Epochs between LR drops for the step schedule."""
     gamma: float = 0.1
@@ -196,10 +196,6 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.rotation_degrees={cfg.data.rotation_degrees} must be <= 180")
     if cfg.train.max_steps_per_epoch is not None and cfg.train.max_steps_per_epoch <= 0:
         raise ConfigError("train.max_steps_per_epoch must be > 0 or null")
-    if cfg.optim.scheduler == "cosine" and cfg.optim.warmup_epochs >= cfg.train.epochs:
-        raise ConfigError(
-            f"optim.warmup_epochs={cfg.optim.warmup_epochs} must be < train.epochs={cfg.train.epochs}"
-        )
     pretrained = cfg.model.pretrained
     if pretrained.lower() not in ("true", "false") and not Path(pretrained).is_file():
         raise ConfigError(

@@ -49,7 +49,7 @@ BAD = [
     (["data.rotation_degrees=270"], "data.rotation_degrees"),
     (["data.num_workers=-2"], "data.num_workers"),
     (["model.pretrained=/no/such/file.safetensors"], "model.pretrained"),
-    (["optim.scheduler=cosine", "optim.warmup_epochs=60"], "optim.warmup_epochs"),
+    (["optim.warmup_epochs=-1"], "optim.warmup_epochs"),
     (["train.max_steps_per_epoch=0"], "train.max_steps_per_epoch"),
     (["eval.batch_size=-1"], "eval.batch_size"),
     (["nonsense"], "nonsense"),
