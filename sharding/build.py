@@ -42,6 +42,7 @@ import numpy as np
 
 from sharding.contract import CLASSES, DATASET_DIR, ENCODINGS, IMAGE_SIZE, SPLITS
 from sharding.dedup import HASH_BITS, phash, group, pixel_sha256
+from sharding.files import pid_alive
 from sharding.manifest import (
     MANIFEST_NAME,
     Manifest,
@@ -286,16 +287,6 @@ def fingerprint(root: Path, options: BuildOptions) -> str:
     return h.hexdigest()
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _recover(out: Path) -> None:
     """Clean leftovers of killed builds next to `out`; restore a set caught between the two renames."""
     parent = out.parent
@@ -307,7 +298,7 @@ def _recover(out: Path) -> None:
                 pid = int(path.name.rsplit("-", 1)[1])
             except ValueError:
                 continue
-            if pid != os.getpid() and _pid_alive(pid):
+            if pid != os.getpid() and pid_alive(pid):
                 continue  # another build is running right now
             if kind == "old" and not out.exists() and (path / MANIFEST_NAME).is_file():
                 os.rename(path, out)

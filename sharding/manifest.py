@@ -8,12 +8,12 @@ never from `len()` of a stream.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from sharding.contract import ENCODINGS, SPLITS
+from sharding.files import atomic_write
 
 FORMAT_VERSION = 1
 #: A shard name is a plain file name beside the manifest: no folders, `..`, quotes or shell characters,
@@ -149,12 +149,7 @@ def load_manifest(shards: str | Path) -> Manifest:
 def write_manifest(manifest: Manifest, shards: str | Path) -> Path:
     """Write atomically: temp file, fsync, rename."""
     path = manifest_path(shards)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(manifest.to_json())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: tmp.write_text(manifest.to_json()))
     return path
 
 

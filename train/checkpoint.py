@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import errno
 import json
-import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save as safetensors_bytes
+
+from sharding.files import atomic_write, clean_stale_temporaries  # noqa: F401 (re-exported to train)
 
 CHECKPOINT = "checkpoint.pth"
 BEST_PTH = "best_model.pth"
@@ -26,50 +26,6 @@ BEST_JSON = "best_model.json"
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used: unreadable, unsafe, or from another model/config."""
-
-
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` then fsync and rename tmp over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def clean_stale_temporaries(folder: Path) -> list[Path]:
-    """Remove `.<name>.tmp-<pid>` files left by a writer that was killed (its pid is gone); returns them.
-
-    A live writer's temporary (another run writing into the same folder) is left alone.
-    """
-    removed = []
-    if not folder.is_dir():
-        return removed
-    for path in folder.glob(".*.tmp-*"):
-        try:
-            pid = int(path.name.rsplit("-", 1)[1])
-        except ValueError:
-            continue
-        if pid == os.getpid() or _pid_alive(pid):
-            continue
-        path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _torch_save(obj: Any, tmp: Path) -> None:
