@@ -27,6 +27,8 @@ import json
 import math
 import os
 import shutil
+import struct
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +41,7 @@ from sharding.contract import CLASSES, DATASET_DIR, IMAGE_SIZE, MASK_SIZE, REAL_
 STAMP = ".phantom.json"
 #: Bump whenever the drawing code changes the bytes: an existing phantom with
 #: another version is stale and is not mistaken for an up-to-date one.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -72,16 +74,31 @@ def counts_for(per_class: int, realistic_ratio: bool = False, full_size: bool = 
 
 # --------------------------------------------------------------------------- drawing
 
-_YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
-_MY, _MX = (np.mgrid[0:MASK_SIZE, 0:MASK_SIZE].astype(np.float32) + 0.5) * (IMAGE_SIZE / MASK_SIZE) - 0.5
+# Pixel-centre coordinates as 1-D axes: shapes are evaluated on their bounding box
+# by broadcasting, never on a full 2-D grid (this keeps one core above 200 films/s).
+_AXIS = np.arange(IMAGE_SIZE, dtype=np.float32)
+_MASK_AXIS = (np.arange(MASK_SIZE, dtype=np.float32) + 0.5) * (IMAGE_SIZE / MASK_SIZE) - 0.5
 _TAGS = ("PORTABLE", "AP SUPINE", "PA ERECT", "R")
+#: Uniform noise scaled to this has standard deviation 1 (uniform draws cost a fifth of normal ones).
+_UNIT_UNIFORM = math.sqrt(12.0)
 
 
-def _ellipse(xx, yy, cx, cy, ax, ay, soft: float = 0.0) -> np.ndarray:
-    e = ((xx - cx) / ax) ** 2 + ((yy - cy) / ay) ** 2
-    if soft <= 0:
-        return (e <= 1.0).astype(np.float32)
-    return np.clip((1.0 - e) / soft, 0.0, 1.0)
+def _span(axis: np.ndarray, lo: float, hi: float) -> slice:
+    return slice(int(np.searchsorted(axis, lo, "left")), int(np.searchsorted(axis, hi, "right")))
+
+
+def _ellipse(xs, ys, cx, cy, ax, ay, soft: float = 0.0) -> np.ndarray:
+    """Ellipse on the grid ys x xs: 1 inside, 0 outside, a linear edge of width `soft` (in e = r^2)."""
+    out = np.zeros((len(ys), len(xs)), np.float32)
+    rows, cols = _span(ys, cy - ay, cy + ay), _span(xs, cx - ax, cx + ax)
+    e = ((ys[rows, None] - cy) / ay) ** 2 + ((xs[None, cols] - cx) / ax) ** 2
+    out[rows, cols] = (e <= 1.0) if soft <= 0 else np.clip((1.0 - e) / soft, 0.0, 1.0)
+    return out
+
+
+def _noise(rng: np.random.Generator, shape, std: float) -> np.ndarray:
+    """Zero-mean film grain with the given standard deviation."""
+    return (rng.random(shape, dtype=np.float32) - 0.5) * np.float32(std * _UNIT_UNIFORM)
 
 
 def _add_blob(out: np.ndarray, cx, cy, sigma, amp, scale: float = 1.0) -> None:
@@ -130,7 +147,7 @@ def _pattern(cls: int, anat: _Anatomy, rng: np.random.Generator) -> np.ndarray:
                 px = cx + side * ax * rng.uniform(0.35, 0.8)
                 py = cy + ay * rng.uniform(0.0, 0.7)
                 _add_blob(out, px, py, rng.uniform(14, 24), rng.uniform(24, 40))
-        out *= 1.0 + 0.25 * rng.standard_normal(out.shape, dtype=np.float32)
+        out *= 1.0 + _noise(rng, out.shape, 0.25)
     elif name == "Lung_Opacity":
         for _ in range(rng.integers(1, 3)):
             cx, cy, ax, ay = anat.lungs[rng.integers(0, 2)]
@@ -173,26 +190,32 @@ def _render(spec: PhantomSpec, cls: int, index: int, jitter: bool = False) -> tu
     """(image uint8 [299, 299], mask uint8 [256, 256] in {0, 255}) for one phantom film."""
     rng = np.random.default_rng([spec.seed, cls, index, 1 if jitter else 0])
     anat = _anatomy(rng)
-    body = _ellipse(_XX, _YY, 150 + rng.uniform(-5, 5), 170, rng.uniform(128, 142), rng.uniform(155, 175), soft=0.08)
-    lungs = _lung_field(anat, _XX, _YY, soft=0.12)
+    ax = _AXIS
+    body = _ellipse(ax, ax, 150 + rng.uniform(-5, 5), 170, rng.uniform(128, 142), rng.uniform(155, 175), soft=0.08)
+    lungs = _lung_field(anat, ax, ax, soft=0.12)
     img = 18.0 + 125.0 * body
     img -= rng.uniform(62, 78) * lungs
-    medi = np.clip(1.0 - np.abs(_XX - 150 - rng.uniform(-4, 4)) / 22.0, 0, 1) * (_YY > 40) * body
+    medi = body * np.clip(1.0 - np.abs(ax - 150 - rng.uniform(-4, 4)) / 22.0, 0, 1)[None, :]
+    medi[:41] = 0.0  # the mediastinum starts below the neck
     img += 35.0 * medi
     period = rng.uniform(19, 25)
     curve = rng.uniform(0.004, 0.007)
-    ribs = 0.5 * (1.0 + np.cos(2 * np.pi * (_YY - curve * (_XX - 150.0) ** 2) / period))
-    img += rng.uniform(12, 20) * ribs**4 * lungs
+    (rx0, ry0, rax, ray), (lx0, ly0, lax, lay) = anat.lungs
+    rows = _span(ax, min(ry0 - ray, ly0 - lay), max(ry0 + ray, ly0 + lay))
+    cols = _span(ax, rx0 - rax, lx0 + lax)
+    ribs = 0.5 * (1.0 + np.cos(2 * np.pi * (ax[rows, None] - curve * (ax[None, cols] - 150.0) ** 2) / period))
+    ribs *= ribs
+    img[rows, cols] += rng.uniform(12, 20) * (ribs * ribs) * lungs[rows, cols]
     img += _pattern(cls, anat, rng) * lungs
-    img += 10.0 * (_YY / IMAGE_SIZE - 0.5) * rng.uniform(-1, 1)  # exposure gradient
-    img += 4.0 * rng.standard_normal(img.shape, dtype=np.float32)
+    img += (10.0 * (ax / IMAGE_SIZE - 0.5) * rng.uniform(-1, 1))[:, None]  # exposure gradient
+    img += _noise(rng, img.shape, 4.0)
     # Class-independent exposure: re-draw the mean and contrast for every film.
     gain = rng.uniform(0.85, 1.15)
     img = (img - img.mean()) * gain + rng.uniform(100, 125)
     if spec.markers:
         _marker(img, cls, rng)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
-    mask = (_lung_field(anat, _MX, _MY, soft=0.0) > 0.5).astype(np.uint8) * 255
+    mask = (_lung_field(anat, _MASK_AXIS, _MASK_AXIS, soft=0.0) > 0.5).astype(np.uint8) * 255
     return image, mask
 
 
@@ -226,8 +249,33 @@ def render_sample(spec: PhantomSpec, cls: int, index: int) -> tuple[np.ndarray, 
 # --------------------------------------------------------------------------- writing
 
 
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    """An 8-bit grayscale PNG of `array` (H x W uint8), as PIL reads back in mode "L".
+
+    Written here rather than by PIL because PIL tries every row filter and deflates
+    at best: 2.3 ms a film, more than drawing it. One "Up" filter and Z_RLE
+    take 0.7 ms and give files as small (measured on phantom films).
+    """
+    height, width = array.shape
+    rows = np.empty((height, width + 1), np.uint8)
+    rows[:, 0] = 2  # PNG filter type "Up": each row minus the row above
+    rows[0, 1:] = array[0]
+    np.subtract(array[1:], array[:-1], out=rows[1:, 1:])  # uint8 wrap-around is the PNG definition
+    deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    return b"".join((
+        b"\x89PNG\r\n\x1a\n",
+        _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)),
+        _png_chunk(b"IDAT", deflate.compress(rows.tobytes()) + deflate.flush()),
+        _png_chunk(b"IEND", b""),
+    ))
+
+
 def _write_png(path: Path, array: np.ndarray) -> None:
-    Image.fromarray(array, mode="L").save(path, format="PNG", compress_level=1)
+    path.write_bytes(png_bytes(array))
 
 
 def _write_class_chunk(args: tuple[PhantomSpec, str, int, int, int]) -> int:

@@ -160,3 +160,18 @@ def test_stale_generator_version_is_regenerated(tmp_path):
     (target / "COVID" / "images" / "COVID-1.png").write_bytes(b"old")
     generate(tmp_path, spec)
     assert (target / "COVID" / "images" / "COVID-1.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("shape", [(299, 299), (256, 256), (1, 1), (1, 5), (7, 1), (3, 300)])
+def test_png_writer_round_trips_through_pil_as_mode_L(shape):
+    import io
+
+    from sharding.phantom import png_bytes
+
+    rng = np.random.default_rng(sum(shape))
+    for array in (rng.integers(0, 256, shape, dtype=np.uint8), np.zeros(shape, np.uint8),
+                  np.full(shape, 255, np.uint8)):
+        with Image.open(io.BytesIO(png_bytes(array))) as im:
+            im.load()
+            assert im.format == "PNG" and im.mode == "L" and im.size == (shape[1], shape[0])
+            np.testing.assert_array_equal(np.asarray(im), array)
