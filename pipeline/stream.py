@@ -80,6 +80,7 @@ import multiprocessing as mp
 import os
 import random
 import time
+import traceback
 import warnings
 import weakref
 from dataclasses import dataclass, field, replace
@@ -565,8 +566,23 @@ class ShardLoader:
         if stream.spec.train:
             loader = loader.with_epoch(nbatches=self.steps_per_epoch)
         if ring is None:
-            return (b.pin_memory() if pin else b for b in loader)
-        return _from_ring(loader, ring, pin)
+            return _release_on_error(b.pin_memory() if pin else b for b in loader)
+        return _release_on_error(_from_ring(loader, ring, pin))
+
+
+def _release_on_error(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """Re-raise a loader error without keeping the failed DataLoader alive.
+
+    The traceback's finished frames hold the DataLoader iterator. Left there, it
+    dies in a later gc pass, after multiprocessing has finalized its queues, so
+    the "stop" message never reaches the workers and each one costs the 5 s join
+    timeout. Clearing those frames' locals shuts the workers down now.
+    """
+    try:
+        yield from batches
+    except Exception as exc:
+        traceback.clear_frames(exc.__traceback__)
+        raise
 
 
 def _load_manifest(shards: str | Path) -> Manifest:
