@@ -1,78 +1,12 @@
-"""Tiny synthetic shard sets whose pixels encode the sample index, so tests know exactly what arrived."""
+"""Fixtures: tiny shard sets from `indexed_shards` (pixels encode the sample index)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from sharding.contract import CLASSES
-from sharding.manifest import Manifest, SplitInfo, write_manifest
-from sharding.writer import encode_sample, write_shard
-
-SIZE = 16  # small images keep the fixtures and tests fast; the readers take the size from the manifest
-
-#: Samples per shard and split: odd totals, fewer val/test shards than 3 ranks.
-LAYOUT = {"train": [7, 5, 6, 3], "val": [5, 2], "test": [3]}
-
-
-def make_image(g: int, size: int = SIZE) -> np.ndarray:
-    """uint8 [1, size, size]: pixel (0,0) and (0,1) hold the index; a gradient elsewhere."""
-    img = ((np.arange(size * size).reshape(1, size, size) * 3 + g * 11) % 251).astype(np.uint8)
-    img[0, 0, 0], img[0, 0, 1] = g % 256, g // 256
-    return img
-
-
-def image_index(img) -> int:
-    img = np.asarray(img).reshape(-1, *np.asarray(img).shape[-2:])
-    return int(img[0, 0, 0]) + 256 * int(img[0, 0, 1])
-
-
-def make_mask(g: int, size: int = SIZE) -> np.ndarray:
-    m = np.zeros((1, size, size), np.uint8)
-    a = 2 + g % 3
-    m[0, a : size - 3, a + 1 : size - 4] = 1
-    return m
-
-
-def key_of(g: int) -> str:
-    return f"s{g:05d}"
-
-
-def label_of(g: int) -> int:
-    return g % len(CLASSES)
-
-
-def write_shards(out: Path, layout: dict[str, list[int]] = LAYOUT, *, encoding: str = "raw", masks: bool = True,
-                 size: int = SIZE) -> Manifest:
-    """Write `<split>-NNNNNN.tar` shards + manifest.json; sample ids run 0.. across splits in order."""
-    out.mkdir(parents=True, exist_ok=True)
-    g = 0
-    splits = {}
-    for split, counts in layout.items():
-        infos = []
-        for i, n in enumerate(counts):
-            samples = []
-            for _ in range(n):
-                samples.append(encode_sample(key_of(g), make_image(g, size), label_of(g), {"g": g, "split": split},
-                                             encoding=encoding, mask=make_mask(g, size) if masks else None))
-                g += 1
-            infos.append(write_shard(out / f"{split}-{i:06d}.tar", samples))
-        class_counts = tuple(sum(s.class_counts[c] for s in infos) for c in range(len(CLASSES)))
-        splits[split] = SplitInfo(shards=tuple(infos), class_counts=class_counts)
-    manifest = Manifest(classes=CLASSES, image_size=size, encoding=encoding, masks=masks, seed=0, splits=splits)
-    write_manifest(manifest, out)
-    return manifest
-
-
-def split_ids(split: str, layout: dict[str, list[int]] = LAYOUT) -> set[int]:
-    start = 0
-    for name, counts in layout.items():
-        if name == split:
-            return set(range(start, start + sum(counts)))
-        start += sum(counts)
-    raise KeyError(split)
+from indexed_shards import write_shards
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import tarfile
 
 import numpy as np
 import pytest
-from conftest import image_index, key_of, label_of, make_image, make_mask
+from indexed_shards import image_index, key_of, label_of, make_image, make_mask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import key_of, split_ids
+from indexed_shards import key_of, split_ids
 
 SCRIPT = Path(__file__).with_name("multirank_script.py")
 

@@ -9,7 +9,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import LAYOUT, image_index, key_of, label_of, make_mask, split_ids, write_shards
+from indexed_shards import LAYOUT, image_index, key_of, label_of, make_mask, split_ids, write_shards
 
 from pipeline.fast_tar import ShardFormatError
 from pipeline.stream import build_loader

@@ -7,7 +7,7 @@ import http.server
 import threading
 
 import pytest
-from conftest import split_ids
+from indexed_shards import split_ids
 from test_pipeline_stream import check_batch
 
 from pipeline.stream import build_loader
