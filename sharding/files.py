@@ -15,15 +15,27 @@ from pathlib import Path
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write(tmp)` then fsync and rename tmp over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    atomic_write_all({path: write})
+
+
+def atomic_write_all(writes: dict[Path, Callable[[Path], None]]) -> None:
+    """`atomic_write` for files that belong together: every temporary is written and
+    fsynced before the first rename, so a killed writer leaves the old set whole and
+    the window in which the set is mixed shrinks from the writing time to a few renames.
+    """
+    temps = {}
     try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        for path, write in writes.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temps[path] = tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+            write(tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        for path, tmp in temps.items():
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
         raise
 
 

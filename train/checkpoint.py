@@ -9,6 +9,8 @@ never execute code.
 from __future__ import annotations
 
 import errno
+import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from sharding.files import atomic_write, clean_stale_temporaries  # noqa: F401 (re-exported to train)
+from sharding.files import atomic_write, atomic_write_all, clean_stale_temporaries  # noqa: F401 (re-exported to train)
 
 CHECKPOINT = "checkpoint.pth"
 BEST_PTH = "best_model.pth"
@@ -72,11 +74,21 @@ def check_compatible(found: dict[str, Any], expected: dict[str, Any], path: str 
 
 
 def save_best_model(models_dir: Path, state_dict: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
-    """best_model.pth (weights only) + .safetensors + .json (config, epoch, metric, classes)."""
+    """best_model.pth (weights only) + .safetensors + .json (config, epoch, metric, classes).
+
+    The three are renamed into place together, and the .json records the other
+    two's sha256: a reader can tell a set mixed by a kill between the renames.
+    """
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    atomic_write(models_dir / BEST_SAFETENSORS, lambda tmp: tmp.write_bytes(safetensors_bytes(cpu)))
-    atomic_write(models_dir / BEST_PTH, lambda tmp: _torch_save(cpu, tmp))
-    atomic_write(models_dir / BEST_JSON, lambda tmp: tmp.write_text(json.dumps(info, indent=2, sort_keys=True)))
+    weights = {BEST_SAFETENSORS: safetensors_bytes(cpu)}
+    buf = io.BytesIO()
+    torch.save(cpu, buf)
+    weights[BEST_PTH] = buf.getvalue()
+    info = {**info, "sha256": {name: hashlib.sha256(data).hexdigest() for name, data in weights.items()}}
+    text = json.dumps(info, indent=2, sort_keys=True)
+    writes = {models_dir / name: (lambda tmp, data=data: tmp.write_bytes(data)) for name, data in weights.items()}
+    writes[models_dir / BEST_JSON] = lambda tmp: tmp.write_text(text)
+    atomic_write_all(writes)
 
 
 def load_best_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -88,6 +100,11 @@ def load_best_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if not info_path.is_file():
         raise CheckpointError(f"{info_path} is missing: it records the model name, classes and image size")
     info = json.loads(info_path.read_text())
+    expected = info.get("sha256", {}).get(path.name)
+    if expected is not None and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
+        raise CheckpointError(
+            f"{path} does not match {info_path.name} (sha256 differs): the files come from different saves "
+            f"(a run killed while writing them?). Resume the run (train.resume=auto) to rewrite them.")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

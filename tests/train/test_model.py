@@ -53,3 +53,25 @@ def test_wrong_weights_file_is_refused(tmp_path):
     safetensors.torch.save_file({"foo": torch.zeros(3)}, str(path))
     with pytest.raises(ConfigError, match="could not be loaded"):
         build_model(ModelConfig(pretrained=str(path)), num_classes=4)
+
+
+def test_best_model_set_records_digests_and_a_mixed_set_is_refused(tmp_path):
+    """A kill between the renames of best_model.{safetensors,pth,json} must not pass as one model."""
+    import shutil
+
+    from train.checkpoint import BEST_JSON, BEST_PTH, BEST_SAFETENSORS, CheckpointError, load_best_model, save_best_model
+
+    first = {"w": torch.zeros(3), "b": torch.ones(2)}
+    second = {"w": torch.full((3,), 2.0), "b": torch.ones(2)}
+    save_best_model(tmp_path / "old", first, {"epoch": 1})
+    save_best_model(tmp_path / "new", second, {"epoch": 2})
+    for name in (BEST_PTH, BEST_SAFETENSORS):
+        state, info = load_best_model(tmp_path / "new" / name)
+        assert info["epoch"] == 2 and torch.equal(state["w"], second["w"]) and set(info["sha256"]) == {BEST_PTH, BEST_SAFETENSORS}
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tmp_path / "new", mixed)
+    shutil.copy(tmp_path / "old" / BEST_PTH, mixed / BEST_PTH)  # weights of epoch 1, json of epoch 2
+    with pytest.raises(CheckpointError, match="different saves"):
+        load_best_model(mixed / BEST_PTH)
+    assert torch.equal(load_best_model(mixed / BEST_SAFETENSORS)[0]["w"], second["w"])  # its own file still matches
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == sorted((BEST_PTH, BEST_SAFETENSORS, BEST_JSON))
