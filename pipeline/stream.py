@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import hashlib
 import json
 import math
 import multiprocessing as mp
@@ -157,6 +158,7 @@ class StreamSpec:
     fast: bool = True
     allow_pipe: bool | None = None
     index: dict | None = None  # url -> ShardIndex for local raw shards (see build_index)
+    sha256: list[str] | None = None  # the manifest's digests, checked once when indexing; None skips the check
 
 
 @dataclass
@@ -174,11 +176,14 @@ def build_index(spec: StreamSpec) -> dict[str, ShardIndex]:
 
     Workers then read each sample with one mmap view and one copy, with no tar
     parsing per epoch; a shard whose size or mtime changed since is walked again.
+    With `spec.sha256`, each shard is also hashed against the manifest (about
+    1 s per GB, once per loader): a flipped pixel or label digit is a valid tar
+    to any reader, and only the digest tells it from the data that was built.
     """
     index: dict[str, ShardIndex] = {}
     if not spec.fast or spec.encoding != "raw":
         return index
-    for url in spec.urls:
+    for i, url in enumerate(spec.urls):
         path = local_path(url)
         if path is None:
             continue
@@ -188,6 +193,10 @@ def build_index(spec: StreamSpec) -> dict[str, ShardIndex]:
                 mapped = map_file(fh)
             if mapped is None:
                 raise ShardFormatError("empty or not a regular file")
+            if spec.sha256 is not None and hashlib.sha256(mapped).hexdigest() != spec.sha256[i]:
+                raise ShardFormatError("sha256 differs from the manifest's (bit rot or an edited shard; "
+                                       "`python -m sharding verify` lists every damaged shard, a rebuild with "
+                                       "--force restores them)")
             entries = index_samples(mapped, image_size=spec.image_size, num_classes=spec.num_classes,
                                     masks=spec.masks)
             index[url] = ShardIndex(st.st_size, st.st_mtime_ns, entries)
@@ -615,11 +624,13 @@ def build_loader(
     fast: bool = True,
     allow_pipe: bool | None = None,
     prefetch_factor: int = 2,
+    verify_checksums: bool = True,
 ) -> ShardLoader:
     """A `ShardLoader` over `split` of the shards at `shards` (folder, file:, http(s)://, gs://, s3:// prefix).
 
     `fast=False` forces webdataset's generic decode path; `allow_pipe=False`
-    (or env RADSTREAM_ALLOW_PIPE=0) refuses pipe:/gs:/s3 URLs.
+    (or env RADSTREAM_ALLOW_PIPE=0) refuses pipe:/gs:/s3 URLs. `verify_checksums`
+    hashes each local raw shard once against the manifest before reading it.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -640,6 +651,7 @@ def build_loader(
         masks=manifest.masks, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
         train=train, shuffle_buffer=shuffle_buffer if train else 0,
         cache_dir=None if cache_dir is None else str(cache_dir), strict=strict, fast=fast, allow_pipe=allow_pipe,
+        sha256=[s.sha256 for s in info.shards] if verify_checksums else None,
     )
     counter = _CorruptCounter() if train else None
     return ShardLoader(RankStream(spec, counter), manifest, split, num_workers=num_workers,

@@ -49,7 +49,7 @@ def explain_split(model, cfg: Config, shards: str, split: str, classes, device, 
 
     augment = build_augment(cfg, train=False).to(device)
     loader = build_loader(shards, split, batch_size=cfg.eval.batch_size, num_workers=min(cfg.data.num_workers, 2),
-                          seed=cfg.train.seed)
+                          seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums)
     model = model.to(device)
     shares, labels = [], []
     picks: dict[tuple[int, bool], list] = {}
@@ -153,7 +153,8 @@ def evaluate_run(run_dir: Path, split: str = "test", accelerator: Accelerator | 
 
     loader = build_loader(shards, split, batch_size=cfg.eval.batch_size, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
-                          seed=cfg.train.seed, pin_memory=accelerator.device.type == "cuda")
+                          seed=cfg.train.seed, pin_memory=accelerator.device.type == "cuda",
+                          verify_checksums=cfg.data.verify_checksums)
     classes = list(loader.manifest.classes)
     preds = predict_split(model, loader, build_augment(cfg, train=False).to(accelerator.device), accelerator)
     expected = loader.manifest.split(split).samples

@@ -98,7 +98,7 @@ def build_loaders(cfg: Config, manifest: Manifest, accelerator: Accelerator, spl
             batch_size=cfg.train.batch_size if split == "train" else cfg.eval.batch_size,
             rank=accelerator.process_index, world_size=accelerator.num_processes,
             num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-            cache_dir=cfg.data.cache_dir, strict=cfg.data.strict,
+            cache_dir=cfg.data.cache_dir, strict=cfg.data.strict, verify_checksums=cfg.data.verify_checksums,
             pin_memory=accelerator.device.type == "cuda", manifest=manifest,
         )
         for split in splits

@@ -10,7 +10,9 @@ commands never run with RADSTREAM_ALLOW_PIPE=0.
 from __future__ import annotations
 
 import gc
+import hashlib
 import io
+import json
 import pickle
 import random
 import shutil
@@ -26,7 +28,7 @@ import pytest
 from pipeline.fast_tar import ShardFormatError
 from pipeline.stream import build_loader
 from pipeline.urls import ALLOW_PIPE_ENV, open_url
-from conftest import image_index, key_of, label_of, split_ids
+from indexed_shards import image_index, key_of, label_of, split_ids
 
 TIMEOUT_S = 60
 
@@ -117,11 +119,14 @@ def corrupt_copy(src: Path, dst: Path, kind, shard: str = SHARD) -> Path:
     return dst
 
 
+@pytest.mark.parametrize("verify", [True, False], ids=["checksum", "reader-only"])
 @pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("kind", sorted(CORRUPT))
-def test_corrupt_train_shard_skipped_counted_warned(tiny_shards, tmp_path, kind, fast):
+def test_corrupt_train_shard_skipped_counted_warned(tiny_shards, tmp_path, kind, fast, verify):
+    """With the manifest checksum off, the reader's own structural checks must still catch each one."""
     root = corrupt_copy(tiny_shards, tmp_path / "s", kind)
-    loader = build_loader(root, "train", batch_size=4, num_workers=0, shuffle_buffer=4, fast=fast)
+    loader = build_loader(root, "train", batch_size=4, num_workers=0, shuffle_buffer=4, fast=fast,
+                          verify_checksums=verify)
     with deadline(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = list(loader)
@@ -163,11 +168,11 @@ def test_corrupt_eval_shard_raises_naming_it_from_a_worker_and_shuts_down_prompt
 
 @pytest.mark.parametrize("seed", range(16))
 def test_random_byte_flips_never_a_wrong_label_never_a_hang(tiny_shards, tmp_path, seed):
-    """Flips may land in pixels (undetectable by the reader: verify's sha256 is the guard, see
-    tests/sharding/test_faults_build.py), headers or labels; whatever is read must still belong together,
-    except a flip landing in a .cls payload, which only the sha256 can catch; those seeds are counted."""
+    """The reader alone (checksums off): flips may land in pixels (undetectable by a tar reader: the
+    manifest sha256 is the guard, see the next test), headers or labels; whatever is read must still
+    belong together, except a flip landing in a .cls payload, which only the sha256 can catch."""
     root = corrupt_copy(tiny_shards, tmp_path / "s", _flips(seed))
-    loader = build_loader(root, "train", batch_size=4, num_workers=0, shuffle_buffer=4)
+    loader = build_loader(root, "train", batch_size=4, num_workers=0, shuffle_buffer=4, verify_checksums=False)
     with deadline(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         batches = list(loader)
@@ -186,20 +191,46 @@ def test_random_byte_flips_never_a_wrong_label_never_a_hang(tiny_shards, tmp_pat
     check_labels(batches, pixels=not touched_px)  # a flipped pixel is silent too (sha256 again): labels hold
 
 
-def test_flipped_label_digit_is_caught_by_verify_not_by_the_reader(tiny_shards, tmp_path):
-    """Documents the guard: a '1' -> '2' inside a .cls payload is a valid shard to any reader."""
-    from sharding.verify import verify
+@pytest.mark.parametrize("seed", range(8))
+def test_random_byte_flips_with_checksums_lose_the_whole_shard_never_a_sample(tiny_shards, tmp_path, seed):
+    """The default loader hashes each local shard against the manifest: any flip, in a label digit or a
+    pixel included, costs the whole shard (skipped, counted) and never yields one of its samples."""
+    root = corrupt_copy(tiny_shards, tmp_path / "s", _flips(seed))
+    loader = build_loader(root, "train", batch_size=4, num_workers=0, shuffle_buffer=4)
+    with deadline(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = list(loader)
+    assert len(batches) == loader.steps_per_epoch
+    keys = check_labels(batches)
+    assert not {key_of(g) for g in range(7, 12)} & set(keys)  # the flipped shard's samples (ids 7..11)
+    report = loader.corrupt_shards  # one skip each time the epoch's shard cycle reaches it, 5 samples each
+    assert report.shards >= 1 and report.samples_lost == 5 * report.shards
+    assert {url.rsplit("/", 1)[-1] for url, _ in report.events} == {SHARD}
+    assert all("sha256 differs" in reason for _, reason in report.events)
+    assert any("sha256 differs" in str(w.message) and SHARD in str(w.message) for w in caught)
 
-    root = tmp_path / "s"
-    shutil.copytree(tiny_shards, root)
-    path = root / SHARD
+
+def _flip_first_label(path: Path) -> None:
     member = next(m for m, _ in _members(path) if m.name.endswith(".cls"))
     data = bytearray(path.read_bytes())
     old = int(data[member.offset_data: member.offset_data + member.size])
     data[member.offset_data: member.offset_data + member.size] = str((old + 1) % 4).encode()
     path.write_bytes(bytes(data))
+
+
+def test_flipped_label_digit_is_caught_by_the_checksum_not_by_a_tar_reader(tiny_shards, tmp_path):
+    """A '1' -> '2' inside a .cls payload is a valid shard to any reader: only the manifest's sha256
+    tells. `verify` reports it, and the loader (checksums on, the default) refuses to read it."""
+    from sharding.verify import verify
+
+    root = corrupt_copy(tiny_shards, tmp_path / "s", _flip_first_label, shard="val-000000.tar")
     result = verify(root)
-    assert not result.ok and any(SHARD in p and "sha256" in p for p in result.problems), result.problems
+    assert not result.ok and any("val-000000.tar" in p and "sha256" in p for p in result.problems), result.problems
+    with deadline(), pytest.raises(ShardFormatError, match="val-000000.tar.*sha256 differs"):
+        list(build_loader(root, "val", batch_size=2, num_workers=0))
+    unchecked = [b for b in build_loader(root, "val", batch_size=2, num_workers=0, verify_checksums=False)]
+    with pytest.raises(AssertionError, match="silent wrong label"):
+        check_labels(unchecked)  # what the checksum prevents
 
 
 # --------------------------------------------------------------------------- nothing executes from data
@@ -227,6 +258,17 @@ def _with_hostile_members(src: Path, dst: Path, marker: Path, shard: str) -> Non
             for suffix in ("pickle", "pyd", "pth", "pkl"):
                 out.append((tarfile.TarInfo(f"{stem}.{suffix}"), payload))
     _write_members(dst / shard, out)
+    _refresh_manifest_digest(dst, shard)  # a hostile shard set comes with a manifest that matches it
+
+
+def _refresh_manifest_digest(root: Path, shard: str) -> None:
+    manifest = json.loads((root / "manifest.json").read_text())
+    data = (root / shard).read_bytes()
+    for split in manifest["splits"].values():
+        for info in split["shards"]:
+            if info["name"] == shard:
+                info["sha256"], info["bytes"] = hashlib.sha256(data).hexdigest(), len(data)
+    (root / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("fast", [True, False])
