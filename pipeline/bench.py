@@ -184,7 +184,7 @@ def bench_litdata(images, labels, work: Path, batch_size, workers, batches, warm
         ds = litdata.StreamingDataset(str(out), shuffle=shuffle, drop_last=True, cache_dir=str(work / "litcache"))
         loader = litdata.StreamingDataLoader(ds, batch_size=batch_size, num_workers=workers, drop_last=True,
                                              persistent_workers=workers > 0)
-        result[shuffle] = _rate(_cycle(lambda: loader), batches, warmup)
+        result[shuffle] = _rate(_cycle(lambda loader=loader: loader), batches, warmup)
     return result
 
 
@@ -205,7 +205,7 @@ def bench_mosaic(images, labels, work: Path, batch_size, workers, batches, warmu
         ds = StreamingDataset(local=str(out), shuffle=shuffle, batch_size=batch_size, shuffle_seed=0)
         loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, drop_last=True,
                                              persistent_workers=workers > 0)
-        result[shuffle] = _rate(_cycle(lambda: loader), batches, warmup)
+        result[shuffle] = _rate(_cycle(lambda loader=loader: loader), batches, warmup)
         del loader, ds
     return result
 

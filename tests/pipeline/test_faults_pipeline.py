@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import io
 import json
 import pickle
 import random
@@ -28,6 +27,7 @@ import pytest
 from pipeline.fast_tar import ShardFormatError
 from pipeline.stream import build_loader
 from pipeline.urls import ALLOW_PIPE_ENV, open_url
+from archives import read_members, write_members
 from indexed_shards import image_index, key_of, label_of, split_ids
 
 TIMEOUT_S = 60
@@ -61,20 +61,6 @@ def check_labels(batches, pixels: bool = True) -> list[str]:
     return keys
 
 
-def _members(path: Path):
-    with tarfile.open(path) as tf:
-        return [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
-
-
-def _write_members(path: Path, members) -> None:
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for m, data in members:
-            m.size = len(data)
-            tf.addfile(m, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())
-
-
 def _flips(seed):
     def corrupt(path: Path) -> None:
         data = bytearray(path.read_bytes())
@@ -86,9 +72,9 @@ def _flips(seed):
 
 
 def _drop_cls(path: Path) -> None:
-    members = _members(path)
+    members = read_members(path)
     first = members[0][0].name.split(".")[0]
-    _write_members(path, [(m, d) for m, d in members if m.name != first + ".cls"])
+    write_members(path, [(m, d) for m, d in members if m.name != first + ".cls"])
 
 
 CORRUPT = {  # corruptions the reader must detect: the shard is lost, never misread
@@ -180,9 +166,9 @@ def test_random_byte_flips_never_a_wrong_label_never_a_hang(tiny_shards, tmp_pat
     data = (root / SHARD).read_bytes()
     original = (tiny_shards / SHARD).read_bytes()
     changed = [i for i in range(len(data)) if data[i] != original[i]]
-    cls_spans = [(m.offset_data, m.offset_data + m.size) for m, _ in _members(tiny_shards / SHARD)
+    cls_spans = [(m.offset_data, m.offset_data + m.size) for m, _ in read_members(tiny_shards / SHARD)
                  if m.name.endswith(".cls")]
-    pixel_spans = [(m.offset_data, m.offset_data + m.size) for m, _ in _members(tiny_shards / SHARD)
+    pixel_spans = [(m.offset_data, m.offset_data + m.size) for m, _ in read_members(tiny_shards / SHARD)
                    if m.name.endswith(".npy")]
     touched_cls = any(a <= i < b for i in changed for a, b in cls_spans)
     touched_px = any(a <= i < b for i in changed for a, b in pixel_spans)
@@ -211,7 +197,7 @@ def test_random_byte_flips_with_checksums_lose_the_whole_shard_never_a_sample(ti
 
 
 def _flip_first_label(path: Path) -> None:
-    member = next(m for m, _ in _members(path) if m.name.endswith(".cls"))
+    member = next(m for m, _ in read_members(path) if m.name.endswith(".cls"))
     data = bytearray(path.read_bytes())
     old = int(data[member.offset_data: member.offset_data + member.size])
     data[member.offset_data: member.offset_data + member.size] = str((old + 1) % 4).encode()
@@ -246,9 +232,9 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-def _with_hostile_members(src: Path, dst: Path, marker: Path, shard: str) -> None:
+def _with_hostileread_members(src: Path, dst: Path, marker: Path, shard: str) -> None:
     shutil.copytree(src, dst)
-    members = _members(dst / shard)
+    members = read_members(dst / shard)
     payload = pickle.dumps(Payload(marker))
     out = []
     for m, d in members:  # each sample's hostile members right beside its own (same key, contiguous)
@@ -257,7 +243,7 @@ def _with_hostile_members(src: Path, dst: Path, marker: Path, shard: str) -> Non
         if ext == "cls":
             for suffix in ("pickle", "pyd", "pth", "pkl"):
                 out.append((tarfile.TarInfo(f"{stem}.{suffix}"), payload))
-    _write_members(dst / shard, out)
+    write_members(dst / shard, out)
     _refresh_manifest_digest(dst, shard)  # a hostile shard set comes with a manifest that matches it
 
 
@@ -279,7 +265,7 @@ def test_pickle_members_are_never_unpickled(tiny_shards, tmp_path, fast, split, 
     assert marker.exists()
     marker.unlink()
     root = tmp_path / "s"
-    _with_hostile_members(tiny_shards, root, marker, shard)
+    _with_hostileread_members(tiny_shards, root, marker, shard)
     loader = build_loader(root, split, batch_size=2, num_workers=0, shuffle_buffer=4, strict=True, fast=fast)
     with deadline():
         keys = check_labels(list(loader))

@@ -2,40 +2,21 @@
 
 from __future__ import annotations
 
-import io
-import stat
 import subprocess
-import zipfile
 from pathlib import Path
 
 import pytest
 
+from archives import zip_bytes
 from sharding.contract import CLASSES, DATASET_DIR
 from sharding.download import CredentialsError, DownloadError, credentials_source, download
 
 
-def _zip_bytes(entries: dict[str, bytes], links: dict[str, str] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-        for name, target in (links or {}).items():
-            info = zipfile.ZipInfo(name)
-            info.create_system = 3
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            zf.writestr(info, target)
-    return buf.getvalue()
-
-
 def _dataset_entries() -> dict[str, bytes]:
-    from sharding.phantom import PhantomSpec, _write_png, render_sample  # noqa: F401
-
-    buf = io.BytesIO()
-    from PIL import Image
+    from sharding.phantom import PhantomSpec, png_bytes, render_sample
 
     image, _ = render_sample(PhantomSpec(counts=(1,) * 4), 0, 0)
-    Image.fromarray(image).save(buf, format="PNG")
-    entries = {f"{DATASET_DIR}/{c}/images/{c}-1.png": buf.getvalue() for c in CLASSES}
+    entries = {f"{DATASET_DIR}/{c}/images/{c}-1.png": png_bytes(image) for c in CLASSES}
     entries[f"{DATASET_DIR}/README.md.txt"] = b"fake"
     return entries
 
@@ -55,7 +36,7 @@ class FakeApi:
 
 
 def test_fake_kaggle_download_extracts_and_then_noops(tmp_path):
-    api = FakeApi(_zip_bytes(_dataset_entries()))
+    api = FakeApi(zip_bytes(_dataset_entries()))
     target, fetched = download(tmp_path / "raw", api_factory=lambda: api, log=lambda s: None)
     assert fetched and target == tmp_path / "raw" / DATASET_DIR
     assert api.calls[0] == "authenticate" and api.calls[1][1] == "tawsifurrahman/covid19-radiography-database"
@@ -74,7 +55,7 @@ def test_fake_kaggle_download_extracts_and_then_noops(tmp_path):
 def test_zip_slip_refused_and_nothing_left(tmp_path, evil):
     entries = _dataset_entries()
     entries[evil] = b"pwned"
-    api = FakeApi(_zip_bytes(entries))
+    api = FakeApi(zip_bytes(entries))
     with pytest.raises(DownloadError, match="unsafe path|outside"):
         download(tmp_path / "raw", api_factory=lambda: api, log=lambda s: None)
     assert not list((tmp_path / "raw").iterdir())
@@ -82,14 +63,14 @@ def test_zip_slip_refused_and_nothing_left(tmp_path, evil):
 
 
 def test_symlink_member_refused(tmp_path):
-    api = FakeApi(_zip_bytes(_dataset_entries(), links={f"{DATASET_DIR}/COVID/images/link.png": "/etc/passwd"}))
+    api = FakeApi(zip_bytes(_dataset_entries(), links={f"{DATASET_DIR}/COVID/images/link.png": "/etc/passwd"}))
     with pytest.raises(DownloadError, match="link"):
         download(tmp_path / "raw", api_factory=lambda: api, log=lambda s: None)
     assert not list((tmp_path / "raw").iterdir())
 
 
 def test_archive_without_dataset_refused(tmp_path):
-    api = FakeApi(_zip_bytes({"something/else.txt": b"x"}))
+    api = FakeApi(zip_bytes({"something/else.txt": b"x"}))
     with pytest.raises(DownloadError, match="class folders"):
         download(tmp_path / "raw", api_factory=lambda: api, log=lambda s: None)
     assert not (tmp_path / "raw" / DATASET_DIR).exists()

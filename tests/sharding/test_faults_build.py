@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import random
 import resource
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from archives import rewrite_tar
 from sharding.build import build_shards
 from sharding.manifest import load_manifest
 from sharding.verify import verify
@@ -158,18 +158,6 @@ def test_output_path_is_a_file_is_a_clear_error(phantom_raw, tmp_path, subproces
 # --------------------------------------------------------------------------- verify names every corruption
 
 
-def _rewrite_tar(path: Path, edit) -> None:
-    with tarfile.open(path) as tf:
-        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
-    members = edit(members)
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for m, data in members:
-            m.size = len(data)
-            tf.addfile(m, io.BytesIO(data))
-    path.write_bytes(buf.getvalue())
-
-
 def _flip_bytes(path: Path) -> None:
     data = bytearray(path.read_bytes())
     rng = random.Random(3)
@@ -202,8 +190,8 @@ def _flip_label_in_place(path: Path) -> None:
 CORRUPTIONS = {
     "byte_flips": _flip_bytes,
     "truncated": lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]),
-    "missing_member": lambda p: _rewrite_tar(p, _drop_member),
-    "extra_unknown_member": lambda p: _rewrite_tar(p, _extra_member),
+    "missing_member": lambda p: rewrite_tar(p, _drop_member),
+    "extra_unknown_member": lambda p: rewrite_tar(p, _extra_member),
     "zero_length": lambda p: p.write_bytes(b""),
     "not_a_tar": lambda p: p.write_bytes(b"PK\x03\x04 this is a zip, not a tar" * 100),
     "flipped_label_digit": _flip_label_in_place,

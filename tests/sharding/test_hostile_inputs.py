@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from archives import zip_bytes
 from sharding.contract import CLASSES, DATASET_DIR, IMAGE_SIZE
 from sharding.download import DownloadError, safe_extract
 from sharding.preprocess import MAX_PIXELS, PreprocessError, load_image
@@ -320,19 +321,6 @@ def test_build_over_hostile_folder_reconciles_and_stays_bounded(raw_copy, tmp_pa
 # --------------------------------------------------------------------------- zip slip: what the download test does not cover
 
 
-def _zip(entries: dict[str, bytes], special: dict[str, int] | None = None) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in entries.items():
-            zf.writestr(name, data)
-        for name, kind in (special or {}).items():
-            info = zipfile.ZipInfo(name)
-            info.create_system = 3
-            info.external_attr = (kind | 0o644) << 16
-            zf.writestr(info, b"")
-    return buf.getvalue()
-
-
 GOOD = {f"{DATASET_DIR}/{c}/images/{c}-1.png": b"x" for c in CLASSES}
 
 
@@ -346,7 +334,7 @@ GOOD = {f"{DATASET_DIR}/{c}/images/{c}-1.png": b"x" for c in CLASSES}
 ])
 def test_zip_slip_variants_refused_before_anything_is_written(tmp_path, evil):
     archive = tmp_path / "a.zip"
-    archive.write_bytes(_zip({**GOOD, evil: b"pwned"}))
+    archive.write_bytes(zip_bytes({**GOOD, evil: b"pwned"}))
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(DownloadError, match="unsafe path|outside"):
@@ -358,7 +346,7 @@ def test_zip_slip_variants_refused_before_anything_is_written(tmp_path, evil):
 @pytest.mark.parametrize("kind", [stat.S_IFLNK, stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK])
 def test_links_and_special_files_refused(tmp_path, kind):
     archive = tmp_path / "a.zip"
-    archive.write_bytes(_zip(GOOD, special={f"{DATASET_DIR}/COVID/images/odd": kind}))
+    archive.write_bytes(zip_bytes(GOOD, special={f"{DATASET_DIR}/COVID/images/odd": kind}))
     dest = tmp_path / "dest"
     dest.mkdir()
     with pytest.raises(DownloadError, match="link or special"):
@@ -387,7 +375,7 @@ def test_symlink_then_write_through_it_refused(tmp_path):
 
 def test_safe_members_extract_normally(tmp_path):
     archive = tmp_path / "a.zip"
-    archive.write_bytes(_zip({**GOOD, f"{DATASET_DIR}/./README.md.txt": b"ok", f"{DATASET_DIR}/a..b.txt": b"ok"}))
+    archive.write_bytes(zip_bytes({**GOOD, f"{DATASET_DIR}/./README.md.txt": b"ok", f"{DATASET_DIR}/a..b.txt": b"ok"}))
     dest = tmp_path / "dest"
     dest.mkdir()
     assert safe_extract(archive, dest) == len(GOOD) + 2
