@@ -303,7 +303,23 @@ def main(argv: list[str] | None = None) -> int:
               f"{cfg.train.output_dir} are intact (each is written atomically): fix this and rerun with "
               "train.resume=auto", file=sys.stderr)
         return 1
+    except RuntimeError as exc:
+        if not _peer_failure(exc):
+            raise
+        print(f"error (rank {accelerator.process_index}): a peer process stopped answering and the collective "
+              f"gave up after train.timeout_s={cfg.train.timeout_s} s ({str(exc).splitlines()[0][-160:]}); a rank "
+              f"is stalled or dead. The files in {cfg.train.output_dir} are intact: rerun with train.resume=auto",
+              file=sys.stderr)
+        return 3
     return 0
+
+
+def _peer_failure(exc: RuntimeError) -> bool:
+    """A collective that timed out or lost its peer (gloo raises plain RuntimeErrors for these)."""
+    if isinstance(exc, torch.distributed.DistError):
+        return True
+    text = str(exc).lower()
+    return any(s in text for s in ("timed out", "timeout", "connection closed", "connection reset", "closed by peer"))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 - kill -9 during a checkpoint / best-model write and at a seeded random point mid-epoch: every file in
   place loads, `resume=auto` continues, the final weights equal the uninterrupted run's;
 - a dead rank in a 2-process gloo run: the launcher exits non-zero within a bound, no partial best model;
+- a stalled (SIGSTOP) rank: the survivor gives up after train.timeout_s with one clear line;
 - a checkpoint carrying a pickled object is refused by load_checkpoint, by resume and by predict;
 - unwritable output folder, file-size limit (disk full) while writing checkpoints: a clear error, exit != 0,
   previous files intact, no temporaries left;
@@ -311,3 +312,50 @@ def test_soak_scaled_down(tmp_path, phantom_shards, subprocess_env):
     most = [s["fds_max"] for s in result["epochs"][2:]]
     assert max(most) <= most[0] + 2, most  # no fd leak
     assert len({tuple(s["steps"]) for s in result["epochs"]}) == 1
+
+
+def test_stalled_rank_times_out_the_survivor_with_a_clear_error(tmp_path, phantom_shards, subprocess_env, repo_root):
+    """A peer that is alive but stuck (SIGSTOP: a hung NFS read, a wedged driver) is what the process-group
+    timeout is for: the launcher cannot see it die, so the survivor must give up after `train.timeout_s`."""
+    import threading
+
+    out = tmp_path / "run"
+    timeout_s = 10
+    cmd = launch(2) + [f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=50",
+                       "train.patience=100", f"train.timeout_s={timeout_s}", "eval.test_at_end=false"]
+    proc = subprocess.Popen(cmd, env=subprocess_env, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    victim = None
+    try:
+        victim = _rank_pid(proc.pid, 1)
+        deadline = time.monotonic() + 300
+        while not (out / "models" / "checkpoint.pth").exists():  # the group is formed and training
+            assert proc.poll() is None, "".join(lines)[-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        os.kill(victim, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        while not any("error (rank 0)" in line for line in lines):
+            assert time.monotonic() - stopped_at < timeout_s + 60, "the survivor waited on the stalled peer " \
+                                                                   "past its timeout:\n" + "".join(lines)[-3000:]
+            time.sleep(0.1)
+        elapsed = time.monotonic() - stopped_at
+        # the launcher would now give the stopped rank 30 s to obey SIGTERM; let it obey at once
+        os.kill(victim, signal.SIGCONT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(timeout=10)
+    stderr = "".join(lines)
+    print(f"survivor gave up {elapsed:.1f} s after the stall (train.timeout_s={timeout_s})")
+    assert proc.returncode != 0
+    assert timeout_s - 1 <= elapsed < timeout_s + 30, f"the survivor gave up {elapsed:.0f} s after the stall"
+    assert f"error (rank 0): a peer process stopped answering and the collective gave up after " \
+           f"train.timeout_s={timeout_s} s" in stderr, stderr[-3000:]
+    assert "[rank0]: Traceback" not in stderr, stderr[-3000:]  # one clear line, not a gloo traceback
+    assert_files_loadable(out)
