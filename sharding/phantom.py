@@ -41,7 +41,7 @@ from sharding.contract import CLASSES, DATASET_DIR, IMAGE_SIZE, MASK_SIZE, REAL_
 STAMP = ".phantom.json"
 #: Bump whenever the drawing code changes the bytes: an existing phantom with
 #: another version is stale and is not mistaken for an up-to-date one.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 
 @dataclass(frozen=True)
@@ -211,7 +211,9 @@ def _render(spec: PhantomSpec, cls: int, index: int, jitter: bool = False) -> tu
     img += _noise(rng, img.shape, 4.0)
     # Class-independent exposure: re-draw the mean and contrast for every film.
     gain = rng.uniform(0.85, 1.15)
-    img = (img - img.mean()) * gain + rng.uniform(100, 125)
+    # A float32 mean's summation order (so its last bit) changes between numpy versions;
+    # summed in float64 it is the same everywhere, and so are the films.
+    img = (img - float(img.mean(dtype=np.float64))) * gain + rng.uniform(100, 125)
     if spec.markers:
         _marker(img, cls, rng)
     image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
