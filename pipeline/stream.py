@@ -234,16 +234,18 @@ class _ShardList(IterableDataset):
                 order = random.Random(_seed(spec.seed, self.epoch, cycle, 0x5EED)).sample(range(n), n)
                 for i in order:
                     if pos % slots == slot:
-                        yield {"url": spec.urls[i], "count": spec.counts[i], "lo": 0, "hi": spec.counts[i]}
+                        yield {"url": spec.urls[i], "count": spec.counts[i], "lo": 0, "hi": spec.counts[i],
+                               "sha256": spec.sha256[i] if spec.sha256 else None}
                     pos += 1
                 cycle += 1
         else:
             lo, hi = eval_ranges(sum(spec.counts), spec.rank, spec.world_size, self.worker, self.num_workers)
             start = 0
-            for url, count in zip(spec.urls, spec.counts):
+            for i, (url, count) in enumerate(zip(spec.urls, spec.counts)):
                 a, b = max(lo, start), min(hi, start + count)
                 if a < b:
-                    yield {"url": url, "count": count, "lo": a - start, "hi": b - start}
+                    yield {"url": url, "count": count, "lo": a - start, "hi": b - start,
+                           "sha256": spec.sha256[i] if spec.sha256 else None}
                 start += count
 
 
@@ -281,7 +283,7 @@ class _ReadShards:
                     raise ShardFormatError(f"holds {len(indexed.entries)} samples, the manifest says {count}")
                 yield from self._from_index(url, indexed.entries, lo, hi)
                 return
-            stream = open_url(url, cache_dir=spec.cache_dir, allow_pipe=spec.allow_pipe)
+            stream = open_url(url, cache_dir=spec.cache_dir, allow_pipe=spec.allow_pipe, sha256=shard.get("sha256"))
             samples = read_samples(stream, encoding=spec.encoding, image_size=spec.image_size,
                                    num_classes=spec.num_classes, masks=spec.masks, fast=spec.fast)
             for sample in samples:

@@ -28,7 +28,6 @@ import io
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import urllib.parse
 import urllib.request
@@ -36,6 +35,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from braceexpand import braceexpand
+
+from pipeline.fast_tar import ShardFormatError
 
 ALLOW_PIPE_ENV = "RADSTREAM_ALLOW_PIPE"
 HTTP_TIMEOUT_S = 60.0
@@ -150,8 +151,14 @@ def cache_path(url: str, cache_dir: str | Path) -> Path:
     return Path(cache_dir) / f"{digest}-{tail}"
 
 
-def open_url(url: str, *, cache_dir: str | Path | None = None, allow_pipe: bool | None = None) -> BinaryIO:
-    """A readable binary stream for a shard or manifest URL (see the module docstring)."""
+def open_url(url: str, *, cache_dir: str | Path | None = None, allow_pipe: bool | None = None,
+             sha256: str | None = None) -> BinaryIO:
+    """A readable binary stream for a shard or manifest URL (see the module docstring).
+
+    With `cache_dir` and `sha256`, a download enters the cache only when its
+    digest matches (ShardFormatError otherwise): a truncated or altered
+    transfer is never read, nor kept for later epochs.
+    """
     url = str(url)
     if cache_dir is None or not is_remote(url):
         return _open_uncached(url, allow_pipe)
@@ -159,11 +166,17 @@ def open_url(url: str, *, cache_dir: str | Path | None = None, allow_pipe: bool 
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        digest = hashlib.sha256()
         try:
             with _open_uncached(url, allow_pipe) as src, open(tmp, "wb") as dst:
-                shutil.copyfileobj(src, dst, 1 << 20)
+                while block := src.read(1 << 20):
+                    digest.update(block)
+                    dst.write(block)
                 dst.flush()
                 os.fsync(dst.fileno())
+            if sha256 is not None and digest.hexdigest() != sha256:
+                raise ShardFormatError(f"download of {url} has sha256 {digest.hexdigest()[:16]}…, the manifest "
+                                       f"says {sha256[:16]}… (truncated or altered in transit); not cached")
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)

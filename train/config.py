@@ -45,7 +45,7 @@ class DataConfig:
     strict: bool = False
     """Raise on a corrupt training shard instead of skipping it with a warning."""
     verify_checksums: bool = True
-    """Hash each local shard against the manifest's sha256 once per run (~1 s/GB; catches flipped labels and pixels)."""
+    """Check shards against the manifest's sha256: local ones once per run (~1 s/GB), remote ones on entering cache_dir."""
     rotation_degrees: float = 10.0
     """Random rotation range (+/- degrees) of the training augmentation."""
     hflip_p: float = 0.5

@@ -7,7 +7,7 @@ import http.server
 import threading
 
 import pytest
-from indexed_shards import split_ids
+from indexed_shards import key_of, split_ids
 from test_pipeline_stream import check_batch
 
 from pipeline.stream import build_loader
@@ -91,3 +91,48 @@ def test_file_urls_and_schemes(tiny_shards):
     assert normalize_url("s3://b/k/x.tar") == "pipe:aws s3 cp s3://b/k/x.tar -"
     assert normalize_url("/a/b.tar") == "/a/b.tar"
     assert expand_urls("s3://b/train-{000000..000002}.tar") == [f"s3://b/train-00000{i}.tar" for i in range(3)]
+
+
+def test_altered_download_never_enters_the_cache(tiny_shards, tmp_path):
+    """The server's copy of a shard differs from the manifest (one label digit): with a cache, the download is
+    hashed before it is kept, so training skips and counts the shard and evaluation raises naming it."""
+    import shutil
+    import warnings
+
+    from archives import read_members
+    from pipeline.fast_tar import ShardFormatError
+
+    served = tmp_path / "served"
+    shutil.copytree(tiny_shards, served)
+    for name in ("train-000001.tar", "val-000000.tar"):
+        path = served / name
+        member = next(m for m, _ in read_members(path) if m.name.endswith(".cls"))
+        data = bytearray(path.read_bytes())
+        data[member.offset_data] = ord(str((int(chr(data[member.offset_data])) + 1) % 4))
+        path.write_bytes(bytes(data))
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *a, **k: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    cache = tmp_path / "cache"
+    manifest = load_manifest(tiny_shards)  # the manifest the user trusts
+    try:
+        train = build_loader(base, "train", batch_size=4, num_workers=0, shuffle_buffer=4, cache_dir=cache,
+                             manifest=manifest)
+        with warnings.catch_warnings(record=True):
+            warnings.simplefilter("always")
+            keys = [k for b in train for k in b.keys]
+        assert train.corrupt_shards.shards >= 1
+        assert all("train-000001.tar" in url and "sha256" in reason for url, reason in train.corrupt_shards.events)
+        assert not {key_of(g) for g in range(7, 12)} & set(keys)  # the altered shard's samples
+        with pytest.raises(ShardFormatError, match="val-000000.tar.*sha256"):
+            list(build_loader(base, "val", batch_size=2, num_workers=0, cache_dir=cache, manifest=manifest))
+        cached = sorted(p.name for p in cache.iterdir())
+        assert len(cached) == 3 and not any(n.startswith(".") for n in cached)  # 3 intact train shards only
+        unchecked = build_loader(base, "val", batch_size=2, num_workers=0, manifest=manifest,
+                                 cache_dir=tmp_path / "cache2", verify_checksums=False)
+        assert len([k for b in unchecked for k in b.keys]) == 7  # what the check prevents: read as valid
+    finally:
+        server.shutdown()
+        server.server_close()
