@@ -53,7 +53,7 @@ from sharding.manifest import (
 )
 from sharding.preprocess import PreprocessError, load_image, load_mask, open_image
 from sharding.source import Record, SourceError, scan
-from sharding.split import assign, shuffled
+from sharding.split import FRACTIONS, assign, shuffled
 
 #: Bump when a code change alters shard bytes, so old fingerprints stop matching.
 BUILD_VERSION = 1
@@ -287,6 +287,17 @@ def fingerprint(root: Path, options: BuildOptions) -> str:
     return h.hexdigest()
 
 
+def _check_strict(skipped: list[dict], mask_issues: list[dict]) -> None:
+    """--strict: BuildError listing every input the build skips (or keeps with a mask problem)."""
+    if not (skipped or mask_issues):
+        return
+    lines = [f"  {s['path']}: {s['reason']}" for s in skipped] + [
+        f"  {m['path']} (mask): {m['reason']}" for m in mask_issues
+    ]
+    shown = "\n".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
+    raise BuildError(f"--strict: {len(lines)} input(s) would be skipped:\n{shown}")
+
+
 def _recover(out: Path) -> None:
     """Clean leftovers of killed builds next to `out`; restore a set caught between the two renames."""
     parent = out.parent
@@ -394,6 +405,8 @@ def run_build(
     if not force:
         existing = _existing_matches(out, fp)
         if existing is not None:
+            if strict:  # strict is not part of the fingerprint: an unchanged set must still pass it
+                _check_strict(list(existing.skipped), list(existing.mask_issues))
             return BuildReport(existing, out, True, time.perf_counter() - start)
 
     # The writer imports webdataset (and with it torch): only once we know we will write,
@@ -434,12 +447,8 @@ def run_build(
             for i in good
             if options.include_masks and facts[i].get("mask_issue")
         ]
-        if strict and (skipped or mask_issues):
-            lines = [f"  {s['path']}: {s['reason']}" for s in skipped] + [
-                f"  {m['path']} (mask): {m['reason']}" for m in mask_issues
-            ]
-            shown = "\n".join(lines[:20]) + (f"\n  ... and {len(lines) - 20} more" if len(lines) > 20 else "")
-            raise BuildError(f"--strict: {len(lines)} input(s) would be skipped:\n{shown}")
+        if strict:
+            _check_strict(skipped, mask_issues)
         if not good:
             raise BuildError(f"no usable images under {found.root}: all {found.scanned} inputs were skipped")
 
@@ -525,7 +534,7 @@ def run_build(
                 "source": found.root.name if found.root.name else DATASET_DIR,
                 "build_version": BUILD_VERSION,
                 "versions": _versions(),
-                "split_fractions": [0.8, 0.1, 0.1],
+                "split_fractions": list(FRACTIONS),
                 "near_dup_hash": "phash256-dct" if want_phash else None,
             },
             skipped=tuple(skipped),

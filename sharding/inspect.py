@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sharding.contract import CLASSES, LABEL, SPLITS, image_member, mask_member
-from sharding.manifest import Manifest, load_manifest
+from sharding.manifest import Manifest, load_manifest, shards_root
 from sharding.verify import decode_member, iter_samples
 
 
@@ -78,7 +78,7 @@ def sample_grid(shards: str | Path, out: str | Path, per_class: int = 6, tile: i
     """Write a PNG with one row per class of the first `per_class` samples found (masks outlined)."""
     from sharding.grid import image_grid
 
-    root = Path(shards)
+    root = shards_root(shards)
     manifest = load_manifest(root)
     img_ext, mask_ext = image_member(manifest.encoding), mask_member(manifest.encoding)
     images: list[list] = [[] for _ in CLASSES]

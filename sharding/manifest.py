@@ -131,6 +131,11 @@ def manifest_path(shards: str | Path) -> Path:
     return path if path.name.endswith(".json") else path / MANIFEST_NAME
 
 
+def shards_root(shards: str | Path) -> Path:
+    """The folder holding the shards of `shards` (a shard folder or its manifest file)."""
+    return manifest_path(shards).parent
+
+
 def load_manifest(shards: str | Path) -> Manifest:
     """Read `<shards>/manifest.json`; ManifestError with a fix if it is missing or bad."""
     path = manifest_path(shards)
@@ -162,6 +167,7 @@ __all__ = [
     "SplitInfo",
     "SPLITS",
     "load_manifest",
+    "shards_root",
     "manifest_path",
     "write_manifest",
 ]

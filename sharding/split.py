@@ -21,7 +21,7 @@ FRACTIONS = (0.8, 0.1, 0.1)
 
 def targets(n: int) -> tuple[int, int, int]:
     """(train, val, test) sample counts for a class of `n` samples."""
-    train = int(np.floor(0.8 * n + 0.5))
+    train = int(np.floor(FRACTIONS[0] * n + 0.5))
     rest = n - train
     test = rest // 2
     return train, rest - test, test

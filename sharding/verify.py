@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from sharding.contract import CLASSES, LABEL, META, image_member, mask_member
-from sharding.manifest import Manifest, ShardInfo, load_manifest
+from sharding.manifest import Manifest, ShardInfo, load_manifest, shards_root
 
 
 @dataclass
@@ -132,8 +132,7 @@ def _check_shard(root: Path, split: str, shard: ShardInfo, manifest: Manifest, k
 def verify(shards: str | Path) -> VerifyResult:
     """Re-hash every shard and decode every sample; ManifestError if the manifest is unusable."""
     manifest = load_manifest(shards)
-    root = Path(shards)
-    root = root.parent if root.name.endswith(".json") else root
+    root = shards_root(shards)
     result = VerifyResult()
     if tuple(manifest.classes) != CLASSES:
         result.problems.append(f"manifest classes {list(manifest.classes)} differ from {list(CLASSES)}")

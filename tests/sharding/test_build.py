@@ -181,6 +181,10 @@ def test_bad_inputs_skipped_listed_and_reconciled(raw_copy, tmp_path):
     with pytest.raises(BuildError, match="--strict: 8 input"):
         build_shards(raw_copy, tmp_path / "strict", include_masks=True, workers=1, strict=True, progress=False)
     assert not (tmp_path / "strict").exists()
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(BuildError, match="--strict: 8 input"):  # an unchanged set is no pass for --strict
+        build_shards(raw_copy, out, include_masks=True, shard_size=8, workers=1, strict=True, progress=False)
+    assert (out / "manifest.json").read_bytes() == before
 
 
 def test_strict_and_no_class_folders_exit_2_without_traceback(raw_copy, tmp_path, python_exe, subprocess_env,

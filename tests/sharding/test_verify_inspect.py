@@ -78,3 +78,7 @@ def test_inspect_prints_summary_and_writes_grid(built_png_masks, tmp_path, pytho
         assert img.width >= 3 * 160 and img.height >= 4 * 160
         pixels = np.asarray(img.convert("RGB"))
         assert ((pixels == (0, 255, 0)).all(-1)).any()  # mask outlines drawn
+    by_file = _run(["inspect", "--shards", str(built_png_masks / "manifest.json"), "--out", str(tmp_path / "g2.png"),
+                    "--per-class", "3"], python_exe, subprocess_env, repo_root)
+    assert by_file.returncode == 0, by_file.stderr  # the manifest file itself names the set, as for verify
+    assert (tmp_path / "g2.png").read_bytes() == out.read_bytes()
