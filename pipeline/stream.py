@@ -111,11 +111,15 @@ class CorruptReport:
 
     shards: int = 0
     samples_lost: int = 0  # manifest count minus samples read before the fault
-    events: list[tuple[str, str]] = field(default_factory=list)  # (url, reason)
+    events: list[tuple[str, str]] = field(default_factory=list)  # (url, reason), the first MAX_EVENTS
 
 
 class _CorruptCounter:
     """Counts shared with worker processes (multiprocessing Values + an event queue)."""
+
+    #: Events kept for the report. The queue is a pipe that nobody may read for a whole run:
+    #: unbounded, a bad shard met every epoch would fill it and block the next `add` for good.
+    MAX_EVENTS = 100
 
     def __init__(self) -> None:
         ctx = mp.get_context()
@@ -127,9 +131,11 @@ class _CorruptCounter:
     def add(self, url: str, lost: int, reason: str) -> None:
         with self.shards.get_lock():
             self.shards.value += 1
+            keep = self.shards.value <= self.MAX_EVENTS
         with self.samples.get_lock():
             self.samples.value += max(0, lost)
-        self.queue.put((url, reason))
+        if keep:
+            self.queue.put((url, reason))
 
     def report(self) -> CorruptReport:
         while not self.queue.empty():

@@ -16,7 +16,7 @@ variable `RADSTREAM_ALLOW_PIPE=0` (or pass `allow_pipe=False`) to refuse them
 (and therefore `gs://` and `s3://`, which map to pipes) with `PermissionError`.
 
 **Cache.** With `cache_dir`, a remote shard (http(s), pipe:, gs:, s3:) is
-downloaded once to `cache_dir/<sanitised url>` (temporary name, then an atomic
+downloaded once to `cache_dir/<hash of url and manifest sha256>-<name>` (temporary name, then an atomic
 rename, so a crashed download never leaves a half shard) and read from local
 disk afterwards; local shards are never copied.
 """
@@ -144,10 +144,14 @@ def _open_uncached(url: str, allow_pipe: bool | None) -> BinaryIO:
     return open(path, "rb")
 
 
-def cache_path(url: str, cache_dir: str | Path) -> Path:
-    """Where `url` is cached: readable tail of the URL plus a short hash of the whole URL."""
+def cache_path(url: str, cache_dir: str | Path, sha256: str | None = None) -> Path:
+    """Where `url` is cached: readable tail of the URL plus a short hash of the URL and the expected content.
+
+    The content digest is in the key because shards rebuilt under the same names
+    must not be served from the old build's cached bytes.
+    """
     tail = re.sub(r"[^A-Za-z0-9._-]+", "_", str(url).rstrip("/").split("/")[-1].split()[0])[-80:]
-    digest = hashlib.sha1(str(url).encode()).hexdigest()[:12]
+    digest = hashlib.sha1(f"{url}\0{sha256 or ''}".encode()).hexdigest()[:12]
     return Path(cache_dir) / f"{digest}-{tail}"
 
 
@@ -162,7 +166,7 @@ def open_url(url: str, *, cache_dir: str | Path | None = None, allow_pipe: bool 
     url = str(url)
     if cache_dir is None or not is_remote(url):
         return _open_uncached(url, allow_pipe)
-    target = cache_path(url, cache_dir)
+    target = cache_path(url, cache_dir, sha256)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")

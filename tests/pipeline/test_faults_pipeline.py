@@ -287,3 +287,17 @@ def test_pipe_commands_never_run_in_secure_mode(tiny_shards, tmp_path, monkeypat
     for url in ("s3://bucket/x.tar", "gs://bucket/x.tar"):  # both map to pipes
         with pytest.raises(PermissionError):
             open_url(url)
+
+
+def test_corrupt_shard_log_is_bounded():
+    """Nobody drains the event pipe during a run: a bad shard met every epoch must not fill it and block."""
+    from pipeline.stream import _CorruptCounter
+
+    counter = _CorruptCounter()
+    n = _CorruptCounter.MAX_EVENTS * 20
+    with deadline(30):  # unbounded, this blocked for good once the pipe buffer was full (~600 events here)
+        for i in range(n):
+            counter.add(f"shard-{i % 3}.tar", 5, "sha256 differs from the manifest's " + "x" * 60)
+    report = counter.report()
+    assert (report.shards, report.samples_lost) == (n, 5 * n)
+    assert len(report.events) == _CorruptCounter.MAX_EVENTS

@@ -136,3 +136,18 @@ def test_altered_download_never_enters_the_cache(tiny_shards, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_cache_is_keyed_by_content_so_a_rebuilt_shard_is_not_served_stale(tmp_path):
+    import hashlib
+
+    shard = tmp_path / "train-000000.tar"
+    url, cache = f"pipe:cat {shard}", tmp_path / "cache"
+    shard.write_bytes(b"old build")
+    with open_url(url, cache_dir=cache, sha256=hashlib.sha256(b"old build").hexdigest()) as fh:
+        assert fh.read() == b"old build"
+    shard.write_bytes(b"new build, same name")  # the shards were rebuilt; the manifest has the new digest
+    with open_url(url, cache_dir=cache, sha256=hashlib.sha256(b"new build, same name").hexdigest()) as fh:
+        assert fh.read() == b"new build, same name"
+    assert len(list(cache.iterdir())) == 2
+
