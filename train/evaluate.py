@@ -35,12 +35,12 @@ from train.metrics import classification_report
 from train.model import build_model
 
 
-def load_model(model_path: Path, cfg: Config) -> torch.nn.Module:
-    """The network of `cfg` with the weights of best_model.pth (weights only, no pickle)."""
-    state, _ = load_best_model(model_path)
+def load_model(model_path: Path, cfg: Config) -> tuple[torch.nn.Module, dict]:
+    """(the network of `cfg` with the weights of best_model.pth, its info json); weights only, no pickle."""
+    state, info = load_best_model(model_path)
     model = build_model(replace(cfg.model, pretrained="false"), num_classes=cfg.model.num_classes)
     model.load_state_dict(state)
-    return model.eval()
+    return model.eval(), info
 
 
 def explain_split(model, cfg: Config, shards: str, split: str, classes, device, per_class: int) -> dict:
@@ -49,13 +49,14 @@ def explain_split(model, cfg: Config, shards: str, split: str, classes, device, 
 
     augment = build_augment(cfg, train=False).to(device)
     loader = build_loader(shards, split, batch_size=cfg.eval.batch_size, num_workers=min(cfg.data.num_workers, 2),
-                          seed=cfg.train.seed, verify_checksums=cfg.data.verify_checksums)
+                          seed=cfg.train.seed, cache_dir=cfg.data.cache_dir,
+                          verify_checksums=cfg.data.verify_checksums)
     model = model.to(device)
     shares, labels = [], []
     picks: dict[tuple[int, bool], list] = {}
     for batch in loader:
         batch = batch.to(device)
-        images, _ = augment(batch.images, None)
+        images, _ = augment(batch.images, batch.masks)  # masks: data.mask_lungs needs them
         preds = model(images).argmax(1).tolist()
         cams = explain.gradcam(model, images)
         masks = None
@@ -147,14 +148,14 @@ def evaluate_run(run_dir: Path, split: str = "test", accelerator: Accelerator | 
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     shards = shards or cfg.data.shards
     model_path = run_dir / "models" / BEST_PTH
-    _, info = load_best_model(model_path)
-    model = load_model(model_path, cfg).to(accelerator.device)
+    model, info = load_model(model_path, cfg)
+    model = model.to(accelerator.device)
     from train.main import build_augment
 
     loader = build_loader(shards, split, batch_size=cfg.eval.batch_size, rank=accelerator.process_index,
                           world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
                           seed=cfg.train.seed, pin_memory=accelerator.device.type == "cuda",
-                          verify_checksums=cfg.data.verify_checksums)
+                          cache_dir=cfg.data.cache_dir, verify_checksums=cfg.data.verify_checksums)
     classes = list(loader.manifest.classes)
     preds = predict_split(model, loader, build_augment(cfg, train=False).to(accelerator.device), accelerator)
     expected = loader.manifest.split(split).samples

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -130,9 +131,8 @@ def train_one_epoch(
                disable=not (progress and accelerator.is_main_process))
     start = time.perf_counter()
     step = -1
-    for step, batch in enumerate(_timed(loader, accelerator.device, waits)):
-        if step >= steps:
-            break
+    # islice, not a break: a capped epoch must not pull (and count) one batch past the cap
+    for step, batch in enumerate(itertools.islice(_timed(loader, accelerator.device, waits), steps)):
         images, _ = augment(batch.images, batch.masks, generator=generator)
         sync = (step + 1) % grad_accum == 0 or step + 1 == steps
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
@@ -190,7 +190,7 @@ def predict_split(
     desc: str = "eval",
 ) -> Predictions:
     """Forward every batch of this rank's share, then gather all ranks' results once."""
-    net = accelerator.unwrap_model(model)
+    net = accelerator.unwrap_model(model, keep_torch_compile=False)
     net.eval()
     keys: list[str] = []
     labels: list[np.ndarray] = []

@@ -184,7 +184,7 @@ def fit(cfg: Config, accelerator: Accelerator) -> dict:
     if resume is not None:
         state = load_checkpoint(resume)
         check_compatible(state.get("identity", {}), identity, resume)
-        accelerator.unwrap_model(model).load_state_dict(state["model"])
+        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler"):
             scheduler.load_state_dict(state["scheduler"])
@@ -230,13 +230,13 @@ def fit(cfg: Config, accelerator: Accelerator) -> dict:
         if accelerator.is_main_process:
             append_metrics(out / "metrics.jsonl", row, keep_through_epoch=epoch - 1)
             if improved:
-                save_best_model(out / "models", accelerator.unwrap_model(model).state_dict(), {
+                save_best_model(out / "models", accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(), {
                     "config": to_yaml_dict(cfg), "epoch": epoch,
                     "monitor": cfg.train.monitor, "value": row[cfg.train.monitor], "classes": list(manifest.classes),
                     "model": cfg.model.name, "image_size": cfg.data.image_size, "in_chans": 1,
                 })
             save_checkpoint(out / "models" / CHECKPOINT, {
-                "model": accelerator.unwrap_model(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "model": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else {},
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
                 "epoch": epoch, "early_stopping": stopper.state_dict(), "identity": identity,

@@ -183,3 +183,17 @@ def test_bad_inputs_fail_clearly(tmp_path, phantom_shards, subprocess_env, repo_
     bad_cfg = subprocess.run([sys.executable, "train/main.py", "--config", "configs/demo.yaml", "train.epochs=zero"],
                              env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=120)
     assert bad_cfg.returncode == 2 and "train.epochs" in bad_cfg.stderr and "Traceback" not in bad_cfg.stderr
+
+
+def test_mask_lungs_run_with_a_step_cap_reports_to_the_end(tmp_path, phantom_shards, subprocess_env, repo_root):
+    """data.mask_lungs needs masks in every forward (Grad-CAM included), and a capped epoch counts its cap."""
+    out = tmp_path / "run"
+    run = run_train([f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=1",
+                     "data.mask_lungs=true", "train.max_steps_per_epoch=2"], subprocess_env, repo_root)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert metrics(out)[0]["rank_steps"] == [2]
+    report = json.loads((out / "report.json").read_text())
+    from sharding.manifest import load_manifest
+
+    expected = load_manifest(phantom_shards).split("test").samples
+    assert sum(c["support"] for c in report["per_class"].values()) == expected and (out / "gradcam.png").exists()
