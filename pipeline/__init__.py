@@ -1,6 +1,6 @@
 """Shard URLs -> augmented, normalised batches on the training device.
 
-Host side (`pipeline.stream.build_loader`): uint8 `Batch`es per rank with exact
+Host side (`pipeline.loader.build_loader`): uint8 `Batch`es per rank with exact
 multi-rank semantics; device side (`pipeline.augment.DeviceAugment`): flip +
 rotation in one warp, 1-channel ImageNet normalisation, channels_last.
 
@@ -17,14 +17,18 @@ rotation in one warp, 1-channel ImageNet normalisation, channels_last.
 
 from pipeline.batch import Batch
 
-__all__ = ["Batch", "DeviceAugment", "MEAN_1CH", "STD_1CH", "ShardFormatError", "ShardLoader", "build_loader"]
+__all__ = ["Batch", "CorruptReport", "DeviceAugment", "LoaderStateError", "MEAN_1CH", "STD_1CH", "ShardFormatError", "ShardLoader", "build_loader"]
 
 
 def __getattr__(name: str):  # lazy: importing pipeline does not pull in kornia/webdataset
-    if name in ("build_loader", "ShardLoader", "CorruptReport"):
-        from pipeline import stream
+    if name in ("build_loader", "ShardLoader", "LoaderStateError"):
+        from pipeline import loader
 
-        return getattr(stream, name)
+        return getattr(loader, name)
+    if name == "CorruptReport":
+        from pipeline.read import CorruptReport
+
+        return CorruptReport
     if name in ("DeviceAugment", "MEAN_1CH", "STD_1CH"):
         from pipeline import augment
 

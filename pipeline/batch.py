@@ -7,40 +7,46 @@ from dataclasses import dataclass, replace
 import torch
 
 
+def _move(t: torch.Tensor | None, fn) -> torch.Tensor | None:
+    return None if t is None else fn(t)
+
+
 @dataclass
 class Batch:
     """A batch of samples from one split.
 
     On the host `images` is uint8 [B, 1, H, W] (pinned when asked); after
     `pipeline.augment` it is float on the device. `masks` is uint8 [B, 1, H, W]
-    in {0, 1} when the shards carry masks, else None.
+    in {0, 1} when the shards carry masks, else None. `indices` are the samples'
+    positions in the split (manifest order: shard by shard), what coverage checks
+    count; `step` is the batch's step in its epoch (-1 when not from a loader).
     """
 
     images: torch.Tensor
     labels: torch.Tensor  # int64 [B]
     keys: list[str]
     masks: torch.Tensor | None = None
+    indices: torch.Tensor | None = None  # int64 [B]
+    step: int = -1
 
     def __len__(self) -> int:
         return len(self.keys)
 
     def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
         """Move tensors to `device`; non_blocking overlaps the copy when memory is pinned."""
-        return replace(
-            self,
-            images=self.images.to(device, non_blocking=non_blocking),
-            labels=self.labels.to(device, non_blocking=non_blocking),
-            masks=None if self.masks is None else self.masks.to(device, non_blocking=non_blocking),
-        )
+        def move(t: torch.Tensor) -> torch.Tensor:
+            return t.to(device, non_blocking=non_blocking)
+
+        return replace(self, images=move(self.images), labels=move(self.labels), masks=_move(self.masks, move),
+                       indices=_move(self.indices, move))
 
     def pin_memory(self) -> "Batch":
         """Page-locked copy, so the host-to-device copy can run asynchronously.
 
         `torch.utils.data.DataLoader(pin_memory=True)` calls this on custom batch types.
         """
-        return replace(
-            self,
-            images=self.images.pin_memory(),
-            labels=self.labels.pin_memory(),
-            masks=None if self.masks is None else self.masks.pin_memory(),
-        )
+        def pin(t: torch.Tensor) -> torch.Tensor:
+            return t.pin_memory()
+
+        return replace(self, images=pin(self.images), labels=pin(self.labels), masks=_move(self.masks, pin),
+                       indices=_move(self.indices, pin))

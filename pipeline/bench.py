@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from pipeline.fast_tar import read_samples
-from pipeline.stream import build_loader
+from pipeline.loader import build_loader
 from pipeline.urls import open_url
 from sharding.manifest import load_manifest
 

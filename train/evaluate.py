@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from pipeline.stream import build_loader
+from pipeline.loader import build_loader
 from sharding.grid import image_grid
 from train import explain, plots
 from train.checkpoint import BEST_PTH, atomic_write, load_best_model

@@ -35,7 +35,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 
 from pipeline.augment import DeviceAugment
-from pipeline.stream import build_loader
+from pipeline.loader import build_loader
 from sharding.manifest import Manifest, ManifestError, load_manifest
 from train.checkpoint import (
     BEST_PTH,

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from accelerate import PartialState
 
-from pipeline.stream import build_loader
+from pipeline.loader import build_loader
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.fast_tar import ShardFormatError
-from pipeline.stream import build_loader
+from pipeline.loader import build_loader
 from pipeline.urls import ALLOW_PIPE_ENV, open_url
 from archives import read_members, write_members
 from indexed_shards import image_index, key_of, label_of, split_ids
@@ -280,7 +280,7 @@ def test_pipe_commands_never_run_in_secure_mode(tiny_shards, tmp_path, monkeypat
     with pytest.raises(PermissionError, match=ALLOW_PIPE_ENV):
         open_url(f"pipe:touch {marker}; cat {tiny_shards}/test-000000.tar")
     loader = build_loader(tiny_shards, "test", batch_size=2, num_workers=0)
-    loader.stream.spec.urls = [f"pipe:touch {marker}; cat {u}" for u in loader.stream.spec.urls]
+    loader.urls = [f"pipe:touch {marker}; cat {u}" for u in loader.urls]
     with deadline(), pytest.raises(PermissionError):
         list(loader)
     assert not marker.exists()
@@ -291,7 +291,7 @@ def test_pipe_commands_never_run_in_secure_mode(tiny_shards, tmp_path, monkeypat
 
 def test_corrupt_shard_log_is_bounded():
     """Nobody drains the event pipe during a run: a bad shard met every epoch must not fill it and block."""
-    from pipeline.stream import _CorruptCounter
+    from pipeline.read import CorruptCounter as _CorruptCounter
 
     counter = _CorruptCounter()
     n = _CorruptCounter.MAX_EVENTS * 20

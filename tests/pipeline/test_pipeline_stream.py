@@ -1,4 +1,4 @@
-"""Exact multi-rank semantics, determinism and corrupt-shard policy of pipeline.stream."""
+"""Exact multi-rank semantics, determinism and corrupt-shard policy of pipeline.loader."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from indexed_shards import LAYOUT, image_index, key_of, label_of, make_mask, split_ids, write_shards
 
 from pipeline.fast_tar import ShardFormatError
-from pipeline.stream import build_loader
+from pipeline.loader import build_loader
 
 
 def check_batch(batch, masks=True):
@@ -69,12 +69,15 @@ def test_train_equal_batch_counts_full_batches(tiny_shards, num_workers):
                 assert set(check_batch(b)) <= split_ids("train")
 
 
-def test_train_fast_and_generic_paths_agree(tiny_shards):
-    def keys(fast):
-        loader = build_loader(tiny_shards, "train", batch_size=3, num_workers=0, seed=5, fast=fast, shuffle_buffer=4)
+def test_train_stream_plan_same_for_raw_and_png(tiny_shards, tiny_png_shards):
+    """The stream plan (generic decode) is a function of the layout, not of the encoding."""
+    def keys(root, fast):
+        loader = build_loader(root, "train", batch_size=3, num_workers=0, seed=5, fast=fast, shuffle_buffer=4)
+        assert loader.plan == "stream"
         return [k for b in loader for k in b.keys]
 
-    assert keys(True) == keys(False)
+    assert keys(tiny_shards, False) == keys(tiny_png_shards, True)
+    assert build_loader(tiny_shards, "train", batch_size=3).plan == "global"
 
 
 def test_train_covers_the_split_in_one_epoch_single_rank(tiny_shards):

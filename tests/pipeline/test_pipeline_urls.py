@@ -10,7 +10,7 @@ import pytest
 from indexed_shards import key_of, split_ids
 from test_pipeline_stream import check_batch
 
-from pipeline.stream import build_loader
+from pipeline.loader import build_loader
 from pipeline.urls import ALLOW_PIPE_ENV, expand_urls, normalize_url, open_url
 from sharding.manifest import load_manifest
 
@@ -72,10 +72,12 @@ def test_pipe_urls_and_secure_mode(tiny_shards, monkeypatch):
 
 def test_secure_mode_is_not_a_skippable_train_shard(tiny_shards, monkeypatch):
     loader = build_loader(tiny_shards, "train", batch_size=2, num_workers=0)
-    loader.stream.spec.urls = [f"pipe:cat {u}" for u in loader.stream.spec.urls]
+    loader.urls = [f"pipe:cat {u}" for u in loader.urls]
     monkeypatch.setenv(ALLOW_PIPE_ENV, "0")
-    with pytest.raises(PermissionError):
-        list(loader)
+    for plan in ("global", "stream"):  # fetching into a cache, or reading front to back
+        loader.plan = plan
+        with pytest.raises(PermissionError):
+            list(loader)
 
 
 def test_failing_pipe_raises():

@@ -1,0 +1,168 @@
+"""The epoch plan: which sample each rank gets at each step. Pure functions of numbers, no I/O.
+
+Everything that makes batches deterministic lives here; readers and workers only
+execute a plan. Two plans, one contract (the train split):
+
+- an epoch is a sequence of `steps` global batches of G = batch_size x world_size
+  samples; every sample of the split appears once, and the sequence is padded to a
+  multiple of G with repeats from its own start (fewer than G repeats), or cut to
+  a multiple of G with `drop_last`;
+- every rank takes exactly `steps` full batches of `batch_size`.
+
+**Global plan** (local or cached raw shards, random access through the offset
+index): a uniform permutation of the N sample indices seeded by (seed, epoch).
+Global batch s is `order[s*G : (s+1)*G]`; rank r takes the r-th slice of B. The
+order is a function of (seed, epoch, G) only: 2 ranks x 16 and 4 ranks x 8 see the
+same global batches, and the number of loader workers changes nothing.
+
+**Stream plan** (http, pipe, png or generic shards, read front to back): the
+shard order is permuted per epoch and the concatenated samples (padded like
+above) are dealt to ranks as contiguous pieces, each rank's piece to its workers
+as contiguous sub-pieces (worker w makes the rank's steps w, w+W, ...). A reader
+shuffles its sub-piece in windows of about `shuffle_buffer` samples (an exact
+permutation of each window): a block shuffle, with coverage still exact. Its order
+depends on the rank and worker counts, so a stream-plan resume needs the same ones.
+
+Eval splits are not shuffled: `eval_range` gives each (rank, worker) a contiguous
+range, so each sample is read exactly once for any counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Salts name the random streams a (seed, epoch) drives, so that no two share draws.
+SALT_PERMUTATION = 0x5EED  # global plan: the sample permutation of a train epoch
+SALT_SHARD_ORDER = 0x5A4D  # stream plan: the shard order of a train epoch
+SALT_WINDOW = 0x5A3  # stream plan: the permutation inside one reader's window
+
+
+def derive_seed(*parts: int) -> int:
+    """A 32-bit seed from integers (numpy SeedSequence: stable across platforms and numpy versions)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+def steps_per_epoch(n: int, global_batch: int, drop_last: bool = False) -> int:
+    """Global batches in a train epoch of `n` samples: ceil(n / G), or floor with `drop_last`."""
+    if global_batch < 1:
+        raise ValueError(f"global batch must be >= 1, got {global_batch}")
+    return n // global_batch if drop_last else math.ceil(n / global_batch)
+
+
+def pad_or_cut(seq: np.ndarray, length: int) -> np.ndarray:
+    """`seq` cycled from its start up to `length` items (or its first `length`)."""
+    if len(seq) == 0:
+        raise ValueError("cannot pad an empty sequence")
+    return np.resize(seq, length)
+
+
+def epoch_order(n: int, seed: int, epoch: int, global_batch: int, drop_last: bool = False,
+                valid: np.ndarray | None = None) -> np.ndarray:
+    """Global plan: int64 [steps * G], the sample index of every slot of every global batch.
+
+    `valid` (sorted sample indices) restricts the permutation to readable samples
+    (a corrupt shard's samples are lost); the step count still follows `n`, so every
+    rank keeps the same number of steps whatever a rank finds unreadable.
+    """
+    steps = steps_per_epoch(n, global_batch, drop_last)
+    pool = np.arange(n, dtype=np.int64) if valid is None else np.asarray(valid, dtype=np.int64)
+    perm = np.random.default_rng(derive_seed(seed, epoch, SALT_PERMUTATION)).permutation(pool)
+    return pad_or_cut(perm, steps * global_batch)
+
+
+def rank_batches(order: np.ndarray, rank: int, batch_size: int, world_size: int) -> np.ndarray:
+    """int64 [steps, batch_size]: rank `rank`'s slice of each global batch of `order`."""
+    return order.reshape(-1, world_size, batch_size)[:, rank, :]
+
+
+def worker_steps(start: int, steps: int, worker: int, num_workers: int) -> range:
+    """Steps a worker makes, in order: the loader takes them round-robin from its workers.
+
+    torch's DataLoader asks its workers in turn (w0, w1, ..., w0, ...), so a worker
+    that makes steps start+w, start+w+W, ... hands batches back in step order.
+    """
+    return range(start + worker, steps, num_workers)
+
+
+def eval_range(total: int, rank: int, world_size: int, worker: int, num_workers: int) -> tuple[int, int]:
+    """Sample range [lo, hi) of a (rank, worker) in an eval split of `total` samples."""
+    lo, hi = total * rank // world_size, total * (rank + 1) // world_size
+    n = hi - lo
+    return lo + n * worker // num_workers, lo + n * (worker + 1) // num_workers
+
+
+def eval_steps(total: int, rank: int, world_size: int, num_workers: int, batch_size: int) -> int:
+    """Batches a rank yields in an eval split (each worker's last batch may be partial)."""
+    workers = max(1, num_workers)
+    sizes = (hi - lo for lo, hi in (eval_range(total, rank, world_size, w, workers) for w in range(workers)))
+    return sum(math.ceil(n / batch_size) for n in sizes)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Samples [lo, hi) of shard `shard`, read front to back; `first` is the split index of sample lo."""
+
+    shard: int
+    lo: int
+    hi: int
+    first: int
+
+
+@dataclass(frozen=True)
+class Window:
+    """Stream plan: the samples one reader reads, shuffles and cuts into the batches of `steps`."""
+
+    steps: tuple[int, ...]
+    segments: tuple[Segment, ...]
+    seed: int  # of the permutation inside the window
+
+
+def stream_shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng(derive_seed(seed, epoch, SALT_SHARD_ORDER)).permutation(num_shards)
+
+
+def segments(positions: tuple[int, int], order: np.ndarray, counts: list[int]) -> list[Segment]:
+    """Positions [a, b) of the epoch's padded concatenation -> shard segments (wrapping past the end)."""
+    n = sum(counts)
+    starts = np.cumsum([0] + [counts[i] for i in order])
+    firsts = np.cumsum([0] + list(counts))
+    out: list[Segment] = []
+    a, b = positions
+    while a < b:
+        p = a % n
+        k = int(np.searchsorted(starts, p, side="right")) - 1
+        shard = int(order[k])
+        lo = p - int(starts[k])
+        take = min(b - a, counts[shard] - lo)
+        out.append(Segment(shard, lo, lo + take, int(firsts[shard]) + lo))
+        a += take
+    return out
+
+
+def stream_windows(counts: list[int], seed: int, epoch: int, batch_size: int, rank: int, world_size: int,
+                   worker: int, num_workers: int, window_steps: int, drop_last: bool = False,
+                   start: int = 0) -> list[Window]:
+    """Stream plan: the windows a (rank, worker) reads this epoch, from global step `start` on.
+
+    Windows before `start` are left out; the first window kept may hold steps
+    before `start`, which the reader makes and drops (at most `window_steps`).
+    """
+    n = sum(counts)
+    steps = steps_per_epoch(n, batch_size * world_size, drop_last)
+    order = stream_shard_order(len(counts), seed, epoch)
+    mine = list(worker_steps(0, steps, worker, num_workers))
+    # this worker's sub-piece: after the sub-pieces of the workers before it in this rank's piece
+    before = sum(len(worker_steps(0, steps, w, num_workers)) for w in range(worker))
+    base = (rank * steps + before) * batch_size
+    windows = []
+    for i in range(0, len(mine), window_steps):
+        chunk = tuple(mine[i : i + window_steps])
+        if chunk[-1] < start:
+            continue
+        a = base + i * batch_size
+        segs = segments((a, a + len(chunk) * batch_size), order, counts)
+        windows.append(Window(chunk, tuple(segs), derive_seed(seed, epoch, rank, worker, i, SALT_WINDOW)))
+    return windows
