@@ -78,13 +78,20 @@ def rank_batches(order: np.ndarray, rank: int, batch_size: int, world_size: int)
     return order.reshape(-1, world_size, batch_size)[:, rank, :]
 
 
-def worker_steps(start: int, steps: int, worker: int, num_workers: int) -> range:
-    """Steps a worker makes, in order: the loader takes them round-robin from its workers.
+def worker_steps(steps: int, role: int, num_workers: int, start: int = 0) -> range:
+    """The steps s >= start with s = role (mod W), in order: what plan worker `role` of W makes."""
+    return range(start + (role - start) % num_workers, steps, num_workers)
 
-    torch's DataLoader asks its workers in turn (w0, w1, ..., w0, ...), so a worker
-    that makes steps start+w, start+w+W, ... hands batches back in step order.
+
+def worker_role(worker: int, num_workers: int, before: int, first: int) -> int:
+    """The plan role a loader worker plays in an epoch, so that batches arrive in step order.
+
+    torch's DataLoader asks its workers in turn across a whole iteration: its i-th
+    batch comes from worker i % W. An epoch whose first step `first` is the
+    iteration's batch number `before` therefore needs worker w to make the steps s
+    with before + s - first = w (mod W).
     """
-    return range(start + worker, steps, num_workers)
+    return (worker - before + first) % num_workers
 
 
 def eval_range(total: int, rank: int, world_size: int, worker: int, num_workers: int) -> tuple[int, int]:
@@ -145,7 +152,7 @@ def segments(positions: tuple[int, int], order: np.ndarray, counts: list[int]) -
 def stream_windows(counts: list[int], seed: int, epoch: int, batch_size: int, rank: int, world_size: int,
                    worker: int, num_workers: int, window_steps: int, drop_last: bool = False,
                    start: int = 0) -> list[Window]:
-    """Stream plan: the windows a (rank, worker) reads this epoch, from global step `start` on.
+    """Stream plan: the windows plan worker `worker` of a rank reads this epoch, from step `start` on.
 
     Windows before `start` are left out; the first window kept may hold steps
     before `start`, which the reader makes and drops (at most `window_steps`).
@@ -153,9 +160,9 @@ def stream_windows(counts: list[int], seed: int, epoch: int, batch_size: int, ra
     n = sum(counts)
     steps = steps_per_epoch(n, batch_size * world_size, drop_last)
     order = stream_shard_order(len(counts), seed, epoch)
-    mine = list(worker_steps(0, steps, worker, num_workers))
+    mine = list(worker_steps(steps, worker, num_workers))
     # this worker's sub-piece: after the sub-pieces of the workers before it in this rank's piece
-    before = sum(len(worker_steps(0, steps, w, num_workers)) for w in range(worker))
+    before = sum(len(worker_steps(steps, w, num_workers)) for w in range(worker))
     base = (rank * steps + before) * batch_size
     windows = []
     for i in range(0, len(mine), window_steps):

@@ -43,6 +43,14 @@ class EpochSpan:
     def first_step(self, epoch: int) -> int:
         return self.start if epoch == self.epochs[0] else 0
 
+    def roles(self, worker: int, num_workers: int, steps: int) -> Iterator[tuple[int, int, int]]:
+        """(epoch, first step, plan role of `worker`) for each epoch of the span."""
+        before = 0
+        for epoch in self.epochs:
+            first = self.first_step(epoch)
+            yield epoch, first, plan.worker_role(worker, num_workers, before, first)
+            before += steps - first
+
 
 # --------------------------------------------------------------------------- global plan
 
@@ -120,17 +128,18 @@ class IndexedStream(IterableDataset):
         self.table, self.valid, self.n, self.seed = table, valid, n, seed
         self.batch_size, self.rank, self.world_size, self.drop_last = batch_size, rank, world_size, drop_last
         self.image_size, self.masks, self.span, self.ring = image_size, masks, span, ring
+        self.steps = plan.steps_per_epoch(n, batch_size * world_size, drop_last)
 
     def __iter__(self):
         worker, num_workers = _worker()
         ring = self.ring if get_worker_info() is not None else None
         maps = _ShardMaps(self.table)
         t = self.table
-        for epoch in self.span.epochs:
+        for epoch, first, role in self.span.roles(worker, num_workers, self.steps):
             order = plan.epoch_order(self.n, self.seed, epoch, self.batch_size * self.world_size, self.drop_last,
                                      self.valid)
             mine = plan.rank_batches(order, self.rank, self.batch_size, self.world_size)
-            for step in plan.worker_steps(self.span.first_step(epoch), len(mine), worker, num_workers):
+            for step in plan.worker_steps(self.steps, role, num_workers, first):
                 idx = mine[step]
                 mem = BatchMemory(len(idx), self.image_size, self.masks, ring, worker)
                 maps.gather(idx, mem.images, t.image_offsets)
@@ -167,8 +176,9 @@ class SequentialStream(IterableDataset):
         worker, num_workers = _worker()
         ring = self.ring if get_worker_info() is not None else None
         if self.spec.train:
-            for epoch in self.span.epochs:
-                yield from self._train_epoch(epoch, worker, num_workers, ring)
+            steps = plan.steps_per_epoch(sum(self.shards.counts), self.batch_size * self.world_size, self.drop_last)
+            for epoch, first, role in self.span.roles(worker, num_workers, steps):
+                yield from self._train_epoch(epoch, first, role, num_workers, ring, worker)
         else:
             yield from self._eval(worker, num_workers, ring)
 
@@ -221,10 +231,9 @@ class SequentialStream(IterableDataset):
 
     # -- train: windows of the stream plan
 
-    def _train_epoch(self, epoch: int, worker: int, num_workers: int, ring: BatchRing | None):
-        start = self.span.first_step(epoch)
+    def _train_epoch(self, epoch: int, start: int, role: int, num_workers: int, ring: BatchRing | None, worker: int):
         windows = plan.stream_windows(self.shards.counts, self.seed, epoch, self.batch_size, self.rank,
-                                      self.world_size, worker, num_workers, self.window_steps, self.drop_last, start)
+                                      self.world_size, role, num_workers, self.window_steps, self.drop_last, start)
         spare: list[tuple[int, Sample]] = []  # samples of an earlier window, for a window that read nothing
         for window in windows:
             items = [item for seg in window.segments for item in self._segment(seg)]

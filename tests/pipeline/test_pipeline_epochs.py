@@ -126,6 +126,20 @@ def test_same_global_batches_for_2x16_and_4x8(mixed_shards):
     assert two == four
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["global", "stream"])
+def test_consecutive_epochs_through_the_same_workers(mixed_shards, fast):
+    """iter_epochs: the DataLoader's round-robin continues across epoch boundaries (steps stay in order)."""
+    def loader():
+        return build_loader(mixed_shards, "train", batch_size=8, num_workers=2, fast=fast, shuffle_buffer=16)
+
+    one_by_one = []
+    for epoch in range(3):  # 25 steps an epoch: an odd count, or a misordered boundary would hide
+        single = loader()
+        single.set_epoch(epoch)
+        one_by_one += _keys(single)
+    assert _keys(loader().iter_epochs(3)) == one_by_one
+
+
 def test_epochs_differ_and_repeat(mixed_shards):
     e0 = global_batches(epoch_ids(mixed_shards, 1, 0, 10, epoch=0))
     assert e0 == global_batches(epoch_ids(mixed_shards, 1, 0, 10, epoch=0))
@@ -174,15 +188,16 @@ def test_resume_streamed_needs_the_same_layout(tiny_shards):
         return build_loader(tiny_shards, "train", batch_size=2, num_workers=workers, fast=False, shuffle_buffer=4)
 
     expected = _keys(loader(2))
-    first = loader(2)
-    it = iter(first)
-    for _ in range(4):
-        next(it)
-    state = first.state_dict()
-    del it
-    resumed = loader(2)
-    resumed.load_state_dict(state)
-    assert _keys(resumed) == expected[4:]
+    for done in (3, 4):  # odd and even: the resumed iteration's first batch comes from worker 0 either way
+        first = loader(2)
+        it = iter(first)
+        for _ in range(done):
+            next(it)
+        state = first.state_dict()
+        del it
+        resumed = loader(2)
+        resumed.load_state_dict(state)
+        assert _keys(resumed) == expected[done:]
     with pytest.raises(LoaderStateError, match="layout.*same ranks and data workers"):
         loader(1).load_state_dict(state)
 

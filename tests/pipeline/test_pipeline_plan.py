@@ -59,11 +59,27 @@ def test_valid_subset_keeps_the_step_count():
 @PROPERTY
 @given(steps=st.integers(0, 40), start=st.integers(0, 40), workers=st.integers(1, 6))
 def test_worker_steps_partition_the_remaining_steps(steps, start, workers):
-    made = sorted(s for w in range(workers) for s in plan.worker_steps(start, steps, w, workers))
+    made = sorted(s for w in range(workers) for s in plan.worker_steps(steps, w, workers, start))
     assert made == list(range(start, steps))
-    # round-robin over workers gives step order: the i-th remaining step is made by worker i % W
-    for i, s in enumerate(range(start, steps)):
-        assert s in plan.worker_steps(start, steps, i % workers, workers)
+
+
+@PROPERTY
+@given(epochs=st.lists(st.integers(1, 9), min_size=1, max_size=4), start=st.integers(0, 8),
+       workers=st.integers(1, 5))
+def test_worker_roles_give_step_order_across_epochs(epochs, start, workers):
+    """DataLoader takes batch i of an iteration from worker i % W, across epoch boundaries too."""
+    start = min(start, epochs[0])
+    due = [(e, s) for e, steps in enumerate(epochs) for s in range(start if e == 0 else 0, steps)]
+    made: dict[tuple[int, int], int] = {}
+    for w in range(workers):
+        before = 0
+        for e, steps in enumerate(epochs):
+            first = start if e == 0 else 0
+            for s in plan.worker_steps(steps, plan.worker_role(w, workers, before, first), workers, first):
+                made[(e, s)] = w
+            before += steps - first
+    assert sorted(made) == sorted(due)
+    assert [made[d] for d in due] == [i % workers for i in range(len(due))]
 
 
 @PROPERTY
