@@ -39,7 +39,9 @@ class DataConfig:
     num_workers: int = 4
     """Loader processes per rank reading shards."""
     shuffle_buffer: int = 2000
-    """Samples in the training shuffle buffer (per worker)."""
+    """Streamed shards only: samples per shuffle window of a loader worker (local shards shuffle globally)."""
+    drop_last: bool = False
+    """Cut each train epoch to whole global batches instead of padding it with repeats."""
     cache_dir: str | None = None
     """Local folder caching remote shards, so later epochs read local disk."""
     strict: bool = False
@@ -118,6 +120,8 @@ class TrainConfig:
     """'' (take the launcher's --mixed_precision), no, fp16 or bf16."""
     max_steps_per_epoch: int | None = None
     """Cap on training steps per epoch (quick experiments); None = a full pass."""
+    checkpoint_every_steps: int = 0
+    """Also checkpoint every this many steps inside an epoch, so a resume continues mid-epoch (0 = off)."""
     log_every: int = 20
     """Steps between progress-bar and TensorBoard step updates."""
     timeout_s: int = 600
@@ -169,7 +173,7 @@ _CHOICES = {
 _POSITIVE = ("data.image_size", "data.stored_size", "model.num_classes", "optim.lr", "train.epochs", "train.batch_size",
              "train.grad_accum", "train.patience", "train.log_every", "train.timeout_s", "eval.batch_size",
              "optim.step_size")
-_NON_NEGATIVE = ("data.num_workers", "data.shuffle_buffer", "optim.weight_decay", "optim.warmup_epochs",
+_NON_NEGATIVE = ("data.num_workers", "data.shuffle_buffer", "train.checkpoint_every_steps", "optim.weight_decay", "optim.warmup_epochs",
                  "train.min_delta", "eval.gradcam_per_class", "data.rotation_degrees")
 
 

@@ -70,13 +70,38 @@ class EarlyStopping:
 
 
 @dataclass
+class EpochProgress:
+    """The sums of a partly trained epoch, over all ranks: what a mid-epoch checkpoint carries.
+
+    `coverage` counts how often each train sample (by its split index) went into a
+    step; a resumed run starts from these sums on rank 0 (zeros elsewhere), so the
+    epoch's final reduce equals an uninterrupted run's.
+    """
+
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+    coverage: torch.Tensor | None = None  # int32 [N]
+
+    def state_dict(self) -> dict:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
+                "coverage": None if self.coverage is None else self.coverage.cpu()}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "EpochProgress":
+        return cls(float(state["loss_sum"]), int(state["correct"]), int(state["seen"]), state.get("coverage"))
+
+
+@dataclass
 class EpochResult:
     loss: float
     accuracy: float
-    images: int  # across all ranks
+    images: int  # across all ranks, this epoch (carried steps of a resumed epoch included)
     seconds: float
     data_wait_s: float  # rank 0's time blocked on the loader
-    rank_steps: list[int]  # steps taken by each rank (must all be equal)
+    rank_steps: list[int]  # steps taken by each rank in this process (must all be equal)
+    samples_seen: int = 0  # distinct train samples that went into a step, all ranks
+    samples_repeated: int = 0  # steps' samples beyond the first sight of each
 
     @property
     def images_per_s(self) -> float:
@@ -85,6 +110,20 @@ class EpochResult:
     @property
     def data_wait_frac(self) -> float:
         return self.data_wait_s / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class EpochSpec:
+    """What one call of `train_one_epoch` runs."""
+
+    epoch: int
+    steps: int  # steps in the whole epoch (capped by train.max_steps_per_epoch)
+    seed: int
+    start_step: int = 0  # > 0 when resuming mid-epoch
+    num_samples: int = 0  # train split size, for the coverage count (0: no count)
+    grad_accum: int = 1
+    log_every: int = 20
+    checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: none)
 
 
 def _timed(batches: Iterable[Batch], device: torch.device, waits: list[float]):
@@ -101,6 +140,33 @@ def _timed(batches: Iterable[Batch], device: torch.device, waits: list[float]):
         yield batch
 
 
+class _Sums:
+    """Per-rank running sums on the device (no host sync per step)."""
+
+    def __init__(self, device: torch.device, num_samples: int, carried: EpochProgress | None):
+        carried = carried or EpochProgress()
+        self.loss = torch.tensor(carried.loss_sum, device=device, dtype=torch.float32)
+        self.correct = torch.tensor(carried.correct, device=device, dtype=torch.int64)
+        self.seen = torch.tensor(carried.seen, device=device, dtype=torch.int64)
+        self.coverage = torch.zeros(num_samples, dtype=torch.int32, device=device)
+        if carried.coverage is not None and num_samples:
+            self.coverage += carried.coverage.to(device=device, dtype=torch.int32)
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, batch: Batch) -> None:
+        self.loss += loss.detach().float() * len(batch)
+        self.correct += (logits.detach().argmax(1) == batch.labels).sum()
+        self.seen += len(batch)
+        if len(self.coverage) and batch.indices is not None:
+            self.coverage.index_add_(0, batch.indices, torch.ones_like(batch.indices, dtype=torch.int32))
+
+    def reduced(self, accelerator: Accelerator) -> EpochProgress:
+        """The sums over all ranks (a collective: every rank calls it at the same step)."""
+        totals = accelerator.reduce(torch.stack([self.loss.double(), self.correct.double(), self.seen.double()]),
+                                    reduction="sum").tolist()
+        coverage = accelerator.reduce(self.coverage, reduction="sum") if len(self.coverage) else None
+        return EpochProgress(totals[0], int(totals[1]), int(totals[2]), coverage)
+
+
 def train_one_epoch(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -108,66 +174,75 @@ def train_one_epoch(
     augment: Callable,
     loss_fn: Callable,
     accelerator: Accelerator,
-    epoch: int,
-    steps: int,
-    seed: int,
-    grad_accum: int = 1,
+    spec: EpochSpec,
+    carried: EpochProgress | None = None,
+    on_checkpoint: Callable[[int, EpochProgress], None] | None = None,
     log: Callable[[dict, int], None] | None = None,
-    log_every: int = 20,
     progress: bool = True,
 ) -> EpochResult:
-    """Exactly `steps` optimisation micro-steps on this rank; metrics reduced across ranks."""
+    """Steps `spec.start_step..spec.steps` on this rank; metrics reduced across ranks.
+
+    `carried`: a resumed epoch's sums (rank 0 passes them, other ranks None).
+    `on_checkpoint(steps_done, sums)` runs every `spec.checkpoint_every` steps at a
+    gradient-sync boundary, on every rank (the sums are reduced, a collective).
+    """
     model.train()
-    rank = accelerator.process_index
-    # Each epoch's randomness is a function of (seed, epoch, rank): a resumed run
-    # replays exactly what an uninterrupted run would have done.
-    torch.manual_seed(derive_seed(seed, epoch, rank, 0))
-    generator = torch.Generator(device=accelerator.device).manual_seed(derive_seed(seed, epoch, rank, 1))
-    loss_sum = torch.zeros((), device=accelerator.device)
-    correct = torch.zeros((), device=accelerator.device, dtype=torch.long)
-    seen = 0
+    rank, steps, start = accelerator.process_index, spec.steps, spec.start_step
+    generator = torch.Generator(device=accelerator.device)
+    sums = _Sums(accelerator.device, spec.num_samples, carried if accelerator.is_main_process else None)
     waits = [0.0]
-    bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", leave=False,
+    bar = tqdm(total=steps, initial=start, desc=f"epoch {spec.epoch}", unit="step", leave=False,
                disable=not (progress and accelerator.is_main_process))
-    start = time.perf_counter()
-    step = -1
+    began = time.perf_counter()
+    step, made = start - 1, 0
     # islice, not a break: a capped epoch must not pull (and count) one batch past the cap
-    for step, batch in enumerate(itertools.islice(_timed(loader, accelerator.device, waits), steps)):
+    for step, batch in enumerate(itertools.islice(_timed(loader, accelerator.device, waits), steps - start), start):
+        # Each step's randomness is a function of (seed, epoch, rank, step): a run resumed at any
+        # step replays exactly what an uninterrupted run would have done.
+        torch.manual_seed(derive_seed(spec.seed, spec.epoch, rank, step, 0))
+        generator.manual_seed(derive_seed(spec.seed, spec.epoch, rank, step, 1))
         images, _ = augment(batch.images, batch.masks, generator=generator)
-        sync = (step + 1) % grad_accum == 0 or step + 1 == steps
+        sync = (step + 1) % spec.grad_accum == 0 or step + 1 == steps
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
             with accelerator.autocast():
                 logits = model(images)
                 loss = loss_fn(logits.float(), batch.labels)
-            accelerator.backward(loss / grad_accum)
+            accelerator.backward(loss / spec.grad_accum)
         if sync:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach() * len(batch)
-        correct += (logits.detach().argmax(1) == batch.labels).sum()
-        seen += len(batch)
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            elapsed = time.perf_counter() - start
-            rate = seen * accelerator.num_processes / elapsed
-            # .item() syncs the device: only every log_every steps.
-            current = (loss_sum / max(seen, 1)).item()
-            bar.set_postfix(loss=f"{current:.4f}", img_s=f"{rate:.0f}", wait=f"{100 * waits[0] / elapsed:.1f}%")
-            if log is not None:
-                log({"train/step_loss": current, "train/img_per_s": rate, "train/data_wait_frac": waits[0] / elapsed},
-                    epoch * steps + step + 1)
+        sums.add(loss, logits, batch)
+        made += 1
+        if (step + 1) % spec.log_every == 0 or step + 1 == steps:
+            _log_step(sums, made * len(batch) * accelerator.num_processes, waits[0], began, bar, log,
+                      spec.epoch * steps + step + 1)
+        if (on_checkpoint is not None and spec.checkpoint_every and sync and step + 1 < steps
+                and (step + 1) % spec.checkpoint_every == 0):
+            on_checkpoint(step + 1, sums.reduced(accelerator))
         bar.update(1)
     bar.close()
     if step + 1 < steps:
         raise RuntimeError(f"rank {rank}: the training loader ended after {step + 1} of {steps} batches")
-    seconds = time.perf_counter() - start
-    totals = accelerator.reduce(
-        torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=accelerator.device)]),
-        reduction="sum",
-    )
-    loss_total, correct_total, seen_total = totals.tolist()
-    rank_steps = accelerator.gather(torch.tensor([step + 1], device=accelerator.device)).tolist()
-    return EpochResult(loss_total / seen_total, correct_total / seen_total, int(seen_total), seconds, waits[0],
-                       rank_steps)
+    seconds = time.perf_counter() - began
+    total = sums.reduced(accelerator)
+    rank_steps = accelerator.gather(torch.tensor([made], device=accelerator.device)).tolist()
+    seen, repeated = 0, 0
+    if total.coverage is not None:
+        seen = int((total.coverage > 0).sum())
+        repeated = int(total.coverage.sum()) - seen
+    return EpochResult(total.loss_sum / max(total.seen, 1), total.correct / max(total.seen, 1), total.seen, seconds,
+                       waits[0], rank_steps, seen, repeated)
+
+
+def _log_step(sums: _Sums, images: int, wait_s: float, began: float, bar, log, global_step: int) -> None:
+    """Progress bar and TensorBoard: the only host sync of the step loop, every log_every steps."""
+    elapsed = time.perf_counter() - began
+    rate = images / elapsed if elapsed > 0 else 0.0
+    current = (sums.loss / sums.seen.clamp_min(1)).item()
+    bar.set_postfix(loss=f"{current:.4f}", img_s=f"{rate:.0f}", wait=f"{100 * wait_s / max(elapsed, 1e-9):.1f}%")
+    if log is not None:
+        log({"train/step_loss": current, "train/img_per_s": rate, "train/data_wait_frac": wait_s / max(elapsed, 1e-9)},
+            global_step)
 
 
 @dataclass

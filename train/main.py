@@ -35,24 +35,24 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 
 from pipeline.augment import DeviceAugment
-from pipeline.loader import build_loader
-from sharding.manifest import Manifest, ManifestError, load_manifest
+from pipeline.loader import LoaderStateError, build_loader, load_shard_manifest
+from sharding.manifest import Manifest, ManifestError
 from train.checkpoint import (
     BEST_PTH,
     CHECKPOINT,
     CheckpointError,
     atomic_write,
-    check_compatible,
     clean_stale_temporaries,
     load_checkpoint,
     save_best_model,
     save_checkpoint,
 )
 from train.config import Config, ConfigError, load_config, to_yaml
-from train.loop import EarlyStopping, predict_split, train_one_epoch
+from train.loop import EarlyStopping, EpochProgress, EpochSpec, predict_split, train_one_epoch
 from train.metrics import quick_metrics
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, build_scheduler
+from train.state import Position, TrainState
 
 
 class RunError(RuntimeError):
@@ -91,13 +91,14 @@ def build_accelerator(cfg: Config) -> Accelerator:
 
 
 def build_loaders(cfg: Config, manifest: Manifest, accelerator: Accelerator, splits=("train", "val")) -> dict:
-    """One ShardLoader per split for this rank; not passed to `prepare` (see pipeline.stream)."""
+    """One ShardLoader per split for this rank; not passed to `prepare` (see pipeline.loader)."""
     return {
         split: build_loader(
             cfg.data.shards, split,
             batch_size=cfg.train.batch_size if split == "train" else cfg.eval.batch_size,
             rank=accelerator.process_index, world_size=accelerator.num_processes,
             num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
+            drop_last=cfg.data.drop_last,
             cache_dir=cfg.data.cache_dir, strict=cfg.data.strict, verify_checksums=cfg.data.verify_checksums,
             pin_memory=accelerator.device.type == "cuda", manifest=manifest,
         )
@@ -159,13 +160,8 @@ def append_metrics(path: Path, row: dict, keep_through_epoch: int | None = None)
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def fit(cfg: Config, accelerator: Accelerator) -> dict:
-    """The whole training run; returns the last epoch's metrics row."""
-    manifest = load_manifest(cfg.data.shards) if "://" not in cfg.data.shards else None
-    loaders = build_loaders(cfg, manifest, accelerator)
-    manifest = loaders["train"].manifest
-    check_manifest(cfg, manifest)
-    out = prepare_output_dir(cfg, accelerator)
+def build_state(cfg: Config, accelerator: Accelerator, manifest: Manifest, train_loader) -> TrainState:
+    """Model, optimizer and schedule prepared for this process, with early stopping and the train loader."""
     set_seed(cfg.train.seed)
     model = build_model(cfg.model, num_classes=len(manifest.classes))
     if cfg.model.channels_last:
@@ -176,84 +172,123 @@ def fit(cfg: Config, accelerator: Accelerator) -> dict:
     model, optimizer = accelerator.prepare(model, optimizer)
     if cfg.model.compile:
         model = torch.compile(model)
-    loss_fn = build_loss(cfg.optim, manifest.split("train").class_counts, accelerator.device)
     stopper = EarlyStopping(cfg.train.patience, monitor_mode, cfg.train.min_delta)
-    identity = model_identity(cfg, manifest)
-    start_epoch = 0
-    resume = resolve_resume(cfg)
-    if resume is not None:
-        state = load_checkpoint(resume)
-        check_compatible(state.get("identity", {}), identity, resume)
-        accelerator.unwrap_model(model, keep_torch_compile=False).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None and state.get("scheduler"):
-            scheduler.load_state_dict(state["scheduler"])
-        if accelerator.scaler is not None and state.get("scaler"):
-            accelerator.scaler.load_state_dict(state["scaler"])
-        stopper.load_state_dict(state["early_stopping"])
-        start_epoch = state["epoch"] + 1
-        accelerator.print(f"resumed from {resume} at epoch {start_epoch}")
+    return TrainState(model, optimizer, scheduler, stopper, train_loader, accelerator,
+                      model_identity(cfg, manifest), to_yaml(cfg))
+
+
+def resume_position(cfg: Config, state: TrainState) -> Position:
+    """Where this run starts: a fresh run at epoch 0, or where its checkpoint left off."""
+    path = resolve_resume(cfg)
+    if path is None:
+        return Position()
+    position = state.load_state_dict(load_checkpoint(path), path)
+    where = f"epoch {position.epoch}" + (f", step {position.step} (mid-epoch)" if position.step else "")
+    state.accelerator.print(f"resumed from {path} at {where}")
+    return position
+
+
+def epoch_row(epoch: int, result, val, scores: dict, lr: float) -> dict:
+    """One line of metrics.jsonl."""
+    return {
+        "epoch": epoch, "train_loss": result.loss, "train_accuracy": result.accuracy,
+        "val_loss": val.loss, "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
+        "lr": lr, "img_per_s": result.images_per_s, "data_wait_frac": result.data_wait_frac,
+        "epoch_s": result.seconds, "rank_steps": result.rank_steps,
+        "train_samples_seen": result.samples_seen, "train_samples_repeated": result.samples_repeated,
+    }
+
+
+def step_scheduler(scheduler, value: float) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(value)
+    elif scheduler is not None:
+        scheduler.step()
+
+
+def save_epoch(cfg: Config, state: TrainState, out: Path, epoch: int, row: dict, improved: bool,
+               classes: list[str]) -> None:
+    """Rank 0: the metrics line, the best model when it improved, the end-of-epoch checkpoint."""
+    append_metrics(out / "metrics.jsonl", row, keep_through_epoch=epoch - 1)
+    if improved:
+        save_best_model(out / "models", state.weights(), {
+            "config": to_yaml_dict(cfg), "epoch": epoch, "monitor": cfg.train.monitor,
+            "value": row[cfg.train.monitor], "classes": classes, "model": cfg.model.name,
+            "image_size": cfg.data.image_size, "in_chans": 1,
+        })
+    save_checkpoint(out / "models" / CHECKPOINT, state.state_dict(epoch))
+
+
+def report_epoch(accelerator: Accelerator, cfg: Config, row: dict, stopper: EarlyStopping, improved: bool,
+                 n_train: int, capped: bool) -> None:
+    accelerator.print(
+        f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
+        f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f} f1 {row['val_macro_f1']:.3f} | "
+        f"{row['img_per_s']:.0f} img/s, data wait {100 * row['data_wait_frac']:.1f}% | "
+        f"{row['train_samples_seen']}/{n_train} train samples"
+        + ("  *best*" if improved else f"  ({stopper.bad_epochs}/{stopper.patience} without improvement)")
+    )
+    if row["train_samples_seen"] < n_train and not capped:
+        accelerator.print(f"warning: epoch {row['epoch']} trained on {row['train_samples_seen']} of {n_train} train "
+                          "samples (corrupt shards were skipped: see the warnings above and "
+                          "`python -m sharding verify`)")
+
+
+def fit(cfg: Config, accelerator: Accelerator) -> dict:
+    """The whole training run; returns the last epoch's metrics row."""
+    manifest = load_shard_manifest(cfg.data.shards)
+    check_manifest(cfg, manifest)
+    loaders = build_loaders(cfg, manifest, accelerator)
+    out = prepare_output_dir(cfg, accelerator)
+    state = build_state(cfg, accelerator, manifest, loaders["train"])
+    loss_fn = build_loss(cfg.optim, manifest.split("train").class_counts, accelerator.device)
+    position = resume_position(cfg, state)
     if cfg.logging.tensorboard:
         accelerator.init_trackers("tb")
     steps = loaders["train"].steps_per_epoch
-    if cfg.train.max_steps_per_epoch:
-        steps = min(steps, cfg.train.max_steps_per_epoch)
+    capped = bool(cfg.train.max_steps_per_epoch) and cfg.train.max_steps_per_epoch < steps
+    steps = min(steps, cfg.train.max_steps_per_epoch) if capped else steps
     train_aug, eval_aug = build_augment(cfg, True).to(accelerator.device), build_augment(cfg, False).to(accelerator.device)
+    n_train = manifest.split("train").samples
     accelerator.print(
-        f"training {cfg.model.name} on {manifest.split('train').samples} images, {accelerator.num_processes} "
-        f"process(es) on {accelerator.device}, {steps} steps/epoch of {cfg.train.batch_size}/device, "
-        f"mixed precision {accelerator.mixed_precision}"
+        f"training {cfg.model.name} on {n_train} images, {accelerator.num_processes} process(es) on "
+        f"{accelerator.device}, {steps} steps/epoch of {cfg.train.batch_size}/device ({loaders['train'].plan} "
+        f"shuffle), mixed precision {accelerator.mixed_precision}"
     )
-    row: dict = {}
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if stopper.should_stop:
-            break
-        loaders["train"].set_epoch(epoch)
-        result = train_one_epoch(
-            model, optimizer, loaders["train"], train_aug, loss_fn, accelerator, epoch, steps,
-            seed=cfg.train.seed, grad_accum=cfg.train.grad_accum, log=accelerator.log if cfg.logging.tensorboard else None,
-            log_every=cfg.train.log_every, progress=cfg.logging.progress,
-        )
-        val = predict_split(model, loaders["val"], eval_aug, accelerator, progress=cfg.logging.progress, desc="val")
-        scores = quick_metrics(val.labels, val.probs, len(manifest.classes))
-        row = {
-            "epoch": epoch, "train_loss": result.loss, "train_accuracy": result.accuracy,
-            "val_loss": val.loss, "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
-            "lr": optimizer.param_groups[0]["lr"], "img_per_s": result.images_per_s,
-            "data_wait_frac": result.data_wait_frac, "epoch_s": result.seconds, "rank_steps": result.rank_steps,
-        }
-        improved = stopper.step(row[cfg.train.monitor], epoch)
-        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            scheduler.step(row[cfg.train.monitor])
-        elif scheduler is not None:
-            scheduler.step()
+
+    def checkpoint_mid_epoch(epoch: int, done: int, progress: EpochProgress) -> None:
         if accelerator.is_main_process:
-            append_metrics(out / "metrics.jsonl", row, keep_through_epoch=epoch - 1)
-            if improved:
-                save_best_model(out / "models", accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(), {
-                    "config": to_yaml_dict(cfg), "epoch": epoch,
-                    "monitor": cfg.train.monitor, "value": row[cfg.train.monitor], "classes": list(manifest.classes),
-                    "model": cfg.model.name, "image_size": cfg.data.image_size, "in_chans": 1,
-                })
-            save_checkpoint(out / "models" / CHECKPOINT, {
-                "model": accelerator.unwrap_model(model, keep_torch_compile=False).state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else {},
-                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
-                "epoch": epoch, "early_stopping": stopper.state_dict(), "identity": identity,
-                "config": to_yaml(cfg),
-            })
+            save_checkpoint(out / "models" / CHECKPOINT, state.state_dict(epoch, progress))
+
+    row: dict = {}
+    for epoch in range(position.epoch, cfg.train.epochs):
+        if state.stopper.should_stop:
+            break
+        start = position.step if epoch == position.epoch else 0
+        loaders["train"].set_epoch(epoch)
+        spec = EpochSpec(epoch, steps, cfg.train.seed, start, n_train, cfg.train.grad_accum, cfg.train.log_every,
+                         cfg.train.checkpoint_every_steps)
+        result = train_one_epoch(
+            state.model, state.optimizer, loaders["train"], train_aug, loss_fn, accelerator, spec,
+            carried=position.carried if start else None,
+            on_checkpoint=lambda done, progress, epoch=epoch: checkpoint_mid_epoch(epoch, done, progress),
+            log=accelerator.log if cfg.logging.tensorboard else None, progress=cfg.logging.progress,
+        )
+        val = predict_split(state.model, loaders["val"], eval_aug, accelerator, progress=cfg.logging.progress,
+                            desc="val")
+        row = epoch_row(epoch, result, val, quick_metrics(val.labels, val.probs, len(manifest.classes)),
+                        state.optimizer.param_groups[0]["lr"])
+        improved = state.stopper.step(row[cfg.train.monitor], epoch)
+        step_scheduler(state.scheduler, row[cfg.train.monitor])
+        if accelerator.is_main_process:
+            save_epoch(cfg, state, out, epoch, row, improved, list(manifest.classes))
             if cfg.logging.tensorboard:
                 accelerator.log({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=epoch)
         accelerator.wait_for_everyone()
-        accelerator.print(
-            f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
-            f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f} f1 {row['val_macro_f1']:.3f} | "
-            f"{row['img_per_s']:.0f} img/s, data wait {100 * row['data_wait_frac']:.1f}%"
-            + ("  *best*" if improved else f"  ({stopper.bad_epochs}/{stopper.patience} without improvement)")
-        )
-    if stopper.should_stop:
-        accelerator.print(f"early stop: no {cfg.train.monitor} improvement for {stopper.patience} epochs; "
-                          f"best epoch {stopper.best_epoch} ({cfg.train.monitor} {stopper.best:.4f})")
+        report_epoch(accelerator, cfg, row, state.stopper, improved, n_train, capped)
+    if state.stopper.should_stop:
+        accelerator.print(f"early stop: no {cfg.train.monitor} improvement for {state.stopper.patience} epochs; "
+                          f"best epoch {state.stopper.best_epoch} ({cfg.train.monitor} {state.stopper.best:.4f})")
     if cfg.logging.tensorboard:
         accelerator.end_training()
     return row
@@ -294,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         fit(cfg, accelerator)
         if cfg.eval.test_at_end:
             run_test_report(cfg, accelerator)
-    except (RunError, ManifestError, CheckpointError, ConfigError) as exc:
+    except (RunError, ManifestError, CheckpointError, ConfigError, LoaderStateError) as exc:
         print(f"error (rank {accelerator.process_index}): {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # disk full, file size limit, folder removed mid-run: files in place stay intact

@@ -6,7 +6,7 @@ import torch
 from accelerate import Accelerator
 
 from pipeline.batch import Batch
-from train.loop import train_one_epoch
+from train.loop import EpochSpec, train_one_epoch
 
 
 class CountingLoader:
@@ -30,6 +30,6 @@ def test_a_capped_epoch_pulls_and_counts_exactly_the_cap():
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = CountingLoader(10)
     result = train_one_epoch(model, optimizer, loader, lambda x, m, generator=None: (x.float() / 255, m),
-                             torch.nn.functional.cross_entropy, accelerator, epoch=0, steps=3, seed=0,
+                             torch.nn.functional.cross_entropy, accelerator, EpochSpec(epoch=0, steps=3, seed=0),
                              progress=False)
     assert loader.pulled == 3 and result.rank_steps == [3] and result.images == 12
