@@ -32,15 +32,18 @@ def main() -> None:
     result = {"rank": rank, "world_size": world, "backend": str(state.backend)}
     train = build_loader(args.shards, "train", batch_size=4, rank=rank, world_size=world,
                          num_workers=args.workers, shuffle_buffer=8)
-    counts, sizes = [], set()
+    counts, sizes, train_keys = [], set(), []
     for epoch in range(2):
         train.set_epoch(epoch)
-        n = 0
+        n, keys = 0, []
         for batch in train:
             n += 1
             sizes.add(len(batch))
+            keys.append(list(batch.keys))
         counts.append(n)
-    result.update(train_counts=counts, steps_per_epoch=train.steps_per_epoch, batch_sizes=sorted(sizes))
+        train_keys.append(keys)
+    result.update(train_counts=counts, steps_per_epoch=train.steps_per_epoch, batch_sizes=sorted(sizes),
+                  train_keys=train_keys)
     for split in ("val", "test"):
         loader = build_loader(args.shards, split, batch_size=2, rank=rank, world_size=world, num_workers=args.workers)
         result[f"{split}_keys"] = [k for b in loader for k in b.keys]

@@ -35,6 +35,10 @@ def test_two_process_accelerate_launch(tiny_shards, tmp_path, subprocess_env):
     assert steps == 3  # ceil(21 / (4 * 2))
     for r in ranks:
         assert r["train_counts"] == [steps, steps] and r["batch_sizes"] == [4]
+    for epoch in range(2):  # exact epoch across the 2 real ranks: all 21 train samples, 3 repeats (24 slots)
+        keys = [k for r in ranks for batch in r["train_keys"][epoch] for k in batch]
+        assert set(keys) == {key_of(g) for g in split_ids("train")} and len(keys) == 24
+    assert ranks[0]["train_keys"][0] != ranks[0]["train_keys"][1]  # reshuffled per epoch
     for split in ("val", "test"):
         keys = [k for r in ranks for k in r[f"{split}_keys"]]
         assert sorted(keys) == sorted(key_of(g) for g in split_ids(split))  # exactly once

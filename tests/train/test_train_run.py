@@ -142,6 +142,39 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, phantom_shards, subpr
     assert all(torch.equal(best_a[k], best_b[k]) for k in best_a)
 
 
+def test_kill_mid_epoch_resumes_mid_epoch_to_identical_weights(tmp_path, phantom_shards, subprocess_env, repo_root):
+    """train.checkpoint_every_steps: a run killed (-9) inside epoch 0 resumes at the next global batch, covers
+    the epoch exactly (coverage carried in the checkpoint) and ends with the uninterrupted run's weights.
+    The shards are given as a file: URL (one manifest loader for local and remote)."""
+    common = [f"data.shards=file:{phantom_shards}", "train.epochs=2", "eval.test_at_end=false", "train.seed=3",
+              "train.batch_size=4", "train.checkpoint_every_steps=3", "data.num_workers=1"]
+    full = tmp_path / "full"
+    run = run_train(common + [f"train.output_dir={full}"], subprocess_env, repo_root)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+    part = tmp_path / "part"
+    cmd = launch_cmd(1, ["--mixed_precision", "no"]) + TINY + common + [f"train.output_dir={part}", "train.resume=auto"]
+    proc = subprocess.Popen(cmd, env=subprocess_env, cwd=repo_root, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ckpt = part / "models" / "checkpoint.pth"
+    try:  # the run's first checkpoint is the one after step 3 of epoch 0, ~6 steps before the epoch's end
+        _wait_for(ckpt.exists, 300, proc)
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    state = load_checkpoint(ckpt)
+    assert state["mid_epoch"] and state["epoch"] == 0 and state["loader"]["step"] % 3 == 0, state["loader"]
+    assert not (part / "metrics.jsonl").exists()
+    resumed = subprocess.run(cmd, env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=420)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at epoch 0, step {state['loader']['step']} (mid-epoch)" in resumed.stdout
+    train_samples = load_manifest(phantom_shards).split("train").samples
+    assert [(r["epoch"], r["train_samples_seen"]) for r in metrics(part)] == [(0, train_samples), (1, train_samples)]
+    a = load_checkpoint(full / "models" / "checkpoint.pth")["model"]
+    b = load_checkpoint(ckpt)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed run's final weights differ from the uninterrupted run"
+
+
 def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subprocess_env, repo_root):
     out = tmp_path / "run"
     run = run_train([f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=2"],
@@ -153,6 +186,9 @@ def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subpro
     for row in metrics(out):
         assert len(row["rank_steps"]) == 2 and row["rank_steps"][0] == row["rank_steps"][1]
         assert row["rank_steps"][0] == -(-train_samples // 16)
+        # exact epoch across the 2 ranks: every train sample once, fewer repeats than a global batch
+        assert row["train_samples_seen"] == train_samples
+        assert row["train_samples_repeated"] == row["rank_steps"][0] * 16 - train_samples < 16
     report = json.loads((out / "report.json").read_text())
     test_split = load_manifest(phantom_shards).split("test")
     assert report["samples"] == test_split.samples
