@@ -17,11 +17,12 @@ rotation in one warp, 1-channel ImageNet normalisation, channels_last.
 
 from pipeline.batch import Batch
 
-__all__ = ["Batch", "CorruptReport", "DeviceAugment", "LoaderStateError", "MEAN_1CH", "STD_1CH", "ShardFormatError", "ShardLoader", "build_loader"]
+__all__ = ["Batch", "CorruptReport", "DeviceAugment", "LoaderStateError", "MEAN_1CH", "STD_1CH", "ShardFormatError",
+           "ShardLoader", "build_loader", "load_shard_manifest"]
 
 
 def __getattr__(name: str):  # lazy: importing pipeline does not pull in kornia/webdataset
-    if name in ("build_loader", "ShardLoader", "LoaderStateError"):
+    if name in ("build_loader", "load_shard_manifest", "ShardLoader", "LoaderStateError"):
         from pipeline import loader
 
         return getattr(loader, name)
