@@ -176,14 +176,15 @@ def _peer_grid(workers: int, batch_size: int) -> list[tuple[int, int]]:
     return [(w, b) for w in sorted({0, workers}) for b in sorted({64, batch_size})]
 
 
-def _timed_and_dropped(loader, batches: int, warmup: int) -> float:
-    """Rate of a peer's loader, whose workers are then shut down here (not in a later fork's gc)."""
-    it = _cycle(lambda: loader)
+def _timed_and_dropped(make_loader, batches: int, warmup: int) -> float:
+    """Rate of a fresh peer loader, whose workers are shut down here (not in a later fork's gc)."""
+    holder = [make_loader()]
+    it = _cycle(lambda: holder[0])
     try:
         return _rate(it, batches, warmup)
     finally:
         it.close()
-        del loader
+        holder.clear()
         gc.collect()
 
 
@@ -219,10 +220,12 @@ def bench_litdata(images, labels, work: Path, batch_size, workers, batches, warm
                          chunk_bytes="64MB", num_workers=1, verbose=False, start_method="fork")
 
     def trial(shuffle, w, b):
-        ds = litdata.StreamingDataset(str(out), shuffle=shuffle, drop_last=True, batch_decode=0)
-        loader = litdata.StreamingDataLoader(ds, batch_size=b, num_workers=w, drop_last=True,
-                                             persistent_workers=w > 0)
-        return _timed_and_dropped(loader, max(2, batches * batch_size // b), warmup)
+        def make():
+            ds = litdata.StreamingDataset(str(out), shuffle=shuffle, drop_last=True, batch_decode=0)
+            return litdata.StreamingDataLoader(ds, batch_size=b, num_workers=w, drop_last=True,
+                                               persistent_workers=w > 0)
+
+        return _timed_and_dropped(make, max(2, batches * batch_size // b), warmup)
 
     return {shuffle: _best(
         ({"num_workers": w, "batch_size": b, "batch_decode": 0, "shuffle": "chunks + 256-item windows" if shuffle
@@ -245,11 +248,13 @@ def bench_mosaic(images, labels, work: Path, batch_size, workers, batches, warmu
                 writer.write({"image": img, "label": int(lab)})
 
     def trial(shuffle, w, b):
-        clean_stale_shared_memory()
-        ds = StreamingDataset(local=str(out), shuffle=shuffle, batch_size=b, shuffle_seed=0, shuffle_algo="py1e")
-        loader = torch.utils.data.DataLoader(ds, batch_size=b, num_workers=w, drop_last=True,
-                                             persistent_workers=w > 0)
-        return _timed_and_dropped(loader, max(2, batches * batch_size // b), warmup)
+        def make():
+            clean_stale_shared_memory()
+            ds = StreamingDataset(local=str(out), shuffle=shuffle, batch_size=b, shuffle_seed=0, shuffle_algo="py1e")
+            return torch.utils.data.DataLoader(ds, batch_size=b, num_workers=w, drop_last=True,
+                                               persistent_workers=w > 0)
+
+        return _timed_and_dropped(make, max(2, batches * batch_size // b), warmup)
 
     return {shuffle: _best(
         ({"num_workers": w, "batch_size": b, "shuffle_algo": "py1e" if shuffle else "off", "size_limit": "64mb"},

@@ -23,6 +23,7 @@ shuffles its sub-piece in windows of about `shuffle_buffer` samples (an exact
 permutation of each window): a block shuffle, with coverage still exact. Its order
 depends on the rank and worker counts, so a stream-plan resume needs the same ones.
 
+Seeds come from `sharding.seeds` (its table says which stream each salt drives).
 Eval splits are not shuffled: `eval_range` gives each (rank, worker) a contiguous
 range, so each sample is read exactly once for any counts.
 """
@@ -34,16 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-#: Salts name the random streams a (seed, epoch) drives, so that no two share draws.
-SALT_PERMUTATION = 0x5EED  # global plan: the sample permutation of a train epoch
-SALT_SHARD_ORDER = 0x5A4D  # stream plan: the shard order of a train epoch
-SALT_WINDOW = 0x5A3  # stream plan: the permutation inside one reader's window
-
-
-def derive_seed(*parts: int) -> int:
-    """A 32-bit seed from integers (numpy SeedSequence: stable across platforms and numpy versions)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
-
+from sharding import seeds
 
 def steps_per_epoch(n: int, global_batch: int, drop_last: bool = False) -> int:
     """Global batches in a train epoch of `n` samples: ceil(n / G), or floor with `drop_last`."""
@@ -69,7 +61,7 @@ def epoch_order(n: int, seed: int, epoch: int, global_batch: int, drop_last: boo
     """
     steps = steps_per_epoch(n, global_batch, drop_last)
     pool = np.arange(n, dtype=np.int64) if valid is None else np.asarray(valid, dtype=np.int64)
-    perm = np.random.default_rng(derive_seed(seed, epoch, SALT_PERMUTATION)).permutation(pool)
+    perm = seeds.rng(seed, epoch, seeds.EPOCH_PERMUTATION).permutation(pool)
     return pad_or_cut(perm, steps * global_batch)
 
 
@@ -128,7 +120,7 @@ class Window:
 
 
 def stream_shard_order(num_shards: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng(derive_seed(seed, epoch, SALT_SHARD_ORDER)).permutation(num_shards)
+    return seeds.rng(seed, epoch, seeds.SHARD_ORDER).permutation(num_shards)
 
 
 def segments(positions: tuple[int, int], order: np.ndarray, counts: list[int]) -> list[Segment]:
@@ -171,5 +163,5 @@ def stream_windows(counts: list[int], seed: int, epoch: int, batch_size: int, ra
             continue
         a = base + i * batch_size
         segs = segments((a, a + len(chunk) * batch_size), order, counts)
-        windows.append(Window(chunk, tuple(segs), derive_seed(seed, epoch, rank, worker, i, SALT_WINDOW)))
+        windows.append(Window(chunk, tuple(segs), seeds.derive(seed, epoch, rank, worker, i, seeds.WINDOW)))
     return windows

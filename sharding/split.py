@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from sharding import seeds
 from sharding.contract import CLASSES, SPLITS
 
 FRACTIONS = (0.8, 0.1, 0.1)
@@ -39,7 +40,7 @@ def assign(labels: Sequence[int], groups: Sequence[int], seed: int, n_classes: i
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
     order = sorted(members)  # group ids, deterministic before the seeded shuffle
-    rng = np.random.default_rng([seed, 0x5917])
+    rng = seeds.rng(seed, seeds.SPLIT_GROUPS)
     perm = rng.permutation(len(order))
     shuffled = [order[k] for k in perm]
     shuffled.sort(key=lambda g: -len(members[g]))  # stable: largest groups first, seeded among equals
@@ -58,5 +59,5 @@ def assign(labels: Sequence[int], groups: Sequence[int], seed: int, n_classes: i
 def shuffled(keys: Sequence[str], seed: int, split: str) -> list[int]:
     """A seeded permutation (indices into `keys` sorted) for the write order of one split."""
     order = sorted(range(len(keys)), key=lambda i: keys[i])
-    rng = np.random.default_rng([seed, SPLITS.index(split), 0x5A4D])
+    rng = seeds.rng(seed, SPLITS.index(split), seeds.WRITE_ORDER)
     return [order[k] for k in rng.permutation(len(order))]

@@ -11,7 +11,6 @@ Multi-rank rules kept here:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import itertools
 import time
 from collections.abc import Callable, Iterable
@@ -25,12 +24,7 @@ from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from pipeline.batch import Batch
-
-
-def derive_seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across runs and platforms."""
-    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
+from sharding import seeds
 
 
 @dataclass
@@ -199,8 +193,8 @@ def train_one_epoch(
     for step, batch in enumerate(itertools.islice(_timed(loader, accelerator.device, waits), steps - start), start):
         # Each step's randomness is a function of (seed, epoch, rank, step): a run resumed at any
         # step replays exactly what an uninterrupted run would have done.
-        torch.manual_seed(derive_seed(spec.seed, spec.epoch, rank, step, 0))
-        generator.manual_seed(derive_seed(spec.seed, spec.epoch, rank, step, 1))
+        torch.manual_seed(seeds.derive(spec.seed, spec.epoch, rank, step, seeds.STEP_TORCH))
+        generator.manual_seed(seeds.derive(spec.seed, spec.epoch, rank, step, seeds.STEP_AUGMENT))
         images, _ = augment(batch.images, batch.masks, generator=generator)
         sync = (step + 1) % spec.grad_accum == 0 or step + 1 == steps
         with contextlib.nullcontext() if sync else accelerator.no_sync(model):
