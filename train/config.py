@@ -18,7 +18,6 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from sharding.contract import CLASSES
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -32,10 +31,10 @@ class DataConfig:
     """Shard folder or URL prefix (http(s)://, s3://, gs://, pipe:) holding manifest.json."""
     image_size: int = 299
     """Training resolution; images are resized on the device when it differs from the shards'."""
-    classes: list[str] = field(default_factory=lambda: list(CLASSES))
-    """Expected class names in label order; must equal the manifest's."""
-    stored_size: int = 299
-    """Image side stored in the shards; must equal the manifest's."""
+    classes: list[str] | None = None
+    """Class names in label order; null takes the manifest's (set them to refuse shards with other classes)."""
+    stored_size: int | None = None
+    """Image side stored in the shards; null takes the manifest's (set it to refuse other shards)."""
     num_workers: int = 4
     """Loader processes per rank reading shards."""
     shuffle_buffer: int = 2000
@@ -62,8 +61,8 @@ class ModelConfig:
     """Any timm model name."""
     pretrained: str = "false"
     """'false', 'true' (timm hub weights; needs internet) or a path to a local .safetensors/.pth file."""
-    num_classes: int = 4
-    """Output classes; must equal the manifest's class count."""
+    num_classes: int | None = None
+    """Output classes; null takes the manifest's class count (set it to refuse other shards)."""
     drop_rate: float = 0.0
     """Dropout before the classifier."""
     channels_last: bool = True
@@ -190,7 +189,7 @@ def validate(cfg: Config) -> Config:
         if _get(cfg, key) not in choices:
             raise ConfigError(f"{key}={_get(cfg, key)!r} is not one of {list(choices)}")
     for key in _POSITIVE:
-        if not _get(cfg, key) > 0:
+        if _get(cfg, key) is not None and not _get(cfg, key) > 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be > 0")
     for key in _NON_NEGATIVE:
         if _get(cfg, key) < 0:
@@ -232,6 +231,23 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         key = getattr(exc, "full_key", None)
         reason = str(exc).splitlines()[0]
         raise ConfigError(f"{key}: {reason}" if key else reason) from None
+    return validate(cfg)  # type: ignore[arg-type]
+
+
+def _known(data: Any, schema: Any) -> Any:
+    """`data` without the keys `schema` lacks (a config written by another version)."""
+    if not isinstance(data, dict) or not is_dataclass(schema):
+        return data
+    names = {f.name for f in fields(schema)}
+    return {k: _known(v, getattr(schema, k)) for k, v in data.items() if k in names}
+
+
+def config_from_dict(data: dict) -> Config:
+    """A validated Config from a saved dict (a model card's), ignoring keys this version does not know."""
+    try:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), _known(data, Config())))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(str(exc).splitlines()[0]) from None
     return validate(cfg)  # type: ignore[arg-type]
 
 

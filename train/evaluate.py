@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -25,33 +24,20 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from pipeline.loader import build_loader
 from sharding.grid import image_grid
 from train import explain, plots
-from train.checkpoint import BEST_PTH, atomic_write, load_best_model
+from train.card import TrainedModel, load_trained_model
+from train.checkpoint import BEST_PTH, atomic_write
 from train.config import Config, load_config
 from train.loop import Predictions, predict_split
 from train.metrics import classification_report
-from train.model import build_model
+from train.presets import build_split_loader
 
 
-def load_model(model_path: Path, cfg: Config) -> tuple[torch.nn.Module, dict]:
-    """(the network of `cfg` with the weights of best_model.pth, its info json); weights only, no pickle."""
-    state, info = load_best_model(model_path)
-    model = build_model(replace(cfg.model, pretrained="false"), num_classes=cfg.model.num_classes)
-    model.load_state_dict(state)
-    return model.eval(), info
-
-
-def explain_split(model, cfg: Config, shards: str, split: str, classes, device, per_class: int) -> dict:
+def explain_split(trained: TrainedModel, cfg: Config, shards: str, split: str, classes, per_class: int) -> dict:
     """Grad-CAM over the whole split (one process): lung shares and a grid of examples."""
-    from train.main import build_augment
-
-    augment = build_augment(cfg, train=False).to(device)
-    loader = build_loader(shards, split, batch_size=cfg.eval.batch_size, num_workers=min(cfg.data.num_workers, 2),
-                          seed=cfg.train.seed, cache_dir=cfg.data.cache_dir,
-                          verify_checksums=cfg.data.verify_checksums)
-    model = model.to(device)
+    augment, device, model = trained.augment, trained.device, trained.net
+    loader = build_split_loader(cfg, split, shards=shards, num_workers=min(cfg.data.num_workers, 2))
     shares, labels = [], []
     picks: dict[tuple[int, bool], list] = {}
     for batch in loader:
@@ -148,24 +134,19 @@ def evaluate_run(run_dir: Path, split: str = "test", accelerator: Accelerator | 
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     shards = shards or cfg.data.shards
     model_path = run_dir / "models" / BEST_PTH
-    model, info = load_model(model_path, cfg)
-    model = model.to(accelerator.device)
-    from train.main import build_augment
-
-    loader = build_loader(shards, split, batch_size=cfg.eval.batch_size, rank=accelerator.process_index,
-                          world_size=accelerator.num_processes, num_workers=cfg.data.num_workers,
-                          seed=cfg.train.seed, pin_memory=accelerator.device.type == "cuda",
-                          cache_dir=cfg.data.cache_dir, verify_checksums=cfg.data.verify_checksums)
+    trained = load_trained_model(model_path, accelerator.device)
+    loader = build_split_loader(cfg, split, shards=shards, rank=accelerator.process_index,
+                                world_size=accelerator.num_processes, pin_memory=accelerator.device.type == "cuda")
     classes = list(loader.manifest.classes)
-    preds = predict_split(model, loader, build_augment(cfg, train=False).to(accelerator.device), accelerator)
+    preds = predict_split(trained.net, loader, trained.augment, accelerator)
     expected = loader.manifest.split(split).samples
     if len(preds.keys) != expected:
         raise RuntimeError(f"evaluation counted {len(preds.keys)} samples, the manifest lists {expected}")
     if not accelerator.is_main_process:
         return None
-    extra: dict = {"model_epoch": info.get("epoch"), "model_path": str(model_path)}
+    extra: dict = {"model_epoch": trained.card.epoch, "model_path": str(model_path)}
     if cfg.eval.gradcam_per_class > 0:
-        extra.update(explain_split(model, cfg, shards, split, classes, accelerator.device, cfg.eval.gradcam_per_class))
+        extra.update(explain_split(trained, cfg, shards, split, classes, cfg.eval.gradcam_per_class))
     report = write_report(run_dir, split, preds, classes, extra)
     print(f"{split}: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
           f"balanced accuracy {report['balanced_accuracy']:.4f}  ({report['samples']} images)")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -34,8 +35,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_seed
 
-from pipeline.augment import DeviceAugment
-from pipeline.loader import LoaderStateError, build_loader, load_shard_manifest
+from pipeline.loader import LoaderStateError, load_shard_manifest
 from sharding.manifest import Manifest, ManifestError
 from train.checkpoint import (
     BEST_PTH,
@@ -44,14 +44,15 @@ from train.checkpoint import (
     atomic_write,
     clean_stale_temporaries,
     load_checkpoint,
-    save_best_model,
     save_checkpoint,
 )
+from train.card import ModelCard, save_model_card
 from train.config import Config, ConfigError, load_config, to_yaml
 from train.loop import EarlyStopping, EpochProgress, EpochSpec, predict_split, train_one_epoch
 from train.metrics import quick_metrics
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, build_scheduler
+from train.presets import build_augment, build_split_loader
 from train.state import Position, TrainState
 
 
@@ -60,18 +61,24 @@ class RunError(RuntimeError):
 
 
 def check_manifest(cfg: Config, manifest: Manifest) -> None:
-    """Refuse shards whose classes or stored image size differ from the config."""
+    """Refuse shards whose classes or stored image size differ from what the config pins (null pins nothing)."""
     problems = []
-    if list(manifest.classes) != list(cfg.data.classes):
+    if cfg.data.classes is not None and list(manifest.classes) != list(cfg.data.classes):
         problems.append(f"classes: manifest {list(manifest.classes)} vs config data.classes {cfg.data.classes}")
-    if len(manifest.classes) != cfg.model.num_classes:
+    if cfg.model.num_classes is not None and len(manifest.classes) != cfg.model.num_classes:
         problems.append(f"class count: manifest {len(manifest.classes)} vs config model.num_classes {cfg.model.num_classes}")
-    if manifest.image_size != cfg.data.stored_size:
+    if cfg.data.stored_size is not None and manifest.image_size != cfg.data.stored_size:
         problems.append(f"image size: manifest {manifest.image_size} vs config data.stored_size {cfg.data.stored_size}")
     if cfg.data.mask_lungs and not manifest.masks:
         problems.append("data.mask_lungs=true but the shards carry no masks (rebuild with --include-masks)")
     if problems:
         raise RunError("the shards do not match the config: " + "; ".join(problems))
+
+
+def resolved(cfg: Config, manifest: Manifest) -> Config:
+    """The config with what the manifest knows filled in (classes, class count, stored size)."""
+    data = replace(cfg.data, classes=list(manifest.classes), stored_size=manifest.image_size)
+    return replace(cfg, data=data, model=replace(cfg.model, num_classes=len(manifest.classes)))
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
@@ -91,32 +98,22 @@ def build_accelerator(cfg: Config) -> Accelerator:
 
 
 def build_loaders(cfg: Config, manifest: Manifest, accelerator: Accelerator, splits=("train", "val")) -> dict:
-    """One ShardLoader per split for this rank; not passed to `prepare` (see pipeline.loader)."""
-    return {
-        split: build_loader(
-            cfg.data.shards, split,
-            batch_size=cfg.train.batch_size if split == "train" else cfg.eval.batch_size,
-            rank=accelerator.process_index, world_size=accelerator.num_processes,
-            num_workers=cfg.data.num_workers, seed=cfg.train.seed, shuffle_buffer=cfg.data.shuffle_buffer,
-            drop_last=cfg.data.drop_last,
-            cache_dir=cfg.data.cache_dir, strict=cfg.data.strict, verify_checksums=cfg.data.verify_checksums,
-            pin_memory=accelerator.device.type == "cuda", manifest=manifest,
-        )
-        for split in splits
-    }
+    """This rank's loaders (train/presets.py), pinned on CUDA."""
+    return {split: build_split_loader(cfg, split, rank=accelerator.process_index,
+                                      world_size=accelerator.num_processes,
+                                      pin_memory=accelerator.device.type == "cuda", manifest=manifest)
+            for split in splits}
 
 
-def build_augment(cfg: Config, train: bool) -> DeviceAugment:
-    return DeviceAugment(
-        train=train, rotation_degrees=cfg.data.rotation_degrees, hflip_p=cfg.data.hflip_p,
-        image_size=cfg.data.image_size, mask_lungs=cfg.data.mask_lungs, channels_last=cfg.model.channels_last,
-    )
+def model_card(cfg: Config, manifest: Manifest) -> ModelCard:
+    """The card of this run's model (epoch and metric are filled in when a best model is saved)."""
+    return ModelCard(model=cfg.model.name, classes=tuple(manifest.classes), image_size=cfg.data.image_size,
+                     stored_size=manifest.image_size, monitor=cfg.train.monitor, config=to_yaml_dict(cfg))
 
 
 def model_identity(cfg: Config, manifest: Manifest) -> dict:
     """What a checkpoint must share with this run to be resumed."""
-    return {"model": cfg.model.name, "classes": list(manifest.classes), "image_size": cfg.data.image_size,
-            "in_chans": 1, "batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
+    return {**model_card(cfg, manifest).identity(), "batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
 
 
 def resolve_resume(cfg: Config) -> Path | None:
@@ -206,16 +203,12 @@ def step_scheduler(scheduler, value: float) -> None:
         scheduler.step()
 
 
-def save_epoch(cfg: Config, state: TrainState, out: Path, epoch: int, row: dict, improved: bool,
-               classes: list[str]) -> None:
+def save_epoch(state: TrainState, card: ModelCard, out: Path, row: dict, improved: bool) -> None:
     """Rank 0: the metrics line, the best model when it improved, the end-of-epoch checkpoint."""
+    epoch = row["epoch"]
     append_metrics(out / "metrics.jsonl", row, keep_through_epoch=epoch - 1)
     if improved:
-        save_best_model(out / "models", state.weights(), {
-            "config": to_yaml_dict(cfg), "epoch": epoch, "monitor": cfg.train.monitor,
-            "value": row[cfg.train.monitor], "classes": classes, "model": cfg.model.name,
-            "image_size": cfg.data.image_size, "in_chans": 1,
-        })
+        save_model_card(out / "models", state.weights(), replace(card, epoch=epoch, value=row[card.monitor]))
     save_checkpoint(out / "models" / CHECKPOINT, state.state_dict(epoch))
 
 
@@ -238,6 +231,7 @@ def fit(cfg: Config, accelerator: Accelerator) -> dict:
     """The whole training run; returns the last epoch's metrics row."""
     manifest = load_shard_manifest(cfg.data.shards)
     check_manifest(cfg, manifest)
+    cfg = resolved(cfg, manifest)
     loaders = build_loaders(cfg, manifest, accelerator)
     out = prepare_output_dir(cfg, accelerator)
     state = build_state(cfg, accelerator, manifest, loaders["train"])
@@ -281,7 +275,7 @@ def fit(cfg: Config, accelerator: Accelerator) -> dict:
         improved = state.stopper.step(row[cfg.train.monitor], epoch)
         step_scheduler(state.scheduler, row[cfg.train.monitor])
         if accelerator.is_main_process:
-            save_epoch(cfg, state, out, epoch, row, improved, list(manifest.classes))
+            save_epoch(state, model_card(cfg, manifest), out, row, improved)
             if cfg.logging.tensorboard:
                 accelerator.log({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=epoch)
         accelerator.wait_for_everyone()

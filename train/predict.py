@@ -14,7 +14,7 @@ import argparse
 import csv
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -25,9 +25,8 @@ import torch
 
 from pipeline.augment import DeviceAugment
 from sharding.preprocess import PreprocessError, load_image
-from train.checkpoint import CheckpointError, load_best_model
-from train.config import ModelConfig
-from train.model import build_model
+from train.card import load_trained_model
+from train.checkpoint import CheckpointError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
@@ -44,18 +43,10 @@ class Predictor:
 
     @classmethod
     def load(cls, model_path: str | Path, device: str | None = None) -> "Predictor":
-        state, info = load_best_model(model_path)
-        cfg = info.get("config", {})
-        model_cfg = replace(ModelConfig(), **{k: v for k, v in cfg.get("model", {}).items() if k in ModelConfig.__dataclass_fields__})
-        model = build_model(replace(model_cfg, pretrained="false"), num_classes=len(info["classes"]))
-        model.load_state_dict(state)
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        data = cfg.get("data", {})
-        augment = DeviceAugment(train=False, image_size=info["image_size"], mask_lungs=False,
-                                channels_last=model_cfg.channels_last)
-        if data.get("mask_lungs"):
+        trained = load_trained_model(model_path, device)
+        if trained.cfg.data.mask_lungs:
             raise CheckpointError("this model was trained on lung-masked images; prediction needs masks, not supported")
-        return cls(model.to(dev).eval(), list(info["classes"]), augment.to(dev), dev, int(data.get("stored_size", 299)))
+        return cls(trained.net, list(trained.card.classes), trained.augment, trained.device, trained.card.stored_size)
 
     def prepare(self, images: list[np.ndarray]) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(images)[:, None]).to(self.device)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from sharding.preprocess import load_image
-from train.checkpoint import save_best_model
+from train.card import ModelCard, save_model_card
 from train.config import Config
 from train.model import build_model
 from train.predict import Predictor, collect_files, export_model
@@ -27,8 +27,9 @@ def model_file(tmp_path_factory):
     cfg.data.image_size = 64
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=4)
-    save_best_model(models, model.state_dict(), {"config": json.loads(json.dumps(asdict(cfg))), "epoch": 0,
-                                                 "classes": CLASSES, "image_size": 64, "model": "resnet18"})
+    card = ModelCard(model="resnet18", classes=tuple(CLASSES), image_size=64, stored_size=299, epoch=0,
+                     config=json.loads(json.dumps(asdict(cfg))))
+    save_model_card(models, model.state_dict(), card)
     return models / "best_model.pth"
 
 
