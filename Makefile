@@ -14,7 +14,7 @@ DEMO_PER_CLASS ?= 300
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo shortcut-demo soak clean
+.PHONY: setup lint format test test-fast demo shortcut-demo soak clean
 
 setup: $(STAMP)
 
@@ -24,8 +24,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# Lint and format check (ruff, configured in pyproject.toml); `make test` runs it first, so CI enforces it.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
 # pytest exits 5 when it collected nothing: that is a broken selection, not a pass.
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc
 

@@ -17,8 +17,18 @@ rotation in one warp, 1-channel ImageNet normalisation, channels_last.
 
 from pipeline.batch import Batch
 
-__all__ = ["Batch", "CorruptReport", "DeviceAugment", "LoaderStateError", "MEAN_1CH", "STD_1CH", "ShardFormatError",
-           "ShardLoader", "build_loader", "load_shard_manifest"]
+__all__ = [
+    "Batch",
+    "CorruptReport",
+    "DeviceAugment",
+    "LoaderStateError",
+    "MEAN_1CH",
+    "STD_1CH",
+    "ShardFormatError",
+    "ShardLoader",
+    "build_loader",
+    "load_shard_manifest",
+]
 
 
 def __getattr__(name: str):  # lazy: importing pipeline does not pull in kornia/webdataset

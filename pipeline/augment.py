@@ -36,8 +36,9 @@ MEAN_1CH: float = sum(w * m for w, m in zip(LUMA_WEIGHTS, IMAGENET_MEAN))
 STD_1CH: float = sum(w * s for w, s in zip(LUMA_WEIGHTS, IMAGENET_STD))
 
 
-def sample_params(batch_size: int, *, rotation_degrees: float, hflip_p: float,
-                  generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+def sample_params(
+    batch_size: int, *, rotation_degrees: float, hflip_p: float, generator: torch.Generator | None = None
+) -> dict[str, torch.Tensor]:
     """Per-sample flip flags (bool [B]) and angles (float32 [B], degrees, in [-d, d]) on the generator's device."""
     device = generator.device if generator is not None else torch.device("cpu")
     flip = torch.rand(batch_size, generator=generator, device=device) < hflip_p
@@ -70,9 +71,18 @@ class DeviceAugment(torch.nn.Module):
     (train only), so the statistics can be checked and a transform replayed.
     """
 
-    def __init__(self, *, train: bool, rotation_degrees: float = 10.0, hflip_p: float = 0.5,
-                 image_size: int | None = None, mask_lungs: bool = False, channels_last: bool = True,
-                 mean: float = MEAN_1CH, std: float = STD_1CH):
+    def __init__(
+        self,
+        *,
+        train: bool,
+        rotation_degrees: float = 10.0,
+        hflip_p: float = 0.5,
+        image_size: int | None = None,
+        mask_lungs: bool = False,
+        channels_last: bool = True,
+        mean: float = MEAN_1CH,
+        std: float = STD_1CH,
+    ):
         super().__init__()
         if rotation_degrees < 0 or not 0.0 <= hflip_p <= 1.0:
             raise ValueError(f"need rotation_degrees >= 0 and 0 <= hflip_p <= 1, got {rotation_degrees}, {hflip_p}")
@@ -82,11 +92,14 @@ class DeviceAugment(torch.nn.Module):
         self.last_params: dict[str, torch.Tensor] | None = None
 
     def extra_repr(self) -> str:
-        return (f"train={self.train_mode}, rotation_degrees={self.rotation_degrees}, hflip_p={self.hflip_p}, "
-                f"image_size={self.image_size}, mask_lungs={self.mask_lungs}, mean={self.mean:.4f}, std={self.std:.4f}")
+        return (
+            f"train={self.train_mode}, rotation_degrees={self.rotation_degrees}, hflip_p={self.hflip_p}, "
+            f"image_size={self.image_size}, mask_lungs={self.mask_lungs}, mean={self.mean:.4f}, std={self.std:.4f}"
+        )
 
-    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, images: torch.Tensor, masks: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"expected images [B,1,H,W], got {list(images.shape)}")
         if self.mask_lungs and masks is None:
@@ -96,8 +109,9 @@ class DeviceAugment(torch.nn.Module):
             m = None if masks is None else masks.float()
             b, _, h, w = x.shape
             if self.train_mode and b > 0 and (self.rotation_degrees > 0 or self.hflip_p > 0):
-                params = sample_params(b, rotation_degrees=self.rotation_degrees, hflip_p=self.hflip_p,
-                                       generator=generator)
+                params = sample_params(
+                    b, rotation_degrees=self.rotation_degrees, hflip_p=self.hflip_p, generator=generator
+                )
                 flip, angle = params["flip"].to(x.device), params["angle"].to(x.device)
                 matrix = affine_matrices(flip, angle, h, w)
                 x = warp_affine(x, matrix, dsize=(h, w), mode="bilinear", padding_mode="zeros", align_corners=True)
@@ -117,5 +131,13 @@ class DeviceAugment(torch.nn.Module):
         return x, m
 
 
-__all__ = ["DeviceAugment", "IMAGENET_MEAN", "IMAGENET_STD", "LUMA_WEIGHTS", "MEAN_1CH", "STD_1CH",
-           "affine_matrices", "sample_params"]
+__all__ = [
+    "DeviceAugment",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "LUMA_WEIGHTS",
+    "MEAN_1CH",
+    "STD_1CH",
+    "affine_matrices",
+    "sample_params",
+]

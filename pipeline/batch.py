@@ -32,21 +32,33 @@ class Batch:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> Batch:
         """Move tensors to `device`; non_blocking overlaps the copy when memory is pinned."""
+
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device, non_blocking=non_blocking)
 
-        return replace(self, images=move(self.images), labels=move(self.labels), masks=_move(self.masks, move),
-                       indices=_move(self.indices, move))
+        return replace(
+            self,
+            images=move(self.images),
+            labels=move(self.labels),
+            masks=_move(self.masks, move),
+            indices=_move(self.indices, move),
+        )
 
-    def pin_memory(self) -> "Batch":
+    def pin_memory(self) -> Batch:
         """Page-locked copy, so the host-to-device copy can run asynchronously.
 
         `torch.utils.data.DataLoader(pin_memory=True)` calls this on custom batch types.
         """
+
         def pin(t: torch.Tensor) -> torch.Tensor:
             return t.pin_memory()
 
-        return replace(self, images=pin(self.images), labels=pin(self.labels), masks=_move(self.masks, pin),
-                       indices=_move(self.indices, pin))
+        return replace(
+            self,
+            images=pin(self.images),
+            labels=pin(self.labels),
+            masks=_move(self.masks, pin),
+            indices=_move(self.indices, pin),
+        )

@@ -70,7 +70,7 @@ def _rate(iterator, batches: int, warmup: int) -> float:
 
 
 def _batch_len(b) -> int:
-    if hasattr(b, "keys") and isinstance(getattr(b, "keys"), list):
+    if hasattr(b, "keys") and isinstance(b.keys, list):
         return len(b.keys)
     if isinstance(b, dict):
         return len(next(iter(b.values())))
@@ -87,15 +87,22 @@ def _cycle(make):
 
 # --- (a) the original project's approach -------------------------------------------------------
 
+
 class _PngDataset(torch.utils.data.Dataset):
     def __init__(self, files: list[str], labels: list[int], image_size: int = 299):
         from torchvision import transforms as T
 
         self.files, self.labels = files, labels
-        self.transform = T.Compose([
-            T.Grayscale(1), T.Resize((image_size, image_size)), T.RandomHorizontalFlip(), T.RandomRotation(10), T.ToTensor(),
-            T.Normalize([0.5], [0.5]),
-        ])
+        self.transform = T.Compose(
+            [
+                T.Grayscale(1),
+                T.Resize((image_size, image_size)),
+                T.RandomHorizontalFlip(),
+                T.RandomRotation(10),
+                T.ToTensor(),
+                T.Normalize([0.5], [0.5]),
+            ]
+        )
 
     def __len__(self) -> int:
         return len(self.files)
@@ -107,8 +114,9 @@ class _PngDataset(torch.utils.data.Dataset):
             return self.transform(img.convert("L")), self.labels[i]
 
 
-def bench_original(raw: Path, classes, batch_size: int, workers: int, batches: int, warmup: int,
-                   image_size: int = 299) -> float:
+def bench_original(
+    raw: Path, classes, batch_size: int, workers: int, batches: int, warmup: int, image_size: int = 299
+) -> float:
     files, labels = [], []
     for c, name in enumerate(classes):
         found = sorted(glob.glob(str(raw / "**" / name / "images" / "*.png"), recursive=True))
@@ -116,23 +124,37 @@ def bench_original(raw: Path, classes, batch_size: int, workers: int, batches: i
         labels += [c] * len(found)
     if not files:
         raise FileNotFoundError(f"no <class>/images/*.png under {raw}")
-    loader = torch.utils.data.DataLoader(_PngDataset(files, labels, image_size), batch_size=batch_size, shuffle=True,
-                                         num_workers=workers, drop_last=True, persistent_workers=workers > 0)
+    loader = torch.utils.data.DataLoader(
+        _PngDataset(files, labels, image_size),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=True,
+        persistent_workers=workers > 0,
+    )
     return _rate(_cycle(lambda: loader), batches, warmup)
 
 
 # --- (b) webdataset's generic chain ------------------------------------------------------------
 
+
 def bench_webdataset(urls: list[str], batch_size: int, workers: int, batches: int, warmup: int, shuffle: int) -> float:
     import webdataset as wds
 
-    ds = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, empty_check=False)
-          .repeat().shuffle(shuffle).decode().to_tuple("image.npy", "cls").batched(batch_size, partial=False))
+    ds = (
+        wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=wds.split_by_node, empty_check=False)
+        .repeat()
+        .shuffle(shuffle)
+        .decode()
+        .to_tuple("image.npy", "cls")
+        .batched(batch_size, partial=False)
+    )
     loader = wds.WebLoader(ds, batch_size=None, num_workers=workers)
     return _rate(loader, batches, warmup)
 
 
 # --- (c) radstream -----------------------------------------------------------------------------
+
 
 def bench_radstream(shards: Path, batch_size: int, workers: int, batches: int, warmup: int, shuffle: int) -> float:
     loader = build_loader(shards, "train", batch_size=batch_size, num_workers=workers, shuffle_buffer=shuffle)
@@ -142,12 +164,18 @@ def bench_radstream(shards: Path, batch_size: int, workers: int, batches: int, w
 
 # --- (d) the memmap bound ----------------------------------------------------------------------
 
+
 def load_train_arrays(shards: Path, manifest) -> tuple[np.ndarray, np.ndarray]:
     images, labels = [], []
     for url in manifest.shard_urls("train", shards):
         with open_url(url) as fh:
-            for s in read_samples(fh, encoding=manifest.encoding, image_size=manifest.image_size,
-                                  num_classes=len(manifest.classes), masks=False):
+            for s in read_samples(
+                fh,
+                encoding=manifest.encoding,
+                image_size=manifest.image_size,
+                num_classes=len(manifest.classes),
+                masks=False,
+            ):
                 images.append(np.array(s.image))
                 labels.append(s.label)
     return np.stack(images), np.array(labels, np.int64)
@@ -171,6 +199,7 @@ def bench_memmap(npy: Path, batch_size: int, batches: int, warmup: int) -> float
 # Each peer is timed over a small grid of the settings its documentation names for
 # throughput (loader workers including in-process, batch size, its decode and shuffle
 # options) and the best figure is kept, with the settings that gave it in the JSON.
+
 
 def _peer_grid(workers: int, batch_size: int) -> list[tuple[int, int]]:
     return [(w, b) for w in sorted({0, workers}) for b in sorted({64, batch_size})]
@@ -216,21 +245,41 @@ def bench_litdata(images, labels, work: Path, batch_size, workers, batches, warm
     out = work / "litdata"
     if not (out / "index.json").exists():
         _LIT_SOURCE = (images, labels)
-        litdata.optimize(fn=_litdata_item, inputs=list(range(len(labels))), output_dir=str(out),
-                         chunk_bytes="64MB", num_workers=1, verbose=False, start_method="fork")
+        litdata.optimize(
+            fn=_litdata_item,
+            inputs=list(range(len(labels))),
+            output_dir=str(out),
+            chunk_bytes="64MB",
+            num_workers=1,
+            verbose=False,
+            start_method="fork",
+        )
 
     def trial(shuffle, w, b):
         def make():
             ds = litdata.StreamingDataset(str(out), shuffle=shuffle, drop_last=True, batch_decode=0)
-            return litdata.StreamingDataLoader(ds, batch_size=b, num_workers=w, drop_last=True,
-                                               persistent_workers=w > 0)
+            return litdata.StreamingDataLoader(
+                ds, batch_size=b, num_workers=w, drop_last=True, persistent_workers=w > 0
+            )
 
         return _timed_and_dropped(make, max(2, batches * batch_size // b), warmup)
 
-    return {shuffle: _best(
-        ({"num_workers": w, "batch_size": b, "batch_decode": 0, "shuffle": "chunks + 256-item windows" if shuffle
-          else "off", "chunk_bytes": "64MB"}, lambda w=w, b=b: trial(shuffle, w, b))
-        for w, b in _peer_grid(workers, batch_size)) for shuffle in (True, False)}
+    return {
+        shuffle: _best(
+            (
+                {
+                    "num_workers": w,
+                    "batch_size": b,
+                    "batch_decode": 0,
+                    "shuffle": "chunks + 256-item windows" if shuffle else "off",
+                    "chunk_bytes": "64MB",
+                },
+                lambda w=w, b=b, shuffle=shuffle: trial(shuffle, w, b),
+            )
+            for w, b in _peer_grid(workers, batch_size)
+        )
+        for shuffle in (True, False)
+    }
 
 
 def bench_mosaic(images, labels, work: Path, batch_size, workers, batches, warmup) -> dict[bool, tuple[float, dict]]:
@@ -242,8 +291,9 @@ def bench_mosaic(images, labels, work: Path, batch_size, workers, batches, warmu
     out = work / "mds"
     if not (out / "index.json").exists():
         shape = ",".join(str(d) for d in images.shape[1:])
-        with MDSWriter(out=str(out), columns={"image": f"ndarray:uint8:{shape}", "label": "int"},
-                       size_limit="64mb") as writer:
+        with MDSWriter(
+            out=str(out), columns={"image": f"ndarray:uint8:{shape}", "label": "int"}, size_limit="64mb"
+        ) as writer:
             for img, lab in zip(images, labels):
                 writer.write({"image": img, "label": int(lab)})
 
@@ -251,18 +301,26 @@ def bench_mosaic(images, labels, work: Path, batch_size, workers, batches, warmu
         def make():
             clean_stale_shared_memory()
             ds = StreamingDataset(local=str(out), shuffle=shuffle, batch_size=b, shuffle_seed=0, shuffle_algo="py1e")
-            return torch.utils.data.DataLoader(ds, batch_size=b, num_workers=w, drop_last=True,
-                                               persistent_workers=w > 0)
+            return torch.utils.data.DataLoader(
+                ds, batch_size=b, num_workers=w, drop_last=True, persistent_workers=w > 0
+            )
 
         return _timed_and_dropped(make, max(2, batches * batch_size // b), warmup)
 
-    return {shuffle: _best(
-        ({"num_workers": w, "batch_size": b, "shuffle_algo": "py1e" if shuffle else "off", "size_limit": "64mb"},
-         lambda w=w, b=b: trial(shuffle, w, b))
-        for w, b in _peer_grid(workers, batch_size)) for shuffle in (True, False)}
+    return {
+        shuffle: _best(
+            (
+                {"num_workers": w, "batch_size": b, "shuffle_algo": "py1e" if shuffle else "off", "size_limit": "64mb"},
+                lambda w=w, b=b, shuffle=shuffle: trial(shuffle, w, b),
+            )
+            for w, b in _peer_grid(workers, batch_size)
+        )
+        for shuffle in (True, False)
+    }
 
 
 # --- device augmentation -----------------------------------------------------------------------
+
 
 def bench_augment(batch_size: int, image_size: int, seconds: float = 3.0) -> dict:
     from pipeline.augment import DeviceAugment
@@ -284,11 +342,16 @@ def bench_augment(batch_size: int, image_size: int, seconds: float = 3.0) -> dic
     sync()
     elapsed = time.perf_counter() - start
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"
-    return {"device": f"{device.type} ({name})", "batch_size": batch_size, "batch_per_s": n / elapsed,
-            "img_per_s": n * batch_size / elapsed}
+    return {
+        "device": f"{device.type} ({name})",
+        "batch_size": batch_size,
+        "batch_per_s": n / elapsed,
+        "img_per_s": n * batch_size / elapsed,
+    }
 
 
 # --- driver ------------------------------------------------------------------------------------
+
 
 def _versions() -> dict:
     out = {}
@@ -336,8 +399,10 @@ def run(args: argparse.Namespace) -> dict:
             try:
                 rates = fn(images, labels, work, b, workers, n, warm)
                 (row[name], on), (unshuffled[name], off) = rates[True], rates[False]
-                results["peer_settings"].setdefault(f"workers_{workers}", {})[name] = {"shuffled": on,
-                                                                                        "unshuffled": off}
+                results["peer_settings"].setdefault(f"workers_{workers}", {})[name] = {
+                    "shuffled": on,
+                    "unshuffled": off,
+                }
                 print(f"{name:19s} {row[name]:10.0f} img/s (unshuffled {unshuffled[name]:.0f}); best settings {on}")
             except ImportError as exc:
                 row[name] = None
@@ -359,15 +424,28 @@ def run(args: argparse.Namespace) -> dict:
             **{f"radstream_vs_{p}": r / row[p] for p in ("litdata", "mosaic_streaming") if row.get(p)},
         }
     if "workers_1" in results["img_per_s"] and "workers_2" in results["img_per_s"]:
-        ratios["radstream_2_vs_1_workers"] = (results["img_per_s"]["workers_2"]["radstream"]
-                                              / results["img_per_s"]["workers_1"]["radstream"])
+        ratios["radstream_2_vs_1_workers"] = (
+            results["img_per_s"]["workers_2"]["radstream"] / results["img_per_s"]["workers_1"]["radstream"]
+        )
     results["ratios"] = ratios
     results["augment"] = bench_augment(b, manifest.image_size, args.augment_seconds)
-    results["config"] = {"batch_size": b, "batches": n, "warmup": warm, "shuffle_buffer": args.shuffle,
-                         "train_samples": int(len(labels)), "shards": str(shards), "raw": str(raw)}
-    results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(),
-                          "python": platform.python_version(), "versions": _versions(),
-                          "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg()}
+    results["config"] = {
+        "batch_size": b,
+        "batches": n,
+        "warmup": warm,
+        "shuffle_buffer": args.shuffle,
+        "train_samples": int(len(labels)),
+        "shards": str(shards),
+        "raw": str(raw),
+    }
+    results["machine"] = {
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": _versions(),
+        "load_avg_at_start": load_start,
+        "load_avg_at_end": os.getloadavg(),
+    }
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return results
@@ -375,8 +453,10 @@ def run(args: argparse.Namespace) -> dict:
 
 def table(results: dict) -> str:
     cols = list(results["img_per_s"])
-    lines = ["| pipeline (img/s, shuffled) | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
+    lines = [
+        "| pipeline (img/s, shuffled) | " + " | ".join(c.replace("_", " ") for c in cols) + " |",
+        "|---|" + "---:|" * len(cols),
+    ]
     for m in METHODS:
         cells = []
         for c in cols:
@@ -389,14 +469,18 @@ def table(results: dict) -> str:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     for c in cols:
         r = results["ratios"][c]
-        lines.append(f"\n{c}: radstream = {r['radstream_vs_memmap_bound']:.0%} of the memmap bound, "
-                     f"{r['radstream_vs_original']:.0f}x original, {r['radstream_vs_webdataset_generic']:.1f}x "
-                     "webdataset generic" + "".join(f", {r[k]:.1f}x {k[13:]}" for k in r if k.endswith(("litdata", "streaming"))))
+        lines.append(
+            f"\n{c}: radstream = {r['radstream_vs_memmap_bound']:.0%} of the memmap bound, "
+            f"{r['radstream_vs_original']:.0f}x original, {r['radstream_vs_webdataset_generic']:.1f}x "
+            "webdataset generic" + "".join(f", {r[k]:.1f}x {k[13:]}" for k in r if k.endswith(("litdata", "streaming")))
+        )
     if "radstream_2_vs_1_workers" in results["ratios"]:
         lines.append(f"radstream 2 workers / 1 worker: {results['ratios']['radstream_2_vs_1_workers']:.2f}x")
     a = results["augment"]
-    lines.append(f"DeviceAugment(train=True) on {a['device']}: {a['batch_per_s']:.1f} batch/s of {a['batch_size']} "
-                 f"({a['img_per_s']:,.0f} img/s)")
+    lines.append(
+        f"DeviceAugment(train=True) on {a['device']}: {a['batch_per_s']:.1f} batch/s of {a['batch_size']} "
+        f"({a['img_per_s']:,.0f} img/s)"
+    )
     return "\n".join(lines)
 
 

@@ -55,8 +55,12 @@ def npy_header(image_size: int) -> bytes:
     """The exact .npy v1 header `np.save` writes for uint8 [1, S, S] (128 bytes for S=299)."""
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
-              "shape": (1, image_size, image_size)}
+        buf,
+        {
+            "descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)),
+            "fortran_order": False,
+            "shape": (1, image_size, image_size),
+        },
     )
     return buf.getvalue()
 
@@ -324,8 +328,11 @@ def raw_samples(
         mask = fields.get(mask_ext) if masks else None
         return Sample(key, fields[label_ext], fields[image_ext], mask)  # type: ignore[arg-type]
 
-    members = (tar_members_buffer(stream, sizes) if isinstance(stream, (bytes, bytearray, memoryview, mmap.mmap))
-               else tar_members(stream, sizes))
+    members = (
+        tar_members_buffer(stream, sizes)
+        if isinstance(stream, (bytes, bytearray, memoryview, mmap.mmap))
+        else tar_members(stream, sizes)
+    )
     for k, ext, payload in members:
         if not ext:
             continue
@@ -335,7 +342,7 @@ def raw_samples(
             key, fields = k, {}
         if ext in fields:
             raise ShardFormatError(f"sample {key!r} has two {ext!r} members")
-        if ext == image_ext or ext == mask_ext:
+        if ext in (image_ext, mask_ext):
             if bytes(payload[:hlen]) != header:
                 raise ShardFormatError(f"sample {key!r}: {ext} is not uint8 {list(shape)} .npy")
             fields[ext] = np.frombuffer(payload, np.uint8, count=pixels, offset=hlen).reshape(shape)
@@ -364,7 +371,9 @@ def _decode_image(data: bytes, ext: str, key: str, image_size: int) -> np.ndarra
     except Exception as exc:  # noqa: BLE001 - any decoder failure is a format error
         raise ShardFormatError(f"sample {key!r}: cannot decode {ext}: {exc}") from None
     if array.dtype != np.uint8 or array.size != image_size * image_size or array.ndim not in (2, 3):
-        raise ShardFormatError(f"sample {key!r}: {ext} is {array.dtype} {list(array.shape)}, expected uint8 {list(shape)}")
+        raise ShardFormatError(
+            f"sample {key!r}: {ext} is {array.dtype} {list(array.shape)}, expected uint8 {list(shape)}"
+        )
     return array.reshape(shape)
 
 
@@ -435,9 +444,21 @@ def read_samples(
     """Samples of one shard stream: the fast path for raw shards, else the generic path."""
     if fast and encoding == "raw":
         mapped = map_file(stream)
-        return raw_samples(mapped if mapped is not None else stream, image_size=image_size, num_classes=num_classes, masks=masks)
+        return raw_samples(
+            mapped if mapped is not None else stream, image_size=image_size, num_classes=num_classes, masks=masks
+        )
     return generic_samples(stream, encoding=encoding, image_size=image_size, num_classes=num_classes, masks=masks)
 
 
-__all__ = ["ShardFormatError", "Sample", "generic_samples", "index_samples", "map_file", "npy_header", "raw_samples", "read_samples",
-           "tar_members", "tar_members_buffer"]
+__all__ = [
+    "ShardFormatError",
+    "Sample",
+    "generic_samples",
+    "index_samples",
+    "map_file",
+    "npy_header",
+    "raw_samples",
+    "read_samples",
+    "tar_members",
+    "tar_members_buffer",
+]

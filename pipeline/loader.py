@@ -38,8 +38,8 @@ from __future__ import annotations
 
 import math
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -80,9 +80,24 @@ class ShardLoader:
     `manifest`, `split`, `plan` ("global", "stream" or "eval"), `corrupt_shards`.
     """
 
-    def __init__(self, manifest: Manifest, split: str, urls: list[str], spec: ReadSpec, *, batch_size: int,
-                 rank: int, world_size: int, num_workers: int, seed: int, shuffle_buffer: int, drop_last: bool,
-                 sha256: list[str] | None, pin_memory: bool, prefetch_factor: int):
+    def __init__(
+        self,
+        manifest: Manifest,
+        split: str,
+        urls: list[str],
+        spec: ReadSpec,
+        *,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+        seed: int,
+        shuffle_buffer: int,
+        drop_last: bool,
+        sha256: list[str] | None,
+        pin_memory: bool,
+        prefetch_factor: int,
+    ):
         self.manifest, self.split, self.urls, self.spec = manifest, split, urls, spec
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
         self.seed, self.drop_last, self.sha256 = seed, drop_last, sha256
@@ -94,14 +109,20 @@ class ShardLoader:
             self.plan = "global" if random_access(urls, spec) else "stream"
             self.steps_per_epoch = plan.steps_per_epoch(total, batch_size * world_size, drop_last)
             if self.steps_per_epoch == 0:
-                raise ValueError(f"drop_last with {total} train samples < global batch {batch_size * world_size}: "
-                                 "an epoch would have no step")
+                raise ValueError(
+                    f"drop_last with {total} train samples < global batch {batch_size * world_size}: "
+                    "an epoch would have no step"
+                )
             self.num_samples = self.steps_per_epoch * batch_size
         else:
             self.plan = "eval"
             self.steps_per_epoch = plan.eval_steps(total, rank, world_size, num_workers, batch_size)
-            self.num_samples = sum(hi - lo for lo, hi in (plan.eval_range(total, rank, world_size, w, max(1, num_workers))
-                                                          for w in range(max(1, num_workers))))
+            self.num_samples = sum(
+                hi - lo
+                for lo, hi in (
+                    plan.eval_range(total, rank, world_size, w, max(1, num_workers)) for w in range(max(1, num_workers))
+                )
+            )
         self.epoch = 0
         self.counter = CorruptCounter() if spec.train else None
         self._start = 0  # first step of the next iteration (mid-epoch resume)
@@ -119,9 +140,17 @@ class ShardLoader:
 
     def state_dict(self) -> dict:
         """Where this rank is: epoch and global batches done, plus what the order depends on."""
-        state = {"version": STATE_VERSION, "split": self.split, "epoch": self.epoch, "step": self._done,
-                 "seed": self.seed, "global_batch": self.batch_size * self.world_size, "drop_last": self.drop_last,
-                 "shards": split_digest(self.manifest, self.split), "plan": self.plan}
+        state = {
+            "version": STATE_VERSION,
+            "split": self.split,
+            "epoch": self.epoch,
+            "step": self._done,
+            "seed": self.seed,
+            "global_batch": self.batch_size * self.world_size,
+            "drop_last": self.drop_last,
+            "shards": split_digest(self.manifest, self.split),
+            "plan": self.plan,
+        }
         if self.plan == "stream":  # its order depends on the rank and worker layout
             state["layout"] = [self.world_size, max(1, self.num_workers)]
         return state
@@ -131,10 +160,16 @@ class ShardLoader:
         mine = self.state_dict()
         keys = ["version", "split", "seed", "global_batch", "drop_last", "shards", "plan"]
         keys += ["layout"] if self.plan == "stream" else []
-        diffs = [f"{k}: state has {state.get(k)!r}, this loader has {mine[k]!r}" for k in keys if state.get(k) != mine[k]]
+        diffs = [
+            f"{k}: state has {state.get(k)!r}, this loader has {mine[k]!r}" for k in keys if state.get(k) != mine[k]
+        ]
         if diffs:
-            hint = (" (streamed shards: resume with the same ranks and data workers, or set a cache_dir for the "
-                    "worker-independent global shuffle)" if "layout" in " ".join(diffs) else "")
+            hint = (
+                " (streamed shards: resume with the same ranks and data workers, or set a cache_dir for the "
+                "worker-independent global shuffle)"
+                if "layout" in " ".join(diffs)
+                else ""
+            )
             raise LoaderStateError("cannot resume this loader from that state: " + "; ".join(diffs) + hint)
         if not 0 <= int(state["step"]) <= self.steps_per_epoch:
             raise LoaderStateError(f"state step {state['step']} is outside 0..{self.steps_per_epoch}")
@@ -163,12 +198,20 @@ class ShardLoader:
         self._start, self._done = 0, span.start
         ring = None
         if self.num_workers > 0:  # a fresh ring per iteration: a still-running earlier iterator keeps its own
-            ring = BatchRing(self.num_workers, self.prefetch_factor + 2, self.batch_size, self.spec.image_size,
-                             self.spec.masks)
+            ring = BatchRing(
+                self.num_workers, self.prefetch_factor + 2, self.batch_size, self.spec.image_size, self.spec.masks
+            )
         dataset = self._dataset(span, ring)
         kwargs = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
-        loader = wds.WebLoader(dataset, batch_size=None, shuffle=False, num_workers=self.num_workers,
-                               pin_memory=False, persistent_workers=False, **kwargs)
+        loader = wds.WebLoader(
+            dataset,
+            batch_size=None,
+            shuffle=False,
+            num_workers=self.num_workers,
+            pin_memory=False,
+            persistent_workers=False,
+            **kwargs,
+        )
         pin = self.pin_memory and torch.cuda.is_available()
         return _release_on_error(self._in_order(from_ring(loader, ring, pin), span))
 
@@ -188,18 +231,40 @@ class ShardLoader:
     def _dataset(self, span: EpochSpan, ring: BatchRing | None):
         if self.plan == "global":
             table, valid = self._global_table()
-            return IndexedStream(table, valid, n=sum(self.counts), seed=self.seed, batch_size=self.batch_size,
-                                 rank=self.rank, world_size=self.world_size, drop_last=self.drop_last,
-                                 image_size=self.spec.image_size, masks=self.spec.masks, span=span, ring=ring)
+            return IndexedStream(
+                table,
+                valid,
+                n=sum(self.counts),
+                seed=self.seed,
+                batch_size=self.batch_size,
+                rank=self.rank,
+                world_size=self.world_size,
+                drop_last=self.drop_last,
+                image_size=self.spec.image_size,
+                masks=self.spec.masks,
+                span=span,
+                ring=ring,
+            )
         index = None
         if self.spec.fast and self.spec.encoding == "raw" and all(local_path(u) is not None for u in self.urls):
-            self._index = build_index([str(local_path(u)) for u in self.urls], self.spec, self.counts, self.sha256,
-                                      self._index)
+            self._index = build_index(
+                [str(local_path(u)) for u in self.urls], self.spec, self.counts, self.sha256, self._index
+            )
             index = self._index
         shards = ShardSet(self.urls, self.counts, self.sha256, index)
-        return SequentialStream(shards, self.spec, self.counter, seed=self.seed, batch_size=self.batch_size,
-                                rank=self.rank, world_size=self.world_size, window_steps=self.window_steps,
-                                drop_last=self.drop_last, span=span, ring=ring)
+        return SequentialStream(
+            shards,
+            self.spec,
+            self.counter,
+            seed=self.seed,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            world_size=self.world_size,
+            window_steps=self.window_steps,
+            drop_last=self.drop_last,
+            span=span,
+            ring=ring,
+        )
 
     def _global_table(self) -> tuple[SampleTable, np.ndarray | None]:
         """Index (and cache) every train shard; corrupt ones are skipped (counted) or raised (strict)."""
@@ -215,11 +280,15 @@ class ShardLoader:
         if not bad:
             return self._table[1], None
         ends = np.cumsum(self.counts)
-        valid = np.concatenate([np.arange(ends[i] - c, ends[i]) for i, c in enumerate(self.counts) if i not in bad]
-                               or [np.zeros(0, np.int64)])
+        valid = np.concatenate(
+            [np.arange(ends[i] - c, ends[i]) for i, c in enumerate(self.counts) if i not in bad]
+            or [np.zeros(0, np.int64)]
+        )
         if len(valid) == 0:
-            raise RuntimeError(f"no readable train samples: all {len(self.urls)} train shards are corrupt or "
-                               "unreachable (see the warnings above; `python -m sharding verify` checks them)")
+            raise RuntimeError(
+                f"no readable train samples: all {len(self.urls)} train shards are corrupt or "
+                "unreachable (see the warnings above; `python -m sharding verify` checks them)"
+            )
         return self._table[1], valid
 
 
@@ -278,14 +347,33 @@ def build_loader(
     if train and info.samples == 0:
         raise ValueError(f"split {split!r} has no samples")
     base = local_path(str(shards))
-    spec = ReadSpec(encoding=manifest.encoding, image_size=manifest.image_size, num_classes=len(manifest.classes),
-                    masks=manifest.masks, train=train, strict=strict, fast=fast,
-                    cache_dir=None if cache_dir is None else str(cache_dir), allow_pipe=allow_pipe)
-    return ShardLoader(manifest, split, manifest.shard_urls(split, str(base) if base is not None else str(shards)),
-                       spec, batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
-                       seed=seed, shuffle_buffer=shuffle_buffer, drop_last=drop_last,
-                       sha256=[s.sha256 for s in info.shards] if verify_checksums else None,
-                       pin_memory=pin_memory, prefetch_factor=prefetch_factor)
+    spec = ReadSpec(
+        encoding=manifest.encoding,
+        image_size=manifest.image_size,
+        num_classes=len(manifest.classes),
+        masks=manifest.masks,
+        train=train,
+        strict=strict,
+        fast=fast,
+        cache_dir=None if cache_dir is None else str(cache_dir),
+        allow_pipe=allow_pipe,
+    )
+    return ShardLoader(
+        manifest,
+        split,
+        manifest.shard_urls(split, str(base) if base is not None else str(shards)),
+        spec,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        drop_last=drop_last,
+        sha256=[s.sha256 for s in info.shards] if verify_checksums else None,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+    )
 
 
 __all__ = ["LoaderStateError", "ShardLoader", "build_loader", "load_shard_manifest"]

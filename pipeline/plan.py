@@ -37,6 +37,7 @@ import numpy as np
 
 from sharding import seeds
 
+
 def steps_per_epoch(n: int, global_batch: int, drop_last: bool = False) -> int:
     """Global batches in a train epoch of `n` samples: ceil(n / G), or floor with `drop_last`."""
     if global_batch < 1:
@@ -51,8 +52,9 @@ def pad_or_cut(seq: np.ndarray, length: int) -> np.ndarray:
     return np.resize(seq, length)
 
 
-def epoch_order(n: int, seed: int, epoch: int, global_batch: int, drop_last: bool = False,
-                valid: np.ndarray | None = None) -> np.ndarray:
+def epoch_order(
+    n: int, seed: int, epoch: int, global_batch: int, drop_last: bool = False, valid: np.ndarray | None = None
+) -> np.ndarray:
     """Global plan: int64 [steps * G], the sample index of every slot of every global batch.
 
     `valid` (sorted sample indices) restricts the permutation to readable samples
@@ -141,9 +143,19 @@ def segments(positions: tuple[int, int], order: np.ndarray, counts: list[int]) -
     return out
 
 
-def stream_windows(counts: list[int], seed: int, epoch: int, batch_size: int, rank: int, world_size: int,
-                   worker: int, num_workers: int, window_steps: int, drop_last: bool = False,
-                   start: int = 0) -> list[Window]:
+def stream_windows(
+    counts: list[int],
+    seed: int,
+    epoch: int,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    worker: int,
+    num_workers: int,
+    window_steps: int,
+    drop_last: bool = False,
+    start: int = 0,
+) -> list[Window]:
     """Stream plan: the windows plan worker `worker` of a rank reads this epoch, from step `start` on.
 
     Windows before `start` are left out; the first window kept may hold steps

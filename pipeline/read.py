@@ -17,9 +17,9 @@ import json
 import multiprocessing as mp
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -150,21 +150,35 @@ def index_shard(path: str, spec: ReadSpec, count: int, sha256: str | None) -> Sh
             raise ShardFormatError("empty or not a regular file")
         # not closed here: the walk's memoryviews may still be alive in a traceback; gc unmaps it
         if sha256 is not None and hashlib.sha256(mapped).hexdigest() != sha256:
-            raise ShardFormatError("sha256 differs from the manifest's (bit rot or an edited shard; "
-                                   "`python -m sharding verify` lists every damaged shard, a rebuild with "
-                                   "--force restores them)")
+            raise ShardFormatError(
+                "sha256 differs from the manifest's (bit rot or an edited shard; "
+                "`python -m sharding verify` lists every damaged shard, a rebuild with "
+                "--force restores them)"
+            )
         entries = index_samples(mapped, image_size=spec.image_size, num_classes=spec.num_classes, masks=spec.masks)
         if len(entries) != count:
             raise ShardFormatError(f"holds {len(entries)} samples, the manifest says {count}")
     except (ShardFormatError, OSError) as exc:
         return ShardIndex(path, st.st_size, st.st_mtime_ns, error=f"{type(exc).__name__}: {exc}")
     keys, labels, images, masks = zip(*entries) if entries else ((), (), (), ())
-    return ShardIndex(path, st.st_size, st.st_mtime_ns, list(keys), np.array(labels, np.int64),
-                      np.array(images, np.int64), np.array(masks, np.int64))
+    return ShardIndex(
+        path,
+        st.st_size,
+        st.st_mtime_ns,
+        list(keys),
+        np.array(labels, np.int64),
+        np.array(images, np.int64),
+        np.array(masks, np.int64),
+    )
 
 
-def build_index(paths: list[str], spec: ReadSpec, counts: list[int], sha256: list[str] | None,
-                previous: list[ShardIndex] | None = None) -> list[ShardIndex]:
+def build_index(
+    paths: list[str],
+    spec: ReadSpec,
+    counts: list[int],
+    sha256: list[str] | None,
+    previous: list[ShardIndex] | None = None,
+) -> list[ShardIndex]:
     """Index every shard once; a shard indexed before is walked again only if its size or mtime changed.
 
     With `sha256` each shard is hashed against the manifest (about 1 s per GB, once
@@ -207,15 +221,19 @@ def localize(urls: list[str], spec: ReadSpec, sha256: list[str] | None) -> tuple
 
 def random_access(urls: list[str], spec: ReadSpec) -> bool:
     """Whether the global plan applies: raw shards on the fast path, each local or cached."""
-    return spec.fast and spec.encoding == "raw" and all(
-        local_path(u) is not None or (spec.cache_dir is not None and is_remote(u)) for u in urls)
+    return (
+        spec.fast
+        and spec.encoding == "raw"
+        and all(local_path(u) is not None or (spec.cache_dir is not None and is_remote(u)) for u in urls)
+    )
 
 
 # --------------------------------------------------------------------------- sequential reads
 
 
-def read_segment(spec: ReadSpec, url: str, count: int, lo: int, hi: int, sha256: str | None,
-                 counter: CorruptCounter | None) -> Iterator[Sample]:
+def read_segment(
+    spec: ReadSpec, url: str, count: int, lo: int, hi: int, sha256: str | None, counter: CorruptCounter | None
+) -> Iterator[Sample]:
     """Samples [lo, hi) of a shard of `count` samples, read front to back; the corrupt policy on failure.
 
     Samples read before a fault were already validated and are kept; the ones not
@@ -225,8 +243,14 @@ def read_segment(spec: ReadSpec, url: str, count: int, lo: int, hi: int, sha256:
     stream = None
     try:
         stream = open_url(url, cache_dir=spec.cache_dir, allow_pipe=spec.allow_pipe, sha256=sha256)
-        samples = read_samples(stream, encoding=spec.encoding, image_size=spec.image_size,
-                               num_classes=spec.num_classes, masks=spec.masks, fast=spec.fast)
+        samples = read_samples(
+            stream,
+            encoding=spec.encoding,
+            image_size=spec.image_size,
+            num_classes=spec.num_classes,
+            masks=spec.masks,
+            fast=spec.fast,
+        )
         for sample in samples:
             if seen >= count:
                 raise ShardFormatError(f"holds more samples than the manifest's {count}")

@@ -18,8 +18,8 @@ import math
 import multiprocessing as mp
 import time
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -92,8 +92,14 @@ class BatchMemory:
         if self.slot is not None:
             self.ring.busy[self.slot] = 1
             return SlotRef(self.slot, len(keys), labels, keys, indices, step)
-        return Batch(images=self.images, labels=torch.from_numpy(np.asarray(labels, np.int64)), keys=keys,
-                     masks=self.masks, indices=torch.from_numpy(np.asarray(indices, np.int64)), step=step)
+        return Batch(
+            images=self.images,
+            labels=torch.from_numpy(np.asarray(labels, np.int64)),
+            keys=keys,
+            masks=self.masks,
+            indices=torch.from_numpy(np.asarray(indices, np.int64)),
+            step=step,
+        )
 
 
 class _SlotRelease:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -68,7 +68,7 @@ class SampleTable:
     keys: list[str]
 
     @classmethod
-    def from_index(cls, index: list[ShardIndex], counts: list[int]) -> "SampleTable":
+    def from_index(cls, index: list[ShardIndex], counts: list[int]) -> SampleTable:
         n = sum(counts)
         shard_of = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
         image, mask, labels = np.zeros(n, np.int64), np.full(n, -1, np.int64), np.full(n, -1, np.int64)
@@ -81,8 +81,9 @@ class SampleTable:
                 labels[start : start + count] = ix.labels
                 keys[start : start + count] = ix.keys
             start += count
-        return cls([ix.path for ix in index], [(ix.size, ix.mtime_ns) for ix in index], shard_of, image, mask,
-                   labels, keys)
+        return cls(
+            [ix.path for ix in index], [(ix.size, ix.mtime_ns) for ix in index], shard_of, image, mask, labels, keys
+        )
 
 
 class _ShardMaps:
@@ -98,8 +99,10 @@ class _ShardMaps:
         with open(path, "rb") as fh:
             st = os.fstat(fh.fileno())
             if (st.st_size, st.st_mtime_ns) != self.table.stats[shard]:
-                raise ShardFormatError(f"shard {path} changed after it was indexed (size or mtime differ): "
-                                       "do not rewrite shards under a running loader")
+                raise ShardFormatError(
+                    f"shard {path} changed after it was indexed (size or mtime differ): "
+                    "do not rewrite shards under a running loader"
+                )
             mapped = map_file(fh)
         arr = np.frombuffer(mapped, np.uint8)
         self._keep.append(arr)
@@ -121,9 +124,22 @@ class _ShardMaps:
 class IndexedStream(IterableDataset):
     """Global plan: rank `rank`'s batches of each epoch, worker w making steps w, w+W, ..."""
 
-    def __init__(self, table: SampleTable, valid: np.ndarray | None, *, n: int, seed: int, batch_size: int,
-                 rank: int, world_size: int, drop_last: bool, image_size: int, masks: bool, span: EpochSpan,
-                 ring: BatchRing | None = None):
+    def __init__(
+        self,
+        table: SampleTable,
+        valid: np.ndarray | None,
+        *,
+        n: int,
+        seed: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        drop_last: bool,
+        image_size: int,
+        masks: bool,
+        span: EpochSpan,
+        ring: BatchRing | None = None,
+    ):
         super().__init__()
         self.table, self.valid, self.n, self.seed = table, valid, n, seed
         self.batch_size, self.rank, self.world_size, self.drop_last = batch_size, rank, world_size, drop_last
@@ -136,8 +152,9 @@ class IndexedStream(IterableDataset):
         maps = _ShardMaps(self.table)
         t = self.table
         for epoch, first, role in self.span.roles(worker, num_workers, self.steps):
-            order = plan.epoch_order(self.n, self.seed, epoch, self.batch_size * self.world_size, self.drop_last,
-                                     self.valid)
+            order = plan.epoch_order(
+                self.n, self.seed, epoch, self.batch_size * self.world_size, self.drop_last, self.valid
+            )
             mine = plan.rank_batches(order, self.rank, self.batch_size, self.world_size)
             for step in plan.worker_steps(self.steps, role, num_workers, first):
                 idx = mine[step]
@@ -164,9 +181,21 @@ class ShardSet:
 class SequentialStream(IterableDataset):
     """Shards read front to back: the stream plan for train, contiguous exact-once ranges for eval."""
 
-    def __init__(self, shards: ShardSet, spec: ReadSpec, counter: CorruptCounter | None, *, seed: int,
-                 batch_size: int, rank: int, world_size: int, window_steps: int, drop_last: bool,
-                 span: EpochSpan, ring: BatchRing | None = None):
+    def __init__(
+        self,
+        shards: ShardSet,
+        spec: ReadSpec,
+        counter: CorruptCounter | None,
+        *,
+        seed: int,
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        window_steps: int,
+        drop_last: bool,
+        span: EpochSpan,
+        ring: BatchRing | None = None,
+    ):
         super().__init__()
         self.shards, self.spec, self.counter, self.seed = shards, spec, counter, seed
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
@@ -195,8 +224,9 @@ class SequentialStream(IterableDataset):
         if ix is not None and not ix.stale():
             samples = _indexed_samples(ix, seg.lo, seg.hi, self.spec.image_size)
         else:
-            samples = read_segment(self.spec, url, count, seg.lo, seg.hi,
-                                   s.sha256[seg.shard] if s.sha256 else None, self.counter)
+            samples = read_segment(
+                self.spec, url, count, seg.lo, seg.hi, s.sha256[seg.shard] if s.sha256 else None, self.counter
+            )
         for i, sample in enumerate(samples):
             yield seg.first + i, sample
 
@@ -232,8 +262,19 @@ class SequentialStream(IterableDataset):
     # -- train: windows of the stream plan
 
     def _train_epoch(self, epoch: int, start: int, role: int, num_workers: int, ring: BatchRing | None, worker: int):
-        windows = plan.stream_windows(self.shards.counts, self.seed, epoch, self.batch_size, self.rank,
-                                      self.world_size, role, num_workers, self.window_steps, self.drop_last, start)
+        windows = plan.stream_windows(
+            self.shards.counts,
+            self.seed,
+            epoch,
+            self.batch_size,
+            self.rank,
+            self.world_size,
+            role,
+            num_workers,
+            self.window_steps,
+            self.drop_last,
+            start,
+        )
         spare: list[tuple[int, Sample]] = []  # samples of an earlier window, for a window that read nothing
         for window in windows:
             items = [item for seg in window.segments for item in self._segment(seg)]
@@ -243,8 +284,9 @@ class SequentialStream(IterableDataset):
                 items = [items[i] for i in plan.pad_or_cut(perm, need)]  # short only after a corrupt shard
                 spare = items[: self.batch_size]
             else:
-                items = [spare[i] for i in plan.pad_or_cut(np.arange(len(spare)), need)] if spare else \
-                    self._rescue(need)
+                items = (
+                    [spare[i] for i in plan.pad_or_cut(np.arange(len(spare)), need)] if spare else self._rescue(need)
+                )
             for j, step in enumerate(window.steps):
                 if step >= start:
                     yield self._batch(items[j * self.batch_size : (j + 1) * self.batch_size], ring, worker, step)
@@ -259,8 +301,10 @@ class SequentialStream(IterableDataset):
             if len(found) >= need:
                 break
         if not found:
-            raise RuntimeError(f"no readable train samples: all {len(self.shards.counts)} train shards are corrupt "
-                               "or unreachable (see the warnings above; `python -m sharding verify` checks them)")
+            raise RuntimeError(
+                f"no readable train samples: all {len(self.shards.counts)} train shards are corrupt "
+                "or unreachable (see the warnings above; `python -m sharding verify` checks them)"
+            )
         return [found[i] for i in plan.pad_or_cut(np.arange(len(found)), need)]
 
 
@@ -274,5 +318,9 @@ def _indexed_samples(ix: ShardIndex, lo: int, hi: int, image_size: int) -> Itera
     shape = (1, image_size, image_size)
     for i in range(lo, hi):
         image, mask = int(ix.image_offsets[i]), int(ix.mask_offsets[i])
-        yield Sample(ix.keys[i], int(ix.labels[i]), arr[image : image + pixels].reshape(shape),
-                     arr[mask : mask + pixels].reshape(shape) if mask >= 0 else None)
+        yield Sample(
+            ix.keys[i],
+            int(ix.labels[i]),
+            arr[image : image + pixels].reshape(shape),
+            arr[mask : mask + pixels].reshape(shape) if mask >= 0 else None,
+        )

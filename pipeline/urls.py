@@ -75,7 +75,7 @@ def local_path(url: str) -> Path | None:
     if url.startswith("file://"):
         return Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
     if url.startswith("file:"):
-        return Path(url[len("file:"):])
+        return Path(url[len("file:") :])
     if "://" in url or url.startswith("pipe:"):
         return None
     return Path(url)
@@ -155,8 +155,9 @@ def cache_path(url: str, cache_dir: str | Path, sha256: str | None = None) -> Pa
     return Path(cache_dir) / f"{digest}-{tail}"
 
 
-def open_url(url: str, *, cache_dir: str | Path | None = None, allow_pipe: bool | None = None,
-             sha256: str | None = None) -> BinaryIO:
+def open_url(
+    url: str, *, cache_dir: str | Path | None = None, allow_pipe: bool | None = None, sha256: str | None = None
+) -> BinaryIO:
     """A readable binary stream for a shard or manifest URL (see the module docstring).
 
     With `cache_dir` and `sha256`, a download enters the cache only when its
@@ -179,8 +180,10 @@ def open_url(url: str, *, cache_dir: str | Path | None = None, allow_pipe: bool 
                 dst.flush()
                 os.fsync(dst.fileno())
             if sha256 is not None and digest.hexdigest() != sha256:
-                raise ShardFormatError(f"download of {url} has sha256 {digest.hexdigest()[:16]}…, the manifest "
-                                       f"says {sha256[:16]}… (truncated or altered in transit); not cached")
+                raise ShardFormatError(
+                    f"download of {url} has sha256 {digest.hexdigest()[:16]}…, the manifest "
+                    f"says {sha256[:16]}… (truncated or altered in transit); not cached"
+                )
             os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)

@@ -24,8 +24,11 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
     counts = phantom.counts_for(args.per_class, args.realistic_ratio, args.full_size)
     try:
         spec = phantom.PhantomSpec(
-            counts=counts, seed=args.seed, dup_fraction=args.dup_fraction,
-            near_dup_fraction=args.near_dup_fraction, markers=args.markers,
+            counts=counts,
+            seed=args.seed,
+            dup_fraction=args.dup_fraction,
+            near_dup_fraction=args.near_dup_fraction,
+            markers=args.markers,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -76,26 +79,36 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
     try:
         report = run_build(
-            args.raw, args.out, encoding=args.encoding, include_masks=args.include_masks,
-            shard_size=args.shard_size, workers=args.workers, seed=args.seed,
-            near_dup_distance=args.near_dup_distance, strict=args.strict, force=args.force,
+            args.raw,
+            args.out,
+            encoding=args.encoding,
+            include_masks=args.include_masks,
+            shard_size=args.shard_size,
+            workers=args.workers,
+            seed=args.seed,
+            near_dup_distance=args.near_dup_distance,
+            strict=args.strict,
+            force=args.force,
             progress=not args.quiet,
         )
     except BuildError as exc:
         raise UsageError(str(exc)) from None
     except OSError as exc:  # disk full, file size limit, unwritable folder: the previous set is still in place
         where = f" ({exc.filename})" if exc.filename else ""
-        raise UsageError(f"cannot write the shard set {args.out}: {exc.strerror or exc}{where}; "
-                         f"nothing was replaced (any previous set in {args.out} is intact)") from None
+        raise UsageError(
+            f"cannot write the shard set {args.out}: {exc.strerror or exc}{where}; "
+            f"nothing was replaced (any previous set in {args.out} is intact)"
+        ) from None
     m = report.manifest
     if report.noop:
-        print(f"build: {report.out} is up to date with {args.raw} and these options; nothing to do "
-              "(--force rebuilds)")
+        print(f"build: {report.out} is up to date with {args.raw} and these options; nothing to do (--force rebuilds)")
         return 0
     print(summary(m, report.elapsed))
-    print(f"build: wrote {m.counts['written']} samples in "
-          f"{sum(len(s.shards) for s in m.splits.values())} shards to {report.out} "
-          f"(analyse {report.analyse_s:.1f}s, write {report.write_s:.1f}s, {_peak_rss()})")
+    print(
+        f"build: wrote {m.counts['written']} samples in "
+        f"{sum(len(s.shards) for s in m.splits.values())} shards to {report.out} "
+        f"(analyse {report.analyse_s:.1f}s, write {report.write_s:.1f}s, {_peak_rss()})"
+    )
     return 0
 
 
@@ -172,14 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="raw dataset -> WebDataset shards per split + manifest.json")
     p.add_argument("--raw", default="data/raw", help="data/raw or the COVID-19_Radiography_Dataset folder")
     p.add_argument("--out", default="shards", help="shard folder (replaced atomically)")
-    p.add_argument("--encoding", choices=("raw", "png"), default="raw",
-                   help="raw: uint8 .npy, no decoding (default); png: about 2x smaller")
+    p.add_argument(
+        "--encoding",
+        choices=("raw", "png"),
+        default="raw",
+        help="raw: uint8 .npy, no decoding (default); png: about 2x smaller",
+    )
     p.add_argument("--include-masks", action="store_true", help="store the lung masks (299x299, {0,1})")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
     p.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
-    p.add_argument("--near-dup-distance", type=int, default=None, metavar="D",
-                   help="also group images whose 256-bit perceptual hash differs in <= D bits (off by default; try 6)")
+    p.add_argument(
+        "--near-dup-distance",
+        type=int,
+        default=None,
+        metavar="D",
+        help="also group images whose 256-bit perceptual hash differs in <= D bits (off by default; try 6)",
+    )
     p.add_argument("--strict", action="store_true", help="fail (exit 2) if any input would be skipped")
     p.add_argument("--force", action="store_true", help="rebuild even if inputs and options are unchanged")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

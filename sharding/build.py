@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from sharding.contract import CLASSES, DATASET_DIR, ENCODINGS, IMAGE_SIZE, SPLITS
-from sharding.dedup import HASH_BITS, phash, group, pixel_sha256
+from sharding.dedup import HASH_BITS, group, phash, pixel_sha256
 from sharding.files import pid_alive
 from sharding.manifest import (
     MANIFEST_NAME,
@@ -370,8 +370,9 @@ def _versions() -> dict:
 def _bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, smoothing=0.1,
-                dynamic_ncols=True)
+    return tqdm(
+        total=total, desc=desc, unit="img", disable=not enabled, file=sys.stderr, smoothing=0.1, dynamic_ncols=True
+    )
 
 
 # --------------------------------------------------------------------------- build
@@ -465,14 +466,16 @@ def run_build(
         for g, kind in kinds.items():
             ms = sorted(members[g], key=lambda j: records[good[j]].key)
             names = [records[good[j]].class_name for j in ms]
-            dup_groups.append({
-                "kind": kind,
-                "members": [records[good[j]].key for j in ms],
-                "sources": [records[good[j]].rel for j in ms],
-                "labels": names,
-                "mixed_labels": len(set(names)) > 1,
-                "split": split_of[ms[0]],
-            })
+            dup_groups.append(
+                {
+                    "kind": kind,
+                    "members": [records[good[j]].key for j in ms],
+                    "sources": [records[good[j]].rel for j in ms],
+                    "labels": names,
+                    "mixed_labels": len(set(names)) > 1,
+                    "split": split_of[ms[0]],
+                }
+            )
         dup_groups.sort(key=lambda d: d["members"][0])
         issue_of = {m["key"]: m["reason"] for m in mask_issues}
 
@@ -490,8 +493,15 @@ def run_build(
         for name, idx in plan:
             split = name.split("-", 1)[0]
             sample_tasks = [
-                (records[good[j]], split, facts[good[j]]["sha"], facts[good[j]], encoding, options.include_masks,
-                 issue_of.get(records[good[j]].key))
+                (
+                    records[good[j]],
+                    split,
+                    facts[good[j]]["sha"],
+                    facts[good[j]],
+                    encoding,
+                    options.include_masks,
+                    issue_of.get(records[good[j]].key),
+                )
                 for j in idx
             ]
             shard_tasks.append((str(tmp / name), sample_tasks, delay))

@@ -43,12 +43,16 @@ def credentials_source(environ: dict[str, str] | None = None, home: Path | None 
         try:
             data = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise CredentialsError(f"{path} is not readable JSON ({exc}); download a fresh one from "
-                                   "https://www.kaggle.com/settings (API > Create New Token)") from None
+            raise CredentialsError(
+                f"{path} is not readable JSON ({exc}); download a fresh one from "
+                "https://www.kaggle.com/settings (API > Create New Token)"
+            ) from None
         if isinstance(data, dict) and data.get("username") and data.get("key"):
             return str(path)
-        raise CredentialsError(f'{path} lacks "username" and "key"; download a fresh one from '
-                               "https://www.kaggle.com/settings (API > Create New Token)")
+        raise CredentialsError(
+            f'{path} lacks "username" and "key"; download a fresh one from '
+            "https://www.kaggle.com/settings (API > Create New Token)"
+        )
     raise CredentialsError(
         "no Kaggle credentials found. Either export KAGGLE_USERNAME and KAGGLE_KEY, or save the token from "
         f"https://www.kaggle.com/settings (API > Create New Token) as {path} (chmod 600); "

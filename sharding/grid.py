@@ -33,11 +33,14 @@ def image_grid(
             img = img.resize((tile, tile), Image.Resampling.BILINEAR).convert("RGB")
             mask = outlines[r][c] if outlines is not None else None
             if mask is not None:
-                small = np.asarray(
-                    Image.fromarray((np.asarray(mask).squeeze() > 0).astype(np.uint8) * 255).resize(
-                        (tile, tile), Image.Resampling.NEAREST
+                small = (
+                    np.asarray(
+                        Image.fromarray((np.asarray(mask).squeeze() > 0).astype(np.uint8) * 255).resize(
+                            (tile, tile), Image.Resampling.NEAREST
+                        )
                     )
-                ) > 0
+                    > 0
+                )
                 edge = small & ~(
                     np.roll(small, 1, 0) & np.roll(small, -1, 0) & np.roll(small, 1, 1) & np.roll(small, -1, 1)
                 )

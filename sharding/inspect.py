@@ -17,7 +17,13 @@ def summary(manifest: Manifest, elapsed: float | None = None) -> str:
     """Split x class counts, skipped inputs, duplicate groups, bytes (and elapsed, if given)."""
     names = list(manifest.classes)
     width = max(len(n) for n in names + ["split"]) + 2
-    header = "split".ljust(8) + "".join(n.rjust(width) for n in names) + "total".rjust(9) + "shards".rjust(8) + "bytes".rjust(13)
+    header = (
+        "split".ljust(8)
+        + "".join(n.rjust(width) for n in names)
+        + "total".rjust(9)
+        + "shards".rjust(8)
+        + "bytes".rjust(13)
+    )
     lines = [header, "-" * len(header)]
     totals = [0] * len(names)
     all_bytes = 0
@@ -30,25 +36,40 @@ def summary(manifest: Manifest, elapsed: float | None = None) -> str:
         totals = [a + b for a, b in zip(totals, counts)]
         all_bytes += nbytes
         all_shards += len(info.shards)
-        lines.append(split.ljust(8) + "".join(str(c).rjust(width) for c in counts)
-                     + str(sum(counts)).rjust(9) + str(len(info.shards)).rjust(8) + _mb(nbytes).rjust(13))
+        lines.append(
+            split.ljust(8)
+            + "".join(str(c).rjust(width) for c in counts)
+            + str(sum(counts)).rjust(9)
+            + str(len(info.shards)).rjust(8)
+            + _mb(nbytes).rjust(13)
+        )
     lines.append("-" * len(header))
-    lines.append("all".ljust(8) + "".join(str(c).rjust(width) for c in totals) + str(sum(totals)).rjust(9)
-                 + str(all_shards).rjust(8) + _mb(all_bytes).rjust(13))
+    lines.append(
+        "all".ljust(8)
+        + "".join(str(c).rjust(width) for c in totals)
+        + str(sum(totals)).rjust(9)
+        + str(all_shards).rjust(8)
+        + _mb(all_bytes).rjust(13)
+    )
     c = manifest.counts
     written = sum(totals)
     scanned = c.get("scanned", written + len(manifest.skipped))
     lines.append("")
-    lines.append(f"encoding {manifest.encoding}, image uint8[1, {manifest.image_size}, {manifest.image_size}], "
-                 f"masks {'yes' if manifest.masks else 'no'}, seed {manifest.seed}")
-    lines.append(f"scanned {scanned} = written {written} + skipped {len(manifest.skipped)}"
-                 + (f"; {len(manifest.mask_issues)} sample(s) with an all-zero mask (mask_missing)"
-                    if manifest.masks else ""))
+    lines.append(
+        f"encoding {manifest.encoding}, image uint8[1, {manifest.image_size}, {manifest.image_size}], "
+        f"masks {'yes' if manifest.masks else 'no'}, seed {manifest.seed}"
+    )
+    lines.append(
+        f"scanned {scanned} = written {written} + skipped {len(manifest.skipped)}"
+        + (f"; {len(manifest.mask_issues)} sample(s) with an all-zero mask (mask_missing)" if manifest.masks else "")
+    )
     groups = manifest.duplicate_groups
     mixed = [g for g in groups if g.get("mixed_labels")]
     near = [g for g in groups if g.get("kind") == "near"]
-    lines.append(f"duplicate groups {len(groups)} ({sum(len(g['members']) for g in groups)} images; "
-                 f"{len(near)} near, {len(mixed)} with different labels)")
+    lines.append(
+        f"duplicate groups {len(groups)} ({sum(len(g['members']) for g in groups)} images; "
+        f"{len(near)} near, {len(mixed)} with different labels)"
+    )
     if written:
         lines.append(f"bytes per image {all_bytes / written:,.0f}")
     if elapsed is not None:
@@ -68,8 +89,10 @@ def summary(manifest: Manifest, elapsed: float | None = None) -> str:
     written_total = max(written, 1)
     for g in groups:
         if len(g["members"]) > max(20, 0.01 * written_total):
-            lines.append(f"  warning: a {g['kind']} duplicate group holds {len(g['members'])} images "
-                         f"({len(g['members']) / written_total:.1%}); --near-dup-distance is probably too large")
+            lines.append(
+                f"  warning: a {g['kind']} duplicate group holds {len(g['members'])} images "
+                f"({len(g['members']) / written_total:.1%}); --near-dup-distance is probably too large"
+            )
             break
     return "\n".join(lines)
 

@@ -82,7 +82,7 @@ class Manifest:
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     @staticmethod
-    def from_dict(data: dict) -> "Manifest":
+    def from_dict(data: dict) -> Manifest:
         version = data.get("version")
         if version != FORMAT_VERSION:
             raise ManifestError(
@@ -120,8 +120,10 @@ class Manifest:
         for split, info in manifest.splits.items():
             for shard in info.shards:
                 if not isinstance(shard.name, str) or not SHARD_NAME.fullmatch(shard.name) or ".." in shard.name:
-                    raise ManifestError(f"manifest split {split!r} lists an unsafe shard name {shard.name!r}: "
-                                        "shard names are plain file names like train-000000.tar")
+                    raise ManifestError(
+                        f"manifest split {split!r} lists an unsafe shard name {shard.name!r}: "
+                        "shard names are plain file names like train-000000.tar"
+                    )
         return manifest
 
 

@@ -268,12 +268,14 @@ def png_bytes(array: np.ndarray) -> bytes:
     rows[0, 1:] = array[0]
     np.subtract(array[1:], array[:-1], out=rows[1:, 1:])  # uint8 wrap-around is the PNG definition
     deflate = zlib.compressobj(1, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    return b"".join((
-        b"\x89PNG\r\n\x1a\n",
-        _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)),
-        _png_chunk(b"IDAT", deflate.compress(rows.tobytes()) + deflate.flush()),
-        _png_chunk(b"IEND", b""),
-    ))
+    return b"".join(
+        (
+            b"\x89PNG\r\n\x1a\n",
+            _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)),
+            _png_chunk(b"IDAT", deflate.compress(rows.tobytes()) + deflate.flush()),
+            _png_chunk(b"IEND", b""),
+        )
+    )
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
@@ -320,11 +322,10 @@ def generate(out: str | Path, spec: PhantomSpec, workers: int = 1, force: bool =
             return target
         # A phantom of the same spec from an older generator is ours and stale: replace it.
         same_spec = found is not None and {k: v for k, v in found.items() if k != "generator"} == json.loads(
-            json.dumps(asdict(spec)))
+            json.dumps(asdict(spec))
+        )
         if not same_spec:
-            raise FileExistsError(
-                f"{target} already exists with different contents; pass --force to replace it"
-            )
+            raise FileExistsError(f"{target} already exists with different contents; pass --force to replace it")
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{DATASET_DIR}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -83,9 +83,7 @@ def open_image(source: str | Path | bytes) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             if img.width * img.height > MAX_PIXELS:
-                raise PreprocessError(
-                    f"image of {img.width}x{img.height} px exceeds the {MAX_PIXELS:,} px limit"
-                )
+                raise PreprocessError(f"image of {img.width}x{img.height} px exceeds the {MAX_PIXELS:,} px limit")
             if getattr(img, "is_animated", False):
                 img.seek(0)
             img.load()

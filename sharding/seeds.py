@@ -3,15 +3,18 @@
 A salt names a stream, so no two streams share draws; the other parts say what the
 stream varies with. Determinism and exact resume depend on this table:
 
-| salt | parts | drives | used in |
-| --- | --- | --- | --- |
-| `SPLIT_GROUPS` | seed | order among equal-size duplicate groups, hence the split of each film | `sharding.split.assign` |
-| `WRITE_ORDER` | seed, split index | order of the samples in a split's shards | `sharding.split.shuffled` |
-| `EPOCH_PERMUTATION` | seed, epoch | the global train permutation (local/cached shards) | `pipeline.plan.epoch_order` |
-| `SHARD_ORDER` | seed, epoch | the shard order of a streamed train epoch | `pipeline.plan.stream_shard_order` |
-| `WINDOW` | seed, epoch, rank, worker, window | the permutation inside a streamed shuffle window | `pipeline.plan.stream_windows` |
-| `STEP_TORCH` | seed, epoch, rank, step | torch's global RNG for one training step (dropout) | `train.loop.train_one_epoch` |
-| `STEP_AUGMENT` | seed, epoch, rank, step | the augmentation generator of one step (flips, angles) | `train.loop.train_one_epoch` |
+- `SPLIT_GROUPS` (seed): the order among equal-size duplicate groups, hence each film's split
+  (`sharding.split.assign`);
+- `WRITE_ORDER` (seed, split index): the order of the samples in a split's shards (`sharding.split.shuffled`);
+- `EPOCH_PERMUTATION` (seed, epoch): the global train permutation of local/cached shards
+  (`pipeline.plan.epoch_order`);
+- `SHARD_ORDER` (seed, epoch): the shard order of a streamed train epoch (`pipeline.plan.stream_shard_order`);
+- `WINDOW` (seed, epoch, rank, worker, window): the permutation inside a streamed shuffle window
+  (`pipeline.plan.stream_windows`);
+- `STEP_TORCH` (seed, epoch, rank, step): torch's global RNG for one training step, e.g. dropout
+  (`train.loop.train_one_epoch`);
+- `STEP_AUGMENT` (seed, epoch, rank, step): the augmentation generator of one step, flips and angles
+  (`train.loop.train_one_epoch`).
 
 Model initialisation takes `accelerate.utils.set_seed(seed)` (Python, numpy, torch)
 before the model is built. The phantom generator keeps its own pinned scheme
@@ -29,7 +32,6 @@ SHARD_ORDER = 0x5A0D
 WINDOW = 0x5A3
 STEP_TORCH = 0x70C0
 STEP_AUGMENT = 0x70C1
-
 
 
 def _entropy(parts: tuple[int, ...]) -> list[int]:

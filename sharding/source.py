@@ -112,10 +112,12 @@ def scan(raw: str | Path) -> Scan:
     for folder in sorted(p for p in root.iterdir() if p.is_dir() and _visible(p)):
         if folder.name not in CLASSES:
             for path in _files(folder):
-                skipped.append({
-                    "path": path.relative_to(root).as_posix(),
-                    "reason": f"unknown class folder {folder.name!r}; expected one of {list(CLASSES)}",
-                })
+                skipped.append(
+                    {
+                        "path": path.relative_to(root).as_posix(),
+                        "reason": f"unknown class folder {folder.name!r}; expected one of {list(CLASSES)}",
+                    }
+                )
             continue
         name = folder.name
         images = folder / "images"
@@ -125,10 +127,12 @@ def scan(raw: str | Path) -> Scan:
             # Anything else in the class folder (other than masks/) is not an input we know.
             for other in sorted(p for p in folder.iterdir() if _visible(p) and p not in (images, masks)):
                 for path in _files(other) if other.is_dir() else [other]:
-                    skipped.append({
-                        "path": path.relative_to(root).as_posix(),
-                        "reason": "not under the class's images/ or masks/ folder",
-                    })
+                    skipped.append(
+                        {
+                            "path": path.relative_to(root).as_posix(),
+                            "reason": "not under the class's images/ or masks/ folder",
+                        }
+                    )
         else:  # older releases: images directly in the class folder
             candidates = [p for p in _files(folder) if p.parent == folder]
         for path in candidates:
@@ -142,10 +146,16 @@ def scan(raw: str | Path) -> Scan:
             if mask is not None and not mask.is_file():
                 alt = sorted(masks.glob(f"{path.stem}.*")) if masks.is_dir() else []
                 mask = alt[0] if alt else None
-            records.append(Record(
-                path=str(path.resolve()), rel=rel, class_name=name, label=CLASSES.index(name), key=key,
-                mask_path=str(mask.resolve()) if mask is not None else None,
-            ))
+            records.append(
+                Record(
+                    path=str(path.resolve()),
+                    rel=rel,
+                    class_name=name,
+                    label=CLASSES.index(name),
+                    key=key,
+                    mask_path=str(mask.resolve()) if mask is not None else None,
+                )
+            )
     records.sort(key=lambda r: r.key)
     skipped.sort(key=lambda s: s["path"])
     return Scan(root=root, records=tuple(records), skipped=tuple(skipped))

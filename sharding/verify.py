@@ -99,8 +99,10 @@ def _check_shard(root: Path, split: str, shard: ShardInfo, manifest: Manifest, k
             keys.add(key)
             expected = {img_ext, LABEL, META} | ({mask_ext} if manifest.masks else set())
             if set(sample) - {"__key__"} != expected:
-                problems.append(f"{where}: sample {key} has members {sorted(set(sample) - {'__key__'})}, "
-                                f"expected {sorted(expected)}")
+                problems.append(
+                    f"{where}: sample {key} has members {sorted(set(sample) - {'__key__'})}, "
+                    f"expected {sorted(expected)}"
+                )
                 continue
             label = int(sample[LABEL].decode("ascii"))
             if not 0 <= label < len(manifest.classes):
@@ -113,8 +115,10 @@ def _check_shard(root: Path, split: str, shard: ShardInfo, manifest: Manifest, k
             for ext in [img_ext] + ([mask_ext] if manifest.masks else []):
                 arr = decode_member(ext, sample[ext])
                 if arr.dtype != np.uint8 or arr.shape != (1, size, size):
-                    problems.append(f"{where}: sample {key} {ext} is {arr.dtype}{list(arr.shape)}, "
-                                    f"expected uint8[1, {size}, {size}]")
+                    problems.append(
+                        f"{where}: sample {key} {ext} is {arr.dtype}{list(arr.shape)}, "
+                        f"expected uint8[1, {size}, {size}]"
+                    )
                 elif ext == mask_ext and arr.max(initial=0) > 1:
                     problems.append(f"{where}: sample {key} mask has values above 1")
                 elif ext == img_ext and hashlib.sha256(arr.tobytes()).hexdigest() != meta.get("sha256"):

@@ -12,8 +12,9 @@ from pathlib import Path
 Members = list[tuple[tarfile.TarInfo, bytes]]
 
 
-def zip_bytes(entries: dict[str, bytes], links: dict[str, str] | None = None,
-              special: dict[str, int] | None = None) -> bytes:
+def zip_bytes(
+    entries: dict[str, bytes], links: dict[str, str] | None = None, special: dict[str, int] | None = None
+) -> bytes:
     """A zip of `entries`, plus unix symlinks (name -> target) and members of a special file type (name -> S_IF*)."""
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:

@@ -47,6 +47,5 @@ def phantom_shards(phantom_raw, tmp_path_factory) -> Path:
     from sharding.build import build_shards
 
     out = tmp_path_factory.mktemp("shards")
-    build_shards(phantom_raw, out, encoding="raw", include_masks=True, shard_size=8, workers=1, seed=0,
-                 progress=False)
+    build_shards(phantom_raw, out, encoding="raw", include_masks=True, shard_size=8, workers=1, seed=0, progress=False)
     return out

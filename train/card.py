@@ -37,14 +37,18 @@ class ModelCard:
 
     def identity(self) -> dict:
         """What a resumed checkpoint must share with this model (train.state adds batch and seed)."""
-        return {"model": self.model, "classes": list(self.classes), "image_size": self.image_size,
-                "in_chans": self.in_chans}
+        return {
+            "model": self.model,
+            "classes": list(self.classes),
+            "image_size": self.image_size,
+            "in_chans": self.in_chans,
+        }
 
     def to_dict(self) -> dict:
         return {**asdict(self), "classes": list(self.classes)}
 
     @classmethod
-    def from_dict(cls, data: dict, where: str | Path = "best_model.json") -> "ModelCard":
+    def from_dict(cls, data: dict, where: str | Path = "best_model.json") -> ModelCard:
         known = {f.name for f in fields(cls)}
         values: dict[str, Any] = {k: v for k, v in data.items() if k in known}
         if "stored_size" not in values:  # cards written before stored_size had its own field

@@ -68,7 +68,9 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def check_compatible(found: dict[str, Any], expected: dict[str, Any], path: str | Path) -> None:
     """Refuse a resume whose model identity (name, classes, size...) differs from this run's."""
-    diffs = [f"{k}: checkpoint has {found.get(k)!r}, this run has {v!r}" for k, v in expected.items() if found.get(k) != v]
+    diffs = [
+        f"{k}: checkpoint has {found.get(k)!r}, this run has {v!r}" for k, v in expected.items() if found.get(k) != v
+    ]
     if diffs:
         raise CheckpointError(f"cannot resume from {path}, it was made for another model/config: " + "; ".join(diffs))
 
@@ -104,7 +106,8 @@ def load_best_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
     if expected is not None and hashlib.sha256(path.read_bytes()).hexdigest() != expected:
         raise CheckpointError(
             f"{path} does not match {info_path.name} (sha256 differs): the files come from different saves "
-            f"(a run killed while writing them?). Resume the run (train.resume=auto) to rewrite them.")
+            f"(a run killed while writing them?). Resume the run (train.resume=auto) to rewrite them."
+        )
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
-
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -46,7 +45,7 @@ class DataConfig:
     strict: bool = False
     """Raise on a corrupt training shard instead of skipping it with a warning."""
     verify_checksums: bool = True
-    """Check shards against the manifest's sha256: local ones once per run (~1 s/GB), remote ones on entering cache_dir."""
+    """Check shards against the manifest's sha256: local ones once per run (~1 s/GB), remote ones when cached."""
     rotation_degrees: float = 10.0
     """Random rotation range (+/- degrees) of the training augmentation."""
     hflip_p: float = 0.5
@@ -169,11 +168,30 @@ _CHOICES = {
     "train.monitor": ("val_loss", "val_accuracy", "val_macro_f1"),
     "train.mixed_precision": ("", "no", "fp16", "bf16"),
 }
-_POSITIVE = ("data.image_size", "data.stored_size", "model.num_classes", "optim.lr", "train.epochs", "train.batch_size",
-             "train.grad_accum", "train.patience", "train.log_every", "train.timeout_s", "eval.batch_size",
-             "optim.step_size")
-_NON_NEGATIVE = ("data.num_workers", "data.shuffle_buffer", "train.checkpoint_every_steps", "optim.weight_decay", "optim.warmup_epochs",
-                 "train.min_delta", "eval.gradcam_per_class", "data.rotation_degrees")
+_POSITIVE = (
+    "data.image_size",
+    "data.stored_size",
+    "model.num_classes",
+    "optim.lr",
+    "train.epochs",
+    "train.batch_size",
+    "train.grad_accum",
+    "train.patience",
+    "train.log_every",
+    "train.timeout_s",
+    "eval.batch_size",
+    "optim.step_size",
+)
+_NON_NEGATIVE = (
+    "data.num_workers",
+    "data.shuffle_buffer",
+    "train.checkpoint_every_steps",
+    "optim.weight_decay",
+    "optim.warmup_epochs",
+    "train.min_delta",
+    "eval.gradcam_per_class",
+    "data.rotation_degrees",
+)
 
 
 def _get(cfg: Config, dotted: str) -> Any:
@@ -203,9 +221,7 @@ def validate(cfg: Config) -> Config:
         raise ConfigError("train.max_steps_per_epoch must be > 0 or null")
     pretrained = cfg.model.pretrained
     if pretrained.lower() not in ("true", "false") and not Path(pretrained).is_file():
-        raise ConfigError(
-            f"model.pretrained={pretrained!r} is neither true/false nor an existing weights file"
-        )
+        raise ConfigError(f"model.pretrained={pretrained!r} is neither true/false nor an existing weights file")
     if not cfg.train.output_dir:
         raise ConfigError("train.output_dir must not be empty")
     return cfg
@@ -275,7 +291,15 @@ def reference_markdown() -> str:
         docs = field_docs(cls)
         for f in fields(cls):
             value = getattr(getattr(defaults, section.name), f.name)
-            shown = "null" if value is None else repr(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else value
+            shown = (
+                "null"
+                if value is None
+                else repr(value)
+                if isinstance(value, str)
+                else str(value).lower()
+                if isinstance(value, bool)
+                else value
+            )
             lines.append(f"| `{section.name}.{f.name}` | `{shown}` | {docs.get(f.name, '')} |")
     return "\n".join(lines) + "\n"
 

@@ -54,8 +54,9 @@ def explain_split(trained: TrainedModel, cfg: Config, shards: str, split: str, c
         for i, (label, pred) in enumerate(zip(batch.labels.tolist(), preds)):
             slot = picks.setdefault((label, label == pred), [])
             if len(slot) < per_class:
-                slot.append((explain.overlay(small[i], cams[i]), None if masks is None else masks[i],
-                             f"{classes[pred]}"))
+                slot.append(
+                    (explain.overlay(small[i], cams[i]), None if masks is None else masks[i], f"{classes[pred]}")
+                )
     rows, outlines = [], []
     for c, name in enumerate(classes):
         good, bad = picks.get((c, True), []), picks.get((c, False), [])
@@ -69,33 +70,58 @@ def explain_split(trained: TrainedModel, cfg: Config, shards: str, split: str, c
 
 def report_markdown(report: dict, split: str, run_dir: Path) -> str:
     classes = report["classes"]
-    lines = [f"# Evaluation on the {split} split ({report['samples']} images)", "",
-             f"Run: `{run_dir}`, model epoch {report.get('model_epoch')}.", "",
-             "| metric | value |", "| --- | --- |"]
+    lines = [
+        f"# Evaluation on the {split} split ({report['samples']} images)",
+        "",
+        f"Run: `{run_dir}`, model epoch {report.get('model_epoch')}.",
+        "",
+        "| metric | value |",
+        "| --- | --- |",
+    ]
     for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "ece"):
         value = report.get(key)
         lines.append(f"| {key} | {'n/a' if value is None else f'{value:.4f}'} |")
-    lines += ["", "| class | precision | sensitivity | specificity | F1 | ROC-AUC | support |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [
+        "",
+        "| class | precision | sensitivity | specificity | F1 | ROC-AUC | support |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for name in classes:
         m = report["per_class"][name]
         auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
-        lines.append(f"| {name} | {m['precision']:.3f} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | "
-                     f"{m['f1']:.3f} | {auc} | {m['support']} |")
-    lines += ["", "Confusion matrix (rows: true class, columns: predicted):", "",
-              "| true \\ predicted | " + " | ".join(classes) + " |", "| --- |" + " --- |" * len(classes)]
+        lines.append(
+            f"| {name} | {m['precision']:.3f} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | "
+            f"{m['f1']:.3f} | {auc} | {m['support']} |"
+        )
+    lines += [
+        "",
+        "Confusion matrix (rows: true class, columns: predicted):",
+        "",
+        "| true \\ predicted | " + " | ".join(classes) + " |",
+        "| --- |" + " --- |" * len(classes),
+    ]
     for name, row in zip(classes, report["confusion_matrix"]):
         lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
     share = report.get("lung_share")
     if share:
-        lines += ["", "## Where the model looks: Grad-CAM mass inside the lung mask", "",
-                  "A low share means the model reads markers, borders or artefacts instead of lungs.", "",
-                  "| class | mean lung share | 10th percentile | images |", "| --- | --- | --- | --- |"]
+        lines += [
+            "",
+            "## Where the model looks: Grad-CAM mass inside the lung mask",
+            "",
+            "A low share means the model reads markers, borders or artefacts instead of lungs.",
+            "",
+            "| class | mean lung share | 10th percentile | images |",
+            "| --- | --- | --- | --- |",
+        ]
         for name, s in share.items():
             if s["n"]:
                 lines.append(f"| {name} | {s['mean']:.3f} | {s['p10']:.3f} | {s['n']} |")
-    lines += ["", "Figures: ![confusion](confusion_matrix.png) ![roc](roc.png) ![curves](training_curves.png) "
-              "![reliability](reliability.png) ![gradcam](gradcam.png)", ""]
+    lines += [
+        "",
+        "Figures: ![confusion](confusion_matrix.png) ![roc](roc.png) ![curves](training_curves.png) "
+        "![reliability](reliability.png) ![gradcam](gradcam.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -106,8 +132,9 @@ def write_report(run_dir: Path, split: str, preds: Predictions, classes, extra: 
     report["split"] = split
     suffix = "" if split == "test" else f"_{split}"
     figures = {
-        "confusion_matrix": plots.confusion_matrix_figure(report["confusion_matrix"], classes,
-                                                          run_dir / f"confusion_matrix{suffix}.png", split),
+        "confusion_matrix": plots.confusion_matrix_figure(
+            report["confusion_matrix"], classes, run_dir / f"confusion_matrix{suffix}.png", split
+        ),
         "roc": plots.roc_figure(preds.labels, preds.probs, classes, run_dir / f"roc{suffix}.png", split),
         "reliability": plots.reliability_figure(preds.labels, preds.probs, run_dir / f"reliability{suffix}.png", split),
         "training_curves": plots.training_curves_figure(run_dir / "metrics.jsonl", run_dir / "training_curves.png"),
@@ -116,18 +143,28 @@ def write_report(run_dir: Path, split: str, preds: Predictions, classes, extra: 
         extra["grid"].save(run_dir / f"gradcam{suffix}.png")
         figures["gradcam"] = run_dir / f"gradcam{suffix}.png"
     report["figures"] = {k: str(v.name) for k, v in figures.items() if v is not None}
-    atomic_write(run_dir / f"report{suffix}.json",
-                 lambda tmp: tmp.write_text(json.dumps(report, indent=2, sort_keys=True)))
+    atomic_write(
+        run_dir / f"report{suffix}.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
+    )
     atomic_write(run_dir / f"report{suffix}.md", lambda tmp: tmp.write_text(report_markdown(report, split, run_dir)))
-    predictions = [{"key": k, "label": int(y), "probs": [round(float(p), 6) for p in row]}
-                   for k, y, row in zip(preds.keys, preds.labels, preds.probs)]
-    atomic_write(run_dir / f"predictions{suffix}.jsonl",
-                 lambda tmp: tmp.write_text("".join(json.dumps(p) + "\n" for p in predictions)))
+    predictions = [
+        {"key": k, "label": int(y), "probs": [round(float(p), 6) for p in row]}
+        for k, y, row in zip(preds.keys, preds.labels, preds.probs)
+    ]
+    atomic_write(
+        run_dir / f"predictions{suffix}.jsonl",
+        lambda tmp: tmp.write_text("".join(json.dumps(p) + "\n" for p in predictions)),
+    )
     return report
 
 
-def evaluate_run(run_dir: Path, split: str = "test", accelerator: Accelerator | None = None,
-                 cfg: Config | None = None, shards: str | None = None) -> dict | None:
+def evaluate_run(
+    run_dir: Path,
+    split: str = "test",
+    accelerator: Accelerator | None = None,
+    cfg: Config | None = None,
+    shards: str | None = None,
+) -> dict | None:
     """Evaluate best_model on `split` across all ranks; rank 0 writes and returns the report."""
     run_dir = Path(run_dir)
     cfg = cfg or load_config(run_dir / "config.yaml")
@@ -135,8 +172,14 @@ def evaluate_run(run_dir: Path, split: str = "test", accelerator: Accelerator | 
     shards = shards or cfg.data.shards
     model_path = run_dir / "models" / BEST_PTH
     trained = load_trained_model(model_path, accelerator.device)
-    loader = build_split_loader(cfg, split, shards=shards, rank=accelerator.process_index,
-                                world_size=accelerator.num_processes, pin_memory=accelerator.device.type == "cuda")
+    loader = build_split_loader(
+        cfg,
+        split,
+        shards=shards,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        pin_memory=accelerator.device.type == "cuda",
+    )
     classes = list(loader.manifest.classes)
     preds = predict_split(trained.net, loader, trained.augment, accelerator)
     expected = loader.manifest.split(split).samples
@@ -148,8 +191,10 @@ def evaluate_run(run_dir: Path, split: str = "test", accelerator: Accelerator | 
     if cfg.eval.gradcam_per_class > 0:
         extra.update(explain_split(trained, cfg, shards, split, classes, cfg.eval.gradcam_per_class))
     report = write_report(run_dir, split, preds, classes, extra)
-    print(f"{split}: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
-          f"balanced accuracy {report['balanced_accuracy']:.4f}  ({report['samples']} images)")
+    print(
+        f"{split}: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
+        f"balanced accuracy {report['balanced_accuracy']:.4f}  ({report['samples']} images)"
+    )
     share = (report.get("lung_share") or {}).get("all", {}).get("mean")
     if share is not None:
         print(f"{split}: Grad-CAM lung share (mean, all classes) {share:.3f}")
@@ -178,8 +223,13 @@ def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Evaluate a run's best model and write its report.")
-    parser.add_argument("--compare", nargs="+", default=None, metavar="RUN",
-                        help="print a side-by-side table of finished runs' reports instead of evaluating")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="print a side-by-side table of finished runs' reports instead of evaluating",
+    )
     parser.add_argument("--run", help="run folder (holds config.yaml and models/)")
     parser.add_argument("--split", default="test", choices=("val", "test"))
     parser.add_argument("--shards", default=None, help="shard folder/URL (default: the run's data.shards)")

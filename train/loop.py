@@ -78,11 +78,15 @@ class EpochProgress:
     coverage: torch.Tensor | None = None  # int32 [N]
 
     def state_dict(self) -> dict:
-        return {"loss_sum": self.loss_sum, "correct": self.correct, "seen": self.seen,
-                "coverage": None if self.coverage is None else self.coverage.cpu()}
+        return {
+            "loss_sum": self.loss_sum,
+            "correct": self.correct,
+            "seen": self.seen,
+            "coverage": None if self.coverage is None else self.coverage.cpu(),
+        }
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "EpochProgress":
+    def from_state_dict(cls, state: dict) -> EpochProgress:
         return cls(float(state["loss_sum"]), int(state["correct"]), int(state["seen"]), state.get("coverage"))
 
 
@@ -155,8 +159,9 @@ class _Sums:
 
     def reduced(self, accelerator: Accelerator) -> EpochProgress:
         """The sums over all ranks (a collective: every rank calls it at the same step)."""
-        totals = accelerator.reduce(torch.stack([self.loss.double(), self.correct.double(), self.seen.double()]),
-                                    reduction="sum").tolist()
+        totals = accelerator.reduce(
+            torch.stack([self.loss.double(), self.correct.double(), self.seen.double()]), reduction="sum"
+        ).tolist()
         coverage = accelerator.reduce(self.coverage, reduction="sum") if len(self.coverage) else None
         return EpochProgress(totals[0], int(totals[1]), int(totals[2]), coverage)
 
@@ -185,8 +190,14 @@ def train_one_epoch(
     generator = torch.Generator(device=accelerator.device)
     sums = _Sums(accelerator.device, spec.num_samples, carried if accelerator.is_main_process else None)
     waits = [0.0]
-    bar = tqdm(total=steps, initial=start, desc=f"epoch {spec.epoch}", unit="step", leave=False,
-               disable=not (progress and accelerator.is_main_process))
+    bar = tqdm(
+        total=steps,
+        initial=start,
+        desc=f"epoch {spec.epoch}",
+        unit="step",
+        leave=False,
+        disable=not (progress and accelerator.is_main_process),
+    )
     began = time.perf_counter()
     step, made = start - 1, 0
     # islice, not a break: a capped epoch must not pull (and count) one batch past the cap
@@ -208,10 +219,22 @@ def train_one_epoch(
         sums.add(loss, logits, batch)
         made += 1
         if (step + 1) % spec.log_every == 0 or step + 1 == steps:
-            _log_step(sums, made * len(batch) * accelerator.num_processes, waits[0], began, bar, log,
-                      spec.epoch * steps + step + 1)
-        if (on_checkpoint is not None and spec.checkpoint_every and sync and step + 1 < steps
-                and (step + 1) % spec.checkpoint_every == 0):
+            _log_step(
+                sums,
+                made * len(batch) * accelerator.num_processes,
+                waits[0],
+                began,
+                bar,
+                log,
+                spec.epoch * steps + step + 1,
+            )
+        if (
+            on_checkpoint is not None
+            and spec.checkpoint_every
+            and sync
+            and step + 1 < steps
+            and (step + 1) % spec.checkpoint_every == 0
+        ):
             on_checkpoint(step + 1, sums.reduced(accelerator))
         bar.update(1)
     bar.close()
@@ -224,8 +247,16 @@ def train_one_epoch(
     if total.coverage is not None:
         seen = int((total.coverage > 0).sum())
         repeated = int(total.coverage.sum()) - seen
-    return EpochResult(total.loss_sum / max(total.seen, 1), total.correct / max(total.seen, 1), total.seen, seconds,
-                       waits[0], rank_steps, seen, repeated)
+    return EpochResult(
+        total.loss_sum / max(total.seen, 1),
+        total.correct / max(total.seen, 1),
+        total.seen,
+        seconds,
+        waits[0],
+        rank_steps,
+        seen,
+        repeated,
+    )
 
 
 def _log_step(sums: _Sums, images: int, wait_s: float, began: float, bar, log, global_step: int) -> None:
@@ -235,8 +266,10 @@ def _log_step(sums: _Sums, images: int, wait_s: float, began: float, bar, log, g
     current = (sums.loss / sums.seen.clamp_min(1)).item()
     bar.set_postfix(loss=f"{current:.4f}", img_s=f"{rate:.0f}", wait=f"{100 * wait_s / max(elapsed, 1e-9):.1f}%")
     if log is not None:
-        log({"train/step_loss": current, "train/img_per_s": rate, "train/data_wait_frac": wait_s / max(elapsed, 1e-9)},
-            global_step)
+        log(
+            {"train/step_loss": current, "train/img_per_s": rate, "train/data_wait_frac": wait_s / max(elapsed, 1e-9)},
+            global_step,
+        )
 
 
 @dataclass
@@ -265,16 +298,23 @@ def predict_split(
     labels: list[np.ndarray] = []
     probs: list[np.ndarray] = []
     waits = [0.0]
-    for batch in tqdm(_timed(loader, accelerator.device, waits), desc=desc, leave=False,
-                      disable=not (progress and accelerator.is_main_process)):
+    for batch in tqdm(
+        _timed(loader, accelerator.device, waits),
+        desc=desc,
+        leave=False,
+        disable=not (progress and accelerator.is_main_process),
+    ):
         images, _ = augment(batch.images, batch.masks)
         with accelerator.autocast():
             logits = net(images)
         probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
         labels.append(batch.labels.cpu().numpy())
         keys.extend(batch.keys)
-    local = (keys, np.concatenate(labels) if labels else np.zeros(0, np.int64),
-             np.concatenate(probs) if probs else np.zeros((0, 0), np.float32))
+    local = (
+        keys,
+        np.concatenate(labels) if labels else np.zeros(0, np.int64),
+        np.concatenate(probs) if probs else np.zeros((0, 0), np.float32),
+    )
     parts = gather_object([local]) if accelerator.num_processes > 1 else [local]
     all_keys = [k for part in parts for k in part[0]]
     if len(set(all_keys)) != len(all_keys):

@@ -37,6 +37,7 @@ from accelerate.utils import InitProcessGroupKwargs, broadcast_object_list, set_
 
 from pipeline.loader import LoaderStateError, load_shard_manifest
 from sharding.manifest import Manifest, ManifestError
+from train.card import ModelCard, save_model_card
 from train.checkpoint import (
     BEST_PTH,
     CHECKPOINT,
@@ -46,7 +47,6 @@ from train.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from train.card import ModelCard, save_model_card
 from train.config import Config, ConfigError, load_config, to_yaml
 from train.loop import EarlyStopping, EpochProgress, EpochSpec, predict_split, train_one_epoch
 from train.metrics import quick_metrics
@@ -66,7 +66,9 @@ def check_manifest(cfg: Config, manifest: Manifest) -> None:
     if cfg.data.classes is not None and list(manifest.classes) != list(cfg.data.classes):
         problems.append(f"classes: manifest {list(manifest.classes)} vs config data.classes {cfg.data.classes}")
     if cfg.model.num_classes is not None and len(manifest.classes) != cfg.model.num_classes:
-        problems.append(f"class count: manifest {len(manifest.classes)} vs config model.num_classes {cfg.model.num_classes}")
+        problems.append(
+            f"class count: manifest {len(manifest.classes)} vs config model.num_classes {cfg.model.num_classes}"
+        )
     if cfg.data.stored_size is not None and manifest.image_size != cfg.data.stored_size:
         problems.append(f"image size: manifest {manifest.image_size} vs config data.stored_size {cfg.data.stored_size}")
     if cfg.data.mask_lungs and not manifest.masks:
@@ -88,8 +90,10 @@ def build_accelerator(cfg: Config) -> Accelerator:
     otherwise `accelerate launch --multi_gpu --num_processes 2` on a CPU machine
     starts two unrelated single processes.
     """
-    kwargs = {"kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))],
-              "cpu": not torch.cuda.is_available()}
+    kwargs = {
+        "kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))],
+        "cpu": not torch.cuda.is_available(),
+    }
     if cfg.train.mixed_precision:
         kwargs["mixed_precision"] = cfg.train.mixed_precision
     if cfg.logging.tensorboard:
@@ -99,16 +103,29 @@ def build_accelerator(cfg: Config) -> Accelerator:
 
 def build_loaders(cfg: Config, manifest: Manifest, accelerator: Accelerator, splits=("train", "val")) -> dict:
     """This rank's loaders (train/presets.py), pinned on CUDA."""
-    return {split: build_split_loader(cfg, split, rank=accelerator.process_index,
-                                      world_size=accelerator.num_processes,
-                                      pin_memory=accelerator.device.type == "cuda", manifest=manifest)
-            for split in splits}
+    return {
+        split: build_split_loader(
+            cfg,
+            split,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            pin_memory=accelerator.device.type == "cuda",
+            manifest=manifest,
+        )
+        for split in splits
+    }
 
 
 def model_card(cfg: Config, manifest: Manifest) -> ModelCard:
     """The card of this run's model (epoch and metric are filled in when a best model is saved)."""
-    return ModelCard(model=cfg.model.name, classes=tuple(manifest.classes), image_size=cfg.data.image_size,
-                     stored_size=manifest.image_size, monitor=cfg.train.monitor, config=to_yaml_dict(cfg))
+    return ModelCard(
+        model=cfg.model.name,
+        classes=tuple(manifest.classes),
+        image_size=cfg.data.image_size,
+        stored_size=manifest.image_size,
+        monitor=cfg.train.monitor,
+        config=to_yaml_dict(cfg),
+    )
 
 
 def model_identity(cfg: Config, manifest: Manifest) -> dict:
@@ -170,8 +187,9 @@ def build_state(cfg: Config, accelerator: Accelerator, manifest: Manifest, train
     if cfg.model.compile:
         model = torch.compile(model)
     stopper = EarlyStopping(cfg.train.patience, monitor_mode, cfg.train.min_delta)
-    return TrainState(model, optimizer, scheduler, stopper, train_loader, accelerator,
-                      model_identity(cfg, manifest), to_yaml(cfg))
+    return TrainState(
+        model, optimizer, scheduler, stopper, train_loader, accelerator, model_identity(cfg, manifest), to_yaml(cfg)
+    )
 
 
 def resume_position(cfg: Config, state: TrainState) -> Position:
@@ -188,11 +206,19 @@ def resume_position(cfg: Config, state: TrainState) -> Position:
 def epoch_row(epoch: int, result, val, scores: dict, lr: float) -> dict:
     """One line of metrics.jsonl."""
     return {
-        "epoch": epoch, "train_loss": result.loss, "train_accuracy": result.accuracy,
-        "val_loss": val.loss, "val_accuracy": scores["accuracy"], "val_macro_f1": scores["macro_f1"],
-        "lr": lr, "img_per_s": result.images_per_s, "data_wait_frac": result.data_wait_frac,
-        "epoch_s": result.seconds, "rank_steps": result.rank_steps,
-        "train_samples_seen": result.samples_seen, "train_samples_repeated": result.samples_repeated,
+        "epoch": epoch,
+        "train_loss": result.loss,
+        "train_accuracy": result.accuracy,
+        "val_loss": val.loss,
+        "val_accuracy": scores["accuracy"],
+        "val_macro_f1": scores["macro_f1"],
+        "lr": lr,
+        "img_per_s": result.images_per_s,
+        "data_wait_frac": result.data_wait_frac,
+        "epoch_s": result.seconds,
+        "rank_steps": result.rank_steps,
+        "train_samples_seen": result.samples_seen,
+        "train_samples_repeated": result.samples_repeated,
     }
 
 
@@ -212,8 +238,9 @@ def save_epoch(state: TrainState, card: ModelCard, out: Path, row: dict, improve
     save_checkpoint(out / "models" / CHECKPOINT, state.state_dict(epoch))
 
 
-def report_epoch(accelerator: Accelerator, cfg: Config, row: dict, stopper: EarlyStopping, improved: bool,
-                 n_train: int, capped: bool) -> None:
+def report_epoch(
+    accelerator: Accelerator, cfg: Config, row: dict, stopper: EarlyStopping, improved: bool, n_train: int, capped: bool
+) -> None:
     accelerator.print(
         f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
         f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f} f1 {row['val_macro_f1']:.3f} | "
@@ -222,9 +249,11 @@ def report_epoch(accelerator: Accelerator, cfg: Config, row: dict, stopper: Earl
         + ("  *best*" if improved else f"  ({stopper.bad_epochs}/{stopper.patience} without improvement)")
     )
     if row["train_samples_seen"] < n_train and not capped:
-        accelerator.print(f"warning: epoch {row['epoch']} trained on {row['train_samples_seen']} of {n_train} train "
-                          "samples (corrupt shards were skipped: see the warnings above and "
-                          "`python -m sharding verify`)")
+        accelerator.print(
+            f"warning: epoch {row['epoch']} trained on {row['train_samples_seen']} of {n_train} train "
+            "samples (corrupt shards were skipped: see the warnings above and "
+            "`python -m sharding verify`)"
+        )
 
 
 def fit(cfg: Config, accelerator: Accelerator) -> dict:
@@ -242,7 +271,10 @@ def fit(cfg: Config, accelerator: Accelerator) -> dict:
     steps = loaders["train"].steps_per_epoch
     capped = bool(cfg.train.max_steps_per_epoch) and cfg.train.max_steps_per_epoch < steps
     steps = min(steps, cfg.train.max_steps_per_epoch) if capped else steps
-    train_aug, eval_aug = build_augment(cfg, True).to(accelerator.device), build_augment(cfg, False).to(accelerator.device)
+    train_aug, eval_aug = (
+        build_augment(cfg, True).to(accelerator.device),
+        build_augment(cfg, False).to(accelerator.device),
+    )
     n_train = manifest.split("train").samples
     accelerator.print(
         f"training {cfg.model.name} on {n_train} images, {accelerator.num_processes} process(es) on "
@@ -260,18 +292,39 @@ def fit(cfg: Config, accelerator: Accelerator) -> dict:
             break
         start = position.step if epoch == position.epoch else 0
         loaders["train"].set_epoch(epoch)
-        spec = EpochSpec(epoch, steps, cfg.train.seed, start, n_train, cfg.train.grad_accum, cfg.train.log_every,
-                         cfg.train.checkpoint_every_steps)
+        spec = EpochSpec(
+            epoch,
+            steps,
+            cfg.train.seed,
+            start,
+            n_train,
+            cfg.train.grad_accum,
+            cfg.train.log_every,
+            cfg.train.checkpoint_every_steps,
+        )
         result = train_one_epoch(
-            state.model, state.optimizer, loaders["train"], train_aug, loss_fn, accelerator, spec,
+            state.model,
+            state.optimizer,
+            loaders["train"],
+            train_aug,
+            loss_fn,
+            accelerator,
+            spec,
             carried=position.carried if start else None,
             on_checkpoint=lambda done, progress, epoch=epoch: checkpoint_mid_epoch(epoch, done, progress),
-            log=accelerator.log if cfg.logging.tensorboard else None, progress=cfg.logging.progress,
+            log=accelerator.log if cfg.logging.tensorboard else None,
+            progress=cfg.logging.progress,
         )
-        val = predict_split(state.model, loaders["val"], eval_aug, accelerator, progress=cfg.logging.progress,
-                            desc="val")
-        row = epoch_row(epoch, result, val, quick_metrics(val.labels, val.probs, len(manifest.classes)),
-                        state.optimizer.param_groups[0]["lr"])
+        val = predict_split(
+            state.model, loaders["val"], eval_aug, accelerator, progress=cfg.logging.progress, desc="val"
+        )
+        row = epoch_row(
+            epoch,
+            result,
+            val,
+            quick_metrics(val.labels, val.probs, len(manifest.classes)),
+            state.optimizer.param_groups[0]["lr"],
+        )
         improved = state.stopper.step(row[cfg.train.monitor], epoch)
         step_scheduler(state.scheduler, row[cfg.train.monitor])
         if accelerator.is_main_process:
@@ -281,8 +334,10 @@ def fit(cfg: Config, accelerator: Accelerator) -> dict:
         accelerator.wait_for_everyone()
         report_epoch(accelerator, cfg, row, state.stopper, improved, n_train, capped)
     if state.stopper.should_stop:
-        accelerator.print(f"early stop: no {cfg.train.monitor} improvement for {state.stopper.patience} epochs; "
-                          f"best epoch {state.stopper.best_epoch} ({cfg.train.monitor} {state.stopper.best:.4f})")
+        accelerator.print(
+            f"early stop: no {cfg.train.monitor} improvement for {state.stopper.patience} epochs; "
+            f"best epoch {state.stopper.best_epoch} ({cfg.train.monitor} {state.stopper.best:.4f})"
+        )
     if cfg.logging.tensorboard:
         accelerator.end_training()
     return row
@@ -304,8 +359,9 @@ def run_test_report(cfg: Config, accelerator: Accelerator) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
+    )
     parser.add_argument("--config", default=None, help="YAML file in configs/ (defaults if omitted)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.epochs=3")
     return parser.parse_args(argv)
@@ -328,17 +384,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:  # disk full, file size limit, folder removed mid-run: files in place stay intact
         where = f" ({exc.filename})" if exc.filename else ""
-        print(f"error (rank {accelerator.process_index}): {exc.strerror or exc}{where}; the files already in "
-              f"{cfg.train.output_dir} are intact (each is written atomically): fix this and rerun with "
-              "train.resume=auto", file=sys.stderr)
+        print(
+            f"error (rank {accelerator.process_index}): {exc.strerror or exc}{where}; the files already in "
+            f"{cfg.train.output_dir} are intact (each is written atomically): fix this and rerun with "
+            "train.resume=auto",
+            file=sys.stderr,
+        )
         return 1
     except RuntimeError as exc:
         if not _peer_failure(exc):
             raise
-        print(f"error (rank {accelerator.process_index}): a peer process stopped answering and the collective "
-              f"gave up after train.timeout_s={cfg.train.timeout_s} s ({str(exc).splitlines()[0][-160:]}); a rank "
-              f"is stalled or dead. The files in {cfg.train.output_dir} are intact: rerun with train.resume=auto",
-              file=sys.stderr)
+        print(
+            f"error (rank {accelerator.process_index}): a peer process stopped answering and the collective "
+            f"gave up after train.timeout_s={cfg.train.timeout_s} s ({str(exc).splitlines()[0][-160:]}); a rank "
+            f"is stalled or dead. The files in {cfg.train.output_dir} are intact: rerun with train.resume=auto",
+            file=sys.stderr,
+        )
         return 3
     return 0
 

@@ -25,9 +25,7 @@ def classification_report(
     preds = probs.argmax(axis=1)
     idx = list(range(n_classes))
     cm = skm.confusion_matrix(labels, preds, labels=idx)
-    precision, recall, f1, support = skm.precision_recall_fscore_support(
-        labels, preds, labels=idx, zero_division=0
-    )
+    precision, recall, f1, support = skm.precision_recall_fscore_support(labels, preds, labels=idx, zero_division=0)
     total = cm.sum()
     per_class = {}
     aucs = {}
@@ -51,8 +49,11 @@ def classification_report(
         }
     row_sums = cm.sum(axis=1, keepdims=True)
     ece = multiclass_calibration_error(
-        torch.as_tensor(probs, dtype=torch.float32), torch.as_tensor(labels), num_classes=n_classes,
-        n_bins=ece_bins, norm="l1",
+        torch.as_tensor(probs, dtype=torch.float32),
+        torch.as_tensor(labels),
+        num_classes=n_classes,
+        n_bins=ece_bins,
+        norm="l1",
     )
     return {
         "samples": int(len(labels)),

@@ -24,6 +24,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, epochs: 
     once per process per call, which is right for per-step schedules only.
     """
     if cfg.scheduler == "cosine":
+
         def factor(epoch: int) -> float:
             if epoch < cfg.warmup_epochs:
                 return (epoch + 1) / (cfg.warmup_epochs + 1)

@@ -42,7 +42,7 @@ class Predictor:
     stored_size: int
 
     @classmethod
-    def load(cls, model_path: str | Path, device: str | None = None) -> "Predictor":
+    def load(cls, model_path: str | Path, device: str | None = None) -> Predictor:
         trained = load_trained_model(model_path, device)
         if trained.cfg.data.mask_lungs:
             raise CheckpointError("this model was trained on lung-masked images; prediction needs masks, not supported")
@@ -80,9 +80,18 @@ def export_model(predictor: Predictor, fmt: str, path: Path, atol: float = 1e-4)
     if fmt == "onnx":
         import onnxruntime as ort
 
-        torch.onnx.export(model, (sample,), str(path), dynamo=False, input_names=["image"], output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": sample.numpy()})[0]
+        torch.onnx.export(
+            model,
+            (sample,),
+            str(path),
+            dynamo=False,
+            input_names=["image"],
+            output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        )
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": sample.numpy()})[
+            0
+        ]
     else:
         traced = torch.jit.trace(model, sample)
         traced.save(str(path))
@@ -134,8 +143,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.gradcam:
             save_gradcams(predictor, images, chunk, Path(args.gradcam))
         for path, p in zip(chunk, probs):
-            rows.append({"file": str(path), "prediction": predictor.classes[int(p.argmax())],
-                         **{name: float(v) for name, v in zip(predictor.classes, p)}})
+            rows.append(
+                {
+                    "file": str(path),
+                    "prediction": predictor.classes[int(p.argmax())],
+                    **{name: float(v) for name, v in zip(predictor.classes, p)},
+                }
+            )
     print_table(rows, predictor.classes)
     for path, reason in failures:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -145,8 +159,9 @@ def main(argv: list[str] | None = None) -> int:
             writer.writeheader()
             writer.writerows(rows)
     if args.json:
-        Path(args.json).write_text(json.dumps({"predictions": rows, "skipped": [
-            {"file": str(p), "reason": r} for p, r in failures]}, indent=2))
+        Path(args.json).write_text(
+            json.dumps({"predictions": rows, "skipped": [{"file": str(p), "reason": r} for p, r in failures]}, indent=2)
+        )
     return 0 if rows or args.export else 1
 
 

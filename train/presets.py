@@ -16,21 +16,40 @@ from train.config import Config
 def build_augment(cfg: Config, train: bool) -> DeviceAugment:
     """The device transform of a run: flips and rotations when `train`, then resize, masking, normalisation."""
     return DeviceAugment(
-        train=train, rotation_degrees=cfg.data.rotation_degrees, hflip_p=cfg.data.hflip_p,
-        image_size=cfg.data.image_size, mask_lungs=cfg.data.mask_lungs, channels_last=cfg.model.channels_last,
+        train=train,
+        rotation_degrees=cfg.data.rotation_degrees,
+        hflip_p=cfg.data.hflip_p,
+        image_size=cfg.data.image_size,
+        mask_lungs=cfg.data.mask_lungs,
+        channels_last=cfg.model.channels_last,
     )
 
 
-def build_split_loader(cfg: Config, split: str, *, rank: int = 0, world_size: int = 1, pin_memory: bool = False,
-                       manifest: Manifest | None = None, shards: str | None = None,
-                       num_workers: int | None = None) -> ShardLoader:
+def build_split_loader(
+    cfg: Config,
+    split: str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    manifest: Manifest | None = None,
+    shards: str | None = None,
+    num_workers: int | None = None,
+) -> ShardLoader:
     """This rank's loader of `split`; not passed to `accelerator.prepare` (see pipeline.loader)."""
     return build_loader(
-        shards or cfg.data.shards, split,
+        shards or cfg.data.shards,
+        split,
         batch_size=cfg.train.batch_size if split == "train" else cfg.eval.batch_size,
-        rank=rank, world_size=world_size,
-        num_workers=cfg.data.num_workers if num_workers is None else num_workers, seed=cfg.train.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer, drop_last=cfg.data.drop_last, cache_dir=cfg.data.cache_dir,
-        strict=cfg.data.strict, verify_checksums=cfg.data.verify_checksums, pin_memory=pin_memory,
+        rank=rank,
+        world_size=world_size,
+        num_workers=cfg.data.num_workers if num_workers is None else num_workers,
+        seed=cfg.train.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        drop_last=cfg.data.drop_last,
+        cache_dir=cfg.data.cache_dir,
+        strict=cfg.data.strict,
+        verify_checksums=cfg.data.verify_checksums,
+        pin_memory=pin_memory,
         manifest=manifest,
     )

@@ -79,19 +79,52 @@ def find_trainer(launcher_pid: int, timeout: float = 120.0) -> int:
     raise RuntimeError("the training process did not appear under the launcher")
 
 
-def soak(shards: str, out: str, *, epochs: int = 10, image_size: int = 32, batch_size: int = 32,
-         num_workers: int = 1, max_steps: int | None = None, max_growth: float = 0.05, baseline_epoch: int = 2,
-         poll: float = 0.5, extra: list[str] | None = None, env: dict | None = None,
-         timeout: float = 6 * 3600) -> dict:
+def soak(
+    shards: str,
+    out: str,
+    *,
+    epochs: int = 10,
+    image_size: int = 32,
+    batch_size: int = 32,
+    num_workers: int = 1,
+    max_steps: int | None = None,
+    max_growth: float = 0.05,
+    baseline_epoch: int = 2,
+    poll: float = 0.5,
+    extra: list[str] | None = None,
+    env: dict | None = None,
+    timeout: float = 6 * 3600,
+) -> dict:
     out_dir = Path(out)
     metrics = out_dir / "metrics.jsonl"
     if metrics.exists():
         metrics.unlink()
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no", "train/main.py", "--config", "configs/demo.yaml",
-           f"data.shards={shards}", f"train.output_dir={out}", f"train.epochs={epochs}", f"data.image_size={image_size}",
-           f"train.batch_size={batch_size}", f"data.num_workers={num_workers}", f"train.patience={epochs + 1}",
-           "eval.test_at_end=false", "logging.progress=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--cpu",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "train/main.py",
+        "--config",
+        "configs/demo.yaml",
+        f"data.shards={shards}",
+        f"train.output_dir={out}",
+        f"train.epochs={epochs}",
+        f"data.image_size={image_size}",
+        f"train.batch_size={batch_size}",
+        f"data.num_workers={num_workers}",
+        f"train.patience={epochs + 1}",
+        "eval.test_at_end=false",
+        "logging.progress=false",
+    ]
     if max_steps:
         cmd.append(f"train.max_steps_per_epoch={max_steps}")
     cmd += extra or []
@@ -99,8 +132,15 @@ def soak(shards: str, out: str, *, epochs: int = 10, image_size: int = 32, batch
     child_env["PYTHONPATH"] = str(ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
     child_env.setdefault("CUDA_VISIBLE_DEVICES", "")
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        env=child_env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     samples: list[dict] = []
     try:
         trainer = find_trainer(proc.pid)
@@ -115,10 +155,21 @@ def soak(shards: str, out: str, *, epochs: int = 10, image_size: int = 32, batch
             while len(lines) > seen:  # an epoch just ended: close its window
                 row = json.loads(lines[seen])
                 rs, fs = window["rss"] or [0], window["fds"] or [-1]
-                samples.append({"epoch": row["epoch"], "rss_mib": rss / 2**20, "rss_floor_mib": min(rs) / 2**20,
-                                "peak_rss_mib": max(rs) / 2**20, "fds": fds, "fds_min": min(fs),
-                                "fds_max": max(fs), "polls": len(window["rss"]), "steps": row["rank_steps"],
-                                "epoch_s": row.get("epoch_s"), "img_per_s": row.get("img_per_s")})
+                samples.append(
+                    {
+                        "epoch": row["epoch"],
+                        "rss_mib": rss / 2**20,
+                        "rss_floor_mib": min(rs) / 2**20,
+                        "peak_rss_mib": max(rs) / 2**20,
+                        "fds": fds,
+                        "fds_min": min(fs),
+                        "fds_max": max(fs),
+                        "polls": len(window["rss"]),
+                        "steps": row["rank_steps"],
+                        "epoch_s": row.get("epoch_s"),
+                        "img_per_s": row.get("img_per_s"),
+                    }
+                )
                 window = {"rss": [], "fds": []}
                 seen += 1
             if proc.poll() is not None:
@@ -131,8 +182,13 @@ def soak(shards: str, out: str, *, epochs: int = 10, image_size: int = 32, batch
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
             proc.wait()
-    result = {"epochs": samples, "returncode": proc.returncode, "elapsed_s": time.monotonic() - start,
-              "command": " ".join(cmd), "stderr_tail": stderr[-2000:]}
+    result = {
+        "epochs": samples,
+        "returncode": proc.returncode,
+        "elapsed_s": time.monotonic() - start,
+        "command": " ".join(cmd),
+        "stderr_tail": stderr[-2000:],
+    }
     return check(result, epochs=epochs, max_growth=max_growth, baseline_epoch=baseline_epoch)
 
 
@@ -153,8 +209,9 @@ def check(result: dict, *, epochs: int, max_growth: float = 0.05, baseline_epoch
         peak_growth = max(s["peak_rss_mib"] for s in after) / base["peak_rss_mib"] - 1
         result["rss_growth"], result["peak_rss_growth"] = growth, peak_growth
         if growth >= max_growth:
-            problems.append(f"RSS floor grew {100 * growth:.1f}% after epoch {baseline_epoch} "
-                            f"(limit {100 * max_growth:.0f}%)")
+            problems.append(
+                f"RSS floor grew {100 * growth:.1f}% after epoch {baseline_epoch} (limit {100 * max_growth:.0f}%)"
+            )
         # Most open fds per epoch: every loader's worker pipes and shared memory are open at some poll.
         # (The fewest depends on whether a poll lands between two loaders, so it is only reported.)
         most = [s["fds_max"] for s in after]
@@ -168,18 +225,23 @@ def check(result: dict, *, epochs: int, max_growth: float = 0.05, baseline_epoch
 
 
 def table(result: dict) -> str:
-    rows = ["| epoch | RSS floor (MiB) | RSS peak (MiB) | open fds min-max | steps/rank | epoch s | img/s |",
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [
+        "| epoch | RSS floor (MiB) | RSS peak (MiB) | open fds min-max | steps/rank | epoch s | img/s |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
     for s in result["epochs"]:
-        rows.append(f"| {s['epoch']} | {s['rss_floor_mib']:.0f} | {s['peak_rss_mib']:.0f} | "
-                    f"{s['fds_min']}-{s['fds_max']} | {s['steps'][0]} | {s['epoch_s'] or 0:.1f} | "
-                    f"{s['img_per_s'] or 0:.0f} |")
+        rows.append(
+            f"| {s['epoch']} | {s['rss_floor_mib']:.0f} | {s['peak_rss_mib']:.0f} | "
+            f"{s['fds_min']}-{s['fds_max']} | {s['steps'][0]} | {s['epoch_s'] or 0:.1f} | "
+            f"{s['img_per_s'] or 0:.0f} |"
+        )
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shards", default=None, help="shard folder (required unless --recheck)")
     p.add_argument("--out", default="runs/soak")
     p.add_argument("--epochs", type=int, default=10)
@@ -195,17 +257,32 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recheck", default=None, metavar="JSON", help="re-run the checks on a saved result")
     args = p.parse_args(argv)
     if args.recheck:
-        result = check(json.loads(Path(args.recheck).read_text()), epochs=args.epochs, max_growth=args.max_growth,
-                       baseline_epoch=args.baseline_epoch)
+        result = check(
+            json.loads(Path(args.recheck).read_text()),
+            epochs=args.epochs,
+            max_growth=args.max_growth,
+            baseline_epoch=args.baseline_epoch,
+        )
     else:
-            result = soak(args.shards, args.out, epochs=args.epochs, image_size=args.image_size,
-                      batch_size=args.batch_size, num_workers=args.num_workers, max_steps=args.max_steps,
-                      max_growth=args.max_growth, baseline_epoch=args.baseline_epoch, poll=args.poll,
-                      extra=args.overrides)
+        result = soak(
+            args.shards,
+            args.out,
+            epochs=args.epochs,
+            image_size=args.image_size,
+            batch_size=args.batch_size,
+            num_workers=args.num_workers,
+            max_steps=args.max_steps,
+            max_growth=args.max_growth,
+            baseline_epoch=args.baseline_epoch,
+            poll=args.poll,
+            extra=args.overrides,
+        )
     print(table(result))
-    print(f"soak: {len(result['epochs'])} epochs in {result['elapsed_s']:.0f}s, RSS growth after epoch "
-          f"{args.baseline_epoch}: {100 * result.get('rss_growth', float('nan')):+.1f}% (floor), "
-          f"{100 * result.get('peak_rss_growth', float('nan')):+.1f}% (peak)")
+    print(
+        f"soak: {len(result['epochs'])} epochs in {result['elapsed_s']:.0f}s, RSS growth after epoch "
+        f"{args.baseline_epoch}: {100 * result.get('rss_growth', float('nan')):+.1f}% (floor), "
+        f"{100 * result.get('peak_rss_growth', float('nan')):+.1f}% (peak)"
+    )
     for problem in result["problems"]:
         print(f"FAIL {problem}", file=sys.stderr)
     if args.json:

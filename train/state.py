@@ -51,11 +51,16 @@ class TrainState:
         """A checkpoint: after epoch `epoch`, or inside it when `progress` is given."""
         scaler = self.accelerator.scaler
         return {
-            "model": self.weights(), "optimizer": self.optimizer.state_dict(),
+            "model": self.weights(),
+            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else {},
             "scaler": scaler.state_dict() if scaler is not None else {},
-            "early_stopping": self.stopper.state_dict(), "identity": self.identity, "config": self.config_yaml,
-            "epoch": epoch, "mid_epoch": progress is not None, "loader": self.loader.state_dict(),
+            "early_stopping": self.stopper.state_dict(),
+            "identity": self.identity,
+            "config": self.config_yaml,
+            "epoch": epoch,
+            "mid_epoch": progress is not None,
+            "loader": self.loader.state_dict(),
             "progress": progress.state_dict() if progress is not None else None,
         }
 

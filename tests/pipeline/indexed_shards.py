@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+
 from sharding.contract import CLASSES
 from sharding.manifest import Manifest, SplitInfo, write_manifest
 from sharding.writer import encode_sample, write_shard
@@ -45,8 +46,9 @@ def label_of(g: int) -> int:
     return g % len(CLASSES)
 
 
-def write_shards(out: Path, layout: dict[str, list[int]] = LAYOUT, *, encoding: str = "raw", masks: bool = True,
-                 size: int = SIZE) -> Manifest:
+def write_shards(
+    out: Path, layout: dict[str, list[int]] = LAYOUT, *, encoding: str = "raw", masks: bool = True, size: int = SIZE
+) -> Manifest:
     """Write `<split>-NNNNNN.tar` shards + manifest.json; sample ids run 0.. across splits in order."""
     out.mkdir(parents=True, exist_ok=True)
     g = 0
@@ -56,8 +58,16 @@ def write_shards(out: Path, layout: dict[str, list[int]] = LAYOUT, *, encoding: 
         for i, n in enumerate(counts):
             samples = []
             for _ in range(n):
-                samples.append(encode_sample(key_of(g), make_image(g, size), label_of(g), {"g": g, "split": split},
-                                             encoding=encoding, mask=make_mask(g, size) if masks else None))
+                samples.append(
+                    encode_sample(
+                        key_of(g),
+                        make_image(g, size),
+                        label_of(g),
+                        {"g": g, "split": split},
+                        encoding=encoding,
+                        mask=make_mask(g, size) if masks else None,
+                    )
+                )
                 g += 1
             infos.append(write_shard(out / f"{split}-{i:06d}.tar", samples))
         class_counts = tuple(sum(s.class_counts[c] for s in infos) for c in range(len(CLASSES)))

@@ -30,8 +30,9 @@ def main() -> None:
     assert state.num_processes == dist.get_world_size(), (state.distributed_type, dist.get_world_size())
     rank, world = state.process_index, state.num_processes
     result = {"rank": rank, "world_size": world, "backend": str(state.backend)}
-    train = build_loader(args.shards, "train", batch_size=4, rank=rank, world_size=world,
-                         num_workers=args.workers, shuffle_buffer=8)
+    train = build_loader(
+        args.shards, "train", batch_size=4, rank=rank, world_size=world, num_workers=args.workers, shuffle_buffer=8
+    )
     counts, sizes, train_keys = [], set(), []
     for epoch in range(2):
         train.set_epoch(epoch)
@@ -42,8 +43,9 @@ def main() -> None:
             keys.append(list(batch.keys))
         counts.append(n)
         train_keys.append(keys)
-    result.update(train_counts=counts, steps_per_epoch=train.steps_per_epoch, batch_sizes=sorted(sizes),
-                  train_keys=train_keys)
+    result.update(
+        train_counts=counts, steps_per_epoch=train.steps_per_epoch, batch_sizes=sorted(sizes), train_keys=train_keys
+    )
     for split in ("val", "test"):
         loader = build_loader(args.shards, split, batch_size=2, rank=rank, world_size=world, num_workers=args.workers)
         result[f"{split}_keys"] = [k for b in loader for k in b.keys]

@@ -27,6 +27,7 @@ import pytest
 from pipeline.fast_tar import ShardFormatError
 from pipeline.loader import build_loader
 from pipeline.urls import ALLOW_PIPE_ENV, open_url
+
 from archives import read_members, write_members
 from indexed_shards import image_index, key_of, label_of, split_ids
 
@@ -36,8 +37,10 @@ TIMEOUT_S = 60
 @contextmanager
 def deadline(seconds: int = TIMEOUT_S):
     """Fail (instead of hanging the suite) if the block runs longer than `seconds`."""
+
     def boom(signum, frame):
         raise TimeoutError(f"read did not finish within {seconds} s: an infinite loop or a hang")
+
     old = signal.signal(signal.SIGALRM, boom)
     signal.alarm(seconds)
     try:
@@ -68,6 +71,7 @@ def _flips(seed):
         for _ in range(8):
             data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
         path.write_bytes(bytes(data))
+
     return corrupt
 
 
@@ -111,8 +115,9 @@ def corrupt_copy(src: Path, dst: Path, kind, shard: str = SHARD) -> Path:
 def test_corrupt_train_shard_skipped_counted_warned(tiny_shards, tmp_path, kind, fast, verify):
     """With the manifest checksum off, the reader's own structural checks must still catch each one."""
     root = corrupt_copy(tiny_shards, tmp_path / "s", kind)
-    loader = build_loader(root, "train", batch_size=4, num_workers=0, shuffle_buffer=4, fast=fast,
-                          verify_checksums=verify)
+    loader = build_loader(
+        root, "train", batch_size=4, num_workers=0, shuffle_buffer=4, fast=fast, verify_checksums=verify
+    )
     with deadline(), warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         batches = list(loader)
@@ -166,10 +171,12 @@ def test_random_byte_flips_never_a_wrong_label_never_a_hang(tiny_shards, tmp_pat
     data = (root / SHARD).read_bytes()
     original = (tiny_shards / SHARD).read_bytes()
     changed = [i for i in range(len(data)) if data[i] != original[i]]
-    cls_spans = [(m.offset_data, m.offset_data + m.size) for m, _ in read_members(tiny_shards / SHARD)
-                 if m.name.endswith(".cls")]
-    pixel_spans = [(m.offset_data, m.offset_data + m.size) for m, _ in read_members(tiny_shards / SHARD)
-                   if m.name.endswith(".npy")]
+    cls_spans = [
+        (m.offset_data, m.offset_data + m.size) for m, _ in read_members(tiny_shards / SHARD) if m.name.endswith(".cls")
+    ]
+    pixel_spans = [
+        (m.offset_data, m.offset_data + m.size) for m, _ in read_members(tiny_shards / SHARD) if m.name.endswith(".npy")
+    ]
     touched_cls = any(a <= i < b for i in changed for a, b in cls_spans)
     touched_px = any(a <= i < b for i in changed for a, b in pixel_spans)
     if touched_cls:
@@ -199,8 +206,8 @@ def test_random_byte_flips_with_checksums_lose_the_whole_shard_never_a_sample(ti
 def _flip_first_label(path: Path) -> None:
     member = next(m for m, _ in read_members(path) if m.name.endswith(".cls"))
     data = bytearray(path.read_bytes())
-    old = int(data[member.offset_data: member.offset_data + member.size])
-    data[member.offset_data: member.offset_data + member.size] = str((old + 1) % 4).encode()
+    old = int(data[member.offset_data : member.offset_data + member.size])
+    data[member.offset_data : member.offset_data + member.size] = str((old + 1) % 4).encode()
     path.write_bytes(bytes(data))
 
 

@@ -10,8 +10,8 @@ from pipeline.augment import MEAN_1CH, STD_1CH, DeviceAugment, affine_matrices, 
 
 
 def test_one_channel_constants():
-    assert MEAN_1CH == pytest.approx(0.299 * 0.485 + 0.587 * 0.456 + 0.114 * 0.406)
-    assert STD_1CH == pytest.approx(0.299 * 0.229 + 0.587 * 0.224 + 0.114 * 0.225)
+    assert pytest.approx(0.299 * 0.485 + 0.587 * 0.456 + 0.114 * 0.406) == MEAN_1CH
+    assert pytest.approx(0.299 * 0.229 + 0.587 * 0.224 + 0.114 * 0.225) == STD_1CH
     assert 0.45 < MEAN_1CH < 0.47 and 0.22 < STD_1CH < 0.23
 
 
@@ -42,7 +42,8 @@ def test_rotation_by_90_is_a_rot90():
 
     y = warp_affine(x, m, dsize=(9, 9), align_corners=True)
     assert torch.allclose(y, torch.rot90(x, 1, (-2, -1)), atol=1e-3) or torch.allclose(
-        y, torch.rot90(x, -1, (-2, -1)), atol=1e-3)
+        y, torch.rot90(x, -1, (-2, -1)), atol=1e-3
+    )
 
 
 def test_mask_and_image_get_the_same_transform():

@@ -12,8 +12,29 @@ from pipeline import bench
 @pytest.mark.slow
 def test_bench_smoke(tiny_shards, phantom_raw, tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = bench.main(["--shards", str(tiny_shards), "--raw", str(phantom_raw), "--workers", "0", "--batch-size", "4",
-                     "--batches", "2", "--warmup", "1", "--shuffle", "8", "--no-peers", "--augment-seconds", "0.2", "--json", str(out)])
+    rc = bench.main(
+        [
+            "--shards",
+            str(tiny_shards),
+            "--raw",
+            str(phantom_raw),
+            "--workers",
+            "0",
+            "--batch-size",
+            "4",
+            "--batches",
+            "2",
+            "--warmup",
+            "1",
+            "--shuffle",
+            "8",
+            "--no-peers",
+            "--augment-seconds",
+            "0.2",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     row = data["img_per_s"]["workers_0"]

@@ -19,10 +19,11 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from indexed_shards import split_ids, write_shards
-from test_pipeline_stream import check_batch
 
 from pipeline.loader import LoaderStateError, build_loader
+
+from indexed_shards import split_ids, write_shards
+from test_pipeline_stream import check_batch
 
 LOADER_PROPERTY = settings(max_examples=25, derandomize=True, deadline=None)
 layouts = st.lists(st.integers(1, 30), min_size=1, max_size=6)
@@ -32,8 +33,9 @@ def epoch_ids(root, world_size: int, num_workers: int, batch_size: int, epoch: i
     """[rank][step] -> sample ids of one epoch, every batch checked (key, label, pixels, mask agree)."""
     out = []
     for rank in range(world_size):
-        loader = build_loader(root, "train", batch_size=batch_size, rank=rank, world_size=world_size,
-                              num_workers=num_workers, **kw)
+        loader = build_loader(
+            root, "train", batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers, **kw
+        )
         loader.set_epoch(epoch)
         batches = []
         for b in loader:
@@ -70,8 +72,13 @@ def test_exact_epoch_local_global_plan(layout, world, workers, batch):
 
 @pytest.mark.slow
 @LOADER_PROPERTY
-@given(layout=layouts, world=st.integers(1, 8), workers=st.sampled_from([0, 1, 2, 4]), batch=st.integers(1, 8),
-       buffer=st.integers(1, 40))
+@given(
+    layout=layouts,
+    world=st.integers(1, 8),
+    workers=st.sampled_from([0, 1, 2, 4]),
+    batch=st.integers(1, 8),
+    buffer=st.integers(1, 40),
+)
 def test_exact_epoch_streamed_over_http(http_root, layout, world, workers, batch, buffer):
     root, base = http_root
     name = uuid.uuid4().hex
@@ -129,6 +136,7 @@ def test_same_global_batches_for_2x16_and_4x8(mixed_shards):
 @pytest.mark.parametrize("fast", [True, False], ids=["global", "stream"])
 def test_consecutive_epochs_through_the_same_workers(mixed_shards, fast):
     """iter_epochs: the DataLoader's round-robin continues across epoch boundaries (steps stay in order)."""
+
     def loader():
         return build_loader(mixed_shards, "train", batch_size=8, num_workers=2, fast=fast, shuffle_buffer=16)
 

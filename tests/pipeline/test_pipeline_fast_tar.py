@@ -7,12 +7,13 @@ import tarfile
 
 import numpy as np
 import pytest
-from indexed_shards import image_index, key_of, label_of, make_image, make_mask
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.fast_tar import ShardFormatError, generic_samples, map_file, raw_samples, read_samples
 from sharding.writer import encode_sample, write_shard
+
+from indexed_shards import image_index, key_of, label_of, make_image, make_mask
 
 SIZE = 8
 N = 4
@@ -21,8 +22,13 @@ N = 4
 @pytest.fixture(scope="module")
 def shard_bytes(tmp_path_factory) -> bytes:
     path = tmp_path_factory.mktemp("ft") / "a.tar"
-    write_shard(path, [encode_sample(key_of(g), make_image(g, SIZE), label_of(g), {"g": g}, "raw",
-                                     mask=make_mask(g, SIZE)) for g in range(N)])
+    write_shard(
+        path,
+        [
+            encode_sample(key_of(g), make_image(g, SIZE), label_of(g), {"g": g}, "raw", mask=make_mask(g, SIZE))
+            for g in range(N)
+        ],
+    )
     return path.read_bytes()
 
 
@@ -132,8 +138,9 @@ def test_fuzz_arbitrary_bytes(data, buffer):
     drain(data, buffer=buffer)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(st.data())
 def test_fuzz_mutated_shard(shard_bytes, data):
     raw = bytearray(shard_bytes)
@@ -145,8 +152,9 @@ def test_fuzz_mutated_shard(shard_bytes, data):
     assert len(out) <= N
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
-                                                                   HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
+)
 @given(st.data())
 def test_fuzz_header_damage_never_mislabels(shard_bytes, data):
     """Damage confined to tar headers: every sample that still comes out has its true label and pixels."""

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from indexed_shards import key_of, split_ids
 
 SCRIPT = Path(__file__).with_name("multirank_script.py")
@@ -23,10 +24,29 @@ def _free_port() -> int:
 @pytest.mark.slow
 def test_two_process_accelerate_launch(tiny_shards, tmp_path, subprocess_env):
     out = tmp_path / "ranks.json"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()),
-           str(SCRIPT), "--shards", str(tiny_shards), "--out", str(out), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(_free_port()),
+        str(SCRIPT),
+        "--shards",
+        str(tiny_shards),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+    ]
     proc = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = json.loads(out.read_text())

@@ -16,8 +16,14 @@ PROPERTY = settings(max_examples=200, derandomize=True, deadline=None)
 
 
 @PROPERTY
-@given(n=st.integers(1, 300), batch=st.integers(1, 16), world=st.integers(1, 8), seed=st.integers(0, 2**31),
-       epoch=st.integers(0, 50), drop_last=st.booleans())
+@given(
+    n=st.integers(1, 300),
+    batch=st.integers(1, 16),
+    world=st.integers(1, 8),
+    seed=st.integers(0, 2**31),
+    epoch=st.integers(0, 50),
+    drop_last=st.booleans(),
+)
 def test_epoch_order_is_a_padded_permutation(n, batch, world, seed, epoch, drop_last):
     g = batch * world
     if drop_last and n < g:
@@ -64,8 +70,7 @@ def test_worker_steps_partition_the_remaining_steps(steps, start, workers):
 
 
 @PROPERTY
-@given(epochs=st.lists(st.integers(1, 9), min_size=1, max_size=4), start=st.integers(0, 8),
-       workers=st.integers(1, 5))
+@given(epochs=st.lists(st.integers(1, 9), min_size=1, max_size=4), start=st.integers(0, 8), workers=st.integers(1, 5))
 def test_worker_roles_give_step_order_across_epochs(epochs, start, workers):
     """DataLoader takes batch i of an iteration from worker i % W, across epoch boundaries too."""
     start = min(start, epochs[0])
@@ -83,9 +88,15 @@ def test_worker_roles_give_step_order_across_epochs(epochs, start, workers):
 
 
 @PROPERTY
-@given(counts=st.lists(st.integers(1, 40), min_size=1, max_size=9), batch=st.integers(1, 12),
-       world=st.integers(1, 8), workers=st.integers(1, 4), window=st.integers(1, 5), seed=st.integers(0, 99),
-       drop_last=st.booleans())
+@given(
+    counts=st.lists(st.integers(1, 40), min_size=1, max_size=9),
+    batch=st.integers(1, 12),
+    world=st.integers(1, 8),
+    workers=st.integers(1, 4),
+    window=st.integers(1, 5),
+    seed=st.integers(0, 99),
+    drop_last=st.booleans(),
+)
 def test_stream_windows_cover_the_split_exactly(counts, batch, world, workers, window, seed, drop_last):
     n, g = sum(counts), batch * world
     steps = plan.steps_per_epoch(n, g, drop_last)
@@ -128,5 +139,5 @@ def test_eval_ranges_partition(total, world, workers):
     covered = [i for lo, hi in ranges for i in range(lo, hi)]
     assert covered == list(range(total))
     assert sum(plan.eval_steps(total, r, world, workers, 3) for r in range(world)) == sum(
-        math.ceil((hi - lo) / 3) for lo, hi in ranges)
-
+        math.ceil((hi - lo) / 3) for lo, hi in ranges
+    )

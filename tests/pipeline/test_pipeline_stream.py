@@ -9,10 +9,11 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from indexed_shards import LAYOUT, image_index, key_of, label_of, make_mask, split_ids, write_shards
 
 from pipeline.fast_tar import ShardFormatError
 from pipeline.loader import build_loader
+
+from indexed_shards import LAYOUT, image_index, key_of, label_of, make_mask, split_ids, write_shards
 
 
 def check_batch(batch, masks=True):
@@ -35,8 +36,9 @@ def check_batch(batch, masks=True):
 def test_eval_exactly_once_across_ranks(tiny_shards, split, world_size, num_workers):
     seen: list[int] = []
     for rank in range(world_size):
-        loader = build_loader(tiny_shards, split, batch_size=2, rank=rank, world_size=world_size,
-                              num_workers=num_workers)
+        loader = build_loader(
+            tiny_shards, split, batch_size=2, rank=rank, world_size=world_size, num_workers=num_workers
+        )
         batches = list(loader)
         assert len(batches) == loader.steps_per_epoch == len(loader)
         ids = [g for b in batches for g in check_batch(b)]
@@ -59,8 +61,15 @@ def test_train_equal_batch_counts_full_batches(tiny_shards, num_workers):
     for world_size in (1, 2, 3):
         expected = math.ceil(n / (4 * world_size))
         for rank in range(world_size):
-            loader = build_loader(tiny_shards, "train", batch_size=4, rank=rank, world_size=world_size,
-                                  num_workers=num_workers, shuffle_buffer=8)
+            loader = build_loader(
+                tiny_shards,
+                "train",
+                batch_size=4,
+                rank=rank,
+                world_size=world_size,
+                num_workers=num_workers,
+                shuffle_buffer=8,
+            )
             assert loader.steps_per_epoch == len(loader) == expected
             batches = list(loader)
             assert len(batches) == expected
@@ -71,6 +80,7 @@ def test_train_equal_batch_counts_full_batches(tiny_shards, num_workers):
 
 def test_train_stream_plan_same_for_raw_and_png(tiny_shards, tiny_png_shards):
     """The stream plan (generic decode) is a function of the layout, not of the encoding."""
+
     def keys(root, fast):
         loader = build_loader(root, "train", batch_size=3, num_workers=0, seed=5, fast=fast, shuffle_buffer=4)
         assert loader.plan == "stream"
@@ -89,8 +99,16 @@ def test_train_covers_the_split_in_one_epoch_single_rank(tiny_shards):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_shuffle_deterministic_and_changes_with_epoch(tiny_shards, num_workers):
     def epoch_keys(seed, epoch, rank=0):
-        loader = build_loader(tiny_shards, "train", batch_size=4, num_workers=num_workers, seed=seed,
-                              shuffle_buffer=8, rank=rank, world_size=2)
+        loader = build_loader(
+            tiny_shards,
+            "train",
+            batch_size=4,
+            num_workers=num_workers,
+            seed=seed,
+            shuffle_buffer=8,
+            rank=rank,
+            world_size=2,
+        )
         loader.set_epoch(epoch)
         return [k for b in loader for k in b.keys]
 

@@ -7,12 +7,13 @@ import http.server
 import threading
 
 import pytest
-from indexed_shards import key_of, split_ids
-from test_pipeline_stream import check_batch
 
 from pipeline.loader import build_loader
 from pipeline.urls import ALLOW_PIPE_ENV, expand_urls, normalize_url, open_url
 from sharding.manifest import load_manifest
+
+from indexed_shards import key_of, split_ids
+from test_pipeline_stream import check_batch
 
 
 @pytest.fixture()
@@ -52,8 +53,9 @@ def test_http_cache_reads_local_disk_afterwards(http_base, tiny_shards, tmp_path
         raise AssertionError("network used despite the cache")
 
     monkeypatch.setattr(urllib.request, "urlopen", no_network)
-    again = build_loader(http_base, "test", batch_size=2, num_workers=0, cache_dir=cache,
-                         manifest=load_manifest(tiny_shards))
+    again = build_loader(
+        http_base, "test", batch_size=2, num_workers=0, cache_dir=cache, manifest=load_manifest(tiny_shards)
+    )
     assert [k for b in again for k in b.keys] == first
 
 
@@ -81,9 +83,8 @@ def test_secure_mode_is_not_a_skippable_train_shard(tiny_shards, monkeypatch):
 
 
 def test_failing_pipe_raises():
-    with pytest.raises(OSError, match="exit status"):
-        with open_url("pipe:exit 3") as fh:
-            fh.read()
+    with pytest.raises(OSError, match="exit status"), open_url("pipe:exit 3") as fh:
+        fh.read()
 
 
 def test_file_urls_and_schemes(tiny_shards):
@@ -101,8 +102,9 @@ def test_altered_download_never_enters_the_cache(tiny_shards, tmp_path):
     import shutil
     import warnings
 
-    from archives import read_members
     from pipeline.fast_tar import ShardFormatError
+
+    from archives import read_members
 
     served = tmp_path / "served"
     shutil.copytree(tiny_shards, served)
@@ -120,8 +122,9 @@ def test_altered_download_never_enters_the_cache(tiny_shards, tmp_path):
     cache = tmp_path / "cache"
     manifest = load_manifest(tiny_shards)  # the manifest the user trusts
     try:
-        train = build_loader(base, "train", batch_size=4, num_workers=0, shuffle_buffer=4, cache_dir=cache,
-                             manifest=manifest)
+        train = build_loader(
+            base, "train", batch_size=4, num_workers=0, shuffle_buffer=4, cache_dir=cache, manifest=manifest
+        )
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             keys = [k for b in train for k in b.keys]
@@ -132,8 +135,15 @@ def test_altered_download_never_enters_the_cache(tiny_shards, tmp_path):
             list(build_loader(base, "val", batch_size=2, num_workers=0, cache_dir=cache, manifest=manifest))
         cached = sorted(p.name for p in cache.iterdir())
         assert len(cached) == 3 and not any(n.startswith(".") for n in cached)  # 3 intact train shards only
-        unchecked = build_loader(base, "val", batch_size=2, num_workers=0, manifest=manifest,
-                                 cache_dir=tmp_path / "cache2", verify_checksums=False)
+        unchecked = build_loader(
+            base,
+            "val",
+            batch_size=2,
+            num_workers=0,
+            manifest=manifest,
+            cache_dir=tmp_path / "cache2",
+            verify_checksums=False,
+        )
         assert len([k for b in unchecked for k in b.keys]) == 7  # what the check prevents: read as valid
     finally:
         server.shutdown()
@@ -152,4 +162,3 @@ def test_cache_is_keyed_by_content_so_a_rebuilt_shard_is_not_served_stale(tmp_pa
     with open_url(url, cache_dir=cache, sha256=hashlib.sha256(b"new build, same name").hexdigest()) as fh:
         assert fh.read() == b"new build, same name"
     assert len(list(cache.iterdir())) == 2
-

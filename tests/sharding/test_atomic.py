@@ -25,8 +25,24 @@ def tree_digest(root):
 
 def _start_and_kill_after_first_shard(raw, out, seed, python_exe, env, cwd, workers="1"):
     env = dict(env, RADSTREAM_SHARD_DELAY="0.5")
-    cmd = [python_exe, "-m", "sharding", "build", "--raw", str(raw), "--out", str(out), "--shard-size", "4",
-           "--seed", str(seed), "--workers", workers, "--quiet", "--force"]
+    cmd = [
+        python_exe,
+        "-m",
+        "sharding",
+        "build",
+        "--raw",
+        str(raw),
+        "--out",
+        str(out),
+        "--shard-size",
+        "4",
+        "--seed",
+        str(seed),
+        "--workers",
+        workers,
+        "--quiet",
+        "--force",
+    ]
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     try:
@@ -45,8 +61,9 @@ def _start_and_kill_after_first_shard(raw, out, seed, python_exe, env, cwd, work
 
 
 @pytest.mark.slow
-def test_kill_9_keeps_previous_set_and_rerun_is_byte_identical(phantom_raw, tmp_path, python_exe,
-                                                               subprocess_env, repo_root):
+def test_kill_9_keeps_previous_set_and_rerun_is_byte_identical(
+    phantom_raw, tmp_path, python_exe, subprocess_env, repo_root
+):
     out = tmp_path / "shards"
     build_shards(phantom_raw, out, shard_size=4, seed=1, workers=1, progress=False)
     previous = tree_digest(out)

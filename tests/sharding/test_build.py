@@ -22,7 +22,6 @@ from sharding.phantom import PhantomSpec, generate
 from sharding.verify import iter_samples, verify
 
 
-
 def tree_digest(root):
     """{relative path: sha256} of every file under root (hidden ones included)."""
     return {
@@ -153,7 +152,9 @@ def test_bad_inputs_skipped_listed_and_reconciled(raw_copy, tmp_path):
     m = build_shards(raw_copy, out, include_masks=True, shard_size=8, workers=1, progress=False)
     reasons = {s["path"]: s["reason"] for s in m.skipped}
     assert set(reasons) == {
-        "COVID/images/zero.png", "COVID/images/truncated.png", "Normal/images/notes.txt",
+        "COVID/images/zero.png",
+        "COVID/images/truncated.png",
+        "Normal/images/notes.txt",
         "Pneumothorax/images/P-1.png",
     }
     assert "0 bytes" in reasons["COVID/images/zero.png"]
@@ -187,17 +188,21 @@ def test_bad_inputs_skipped_listed_and_reconciled(raw_copy, tmp_path):
     assert (out / "manifest.json").read_bytes() == before
 
 
-def test_strict_and_no_class_folders_exit_2_without_traceback(raw_copy, tmp_path, python_exe, subprocess_env,
-                                                              repo_root):
+@pytest.mark.slow
+def test_strict_and_no_class_folders_exit_2_without_traceback(
+    raw_copy, tmp_path, python_exe, subprocess_env, repo_root
+):
     (raw_copy / "COVID" / "images" / "zero.png").write_bytes(b"")
     base = [python_exe, "-m", "sharding", "build", "--out", str(tmp_path / "s"), "--quiet", "--workers", "1"]
-    run = subprocess.run(base + ["--raw", str(raw_copy), "--strict"], capture_output=True, text=True,
-                         env=subprocess_env, cwd=repo_root)
+    run = subprocess.run(
+        base + ["--raw", str(raw_copy), "--strict"], capture_output=True, text=True, env=subprocess_env, cwd=repo_root
+    )
     assert run.returncode == 2 and "zero.png" in run.stderr and "Traceback" not in run.stderr
     empty = tmp_path / "empty"
     (empty / "stuff").mkdir(parents=True)
-    run = subprocess.run(base + ["--raw", str(empty)], capture_output=True, text=True, env=subprocess_env,
-                         cwd=repo_root)
+    run = subprocess.run(
+        base + ["--raw", str(empty)], capture_output=True, text=True, env=subprocess_env, cwd=repo_root
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr
     for name in CLASSES + (DATASET_DIR, str(empty)):
         assert name in run.stderr
@@ -279,9 +284,22 @@ def test_png_matches_raw_pixels_and_is_smaller(built_raw, built_png_masks):
     assert png_m.masks and png_m.encoding == "png"
 
 
+@pytest.mark.slow
 def test_cli_build_summary_then_noop(phantom_raw, tmp_path, python_exe, subprocess_env, repo_root):
-    cmd = [python_exe, "-m", "sharding", "build", "--raw", str(phantom_raw), "--out", str(tmp_path / "s"),
-           "--shard-size", "16", "--workers", "1"]
+    cmd = [
+        python_exe,
+        "-m",
+        "sharding",
+        "build",
+        "--raw",
+        str(phantom_raw),
+        "--out",
+        str(tmp_path / "s"),
+        "--shard-size",
+        "16",
+        "--workers",
+        "1",
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env, cwd=repo_root)
     assert run.returncode == 0, run.stderr
     assert "scanned 48 = written 48 + skipped 0" in run.stdout

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from archives import zip_bytes
 from sharding.contract import CLASSES, DATASET_DIR
 from sharding.download import CredentialsError, DownloadError, credentials_source, download
+
+from archives import zip_bytes
 
 
 def _dataset_entries() -> dict[str, bytes]:
@@ -90,12 +91,18 @@ def test_credentials_sources(tmp_path):
         credentials_source({}, home=tmp_path)
 
 
+@pytest.mark.slow
 def test_cli_missing_credentials_exit_2_one_message(tmp_path, python_exe, subprocess_env, repo_root):
     env = {k: v for k, v in subprocess_env.items() if not k.startswith("KAGGLE_")}
     env["HOME"] = str(tmp_path / "home")
     env["KAGGLE_CONFIG_DIR"] = str(tmp_path / "nowhere")
-    run = subprocess.run([python_exe, "-m", "sharding", "download", "--out", str(tmp_path / "raw")],
-                         capture_output=True, text=True, env=env, cwd=repo_root)
+    run = subprocess.run(
+        [python_exe, "-m", "sharding", "download", "--out", str(tmp_path / "raw")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=repo_root,
+    )
     assert run.returncode == 2
     assert "Traceback" not in run.stderr and run.stdout == ""
     lines = [line for line in run.stderr.splitlines() if line.strip()]

@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from archives import rewrite_tar
 from sharding.build import build_shards
 from sharding.manifest import load_manifest
 from sharding.verify import verify
+
+from archives import rewrite_tar
 
 
 def tree_digest(root: Path) -> dict[str, str] | None:
@@ -42,16 +43,38 @@ def leftovers(parent: Path) -> list[str]:
 
 
 def build_cmd(raw, out, seed=0, shard_size=4):
-    return [sys.executable, "-m", "sharding", "build", "--raw", str(raw), "--out", str(out), "--shard-size",
-            str(shard_size), "--seed", str(seed), "--workers", "1", "--quiet", "--force"]
+    return [
+        sys.executable,
+        "-m",
+        "sharding",
+        "build",
+        "--raw",
+        str(raw),
+        "--out",
+        str(out),
+        "--shard-size",
+        str(shard_size),
+        "--seed",
+        str(seed),
+        "--workers",
+        "1",
+        "--quiet",
+        "--force",
+    ]
 
 
 def _kill_at(point: tuple[int, float], raw, out, env, cwd) -> bool:
     """Start a build; once `n` shards exist in its hidden folder (n=0: as soon as it runs), wait `extra`
     seconds and SIGKILL its whole process group. Returns True if it was killed (not already finished)."""
     n, extra = point
-    proc = subprocess.Popen(build_cmd(raw, out), env=dict(env, RADSTREAM_SHARD_DELAY="0.15"), cwd=cwd,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    proc = subprocess.Popen(
+        build_cmd(raw, out),
+        env=dict(env, RADSTREAM_SHARD_DELAY="0.15"),
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 120
     try:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -115,18 +138,25 @@ def _limit_file_size(limit: int):
     def preexec() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return preexec
 
 
 @pytest.mark.slow
-def test_disk_full_while_writing_shards_keeps_previous_set(phantom_raw, built_raw, tmp_path, subprocess_env,
-                                                          repo_root):
+def test_disk_full_while_writing_shards_keeps_previous_set(phantom_raw, built_raw, tmp_path, subprocess_env, repo_root):
     out = tmp_path / "shards"
     shutil.copytree(built_raw, out)
     before = tree_digest(out)
     # a raw shard of 4 samples is ~360 kB; the limit lets Python start but no shard be written
-    run = subprocess.run(build_cmd(phantom_raw, out, seed=3), env=subprocess_env, cwd=repo_root,
-                         capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(100_000))
+    run = subprocess.run(
+        build_cmd(phantom_raw, out, seed=3),
+        env=subprocess_env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_file_size(100_000),
+    )
     assert run.returncode != 0
     assert "Traceback" not in run.stderr, run.stderr[-2000:]
     assert "error:" in run.stderr and "too large" in run.stderr.lower(), run.stderr[-2000:]
@@ -134,6 +164,7 @@ def test_disk_full_while_writing_shards_keeps_previous_set(phantom_raw, built_ra
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_unwritable_output_folder_is_a_clear_error(phantom_raw, tmp_path, subprocess_env, repo_root):
     if os.geteuid() == 0:
         pytest.skip("root writes anywhere; the disk-full test covers the write-error path")
@@ -141,17 +172,30 @@ def test_unwritable_output_folder_is_a_clear_error(phantom_raw, tmp_path, subpro
     parent.mkdir()
     parent.chmod(0o555)
     try:
-        run = subprocess.run(build_cmd(phantom_raw, parent / "shards"), env=subprocess_env, cwd=repo_root,
-                             capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            build_cmd(phantom_raw, parent / "shards"),
+            env=subprocess_env,
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
     finally:
         parent.chmod(0o755)
     assert run.returncode == 2 and "error:" in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_output_path_is_a_file_is_a_clear_error(phantom_raw, tmp_path, subprocess_env, repo_root):
     (tmp_path / "blocker").write_text("x")
-    run = subprocess.run(build_cmd(phantom_raw, tmp_path / "blocker" / "shards"), env=subprocess_env,
-                         cwd=repo_root, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        build_cmd(phantom_raw, tmp_path / "blocker" / "shards"),
+        env=subprocess_env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 2 and "error:" in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
 
 
@@ -182,8 +226,8 @@ def _flip_label_in_place(path: Path) -> None:
     with tarfile.open(path) as tf:
         member = next(m for m in tf.getmembers() if m.name.endswith(".cls"))
     data = bytearray(path.read_bytes())
-    old = data[member.offset_data: member.offset_data + member.size]
-    data[member.offset_data: member.offset_data + member.size] = str((int(old) + 1) % 4).encode()
+    old = data[member.offset_data : member.offset_data + member.size]
+    data[member.offset_data : member.offset_data + member.size] = str((int(old) + 1) % 4).encode()
     path.write_bytes(bytes(data))
 
 
@@ -198,6 +242,7 @@ CORRUPTIONS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
 def test_verify_reports_each_corruption_naming_the_shard(built_raw, tmp_path, kind, subprocess_env, repo_root):
     root = tmp_path / "s"
@@ -211,6 +256,12 @@ def test_verify_reports_each_corruption_naming_the_shard(built_raw, tmp_path, ki
         # the reader cannot know a flipped '1' -> '2' in a .cls member is wrong: the manifest sha256 is the guard
         assert any("sha256" in p for p in result.problems), result.problems
     if kind == "zero_length":
-        run = subprocess.run([sys.executable, "-m", "sharding", "verify", "--shards", str(root)], env=subprocess_env,
-                             cwd=repo_root, capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            [sys.executable, "-m", "sharding", "verify", "--shards", str(root)],
+            env=subprocess_env,
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert run.returncode == 1 and "train-000001.tar" in run.stderr and "Traceback" not in run.stderr

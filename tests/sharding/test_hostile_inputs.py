@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from archives import zip_bytes
 from sharding.contract import CLASSES, DATASET_DIR, IMAGE_SIZE
 from sharding.download import DownloadError, safe_extract
 from sharding.preprocess import MAX_PIXELS, PreprocessError, load_image
+
+from archives import zip_bytes
 
 S = IMAGE_SIZE
 
@@ -40,8 +41,12 @@ def _chunk(kind: bytes, data: bytes) -> bytes:
 def png_claiming(width: int, height: int, idat: bytes = b"") -> bytes:
     """A PNG whose header claims width x height 8-bit gray, with whatever (little) pixel data."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", idat or zlib.compress(b"\0" * 64)) + \
-        _chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", ihdr)
+        + _chunk(b"IDAT", idat or zlib.compress(b"\0" * 64))
+        + _chunk(b"IEND", b"")
+    )
 
 
 def gray_png_streamed(width: int, height: int, value: int = 0) -> bytes:
@@ -62,7 +67,7 @@ def save(img: Image.Image, fmt: str, **kw) -> bytes:
 def halves(left: int, right: int, mode: str = "L", size=(S, S)) -> Image.Image:
     w, h = size
     arr = np.full((h, w), left, np.uint8)
-    arr[:, w // 2:] = right
+    arr[:, w // 2 :] = right
     return Image.fromarray(arr, mode="L").convert(mode) if mode != "L" else Image.fromarray(arr, mode="L")
 
 
@@ -125,9 +130,18 @@ def test_fuzz_arbitrary_bytes_only_preprocess_error_or_valid_image(data):
     _valid_or_refused(data)
 
 
-_SEEDS = [save(halves(10, 240), "PNG"), save(halves(10, 240), "JPEG"), cmyk_jpeg(), animated_png(), la_png(),
-          sixteen_bit()[0], palette_with_transparency(), save(halves(10, 240, size=(8, 8)), "GIF"),
-          save(halves(10, 240, size=(8, 8)), "BMP"), save(halves(10, 240, size=(8, 8)), "TIFF")]
+_SEEDS = [
+    save(halves(10, 240), "PNG"),
+    save(halves(10, 240), "JPEG"),
+    cmyk_jpeg(),
+    animated_png(),
+    la_png(),
+    sixteen_bit()[0],
+    palette_with_transparency(),
+    save(halves(10, 240, size=(8, 8)), "GIF"),
+    save(halves(10, 240, size=(8, 8)), "BMP"),
+    save(halves(10, 240, size=(8, 8)), "TIFF"),
+]
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -181,8 +195,9 @@ print("SECONDS", time.perf_counter() - t)
 def _bounded(tmp_path, blob: bytes, env, cwd) -> tuple[str, float, float]:
     path = tmp_path / "input.bin"
     path.write_bytes(blob)
-    run = subprocess.run([sys.executable, "-c", BOUNDED, str(path)], env=env, cwd=cwd, capture_output=True,
-                         text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", BOUNDED, str(path)], env=env, cwd=cwd, capture_output=True, text=True, timeout=120
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     lines = run.stdout.splitlines()
     return lines[0], int(lines[1].split()[1]) / 1024, float(lines[2].split()[1])
@@ -217,19 +232,19 @@ def test_palette_transparency_composited_on_black():
     arr, info = load_image(palette_with_transparency())
     assert info.mode == "P"
     assert (arr[:, : S // 2 - 1] == 0).all()  # transparent white -> black (lightbox)
-    assert (arr[:, S // 2 + 1:] == 128).all()
+    assert (arr[:, S // 2 + 1 :] == 128).all()
 
 
 def test_cmyk_jpeg_converted_with_the_right_polarity():
     arr, info = load_image(cmyk_jpeg())
     assert info.mode == "CMYK"
-    assert arr[:, : S // 2 - 8].mean() > 245 and arr[:, S // 2 + 8:].mean() < 10
+    assert arr[:, : S // 2 - 8].mean() > 245 and arr[:, S // 2 + 8 :].mean() < 10
 
 
 def test_la_alpha_composited():
     arr, info = load_image(la_png())
     assert info.mode == "LA"
-    assert (arr[:, : S // 2 - 1] == 200).all() and (arr[:, S // 2 + 1:] == 0).all()
+    assert (arr[:, : S // 2 - 1] == 200).all() and (arr[:, S // 2 + 1 :] == 0).all()
 
 
 def test_animated_png_first_frame():
@@ -241,7 +256,7 @@ def test_exif_orientation_applied():
     arr, info = load_image(exif_rotated_jpeg())
     assert (info.width, info.height) == (100, 200)  # upright: portrait
     # stored left (dark) half is at the top once rotated 90 degrees clockwise
-    assert arr[: S // 2 - 10].mean() < 40 and arr[S // 2 + 10:].mean() > 215
+    assert arr[: S // 2 - 10].mean() < 40 and arr[S // 2 + 10 :].mean() > 215
     # and the columns are uniform (not the stored left/right split)
     assert abs(float(arr[:, :100].mean()) - float(arr[:, -100:].mean())) < 5
 
@@ -290,9 +305,28 @@ def test_build_over_hostile_folder_reconciles_and_stays_bounded(raw_copy, tmp_pa
     before = sum(1 for p in raw_copy.rglob("*") if p.is_file() and "/images/" in p.as_posix())
 
     def measured_build(out):
-        run = subprocess.run([sys.executable, "-c", MEASURED_BUILD, "build", "--raw", str(raw_copy), "--out",
-                              str(out), "--workers", "1", "--shard-size", "16", "--quiet"],
-                             env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                MEASURED_BUILD,
+                "build",
+                "--raw",
+                str(raw_copy),
+                "--out",
+                str(out),
+                "--workers",
+                "1",
+                "--shard-size",
+                "16",
+                "--quiet",
+            ],
+            env=subprocess_env,
+            cwd=repo_root,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert run.returncode == 0, run.stderr[-3000:]
         return run, int(run.stdout.split("MAXRSS_KIB")[1].split()[0]) / 1024
 
@@ -318,20 +352,26 @@ def test_build_over_hostile_folder_reconciles_and_stays_bounded(raw_copy, tmp_pa
     assert verify(out).ok
 
 
-# --------------------------------------------------------------------------- zip slip: what the download test does not cover
+# ----------------------------------------------------------------- zip slip: what the download test does not cover
 
 
 GOOD = {f"{DATASET_DIR}/{c}/images/{c}-1.png": b"x" for c in CLASSES}
 
 
-@pytest.mark.parametrize("evil", [
-    "..\\escape.txt",                                 # Windows separators
-    f"{DATASET_DIR}\\..\\..\\escape.txt",
-    "C:/escape.txt", "C:\\escape.txt", "c:escape.txt",  # drive letters
-    "\\\\server\\share\\escape.txt", "//server/share/escape.txt",
-    f"{DATASET_DIR}/COVID/../../../escape.txt",
-    "./../escape.txt",
-])
+@pytest.mark.parametrize(
+    "evil",
+    [
+        "..\\escape.txt",  # Windows separators
+        f"{DATASET_DIR}\\..\\..\\escape.txt",
+        "C:/escape.txt",
+        "C:\\escape.txt",
+        "c:escape.txt",  # drive letters
+        "\\\\server\\share\\escape.txt",
+        "//server/share/escape.txt",
+        f"{DATASET_DIR}/COVID/../../../escape.txt",
+        "./../escape.txt",
+    ],
+)
 def test_zip_slip_variants_refused_before_anything_is_written(tmp_path, evil):
     archive = tmp_path / "a.zip"
     archive.write_bytes(zip_bytes({**GOOD, evil: b"pwned"}))
@@ -385,8 +425,20 @@ def test_safe_members_extract_normally(tmp_path):
 # --------------------------------------------------------------------------- a hostile manifest
 
 
-@pytest.mark.parametrize("name", ["../outside.tar", "/etc/passwd.tar", "a/b.tar", "x.tar; touch pwned",
-                                  "$(touch pwned).tar", ".hidden.tar", "train-000000.tar\n", "x..tar", "x.npy"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../outside.tar",
+        "/etc/passwd.tar",
+        "a/b.tar",
+        "x.tar; touch pwned",
+        "$(touch pwned).tar",
+        ".hidden.tar",
+        "train-000000.tar\n",
+        "x..tar",
+        "x.npy",
+    ],
+)
 def test_manifest_with_unsafe_shard_name_refused(built_raw, tmp_path, name):
     from sharding.manifest import ManifestError, load_manifest
 

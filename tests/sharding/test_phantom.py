@@ -73,8 +73,14 @@ def _lung_stats(spec, cls, n):
         # high-frequency energy inside the lungs: streaks and consolidation edges
         lap = np.abs(4 * img[1:-1, 1:-1] - img[:-2, 1:-1] - img[2:, 1:-1] - img[1:-1, :-2] - img[1:-1, 2:])
         lungs = img[m]
-        out.append((img.mean(), lungs.mean() - img[~m].mean(), np.percentile(lungs, 99) - np.median(lungs),
-                    lap[m[1:-1, 1:-1]].mean()))
+        out.append(
+            (
+                img.mean(),
+                lungs.mean() - img[~m].mean(),
+                np.percentile(lungs, 99) - np.median(lungs),
+                lap[m[1:-1, 1:-1]].mean(),
+            )
+        )
     return np.array(out)
 
 
@@ -135,10 +141,24 @@ def test_markers_burn_a_corner_tag():
     assert (plain[6:30, 6:146] >= 200).sum() == 0
 
 
+@pytest.mark.slow
 def test_cli_writes_and_reports(tmp_path, python_exe, subprocess_env, repo_root):
     sheet = tmp_path / "sheet.png"
-    cmd = [python_exe, "-m", "sharding", "phantom", "--out", str(tmp_path / "raw"), "--per-class", "2",
-           "--seed", "0", "--quiet", "--contact-sheet", str(sheet)]
+    cmd = [
+        python_exe,
+        "-m",
+        "sharding",
+        "phantom",
+        "--out",
+        str(tmp_path / "raw"),
+        "--per-class",
+        "2",
+        "--seed",
+        "0",
+        "--quiet",
+        "--contact-sheet",
+        str(sheet),
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env, cwd=repo_root)
     assert run.returncode == 0, run.stderr
     assert "wrote 8 images" in run.stdout
@@ -169,8 +189,11 @@ def test_png_writer_round_trips_through_pil_as_mode_L(shape):
     from sharding.phantom import png_bytes
 
     rng = np.random.default_rng(sum(shape))
-    for array in (rng.integers(0, 256, shape, dtype=np.uint8), np.zeros(shape, np.uint8),
-                  np.full(shape, 255, np.uint8)):
+    for array in (
+        rng.integers(0, 256, shape, dtype=np.uint8),
+        np.zeros(shape, np.uint8),
+        np.full(shape, 255, np.uint8),
+    ):
         with Image.open(io.BytesIO(png_bytes(array))) as im:
             im.load()
             assert im.format == "PNG" and im.mode == "L" and im.size == (shape[1], shape[0])
@@ -196,4 +219,6 @@ def test_pixels_are_pinned_across_environments():
                 digest.update(image.tobytes())
                 digest.update(mask.tobytes())
     assert (GENERATOR_VERSION, digest.hexdigest()) == (
-        4, "a612477fde644ddb7f06bce67e46f67398a488323313a574813cacedd33b6f29")
+        4,
+        "a612477fde644ddb7f06bce67e46f67398a488323313a574813cacedd33b6f29",
+    )

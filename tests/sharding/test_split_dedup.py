@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharding.dedup import phash, group, hamming, near_pairs, pixel_sha256
+from sharding.dedup import group, hamming, near_pairs, phash, pixel_sha256
 from sharding.phantom import PhantomSpec, _source_of, render_sample
 from sharding.split import assign, shuffled, targets
 
@@ -41,7 +41,7 @@ def test_groups_never_cross_and_classes_stay_within_one(sizes, labels_seed, seed
     singles_per_class = np.bincount([labels[i] for i in range(len(labels)) if sizes[groups[i]] == 1], minlength=4)
     for c in range(4):
         n = labels.count(c)
-        got = [sum(1 for l, s in zip(labels, splits) if l == c and s == name) for name in ("train", "val", "test")]
+        got = [sum(1 for lab, s in zip(labels, splits) if lab == c and s == name) for name in ("train", "val", "test")]
         if singles_per_class[c] >= 6:  # enough singletons to fill the targets exactly
             assert tuple(got) == targets(n)
         for g_, frac in zip(got, (0.8, 0.1, 0.1)):

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from sharding.manifest import load_manifest
@@ -16,6 +17,7 @@ def _run(args, python_exe, env, cwd):
     return subprocess.run([python_exe, "-m", "sharding", *args], capture_output=True, text=True, env=env, cwd=cwd)
 
 
+@pytest.mark.slow
 def test_verify_ok_then_flipped_byte_names_the_shard(built_raw, tmp_path, python_exe, subprocess_env, repo_root):
     copy = tmp_path / "s"
     shutil.copytree(built_raw, copy)
@@ -52,6 +54,7 @@ def test_verify_decodes_samples_even_when_hashes_match(built_raw, tmp_path):
     assert not result.ok and any("test-000000.tar" in p and "sha256" in p for p in result.problems)
 
 
+@pytest.mark.slow
 def test_verify_missing_shard_and_missing_manifest(built_raw, tmp_path, python_exe, subprocess_env, repo_root):
     copy = tmp_path / "s"
     shutil.copytree(built_raw, copy)
@@ -68,17 +71,34 @@ def test_verify_png_with_masks(built_png_masks):
     assert result.samples == 48
 
 
+@pytest.mark.slow
 def test_inspect_prints_summary_and_writes_grid(built_png_masks, tmp_path, python_exe, subprocess_env, repo_root):
     out = tmp_path / "grid.png"
-    run = _run(["inspect", "--shards", str(built_png_masks), "--out", str(out), "--per-class", "3"],
-               python_exe, subprocess_env, repo_root)
+    run = _run(
+        ["inspect", "--shards", str(built_png_masks), "--out", str(out), "--per-class", "3"],
+        python_exe,
+        subprocess_env,
+        repo_root,
+    )
     assert run.returncode == 0, run.stderr
     assert "Viral Pneumonia" in run.stdout and "scanned 48 = written 48 + skipped 0" in run.stdout
     with Image.open(out) as img:
         assert img.width >= 3 * 160 and img.height >= 4 * 160
         pixels = np.asarray(img.convert("RGB"))
         assert ((pixels == (0, 255, 0)).all(-1)).any()  # mask outlines drawn
-    by_file = _run(["inspect", "--shards", str(built_png_masks / "manifest.json"), "--out", str(tmp_path / "g2.png"),
-                    "--per-class", "3"], python_exe, subprocess_env, repo_root)
+    by_file = _run(
+        [
+            "inspect",
+            "--shards",
+            str(built_png_masks / "manifest.json"),
+            "--out",
+            str(tmp_path / "g2.png"),
+            "--per-class",
+            "3",
+        ],
+        python_exe,
+        subprocess_env,
+        repo_root,
+    )
     assert by_file.returncode == 0, by_file.stderr  # the manifest file itself names the set, as for verify
     assert (tmp_path / "g2.png").read_bytes() == out.read_bytes()

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.evaluate import compare_runs, main as evaluate_main, write_report
+from train.evaluate import compare_runs, write_report
+from train.evaluate import main as evaluate_main
 from train.explain import lung_share, summarize_shares
 from train.loop import Predictions
 
@@ -39,9 +40,22 @@ def _predictions(n=40, seed=0):
 
 
 def test_write_report_files_and_numbers(tmp_path):
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(
-        {"epoch": e, "train_loss": 1 / (e + 1), "val_loss": 1.2 / (e + 1), "train_accuracy": 0.5 + e / 10,
-         "val_accuracy": 0.45 + e / 10, "val_macro_f1": 0.4 + e / 10}) + "\n" for e in range(3)))
+    (tmp_path / "metrics.jsonl").write_text(
+        "".join(
+            json.dumps(
+                {
+                    "epoch": e,
+                    "train_loss": 1 / (e + 1),
+                    "val_loss": 1.2 / (e + 1),
+                    "train_accuracy": 0.5 + e / 10,
+                    "val_accuracy": 0.45 + e / 10,
+                    "val_macro_f1": 0.4 + e / 10,
+                }
+            )
+            + "\n"
+            for e in range(3)
+        )
+    )
     preds = _predictions()
     report = write_report(tmp_path, "test", preds, CLASSES, {"model_epoch": 2})
     saved = json.loads((tmp_path / "report.json").read_text())
@@ -68,8 +82,11 @@ def test_compare_runs_table(tmp_path, capsys):
         run = tmp_path / name
         run.mkdir()
         lung = {c: {"mean": share, "p10": share / 2, "n": 3} for c in CLASSES + ["all"]}
-        (run / "report.json").write_text(json.dumps({"classes": CLASSES, "accuracy": 0.9, "macro_f1": 0.88,
-                                                     "balanced_accuracy": 0.9, "lung_share": lung}))
+        (run / "report.json").write_text(
+            json.dumps(
+                {"classes": CLASSES, "accuracy": 0.9, "macro_f1": 0.88, "balanced_accuracy": 0.9, "lung_share": lung}
+            )
+        )
         runs.append(run)
     table = compare_runs(runs)
     assert "| lung share all | 0.800 | 0.400 |" in table

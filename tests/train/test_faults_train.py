@@ -32,8 +32,14 @@ from train.checkpoint import CheckpointError, clean_stale_temporaries, load_best
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "data.image_size=32", "data.num_workers=0", "data.shuffle_buffer=16", "train.batch_size=8",
-    "eval.batch_size=16", "logging.progress=false", "eval.gradcam_per_class=1", "train.log_every=1",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "data.shuffle_buffer=16",
+    "train.batch_size=8",
+    "eval.batch_size=16",
+    "logging.progress=false",
+    "eval.gradcam_per_class=1",
+    "train.log_every=1",
 ]
 BEST = ("best_model.pth", "best_model.safetensors", "best_model.json")
 
@@ -47,8 +53,17 @@ def _free_port() -> int:
 
 
 def launch(nproc: int = 1) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
-           "--mixed_precision", "no"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--mixed_precision",
+        "no",
+    ]
     if nproc == 1:
         cmd += ["--cpu", "--num_processes", "1"]
     else:
@@ -78,8 +93,9 @@ def assert_files_loadable(out: Path) -> None:
 
 def run_until(cmd, env, cwd, predicate, timeout: float = 300, poll: float = 0.002):
     """Start a run in its own process group; SIGKILL the group as soon as predicate() holds."""
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -99,13 +115,25 @@ def run_until(cmd, env, cwd, predicate, timeout: float = 300, poll: float = 0.00
 
 
 def test_kill_during_checkpoint_write_and_mid_epoch_then_resume_equals_uninterrupted(
-        tmp_path, phantom_shards, subprocess_env, repo_root):
+    tmp_path, phantom_shards, subprocess_env, repo_root
+):
     rng = random.Random(11)
-    common = [f"data.shards={phantom_shards}", "train.epochs=5", "eval.test_at_end=false", "train.seed=5",
-              "train.patience=10"]
+    common = [
+        f"data.shards={phantom_shards}",
+        "train.epochs=5",
+        "eval.test_at_end=false",
+        "train.seed=5",
+        "train.patience=10",
+    ]
     full = tmp_path / "full"
-    ref = subprocess.run(launch() + common + [f"train.output_dir={full}"], env=subprocess_env, cwd=repo_root,
-                         capture_output=True, text=True, timeout=420)
+    ref = subprocess.run(
+        launch() + common + [f"train.output_dir={full}"],
+        env=subprocess_env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=420,
+    )
     assert ref.returncode == 0, ref.stderr[-3000:]
 
     part = tmp_path / "part"
@@ -150,8 +178,10 @@ def test_kill_during_checkpoint_write_and_mid_epoch_then_resume_equals_uninterru
         x, _ = load_best_model(full / "models" / name)
         y, _ = load_best_model(models / name)
         assert all(torch.equal(x[k], y[k]) for k in x), name
-    assert json.loads((full / "models" / "best_model.json").read_text())["epoch"] == \
-        json.loads((models / "best_model.json").read_text())["epoch"]
+    assert (
+        json.loads((full / "models" / "best_model.json").read_text())["epoch"]
+        == json.loads((models / "best_model.json").read_text())["epoch"]
+    )
     assert temporaries(part) == [], "stale temporaries of the killed writer were not cleaned"
 
 
@@ -176,13 +206,27 @@ def _rank_pid(launcher_pid: int, rank: int, timeout: float = 120) -> int:
     raise AssertionError(f"rank {rank} process not found")
 
 
-def test_dead_rank_fails_the_run_within_bound_no_partial_best_model(tmp_path, phantom_shards, subprocess_env,
-                                                                   repo_root):
+def test_dead_rank_fails_the_run_within_bound_no_partial_best_model(
+    tmp_path, phantom_shards, subprocess_env, repo_root
+):
     out = tmp_path / "run"
-    cmd = launch(2) + [f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=50",
-                       "train.patience=100", "train.timeout_s=20", "eval.test_at_end=false"]
-    proc = subprocess.Popen(cmd, env=subprocess_env, cwd=repo_root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    cmd = launch(2) + [
+        f"data.shards={phantom_shards}",
+        f"train.output_dir={out}",
+        "train.epochs=50",
+        "train.patience=100",
+        "train.timeout_s=20",
+        "eval.test_at_end=false",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=subprocess_env,
+        cwd=repo_root,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         victim = _rank_pid(proc.pid, 1)
         deadline = time.monotonic() + 300
@@ -196,7 +240,7 @@ def test_dead_rank_fails_the_run_within_bound_no_partial_best_model(tmp_path, ph
         try:
             _, stderr = proc.communicate(timeout=90)
         except subprocess.TimeoutExpired:
-            raise AssertionError("the surviving rank hung after its peer died")
+            raise AssertionError("the surviving rank hung after its peer died") from None
         elapsed = time.monotonic() - killed_at
     finally:
         if proc.poll() is None:
@@ -223,8 +267,7 @@ class Payload:
         return (Path.touch, (self.marker,))
 
 
-def test_pickled_object_checkpoint_refused_everywhere(tmp_path, phantom_shards, phantom_raw, subprocess_env,
-                                                      repo_root):
+def test_pickled_object_checkpoint_refused_everywhere(tmp_path, phantom_shards, phantom_raw, subprocess_env, repo_root):
     marker = tmp_path / "executed"
     pickle.loads(pickle.dumps(Payload(marker)))
     assert marker.exists()  # the payload works when unpickled
@@ -239,19 +282,38 @@ def test_pickled_object_checkpoint_refused_everywhere(tmp_path, phantom_shards, 
         load_checkpoint(evil)
     assert not marker.exists()
     # 2) training resume (auto picks it up)
-    run = subprocess.run(launch() + [f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=1",
-                                     "train.resume=auto", "eval.test_at_end=false"],
-                         env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        launch()
+        + [
+            f"data.shards={phantom_shards}",
+            f"train.output_dir={out}",
+            "train.epochs=1",
+            "train.resume=auto",
+            "eval.test_at_end=false",
+        ],
+        env=subprocess_env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode != 0 and "error (rank 0): refusing to load" in run.stderr, run.stderr[-3000:]
     assert not marker.exists()
     assert not (models / "best_model.pth").exists()  # refused before any training
     # 3) prediction
     torch.save({"conv1.weight": Payload(marker)}, models / "best_model.pth")
-    (models / "best_model.json").write_text(json.dumps({"classes": ["a", "b", "c", "d"], "image_size": 32,
-                                                        "config": {}}))
+    (models / "best_model.json").write_text(
+        json.dumps({"classes": ["a", "b", "c", "d"], "image_size": 32, "config": {}})
+    )
     image = next((phantom_raw / "COVID" / "images").iterdir())
-    pred = subprocess.run([sys.executable, "-m", "train.predict", "--model", str(models / "best_model.pth"),
-                           str(image)], env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    pred = subprocess.run(
+        [sys.executable, "-m", "train.predict", "--model", str(models / "best_model.pth"), str(image)],
+        env=subprocess_env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert pred.returncode == 2 and "refusing to load" in pred.stderr, pred.stderr[-3000:]
     assert not marker.exists()
 
@@ -259,32 +321,49 @@ def test_pickled_object_checkpoint_refused_everywhere(tmp_path, phantom_shards, 
 def test_unwritable_output_dir_is_a_clear_error(tmp_path, phantom_shards, subprocess_env, repo_root):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
-    run = subprocess.run(launch() + [f"data.shards={phantom_shards}", f"train.output_dir={blocker / 'run'}",
-                                     "train.epochs=1"],
-                         env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        launch() + [f"data.shards={phantom_shards}", f"train.output_dir={blocker / 'run'}", "train.epochs=1"],
+        env=subprocess_env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode != 0
-    assert "is not writable" in run.stderr and "train/main.py\", line" not in run.stderr, run.stderr[-3000:]
+    assert "is not writable" in run.stderr and 'train/main.py", line' not in run.stderr, run.stderr[-3000:]
 
 
 def _limit_file_size(limit: int):
     def preexec() -> None:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
     return preexec
 
 
-def test_disk_full_while_writing_checkpoints_keeps_previous_files(tmp_path, phantom_shards, subprocess_env,
-                                                                 repo_root):
+def test_disk_full_while_writing_checkpoints_keeps_previous_files(tmp_path, phantom_shards, subprocess_env, repo_root):
     out = tmp_path / "run"
     common = [f"data.shards={phantom_shards}", f"train.output_dir={out}", "eval.test_at_end=false", "train.seed=3"]
-    first = subprocess.run(launch() + common + ["train.epochs=1"], env=subprocess_env, cwd=repo_root,
-                           capture_output=True, text=True, timeout=300)
+    first = subprocess.run(
+        launch() + common + ["train.epochs=1"],
+        env=subprocess_env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     before = {p.name: p.read_bytes() for p in (out / "models").iterdir()}
     # ResNet18 weights are ~45 MB: a 4 MB limit lets everything else run and every model write fail
-    full = subprocess.run(launch() + common + ["train.epochs=2", "train.resume=auto"], env=subprocess_env,
-                          cwd=repo_root, capture_output=True, text=True, timeout=300,
-                          preexec_fn=_limit_file_size(4 << 20))
+    full = subprocess.run(
+        launch() + common + ["train.epochs=2", "train.resume=auto"],
+        env=subprocess_env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=_limit_file_size(4 << 20),
+    )
     assert full.returncode != 0
     assert "File too large" in full.stderr and "intact" in full.stderr, full.stderr[-3000:]
     assert 'train/main.py", line' not in full.stderr, full.stderr[-3000:]
@@ -292,8 +371,14 @@ def test_disk_full_while_writing_checkpoints_keeps_previous_files(tmp_path, phan
     assert after == before, "a previous model file was changed or a temporary was left"
     assert temporaries(out) == []
     assert_files_loadable(out)
-    again = subprocess.run(launch() + common + ["train.epochs=2", "train.resume=auto"], env=subprocess_env,
-                           cwd=repo_root, capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        launch() + common + ["train.epochs=2", "train.resume=auto"],
+        env=subprocess_env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 0 and "resumed from" in again.stdout, again.stderr[-3000:]
     assert load_checkpoint(out / "models" / "checkpoint.pth")["epoch"] == 1
 
@@ -301,9 +386,19 @@ def test_disk_full_while_writing_checkpoints_keeps_previous_files(tmp_path, phan
 def test_soak_scaled_down(tmp_path, phantom_shards, subprocess_env):
     from train.soak import soak, table
 
-    result = soak(str(phantom_shards), str(tmp_path / "soak"), epochs=5, image_size=32, batch_size=8,
-                  num_workers=1, baseline_epoch=2, poll=0.1, env=subprocess_env, timeout=600,
-                  extra=["data.shuffle_buffer=16", "eval.batch_size=16"])
+    result = soak(
+        str(phantom_shards),
+        str(tmp_path / "soak"),
+        epochs=5,
+        image_size=32,
+        batch_size=8,
+        num_workers=1,
+        baseline_epoch=2,
+        poll=0.1,
+        env=subprocess_env,
+        timeout=600,
+        extra=["data.shuffle_buffer=16", "eval.batch_size=16"],
+    )
     print(table(result))
     assert result["returncode"] == 0, result["problems"]
     assert [s["epoch"] for s in result["epochs"]] == [0, 1, 2, 3, 4]
@@ -321,10 +416,23 @@ def test_stalled_rank_times_out_the_survivor_with_a_clear_error(tmp_path, phanto
 
     out = tmp_path / "run"
     timeout_s = 10
-    cmd = launch(2) + [f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=50",
-                       "train.patience=100", f"train.timeout_s={timeout_s}", "eval.test_at_end=false"]
-    proc = subprocess.Popen(cmd, env=subprocess_env, cwd=repo_root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    cmd = launch(2) + [
+        f"data.shards={phantom_shards}",
+        f"train.output_dir={out}",
+        "train.epochs=50",
+        "train.patience=100",
+        f"train.timeout_s={timeout_s}",
+        "eval.test_at_end=false",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        env=subprocess_env,
+        cwd=repo_root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
@@ -339,8 +447,9 @@ def test_stalled_rank_times_out_the_survivor_with_a_clear_error(tmp_path, phanto
         os.kill(victim, signal.SIGSTOP)
         stopped_at = time.monotonic()
         while not any("error (rank 0)" in line for line in lines):
-            assert time.monotonic() - stopped_at < timeout_s + 60, "the survivor waited on the stalled peer " \
-                                                                   "past its timeout:\n" + "".join(lines)[-3000:]
+            assert time.monotonic() - stopped_at < timeout_s + 60, (
+                "the survivor waited on the stalled peer past its timeout:\n" + "".join(lines)[-3000:]
+            )
             time.sleep(0.1)
         elapsed = time.monotonic() - stopped_at
         # the launcher would now give the stopped rank 30 s to obey SIGTERM; let it obey at once
@@ -355,7 +464,9 @@ def test_stalled_rank_times_out_the_survivor_with_a_clear_error(tmp_path, phanto
     print(f"survivor gave up {elapsed:.1f} s after the stall (train.timeout_s={timeout_s})")
     assert proc.returncode != 0
     assert timeout_s - 1 <= elapsed < timeout_s + 30, f"the survivor gave up {elapsed:.0f} s after the stall"
-    assert f"error (rank 0): a peer process stopped answering and the collective gave up after " \
-           f"train.timeout_s={timeout_s} s" in stderr, stderr[-3000:]
+    assert (
+        f"error (rank 0): a peer process stopped answering and the collective gave up after "
+        f"train.timeout_s={timeout_s} s" in stderr
+    ), stderr[-3000:]
     assert "[rank0]: Traceback" not in stderr, stderr[-3000:]  # one clear line, not a gloo traceback
     assert_files_loadable(out)

@@ -29,7 +29,14 @@ def test_a_capped_epoch_pulls_and_counts_exactly_the_cap():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model, optimizer = accelerator.prepare(model, optimizer)
     loader = CountingLoader(10)
-    result = train_one_epoch(model, optimizer, loader, lambda x, m, generator=None: (x.float() / 255, m),
-                             torch.nn.functional.cross_entropy, accelerator, EpochSpec(epoch=0, steps=3, seed=0),
-                             progress=False)
+    result = train_one_epoch(
+        model,
+        optimizer,
+        loader,
+        lambda x, m, generator=None: (x.float() / 255, m),
+        torch.nn.functional.cross_entropy,
+        accelerator,
+        EpochSpec(epoch=0, steps=3, seed=0),
+        progress=False,
+    )
     assert loader.pulled == 3 and result.rank_steps == [3] and result.images == 12

@@ -38,12 +38,21 @@ def test_random_init_one_channel_four_classes():
     assert model(torch.zeros(2, 1, 64, 64)).shape == (2, 4)
 
 
+@pytest.mark.slow
 def test_hub_weights_offline_say_how_to_pass_a_file(python_exe, subprocess_env, repo_root):
     # huggingface_hub reads HF_HUB_OFFLINE at import: a fresh process sees it (and fails fast, no retries).
-    code = ("from train.model import build_model; from train.config import ModelConfig\n"
-            "build_model(ModelConfig(pretrained='true'), num_classes=4)")
-    run = subprocess.run([python_exe, "-c", code], env={**subprocess_env, "HF_HUB_OFFLINE": "1"},
-                         cwd=repo_root, capture_output=True, text=True, timeout=120)
+    code = (
+        "from train.model import build_model; from train.config import ModelConfig\n"
+        "build_model(ModelConfig(pretrained='true'), num_classes=4)"
+    )
+    run = subprocess.run(
+        [python_exe, "-c", code],
+        env={**subprocess_env, "HF_HUB_OFFLINE": "1"},
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode != 0
     assert "ConfigError" in run.stderr and "model.pretrained=/path/to/model.safetensors" in run.stderr
 
@@ -59,7 +68,14 @@ def test_best_model_set_records_digests_and_a_mixed_set_is_refused(tmp_path):
     """A kill between the renames of best_model.{safetensors,pth,json} must not pass as one model."""
     import shutil
 
-    from train.checkpoint import BEST_JSON, BEST_PTH, BEST_SAFETENSORS, CheckpointError, load_best_model, save_best_model
+    from train.checkpoint import (
+        BEST_JSON,
+        BEST_PTH,
+        BEST_SAFETENSORS,
+        CheckpointError,
+        load_best_model,
+        save_best_model,
+    )
 
     first = {"w": torch.zeros(3), "b": torch.ones(2)}
     second = {"w": torch.full((3,), 2.0), "b": torch.ones(2)}
@@ -67,7 +83,11 @@ def test_best_model_set_records_digests_and_a_mixed_set_is_refused(tmp_path):
     save_best_model(tmp_path / "new", second, {"epoch": 2})
     for name in (BEST_PTH, BEST_SAFETENSORS):
         state, info = load_best_model(tmp_path / "new" / name)
-        assert info["epoch"] == 2 and torch.equal(state["w"], second["w"]) and set(info["sha256"]) == {BEST_PTH, BEST_SAFETENSORS}
+        assert (
+            info["epoch"] == 2
+            and torch.equal(state["w"], second["w"])
+            and set(info["sha256"]) == {BEST_PTH, BEST_SAFETENSORS}
+        )
     mixed = tmp_path / "mixed"
     shutil.copytree(tmp_path / "new", mixed)
     shutil.copy(tmp_path / "old" / BEST_PTH, mixed / BEST_PTH)  # weights of epoch 1, json of epoch 2

@@ -27,8 +27,14 @@ def model_file(tmp_path_factory):
     cfg.data.image_size = 64
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=4)
-    card = ModelCard(model="resnet18", classes=tuple(CLASSES), image_size=64, stored_size=299, epoch=0,
-                     config=json.loads(json.dumps(asdict(cfg))))
+    card = ModelCard(
+        model="resnet18",
+        classes=tuple(CLASSES),
+        image_size=64,
+        stored_size=299,
+        epoch=0,
+        config=json.loads(json.dumps(asdict(cfg))),
+    )
     save_model_card(models, model.state_dict(), card)
     return models / "best_model.pth"
 
@@ -55,12 +61,32 @@ def test_predictor_applies_training_preprocessing(model_file, phantom_raw):
     np.testing.assert_allclose(probs[0], probs[1], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_cli_on_folder_with_corrupt_file(model_file, image_folder, tmp_path, python_exe, subprocess_env, repo_root):
     out_json, out_csv = tmp_path / "p.json", tmp_path / "p.csv"
-    run = subprocess.run([python_exe, "-m", "train.predict", "--model", str(model_file), str(image_folder),
-                          "--json", str(out_json), "--csv", str(out_csv), "--device", "cpu",
-                          "--gradcam", str(tmp_path / "cams")],
-                         env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            python_exe,
+            "-m",
+            "train.predict",
+            "--model",
+            str(model_file),
+            str(image_folder),
+            "--json",
+            str(out_json),
+            "--csv",
+            str(out_csv),
+            "--device",
+            "cpu",
+            "--gradcam",
+            str(tmp_path / "cams"),
+        ],
+        env=subprocess_env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr
     data = json.loads(out_json.read_text())
     assert sorted(p["file"].split("/")[-1] for p in data["predictions"]) == ["gray.png", "rgb_big.jpg"]
@@ -89,7 +115,14 @@ def test_collect_files_filters_suffixes(image_folder):
     assert sorted(p.name for p in collect_files([str(image_folder)])) == ["broken.png", "gray.png", "rgb_big.jpg"]
 
 
+@pytest.mark.slow
 def test_missing_model_is_a_clear_error(tmp_path, python_exe, subprocess_env, repo_root):
-    run = subprocess.run([python_exe, "-m", "train.predict", "--model", str(tmp_path / "none.pth"), str(tmp_path)],
-                         env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [python_exe, "-m", "train.predict", "--model", str(tmp_path / "none.pth"), str(tmp_path)],
+        env=subprocess_env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and "no model file" in run.stderr and "Traceback" not in run.stderr

@@ -21,8 +21,14 @@ from train.checkpoint import load_checkpoint
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "data.image_size=32", "data.num_workers=0", "data.shuffle_buffer=16", "train.batch_size=8",
-    "eval.batch_size=16", "logging.progress=false", "eval.gradcam_per_class=1", "train.log_every=1",
+    "data.image_size=32",
+    "data.num_workers=0",
+    "data.shuffle_buffer=16",
+    "train.batch_size=8",
+    "eval.batch_size=16",
+    "logging.progress=false",
+    "eval.gradcam_per_class=1",
+    "train.log_every=1",
 ]
 
 
@@ -45,8 +51,14 @@ def launch_cmd(nproc: int, extra_launch: list[str] | None = None) -> list[str]:
 
 
 def run_train(overrides, env, cwd, nproc=1, extra_launch=None, timeout=420):
-    return subprocess.run(launch_cmd(nproc, extra_launch) + TINY + overrides, env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        launch_cmd(nproc, extra_launch) + TINY + overrides,
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def metrics(out: Path) -> list[dict]:
@@ -55,8 +67,12 @@ def metrics(out: Path) -> list[dict]:
 
 def test_single_process_run_writes_everything(tmp_path, phantom_shards, subprocess_env, repo_root):
     out = tmp_path / "run"
-    run = run_train([f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=2",
-                     "data.image_size=64"], subprocess_env, repo_root, extra_launch=["--mixed_precision", "bf16"])
+    run = run_train(
+        [f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=2", "data.image_size=64"],
+        subprocess_env,
+        repo_root,
+        extra_launch=["--mixed_precision", "bf16"],
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     rows = metrics(out)
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -86,8 +102,18 @@ def test_single_process_run_writes_everything(tmp_path, phantom_shards, subproce
 def test_early_stopping_after_patience_keeps_best_epoch(tmp_path, phantom_shards, subprocess_env, repo_root):
     out = tmp_path / "run"
     # min_delta larger than any possible change: epoch 0 is best, then exactly `patience` bad epochs.
-    run = run_train([f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=10",
-                     "train.patience=2", "train.min_delta=100", "eval.test_at_end=false"], subprocess_env, repo_root)
+    run = run_train(
+        [
+            f"data.shards={phantom_shards}",
+            f"train.output_dir={out}",
+            "train.epochs=10",
+            "train.patience=2",
+            "train.min_delta=100",
+            "eval.test_at_end=false",
+        ],
+        subprocess_env,
+        repo_root,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert [r["epoch"] for r in metrics(out)] == [0, 1, 2]
     assert "early stop" in run.stdout
@@ -118,8 +144,15 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, phantom_shards, subpr
 
     part = tmp_path / "part"
     cmd = launch_cmd(1, ["--mixed_precision", "no"]) + TINY + common + [f"train.output_dir={part}", "train.resume=auto"]
-    proc = subprocess.Popen(cmd, env=subprocess_env, cwd=repo_root, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=subprocess_env,
+        cwd=repo_root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         ckpt = part / "models" / "checkpoint.pth"
         # The checkpoint is replaced atomically, so reading it while training runs is safe.
@@ -146,16 +179,30 @@ def test_kill_mid_epoch_resumes_mid_epoch_to_identical_weights(tmp_path, phantom
     """train.checkpoint_every_steps: a run killed (-9) inside epoch 0 resumes at the next global batch, covers
     the epoch exactly (coverage carried in the checkpoint) and ends with the uninterrupted run's weights.
     The shards are given as a file: URL (one manifest loader for local and remote)."""
-    common = [f"data.shards=file:{phantom_shards}", "train.epochs=2", "eval.test_at_end=false", "train.seed=3",
-              "train.batch_size=4", "train.checkpoint_every_steps=3", "data.num_workers=1"]
+    common = [
+        f"data.shards=file:{phantom_shards}",
+        "train.epochs=2",
+        "eval.test_at_end=false",
+        "train.seed=3",
+        "train.batch_size=4",
+        "train.checkpoint_every_steps=3",
+        "data.num_workers=1",
+    ]
     full = tmp_path / "full"
     run = run_train(common + [f"train.output_dir={full}"], subprocess_env, repo_root)
     assert run.returncode == 0, run.stderr[-3000:]
 
     part = tmp_path / "part"
     cmd = launch_cmd(1, ["--mixed_precision", "no"]) + TINY + common + [f"train.output_dir={part}", "train.resume=auto"]
-    proc = subprocess.Popen(cmd, env=subprocess_env, cwd=repo_root, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        env=subprocess_env,
+        cwd=repo_root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     ckpt = part / "models" / "checkpoint.pth"
     try:  # the run's first checkpoint is the one after step 3 of epoch 0, ~6 steps before the epoch's end
         _wait_for(ckpt.exists, 300, proc)
@@ -177,8 +224,12 @@ def test_kill_mid_epoch_resumes_mid_epoch_to_identical_weights(tmp_path, phantom
 
 def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subprocess_env, repo_root):
     out = tmp_path / "run"
-    run = run_train([f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=2"],
-                    subprocess_env, repo_root, nproc=2)
+    run = run_train(
+        [f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=2"],
+        subprocess_env,
+        repo_root,
+        nproc=2,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "2 process(es)" in run.stdout
     assert run.stdout.count("epoch   0 ") == 1, "only rank 0 prints"
@@ -196,36 +247,72 @@ def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subpro
     keys = [json.loads(line)["key"] for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys)) == test_split.samples, "each test sample exactly once across the 2 ranks"
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert files == sorted([
-        "config.yaml", "metrics.jsonl", "models/best_model.json", "models/best_model.pth",
-        "models/best_model.safetensors", "models/checkpoint.pth", "report.json", "report.md", "predictions.jsonl",
-        "confusion_matrix.png", "roc.png", "training_curves.png", "reliability.png", "gradcam.png",
-    ])
+    assert files == sorted(
+        [
+            "config.yaml",
+            "metrics.jsonl",
+            "models/best_model.json",
+            "models/best_model.pth",
+            "models/best_model.safetensors",
+            "models/checkpoint.pth",
+            "report.json",
+            "report.md",
+            "predictions.jsonl",
+            "confusion_matrix.png",
+            "roc.png",
+            "training_curves.png",
+            "reliability.png",
+            "gradcam.png",
+        ]
+    )
 
 
 def no_traceback_from_us(stderr: str) -> bool:
     """accelerate's launcher prints its own traceback when a child fails; ours must not appear."""
-    return 'train/main.py", line' not in stderr and 'pipeline/' not in stderr and 'sharding/' not in stderr.split("error")[-1]
+    return (
+        'train/main.py", line' not in stderr
+        and "pipeline/" not in stderr
+        and "sharding/" not in stderr.split("error")[-1]
+    )
 
 
 def test_bad_inputs_fail_clearly(tmp_path, phantom_shards, subprocess_env, repo_root):
-    missing = run_train([f"data.shards={tmp_path / 'nothing'}", f"train.output_dir={tmp_path / 'r1'}"],
-                        subprocess_env, repo_root)
+    missing = run_train(
+        [f"data.shards={tmp_path / 'nothing'}", f"train.output_dir={tmp_path / 'r1'}"], subprocess_env, repo_root
+    )
     assert missing.returncode != 0
     assert "python -m sharding build" in missing.stderr and no_traceback_from_us(missing.stderr)
-    wrong = run_train([f"data.shards={phantom_shards}", f"train.output_dir={tmp_path / 'r2'}",
-                       "data.stored_size=256"], subprocess_env, repo_root)
+    wrong = run_train(
+        [f"data.shards={phantom_shards}", f"train.output_dir={tmp_path / 'r2'}", "data.stored_size=256"],
+        subprocess_env,
+        repo_root,
+    )
     assert wrong.returncode != 0 and "image size: manifest 299 vs config data.stored_size 256" in wrong.stderr
-    bad_cfg = subprocess.run([sys.executable, "train/main.py", "--config", "configs/demo.yaml", "train.epochs=zero"],
-                             env=subprocess_env, cwd=repo_root, capture_output=True, text=True, timeout=120)
+    bad_cfg = subprocess.run(
+        [sys.executable, "train/main.py", "--config", "configs/demo.yaml", "train.epochs=zero"],
+        env=subprocess_env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad_cfg.returncode == 2 and "train.epochs" in bad_cfg.stderr and "Traceback" not in bad_cfg.stderr
 
 
 def test_mask_lungs_run_with_a_step_cap_reports_to_the_end(tmp_path, phantom_shards, subprocess_env, repo_root):
     """data.mask_lungs needs masks in every forward (Grad-CAM included), and a capped epoch counts its cap."""
     out = tmp_path / "run"
-    run = run_train([f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=1",
-                     "data.mask_lungs=true", "train.max_steps_per_epoch=2"], subprocess_env, repo_root)
+    run = run_train(
+        [
+            f"data.shards={phantom_shards}",
+            f"train.output_dir={out}",
+            "train.epochs=1",
+            "data.mask_lungs=true",
+            "train.max_steps_per_epoch=2",
+        ],
+        subprocess_env,
+        repo_root,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert metrics(out)[0]["rank_steps"] == [2]
     report = json.loads((out / "report.json").read_text())
