@@ -43,14 +43,7 @@ import numpy as np
 from sharding.contract import CLASSES, DATASET_DIR, ENCODINGS, IMAGE_SIZE, SPLITS
 from sharding.dedup import HASH_BITS, group, phash, pixel_sha256
 from sharding.files import pid_alive
-from sharding.manifest import (
-    MANIFEST_NAME,
-    Manifest,
-    ManifestError,
-    SplitInfo,
-    load_manifest,
-    write_manifest,
-)
+from sharding.manifest import MANIFEST_NAME, Manifest, ManifestError, SplitInfo, load_manifest, write_manifest
 from sharding.preprocess import PreprocessError, load_image, load_mask, open_image
 from sharding.source import Record, SourceError, scan
 from sharding.split import FRACTIONS, assign, shuffled

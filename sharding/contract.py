@@ -14,12 +14,7 @@ import re
 CLASSES: tuple[str, ...] = ("COVID", "Lung_Opacity", "Normal", "Viral Pneumonia")
 
 #: Real image counts per class in the Kaggle release (21,165 in all).
-REAL_COUNTS: dict[str, int] = {
-    "COVID": 3616,
-    "Lung_Opacity": 6012,
-    "Normal": 10192,
-    "Viral Pneumonia": 1345,
-}
+REAL_COUNTS: dict[str, int] = {"COVID": 3616, "Lung_Opacity": 6012, "Normal": 10192, "Viral Pneumonia": 1345}
 
 #: Side of the square, single-channel uint8 image stored in every shard.
 IMAGE_SIZE = 299

@@ -102,9 +102,7 @@ def near_pairs(hashes: Sequence[int], distance: int, block: int = 128) -> list[t
 
 
 def group(
-    sha: Sequence[str],
-    phash: Sequence[int] | None = None,
-    distance: int | None = None,
+    sha: Sequence[str], phash: Sequence[int] | None = None, distance: int | None = None
 ) -> tuple[list[int], dict[int, str]]:
     """Group items by equal `sha` and, if `distance` is given, by near `phash`.
 

@@ -38,12 +38,7 @@ def _png_bytes(array: np.ndarray) -> bytes:
 
 
 def encode_sample(
-    key: str,
-    image: np.ndarray,
-    label: int,
-    meta: dict,
-    encoding: str = "raw",
-    mask: np.ndarray | None = None,
+    key: str, image: np.ndarray, label: int, meta: dict, encoding: str = "raw", mask: np.ndarray | None = None
 ) -> dict[str, bytes | str]:
     """One WebDataset sample dict of bytes: image [H, W] or [1, H, W] uint8, label int."""
     if image.dtype != np.uint8:

@@ -1,0 +1,345 @@
+"""A training run, stage by stage: set up (manifest, config, loaders, state), epochs, checkpoints, report.
+
+`fit(cfg, accelerator)` reads as its table of contents: `setup_run` -> `resume_position`
+-> `run_epoch` per epoch (train, validate, decide, save) -> the early-stop note.
+The entry script (`train/main.py`) owns launching, arguments and exit codes.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+
+from pipeline.loader import load_shard_manifest
+from sharding.manifest import Manifest
+from train.card import ModelCard, save_model_card
+from train.checkpoint import (
+    BEST_PTH,
+    CHECKPOINT,
+    atomic_write,
+    clean_stale_temporaries,
+    load_checkpoint,
+    save_checkpoint,
+)
+from train.config import Config, to_yaml
+from train.loop import EarlyStopping, EpochProgress, EpochSpec, predict_split, train_one_epoch
+from train.metrics import quick_metrics
+from train.model import build_model
+from train.optim import build_loss, build_optimizer, build_scheduler
+from train.presets import build_augment, build_split_loader
+from train.state import Position, TrainState
+
+
+class RunError(RuntimeError):
+    """A run cannot start or continue; the message says why and how to fix it."""
+
+
+def check_manifest(cfg: Config, manifest: Manifest) -> None:
+    """Refuse shards whose classes or stored image size differ from what the config pins (null pins nothing)."""
+    problems = []
+    if cfg.data.classes is not None and list(manifest.classes) != list(cfg.data.classes):
+        problems.append(f"classes: manifest {list(manifest.classes)} vs config data.classes {cfg.data.classes}")
+    if cfg.model.num_classes is not None and len(manifest.classes) != cfg.model.num_classes:
+        problems.append(
+            f"class count: manifest {len(manifest.classes)} vs config model.num_classes {cfg.model.num_classes}"
+        )
+    if cfg.data.stored_size is not None and manifest.image_size != cfg.data.stored_size:
+        problems.append(f"image size: manifest {manifest.image_size} vs config data.stored_size {cfg.data.stored_size}")
+    if cfg.data.mask_lungs and not manifest.masks:
+        problems.append("data.mask_lungs=true but the shards carry no masks (rebuild with --include-masks)")
+    if problems:
+        raise RunError("the shards do not match the config: " + "; ".join(problems))
+
+
+def resolved(cfg: Config, manifest: Manifest) -> Config:
+    """The config with what the manifest knows filled in (classes, class count, stored size)."""
+    data = replace(cfg.data, classes=list(manifest.classes), stored_size=manifest.image_size)
+    return replace(cfg, data=data, model=replace(cfg.model, num_classes=len(manifest.classes)))
+
+
+def build_loaders(cfg: Config, manifest: Manifest, accelerator: Accelerator, splits=("train", "val")) -> dict:
+    """This rank's loaders (train/presets.py), pinned on CUDA."""
+    return {
+        split: build_split_loader(
+            cfg,
+            split,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            pin_memory=accelerator.device.type == "cuda",
+            manifest=manifest,
+        )
+        for split in splits
+    }
+
+
+def model_card(cfg: Config, manifest: Manifest) -> ModelCard:
+    """The card of this run's model (epoch and metric are filled in when a best model is saved)."""
+    return ModelCard(
+        model=cfg.model.name,
+        classes=tuple(manifest.classes),
+        image_size=cfg.data.image_size,
+        stored_size=manifest.image_size,
+        monitor=cfg.train.monitor,
+        config=to_yaml_dict(cfg),
+    )
+
+
+def model_identity(cfg: Config, manifest: Manifest) -> dict:
+    """What a checkpoint must share with this run to be resumed."""
+    return {**model_card(cfg, manifest).identity(), "batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    if not cfg.train.resume:
+        return None
+    if cfg.train.resume == "auto":
+        path = Path(cfg.train.output_dir) / "models" / CHECKPOINT
+        return path if path.exists() else None
+    path = Path(cfg.train.resume)
+    if not path.is_file():
+        raise RunError(f"train.resume={cfg.train.resume!r}: no checkpoint file there (use 'auto' or a path)")
+    return path
+
+
+def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """Rank 0 creates the run folder and writes config.yaml; every rank learns if that failed."""
+    out = Path(cfg.train.output_dir)
+    problem = [None]
+    if accelerator.is_main_process:
+        try:
+            (out / "models").mkdir(parents=True, exist_ok=True)
+            for folder in (out, out / "models"):  # of a run killed mid-write; the real files are intact
+                clean_stale_temporaries(folder)
+            atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(to_yaml(cfg)))
+        except OSError as exc:
+            problem[0] = f"train.output_dir={out} is not writable ({exc.strerror or exc}); choose another folder"
+    if accelerator.num_processes > 1:
+        broadcast_object_list(problem, from_process=0)
+    if problem[0]:
+        raise RunError(problem[0])
+    return out
+
+
+def append_metrics(path: Path, row: dict, keep_through_epoch: int | None = None) -> None:
+    """Append one epoch line; on resume first drop lines of epochs after the checkpoint."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    if keep_through_epoch is not None:
+        lines = [line for line in lines if json.loads(line)["epoch"] <= keep_through_epoch]
+    lines.append(json.dumps(row, sort_keys=True))
+    text = "\n".join(lines) + "\n"
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def build_state(cfg: Config, accelerator: Accelerator, manifest: Manifest, train_loader) -> TrainState:
+    """Model, optimizer and schedule prepared for this process, with early stopping and the train loader."""
+    set_seed(cfg.train.seed)
+    model = build_model(cfg.model, num_classes=len(manifest.classes))
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model.parameters(), cfg.optim)
+    monitor_mode = "min" if cfg.train.monitor == "val_loss" else "max"
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.epochs, monitor_mode)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if cfg.model.compile:
+        model = torch.compile(model)
+    stopper = EarlyStopping(cfg.train.patience, monitor_mode, cfg.train.min_delta)
+    return TrainState(
+        model, optimizer, scheduler, stopper, train_loader, accelerator, model_identity(cfg, manifest), to_yaml(cfg)
+    )
+
+
+def resume_position(cfg: Config, state: TrainState) -> Position:
+    """Where this run starts: a fresh run at epoch 0, or where its checkpoint left off."""
+    path = resolve_resume(cfg)
+    if path is None:
+        return Position()
+    position = state.load_state_dict(load_checkpoint(path), path)
+    where = f"epoch {position.epoch}" + (f", step {position.step} (mid-epoch)" if position.step else "")
+    state.accelerator.print(f"resumed from {path} at {where}")
+    return position
+
+
+def epoch_row(epoch: int, result, val, scores: dict, lr: float) -> dict:
+    """One line of metrics.jsonl."""
+    return {
+        "epoch": epoch,
+        "train_loss": result.loss,
+        "train_accuracy": result.accuracy,
+        "val_loss": val.loss,
+        "val_accuracy": scores["accuracy"],
+        "val_macro_f1": scores["macro_f1"],
+        "lr": lr,
+        "img_per_s": result.images_per_s,
+        "data_wait_frac": result.data_wait_frac,
+        "epoch_s": result.seconds,
+        "rank_steps": result.rank_steps,
+        "train_samples_seen": result.samples_seen,
+        "train_samples_repeated": result.samples_repeated,
+    }
+
+
+def step_scheduler(scheduler, value: float) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(value)
+    elif scheduler is not None:
+        scheduler.step()
+
+
+def save_epoch(state: TrainState, card: ModelCard, out: Path, row: dict, improved: bool) -> None:
+    """Rank 0: the metrics line, the best model when it improved, the end-of-epoch checkpoint."""
+    epoch = row["epoch"]
+    append_metrics(out / "metrics.jsonl", row, keep_through_epoch=epoch - 1)
+    if improved:
+        save_model_card(out / "models", state.weights(), replace(card, epoch=epoch, value=row[card.monitor]))
+    save_checkpoint(out / "models" / CHECKPOINT, state.state_dict(epoch))
+
+
+def report_epoch(
+    accelerator: Accelerator, cfg: Config, row: dict, stopper: EarlyStopping, improved: bool, n_train: int, capped: bool
+) -> None:
+    accelerator.print(
+        f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
+        f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f} f1 {row['val_macro_f1']:.3f} | "
+        f"{row['img_per_s']:.0f} img/s, data wait {100 * row['data_wait_frac']:.1f}% | "
+        f"{row['train_samples_seen']}/{n_train} train samples"
+        + ("  *best*" if improved else f"  ({stopper.bad_epochs}/{stopper.patience} without improvement)")
+    )
+    if row["train_samples_seen"] < n_train and not capped:
+        accelerator.print(
+            f"warning: epoch {row['epoch']} trained on {row['train_samples_seen']} of {n_train} train "
+            "samples (corrupt shards were skipped: see the warnings above and "
+            "`python -m sharding verify`)"
+        )
+
+
+@dataclass
+class Run:
+    """What a training run holds once set up: config (resolved against the manifest), data, state, outputs."""
+
+    cfg: Config
+    manifest: Manifest
+    accelerator: Accelerator
+    loaders: dict
+    state: TrainState
+    loss_fn: torch.nn.Module
+    augment: dict  # "train" / "eval" -> DeviceAugment on the device
+    out: Path
+    steps: int  # per epoch, after train.max_steps_per_epoch
+    capped: bool  # whether max_steps_per_epoch cut the epoch
+
+
+def setup_run(cfg: Config, accelerator: Accelerator) -> Run:
+    """Manifest -> resolved config -> loaders -> run folder -> model state; checks before any work."""
+    manifest = load_shard_manifest(cfg.data.shards)
+    check_manifest(cfg, manifest)
+    cfg = resolved(cfg, manifest)
+    loaders = build_loaders(cfg, manifest, accelerator)
+    out = prepare_output_dir(cfg, accelerator)
+    state = build_state(cfg, accelerator, manifest, loaders["train"])
+    loss_fn = build_loss(cfg.optim, manifest.split("train").class_counts, accelerator.device)
+    augment = {name: build_augment(cfg, name == "train").to(accelerator.device) for name in ("train", "eval")}
+    steps, cap = loaders["train"].steps_per_epoch, cfg.train.max_steps_per_epoch
+    capped = bool(cap) and cap < steps
+    return Run(cfg, manifest, accelerator, loaders, state, loss_fn, augment, out, cap if capped else steps, capped)
+
+
+def run_epoch(run: Run, epoch: int, position: Position) -> tuple[dict, bool]:
+    """Train one epoch (from a resumed step), validate, decide: (metrics row, improved)."""
+    cfg, acc, state = run.cfg, run.accelerator, run.state
+    start = position.step if epoch == position.epoch else 0
+    run.loaders["train"].set_epoch(epoch)
+    spec = EpochSpec(
+        epoch,
+        run.steps,
+        cfg.train.seed,
+        start,
+        run.manifest.split("train").samples,
+        cfg.train.grad_accum,
+        cfg.train.log_every,
+        cfg.train.checkpoint_every_steps,
+    )
+
+    def checkpoint(done: int, progress: EpochProgress) -> None:
+        if acc.is_main_process:
+            save_checkpoint(run.out / "models" / CHECKPOINT, state.state_dict(epoch, progress))
+
+    result = train_one_epoch(
+        state.model,
+        state.optimizer,
+        run.loaders["train"],
+        run.augment["train"],
+        run.loss_fn,
+        acc,
+        spec,
+        carried=position.carried if start else None,
+        on_checkpoint=checkpoint,
+        log=acc.log if cfg.logging.tensorboard else None,
+        progress=cfg.logging.progress,
+    )
+    val = predict_split(
+        state.model, run.loaders["val"], run.augment["eval"], acc, progress=cfg.logging.progress, desc="val"
+    )
+    scores = quick_metrics(val.labels, val.probs, len(run.manifest.classes))
+    row = epoch_row(epoch, result, val, scores, state.optimizer.param_groups[0]["lr"])
+    improved = state.stopper.step(row[cfg.train.monitor], epoch)
+    step_scheduler(state.scheduler, row[cfg.train.monitor])
+    if acc.is_main_process:
+        save_epoch(state, model_card(cfg, run.manifest), run.out, row, improved)
+        if cfg.logging.tensorboard:
+            acc.log({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=epoch)
+    acc.wait_for_everyone()
+    return row, improved
+
+
+def announce(run: Run) -> None:
+    cfg, acc = run.cfg, run.accelerator
+    acc.print(
+        f"training {cfg.model.name} on {run.manifest.split('train').samples} images, {acc.num_processes} "
+        f"process(es) on {acc.device}, {run.steps} steps/epoch of {cfg.train.batch_size}/device "
+        f"({run.loaders['train'].plan} shuffle), mixed precision {acc.mixed_precision}"
+    )
+
+
+def fit(cfg: Config, accelerator: Accelerator) -> dict:
+    """The whole training run; returns the last epoch's metrics row."""
+    run = setup_run(cfg, accelerator)
+    position = resume_position(run.cfg, run.state)
+    if run.cfg.logging.tensorboard:
+        accelerator.init_trackers("tb")
+    announce(run)
+    row: dict = {}
+    stopper = run.state.stopper
+    for epoch in range(position.epoch, run.cfg.train.epochs):
+        if stopper.should_stop:
+            break
+        row, improved = run_epoch(run, epoch, position)
+        report_epoch(accelerator, run.cfg, row, stopper, improved, run.manifest.split("train").samples, run.capped)
+    if stopper.should_stop:
+        monitor = run.cfg.train.monitor
+        accelerator.print(
+            f"early stop: no {monitor} improvement for {stopper.patience} epochs; "
+            f"best epoch {stopper.best_epoch} ({monitor} {stopper.best:.4f})"
+        )
+    if run.cfg.logging.tensorboard:
+        accelerator.end_training()
+    return row
+
+
+def to_yaml_dict(cfg: Config) -> dict:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
+
+
+def run_test_report(cfg: Config, accelerator: Accelerator) -> None:
+    """Evaluate the best model on the test split and write the report (rank 0 writes)."""
+    from train.evaluate import evaluate_run
+
+    best = Path(cfg.train.output_dir) / "models" / BEST_PTH
+    if best.exists():
+        evaluate_run(Path(cfg.train.output_dir), split="test", accelerator=accelerator, cfg=cfg)
