@@ -10,8 +10,9 @@ import time
 
 import pytest
 
-from sharding.build import _recover, build_shards, run_build
+from sharding.build import build_shards, run_build
 from sharding.manifest import load_manifest
+from sharding.outdir import recover as _recover
 from sharding.verify import verify
 
 

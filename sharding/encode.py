@@ -1,0 +1,139 @@
+"""Per-sample work of a build, run in the worker processes: pass 1 (`analyse_one`) and pass 2 (`write_shard_task`).
+
+Pass 1 decodes and preprocesses an image and returns only facts (pixel sha256,
+perceptual hash, original size/mode, mask problem): no pixels cross processes.
+Pass 2 preprocesses each sample of a shard again, checks it against pass 1,
+encodes it and appends it to the shard, all inside the worker.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from sharding.contract import IMAGE_SIZE
+from sharding.dedup import phash, pixel_sha256
+from sharding.pool import tick
+from sharding.preprocess import PreprocessError, load_image, load_mask, open_image
+from sharding.source import Record
+
+#: Relative aspect-ratio difference above which a mask does not belong to its image.
+MASK_ASPECT_TOLERANCE = 0.02
+
+
+class SampleError(ValueError):
+    """An input changed or became unreadable between the two passes; the message names it."""
+
+
+def _mask_problem(rec: Record, size: tuple[int, int]) -> str | None:
+    """Why this record's mask cannot be used, or None."""
+    if rec.mask_path is None:
+        return "no mask file"
+    try:
+        mask = open_image(rec.mask_path)
+    except PreprocessError as exc:
+        return f"mask {_reason(exc)}"
+    except OSError as exc:
+        return f"mask unreadable: {_reason(exc)}"
+    w, h = size
+    ratio_img, ratio_mask = w / h, mask.width / mask.height
+    if abs(ratio_mask / ratio_img - 1.0) > MASK_ASPECT_TOLERANCE:
+        return f"mask is {mask.width}x{mask.height}, its image {w}x{h}: aspect ratios differ"
+    return None
+
+
+_ADDRESS = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _reason(exc: BaseException) -> str:
+    """The message of an error, without object addresses (the manifest must be deterministic)."""
+    return _ADDRESS.sub("the file", str(exc))
+
+
+def analyse_one(rec: Record, include_masks: bool, want_phash: bool) -> dict:
+    """Pass 1 for one image: pixel sha256, perceptual hash, original size/mode, mask problem; no pixels kept."""
+    try:
+        pixels, info = load_image(rec.path)
+    except PreprocessError as exc:
+        return {"error": _reason(exc)}
+    except OSError as exc:
+        return {"error": f"cannot read file: {_reason(exc)}"}
+    out = {"sha": pixel_sha256(pixels), "size": [info.width, info.height], "mode": info.mode}
+    if want_phash:
+        out["phash"] = phash(pixels)
+    if include_masks:
+        out["mask_issue"] = _mask_problem(rec, (info.width, info.height))
+    return out
+
+
+@dataclass(frozen=True)
+class SampleTask:
+    """One sample to preprocess again, check against pass 1 and encode."""
+
+    record: Record
+    split: str
+    sha256: str  # pixel digest from pass 1: a file changed since is an error, not a different sample
+    orig_size: list[int]
+    orig_mode: str
+    encoding: str
+    masks: bool
+    mask_issue: str | None
+
+
+def _encode(task: SampleTask) -> dict:
+    rec = task.record
+    try:
+        pixels, _ = load_image(rec.path)
+    except (PreprocessError, OSError) as exc:
+        raise SampleError(f"{rec.rel} became unreadable during the build: {exc}") from None
+    sha = pixel_sha256(pixels)
+    if sha != task.sha256:
+        raise SampleError(f"{rec.rel} changed during the build; run it again")
+    meta = {
+        "source": rec.rel,
+        "class": rec.class_name,
+        "orig_size": task.orig_size,
+        "orig_mode": task.orig_mode,
+        "sha256": sha,
+        "split": task.split,
+    }
+    mask = None
+    if task.masks:
+        if task.mask_issue is None:
+            try:
+                mask = load_mask(rec.mask_path)
+            except (PreprocessError, OSError) as exc:
+                raise SampleError(f"mask of {rec.rel} became unreadable during the build: {exc}") from None
+        else:
+            mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
+        meta["mask_missing"] = task.mask_issue is not None
+    from sharding.writer import encode_sample
+
+    return encode_sample(rec.key, pixels, rec.label, meta, task.encoding, mask)
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """One shard to write, in a worker: no pixels cross processes."""
+
+    path: str
+    samples: tuple[SampleTask, ...]
+    delay_s: float = 0.0  # test hook (RADSTREAM_SHARD_DELAY): lets a test kill a build mid-way
+
+
+def write_shard_task(task: ShardTask) -> object:
+    from sharding.writer import write_shard
+
+    def samples() -> Iterator[dict]:
+        for t in task.samples:
+            yield _encode(t)
+            tick()
+
+    info = write_shard(task.path, samples())
+    if task.delay_s:
+        time.sleep(task.delay_s)
+    return info
