@@ -31,7 +31,6 @@ Prints a Markdown table and writes JSON: `{"img_per_s": {"workers_1": {...},
 from __future__ import annotations
 
 import argparse
-import gc
 import glob
 import json
 import math
@@ -45,44 +44,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.fast_tar import read_samples
+from pipeline.bench_peers import bench_litdata, bench_mosaic, cycle, rate
 from pipeline.loader import build_loader
+from pipeline.samples import read_samples
 from pipeline.urls import open_url
 from sharding.manifest import load_manifest
 
 METHODS = ("original", "webdataset_generic", "radstream", "memmap_bound", "litdata", "mosaic_streaming")
-
-
-def _rate(iterator, batches: int, warmup: int) -> float:
-    """Images/s over `batches` batches after `warmup` ones."""
-    it = iter(iterator)
-    for _ in range(warmup):
-        next(it)
-    n, start = 0, time.perf_counter()
-    for _ in range(batches):
-        try:
-            b = next(it)
-        except StopIteration:
-            break
-        n += _batch_len(b)
-    elapsed = time.perf_counter() - start
-    return n / elapsed if elapsed > 0 and n else float("nan")
-
-
-def _batch_len(b) -> int:
-    if hasattr(b, "keys") and isinstance(b.keys, list):
-        return len(b.keys)
-    if isinstance(b, dict):
-        return len(next(iter(b.values())))
-    if isinstance(b, (list, tuple)):
-        return len(b[0])
-    return len(b)
-
-
-def _cycle(make):
-    """Endless iteration over epochs of a re-iterable."""
-    while True:
-        yield from make()
 
 
 # --- (a) the original project's approach -------------------------------------------------------
@@ -132,7 +100,7 @@ def bench_original(
         drop_last=True,
         persistent_workers=workers > 0,
     )
-    return _rate(_cycle(lambda: loader), batches, warmup)
+    return rate(cycle(lambda: loader), batches, warmup)
 
 
 # --- (b) webdataset's generic chain ------------------------------------------------------------
@@ -150,7 +118,7 @@ def bench_webdataset(urls: list[str], batch_size: int, workers: int, batches: in
         .batched(batch_size, partial=False)
     )
     loader = wds.WebLoader(ds, batch_size=None, num_workers=workers)
-    return _rate(loader, batches, warmup)
+    return rate(loader, batches, warmup)
 
 
 # --- (c) radstream -----------------------------------------------------------------------------
@@ -159,7 +127,7 @@ def bench_webdataset(urls: list[str], batch_size: int, workers: int, batches: in
 def bench_radstream(shards: Path, batch_size: int, workers: int, batches: int, warmup: int, shuffle: int) -> float:
     loader = build_loader(shards, "train", batch_size=batch_size, num_workers=workers, shuffle_buffer=shuffle)
     # consecutive exact epochs through the same workers: a steady-state figure with the global shuffle on
-    return _rate(loader.iter_epochs(math.ceil((batches + warmup) / loader.steps_per_epoch) + 1), batches, warmup)
+    return rate(loader.iter_epochs(math.ceil((batches + warmup) / loader.steps_per_epoch) + 1), batches, warmup)
 
 
 # --- (d) the memmap bound ----------------------------------------------------------------------
@@ -191,132 +159,7 @@ def bench_memmap(npy: Path, batch_size: int, batches: int, warmup: int) -> float
             for i in range(0, len(order) - batch_size + 1, batch_size):
                 yield torch.from_numpy(mm[np.sort(order[i : i + batch_size])])
 
-    return _rate(gen(), batches, warmup)
-
-
-# --- (e) peers, each at its best documented settings ----------------------------------------
-#
-# Each peer is timed over a small grid of the settings its documentation names for
-# throughput (loader workers including in-process, batch size, its decode and shuffle
-# options) and the best figure is kept, with the settings that gave it in the JSON.
-
-
-def _peer_grid(workers: int, batch_size: int) -> list[tuple[int, int]]:
-    return [(w, b) for w in sorted({0, workers}) for b in sorted({64, batch_size})]
-
-
-def _timed_and_dropped(make_loader, batches: int, warmup: int) -> float:
-    """Rate of a fresh peer loader, whose workers are shut down here (not in a later fork's gc)."""
-    holder = [make_loader()]
-    it = _cycle(lambda: holder[0])
-    try:
-        return _rate(it, batches, warmup)
-    finally:
-        it.close()
-        holder.clear()
-        gc.collect()
-
-
-def _best(trials) -> tuple[float, dict]:
-    """(best img/s, its settings) over (settings, thunk returning img/s) pairs."""
-    best: tuple[float, dict] = (float("nan"), {})
-    for settings, run in trials:
-        rate = run()
-        if not best[1] or rate > best[0]:
-            best = (rate, settings)
-    return best
-
-
-def _litdata_item(i):  # top-level so litdata's workers can pickle it
-    images, labels = _LIT_SOURCE
-    return {"image": images[i], "label": int(labels[i])}
-
-
-_LIT_SOURCE: tuple[np.ndarray, np.ndarray] | None = None
-
-
-def bench_litdata(images, labels, work: Path, batch_size, workers, batches, warmup) -> dict[bool, tuple[float, dict]]:
-    """LitData: `StreamingDataset` over the optimized local folder (read in place, no cache copy),
-    `batch_decode=0` (its documented per-item decode for large tensors: the default window decodes
-    and drops ~75 neighbours per shuffled read), its default chunk + 256-item window shuffle."""
-    import litdata
-
-    global _LIT_SOURCE
-    out = work / "litdata"
-    if not (out / "index.json").exists():
-        _LIT_SOURCE = (images, labels)
-        litdata.optimize(
-            fn=_litdata_item,
-            inputs=list(range(len(labels))),
-            output_dir=str(out),
-            chunk_bytes="64MB",
-            num_workers=1,
-            verbose=False,
-            start_method="fork",
-        )
-
-    def trial(shuffle, w, b):
-        def make():
-            ds = litdata.StreamingDataset(str(out), shuffle=shuffle, drop_last=True, batch_decode=0)
-            return litdata.StreamingDataLoader(
-                ds, batch_size=b, num_workers=w, drop_last=True, persistent_workers=w > 0
-            )
-
-        return _timed_and_dropped(make, max(2, batches * batch_size // b), warmup)
-
-    return {
-        shuffle: _best(
-            (
-                {
-                    "num_workers": w,
-                    "batch_size": b,
-                    "batch_decode": 0,
-                    "shuffle": "chunks + 256-item windows" if shuffle else "off",
-                    "chunk_bytes": "64MB",
-                },
-                lambda w=w, b=b, shuffle=shuffle: trial(shuffle, w, b),
-            )
-            for w, b in _peer_grid(workers, batch_size)
-        )
-        for shuffle in (True, False)
-    }
-
-
-def bench_mosaic(images, labels, work: Path, batch_size, workers, batches, warmup) -> dict[bool, tuple[float, dict]]:
-    """MosaicML Streaming: `StreamingDataset(local=...)` over MDS shards, its default `py1e` shuffle (the
-    shuffle algorithms measured within noise of each other here), torch DataLoader."""
-    from streaming import MDSWriter, StreamingDataset
-    from streaming.base.util import clean_stale_shared_memory
-
-    out = work / "mds"
-    if not (out / "index.json").exists():
-        shape = ",".join(str(d) for d in images.shape[1:])
-        with MDSWriter(
-            out=str(out), columns={"image": f"ndarray:uint8:{shape}", "label": "int"}, size_limit="64mb"
-        ) as writer:
-            for img, lab in zip(images, labels):
-                writer.write({"image": img, "label": int(lab)})
-
-    def trial(shuffle, w, b):
-        def make():
-            clean_stale_shared_memory()
-            ds = StreamingDataset(local=str(out), shuffle=shuffle, batch_size=b, shuffle_seed=0, shuffle_algo="py1e")
-            return torch.utils.data.DataLoader(
-                ds, batch_size=b, num_workers=w, drop_last=True, persistent_workers=w > 0
-            )
-
-        return _timed_and_dropped(make, max(2, batches * batch_size // b), warmup)
-
-    return {
-        shuffle: _best(
-            (
-                {"num_workers": w, "batch_size": b, "shuffle_algo": "py1e" if shuffle else "off", "size_limit": "64mb"},
-                lambda w=w, b=b, shuffle=shuffle: trial(shuffle, w, b),
-            )
-            for w, b in _peer_grid(workers, batch_size)
-        )
-        for shuffle in (True, False)
-    }
+    return rate(gen(), batches, warmup)
 
 
 # --- device augmentation -----------------------------------------------------------------------
@@ -363,80 +206,91 @@ def _versions() -> dict:
     return out
 
 
-def run(args: argparse.Namespace) -> dict:
-    load_start = os.getloadavg()
-    shards, raw = Path(args.shards), Path(args.raw)
-    manifest = load_manifest(shards)
-    if manifest.encoding != "raw":
-        print(f"note: shards are {manifest.encoding}-encoded; radstream uses the generic decode path")
+def measure_peers(args, images, labels, work: Path, workers: int, row: dict, unshuffled: dict, results: dict) -> None:
+    """LitData and Mosaic at their best settings into `row` (a failing or missing peer is recorded, not fatal)."""
+    for name, fn in (("litdata", bench_litdata), ("mosaic_streaming", bench_mosaic)):
+        row[name] = None
+        if not args.peers:
+            results["skipped"][name] = "--no-peers"
+            continue
+        try:
+            rates = fn(images, labels, work, args.batch_size, workers, args.batches, args.warmup)
+        except ImportError as exc:
+            results["skipped"][name] = f"not installed ({exc}); pip install '.[bench]'"
+            print(f"{name}: skipped, not installed (pip install '.[bench]')")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a peer failing must not hide the other figures
+            results["skipped"][name] = f"{type(exc).__name__}: {exc}"
+            print(f"{name}: failed: {type(exc).__name__}: {exc}")
+            continue
+        (row[name], on), (unshuffled[name], off) = rates[True], rates[False]
+        results["peer_settings"].setdefault(f"workers_{workers}", {})[name] = {"shuffled": on, "unshuffled": off}
+        print(f"{name:19s} {row[name]:10.0f} img/s (unshuffled {unshuffled[name]:.0f}); best settings {on}")
+
+
+def measure_row(args, manifest, images, labels, npy: Path, work: Path, workers: int, results: dict) -> None:
+    """Every pipeline with `workers` loader workers, into results["img_per_s"]["workers_N"]."""
+    shards, b, warm, n = Path(args.shards), args.batch_size, args.warmup, args.batches
+    row: dict[str, float | None] = {}
+    unshuffled: dict[str, float | None] = {}
+    print(f"-- {workers} worker(s)")
+    bound_before = bench_memmap(npy, b, n, warm)
+    row["original"] = bench_original(
+        Path(args.raw), manifest.classes, b, workers, max(2, n // 4), 1, manifest.image_size
+    )
+    print(f"original            {row['original']:10.0f} img/s")
     urls = manifest.shard_urls("train", shards)
-    work = Path(args.work or tempfile.mkdtemp(prefix="radstream-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
-    images, labels = load_train_arrays(shards, manifest)
-    npy = work / "train_images.npy"
-    np.save(npy, images)
-    b, warm, n = args.batch_size, args.warmup, args.batches
-    results: dict = {"img_per_s": {}, "unshuffled": {}, "peer_settings": {}, "skipped": {}}
-    for workers in args.workers:
-        row: dict[str, float | None] = {}
-        unshuffled: dict[str, float | None] = {}
-        print(f"-- {workers} worker(s)")
-        bound_before = bench_memmap(npy, b, n, warm)
-        row["original"] = bench_original(raw, manifest.classes, b, workers, max(2, n // 4), 1, manifest.image_size)
-        print(f"original            {row['original']:10.0f} img/s")
-        row["webdataset_generic"] = bench_webdataset(urls, b, workers, n, warm, args.shuffle)
-        print(f"webdataset_generic  {row['webdataset_generic']:10.0f} img/s")
-        row["radstream"] = bench_radstream(shards, b, workers, n, warm, args.shuffle)
-        print(f"radstream           {row['radstream']:10.0f} img/s")
-        # the bound is taken twice (before and after) and the larger kept: a conservative ratio on a busy machine
-        row["memmap_bound"] = max(bound_before, bench_memmap(npy, b, n, warm))
-        print(f"memmap_bound        {row['memmap_bound']:10.0f} img/s")
-        for name, fn in (("litdata", bench_litdata), ("mosaic_streaming", bench_mosaic)):
-            if not args.peers:
-                row[name] = None
-                results["skipped"][name] = "--no-peers"
-                continue
-            try:
-                rates = fn(images, labels, work, b, workers, n, warm)
-                (row[name], on), (unshuffled[name], off) = rates[True], rates[False]
-                results["peer_settings"].setdefault(f"workers_{workers}", {})[name] = {
-                    "shuffled": on,
-                    "unshuffled": off,
-                }
-                print(f"{name:19s} {row[name]:10.0f} img/s (unshuffled {unshuffled[name]:.0f}); best settings {on}")
-            except ImportError as exc:
-                row[name] = None
-                results["skipped"][name] = f"not installed ({exc}); pip install '.[bench]'"
-                print(f"{name}: skipped, not installed (pip install '.[bench]')")
-            except Exception as exc:  # noqa: BLE001 - a peer failing must not hide the other figures
-                row[name] = None
-                results["skipped"][name] = f"{type(exc).__name__}: {exc}"
-                print(f"{name}: failed: {type(exc).__name__}: {exc}")
-        results["img_per_s"][f"workers_{workers}"] = row
-        results["unshuffled"][f"workers_{workers}"] = unshuffled
-    ratios = {}
-    for key, row in results["img_per_s"].items():
+    row["webdataset_generic"] = bench_webdataset(urls, b, workers, n, warm, args.shuffle)
+    print(f"webdataset_generic  {row['webdataset_generic']:10.0f} img/s")
+    row["radstream"] = bench_radstream(shards, b, workers, n, warm, args.shuffle)
+    print(f"radstream           {row['radstream']:10.0f} img/s")
+    # the bound is taken twice (before and after) and the larger kept: a conservative ratio on a busy machine
+    row["memmap_bound"] = max(bound_before, bench_memmap(npy, b, n, warm))
+    print(f"memmap_bound        {row['memmap_bound']:10.0f} img/s")
+    measure_peers(args, images, labels, work, workers, row, unshuffled, results)
+    results["img_per_s"][f"workers_{workers}"] = row
+    results["unshuffled"][f"workers_{workers}"] = unshuffled
+
+
+def ratios(img_per_s: dict) -> dict:
+    out = {}
+    for key, row in img_per_s.items():
         r = row["radstream"]
-        ratios[key] = {
+        out[key] = {
             "radstream_vs_memmap_bound": r / row["memmap_bound"],
             "radstream_vs_original": r / row["original"],
             "radstream_vs_webdataset_generic": r / row["webdataset_generic"],
             **{f"radstream_vs_{p}": r / row[p] for p in ("litdata", "mosaic_streaming") if row.get(p)},
         }
-    if "workers_1" in results["img_per_s"] and "workers_2" in results["img_per_s"]:
-        ratios["radstream_2_vs_1_workers"] = (
-            results["img_per_s"]["workers_2"]["radstream"] / results["img_per_s"]["workers_1"]["radstream"]
-        )
-    results["ratios"] = ratios
-    results["augment"] = bench_augment(b, manifest.image_size, args.augment_seconds)
+    if "workers_1" in img_per_s and "workers_2" in img_per_s:
+        out["radstream_2_vs_1_workers"] = img_per_s["workers_2"]["radstream"] / img_per_s["workers_1"]["radstream"]
+    return out
+
+
+def run(args: argparse.Namespace) -> dict:
+    load_start = os.getloadavg()
+    shards = Path(args.shards)
+    manifest = load_manifest(shards)
+    if manifest.encoding != "raw":
+        print(f"note: shards are {manifest.encoding}-encoded; radstream uses the generic decode path")
+    work = Path(args.work or tempfile.mkdtemp(prefix="radstream-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    images, labels = load_train_arrays(shards, manifest)
+    npy = work / "train_images.npy"
+    np.save(npy, images)
+    results: dict = {"img_per_s": {}, "unshuffled": {}, "peer_settings": {}, "skipped": {}}
+    for workers in args.workers:
+        measure_row(args, manifest, images, labels, npy, work, workers, results)
+    results["ratios"] = ratios(results["img_per_s"])
+    results["augment"] = bench_augment(args.batch_size, manifest.image_size, args.augment_seconds)
     results["config"] = {
-        "batch_size": b,
-        "batches": n,
-        "warmup": warm,
+        "batch_size": args.batch_size,
+        "batches": args.batches,
+        "warmup": args.warmup,
         "shuffle_buffer": args.shuffle,
         "train_samples": int(len(labels)),
         "shards": str(shards),
-        "raw": str(raw),
+        "raw": str(args.raw),
     }
     results["machine"] = {
         "cpu_count": os.cpu_count(),

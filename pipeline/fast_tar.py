@@ -1,17 +1,18 @@
-"""Shard readers: a fast raw-member tar walk, and the generic webdataset decode path.
+"""The fast raw-shard reader: a tar walk of its own, zero-copy samples, and the offset index.
 
-Both turn one open shard stream into validated `Sample` tuples
-`(key, label, image uint8 [1,H,W], mask uint8 [1,H,W] | None)`.
+It turns one open shard stream (or mmapped buffer) into validated `Sample` tuples
+`(key, label, image uint8 [1,H,W], mask uint8 [1,H,W] | None)`; `pipeline.samples`
+picks it or the generic path.
 
 **Fast path** (`encoding == "raw"`): parses the 512-byte tar headers itself
 (ustar, GNU long names, pax `path`/`size` records), reads each payload with one
 `read()` and exposes the `.npy` pixels as a zero-copy `np.frombuffer` view; the
-only pixel copy afterwards is the one into the batch buffer (`stream.Batcher`).
+only pixel copy afterwards is the one into the batch buffer (`pipeline.streams`).
 This is several times faster than webdataset's generic per-sample chain
 (tarfile + group_by_keys + decode), which is kept for the `png` encoding and as
 a fallback (`fast=False`).
 
-**Robustness contract** (fuzzed in tests/pipeline/test_fast_tar.py): on any byte
+**Robustness contract** (fuzzed in tests/pipeline/test_pipeline_fast_tar.py): on any byte
 string a reader either yields well-formed samples (right shape, dtype, npy
 header, label an integer in range, all required members present) or raises
 `ShardFormatError`. Header checksums are verified, sizes are bounded before any
@@ -32,7 +33,7 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
-from sharding.contract import IMAGE_PNG, IMAGE_RAW, LABEL, MASK_PNG, MASK_RAW
+from sharding.contract import IMAGE_RAW, LABEL, MASK_RAW
 
 BLOCK = 512
 #: Members other than image/mask (json, cls, unknown) larger than this are refused.
@@ -354,56 +355,6 @@ def raw_samples(
         yield finish()
 
 
-def _decode_image(data: bytes, ext: str, key: str, image_size: int) -> np.ndarray:
-    shape = (1, image_size, image_size)
-    try:
-        if ext.endswith("npy"):
-            array = np.load(io.BytesIO(data), allow_pickle=False)
-        else:
-            from PIL import Image
-
-            with Image.open(io.BytesIO(data)) as img:
-                if img.mode not in ("L", "P", "1"):
-                    raise ShardFormatError(f"sample {key!r}: {ext} has mode {img.mode}, expected L")
-                array = np.asarray(img.convert("L") if img.mode != "L" else img)
-    except ShardFormatError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - any decoder failure is a format error
-        raise ShardFormatError(f"sample {key!r}: cannot decode {ext}: {exc}") from None
-    if array.dtype != np.uint8 or array.size != image_size * image_size or array.ndim not in (2, 3):
-        raise ShardFormatError(
-            f"sample {key!r}: {ext} is {array.dtype} {list(array.shape)}, expected uint8 {list(shape)}"
-        )
-    return array.reshape(shape)
-
-
-def generic_samples(
-    stream: BinaryIO, *, encoding: str, image_size: int, num_classes: int, masks: bool
-) -> Iterator[Sample]:
-    """Generic path: webdataset's tar iterator + group_by_keys, then per-sample decode (png or npy)."""
-    import tarfile
-
-    from webdataset import tariterators
-
-    image_ext = IMAGE_RAW if encoding == "raw" else IMAGE_PNG
-    mask_ext = MASK_RAW if encoding == "raw" else MASK_PNG
-    try:
-        members = tariterators.tar_file_expander([{"url": "shard", "stream": stream}])
-        for raw in tariterators.group_by_keys(members):
-            key = raw.get("__key__")
-            if image_ext not in raw or LABEL not in raw:
-                raise ShardFormatError(f"sample {key!r} lacks {image_ext} or {LABEL}")
-            if masks and mask_ext not in raw:
-                raise ShardFormatError(f"sample {key!r} lacks {mask_ext} (manifest says masks)")
-            image = _decode_image(raw[image_ext], image_ext, key, image_size)
-            mask = _decode_image(raw[mask_ext], mask_ext, key, image_size) if masks else None
-            yield Sample(key, _label(raw[LABEL], key, num_classes), image, mask)
-    except ShardFormatError:
-        raise
-    except (tarfile.TarError, ValueError, KeyError, OSError, EOFError) as exc:
-        raise ShardFormatError(f"unreadable tar: {type(exc).__name__}: {exc}") from None
-
-
 def index_samples(buf, *, image_size: int, num_classes: int, masks: bool) -> list[tuple[str, int, int, int]]:
     """Validate a whole raw shard buffer once: [(key, label, image offset, mask offset or -1)].
 
@@ -438,27 +389,13 @@ def map_file(stream) -> mmap.mmap | None:
         return None
 
 
-def read_samples(
-    stream: BinaryIO, *, encoding: str, image_size: int, num_classes: int, masks: bool, fast: bool = True
-) -> Iterator[Sample]:
-    """Samples of one shard stream: the fast path for raw shards, else the generic path."""
-    if fast and encoding == "raw":
-        mapped = map_file(stream)
-        return raw_samples(
-            mapped if mapped is not None else stream, image_size=image_size, num_classes=num_classes, masks=masks
-        )
-    return generic_samples(stream, encoding=encoding, image_size=image_size, num_classes=num_classes, masks=masks)
-
-
 __all__ = [
     "ShardFormatError",
     "Sample",
-    "generic_samples",
     "index_samples",
     "map_file",
     "npy_header",
     "raw_samples",
-    "read_samples",
     "tar_members",
     "tar_members_buffer",
 ]

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.fast_tar import Sample, ShardFormatError, index_samples, map_file, read_samples
+from pipeline.fast_tar import Sample, ShardFormatError, index_samples, map_file
+from pipeline.samples import read_samples
 from pipeline.urls import cache_path, is_remote, join_url, local_path, open_url
 from sharding.manifest import Manifest, ManifestError, load_manifest
 

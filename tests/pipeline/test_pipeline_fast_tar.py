@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.fast_tar import ShardFormatError, generic_samples, map_file, raw_samples, read_samples
+from pipeline.fast_tar import ShardFormatError, map_file, raw_samples
+from pipeline.samples import generic_samples, read_samples
 from sharding.writer import encode_sample, write_shard
 
 from indexed_shards import image_index, key_of, label_of, make_image, make_mask
