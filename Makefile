@@ -65,11 +65,11 @@ SOAK_SHARDS ?= shards/soak
 SOAK_ARGS ?=
 
 # 10 epochs on the full-size phantom (21,165 films) at 32 px on one CPU process: per-epoch RSS,
-# open fds and steps must stay flat (train/soak.py). About 25 min on 2 cores, plus ~5 min of data prep.
+# open fds and steps must stay flat (tests/helpers/soak.py). About 25 min on 2 cores, plus ~5 min of data prep.
 soak: $(STAMP)
 	$(PY) -m sharding phantom --out $(SOAK_RAW) --full-size --seed 0 --workers 2 --quiet
 	$(PY) -m sharding build --raw $(SOAK_RAW) --out $(SOAK_SHARDS) --workers 2 --quiet
-	$(PY) -m train.soak --shards $(SOAK_SHARDS) --out runs/soak --epochs 10 --image-size 32 \
+	PYTHONPATH=tests $(PY) -m helpers.soak --shards $(SOAK_SHARDS) --out runs/soak --epochs 10 --image-size 32 \
 	  --num-workers 1 --json runs/soak/soak.json $(SOAK_ARGS)
 
 clean:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from indexed_shards import write_shards
+from helpers.indexed_shards import write_shards
 
 
 @pytest.fixture(scope="session")

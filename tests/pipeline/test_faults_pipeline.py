@@ -28,8 +28,8 @@ from pipeline.fast_tar import ShardFormatError
 from pipeline.loader import build_loader
 from pipeline.urls import ALLOW_PIPE_ENV, open_url
 
-from archives import read_members, write_members
-from indexed_shards import image_index, key_of, label_of, split_ids
+from helpers.archives import read_members, write_members
+from helpers.indexed_shards import image_index, key_of, label_of, split_ids
 
 TIMEOUT_S = 60
 

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from pipeline.loader import LoaderStateError, build_loader
 
-from indexed_shards import split_ids, write_shards
+from helpers.indexed_shards import split_ids, write_shards
 from test_pipeline_stream import check_batch
 
 LOADER_PROPERTY = settings(max_examples=25, derandomize=True, deadline=None)

@@ -14,7 +14,7 @@ from pipeline.fast_tar import ShardFormatError, map_file, raw_samples
 from pipeline.samples import generic_samples, read_samples
 from sharding.writer import encode_sample, write_shard
 
-from indexed_shards import image_index, key_of, label_of, make_image, make_mask
+from helpers.indexed_shards import image_index, key_of, label_of, make_image, make_mask
 
 SIZE = 8
 N = 4

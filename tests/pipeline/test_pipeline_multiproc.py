@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from indexed_shards import key_of, split_ids
+from helpers.indexed_shards import key_of, split_ids
 
 SCRIPT = Path(__file__).with_name("multirank_script.py")
 

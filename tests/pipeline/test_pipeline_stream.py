@@ -13,7 +13,7 @@ import torch
 from pipeline.fast_tar import ShardFormatError
 from pipeline.loader import build_loader
 
-from indexed_shards import LAYOUT, image_index, key_of, label_of, make_mask, split_ids, write_shards
+from helpers.indexed_shards import LAYOUT, image_index, key_of, label_of, make_mask, split_ids, write_shards
 
 
 def check_batch(batch, masks=True):

@@ -12,7 +12,7 @@ from pipeline.loader import build_loader
 from pipeline.urls import ALLOW_PIPE_ENV, expand_urls, normalize_url, open_url
 from sharding.manifest import load_manifest
 
-from indexed_shards import key_of, split_ids
+from helpers.indexed_shards import key_of, split_ids
 from test_pipeline_stream import check_batch
 
 
@@ -104,7 +104,7 @@ def test_altered_download_never_enters_the_cache(tiny_shards, tmp_path):
 
     from pipeline.fast_tar import ShardFormatError
 
-    from archives import read_members
+    from helpers.archives import read_members
 
     served = tmp_path / "served"
     shutil.copytree(tiny_shards, served)

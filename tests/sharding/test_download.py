@@ -10,7 +10,7 @@ import pytest
 from sharding.contract import CLASSES, DATASET_DIR
 from sharding.download import CredentialsError, DownloadError, credentials_source, download
 
-from archives import zip_bytes
+from helpers.archives import zip_bytes
 
 
 def _dataset_entries() -> dict[str, bytes]:

@@ -25,7 +25,7 @@ from sharding.build import build_shards
 from sharding.manifest import load_manifest
 from sharding.verify import verify
 
-from archives import rewrite_tar
+from helpers.archives import rewrite_tar
 
 
 def tree_digest(root: Path) -> dict[str, str] | None:

@@ -26,7 +26,7 @@ from sharding.contract import CLASSES, DATASET_DIR, IMAGE_SIZE
 from sharding.download import DownloadError, safe_extract
 from sharding.preprocess import MAX_PIXELS, PreprocessError, load_image
 
-from archives import zip_bytes
+from helpers.archives import zip_bytes
 
 S = IMAGE_SIZE
 

@@ -187,7 +187,7 @@ def test_kill_during_checkpoint_write_and_mid_epoch_then_resume_equals_uninterru
 
 def _rank_pid(launcher_pid: int, rank: int, timeout: float = 120) -> int:
     """The train/main.py process of `rank` under the launcher (RANK=<rank> in /proc/<pid>/environ)."""
-    from train.soak import _children
+    from helpers.procs import children as _children
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -384,7 +384,7 @@ def test_disk_full_while_writing_checkpoints_keeps_previous_files(tmp_path, phan
 
 
 def test_soak_scaled_down(tmp_path, phantom_shards, subprocess_env):
-    from train.soak import soak, table
+    from helpers.soak import soak, table
 
     result = soak(
         str(phantom_shards),

@@ -2,7 +2,7 @@
 
     python -m sharding phantom --out data/soak --full-size --workers 2
     python -m sharding build --raw data/soak --out shards/soak --workers 2
-    python -m train.soak --shards shards/soak --out runs/soak --epochs 10 --image-size 32 --json runs/soak.json
+    PYTHONPATH=tests python -m helpers.soak --shards shards/soak --out runs/soak --epochs 10 --json runs/soak.json
 
 It launches one real `accelerate launch --cpu train/main.py` process, and each
 `--poll` seconds samples the training process's resident memory (RSS, from /proc)
@@ -32,51 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers.procs import fd_count, find_trainer, rss_bytes
 
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as fh:
-            return [int(x) for x in fh.read().split()]
-    except OSError:
-        return []
-
-
-def rss_bytes(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as fh:
-            for line in fh:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def fd_count(pid: int) -> int:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return -1
-
-
-def find_trainer(launcher_pid: int, timeout: float = 120.0) -> int:
-    """The `train/main.py` python process under the accelerate launcher."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stack = list(_children(launcher_pid))
-        while stack:
-            pid = stack.pop()
-            try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if any(part.endswith(b"train/main.py") for part in cmd):
-                return pid
-            stack.extend(_children(pid))
-        time.sleep(0.2)
-    raise RuntimeError("the training process did not appear under the launcher")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def soak(

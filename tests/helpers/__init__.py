@@ -1,0 +1,1 @@
+"""Shared test helpers: crafted archives, indexed shard sets, /proc probes, the soak harness."""
