@@ -56,6 +56,7 @@ from pipeline.read import (
     build_index,
     load_shard_manifest,
     localize,
+    no_readable_samples,
     random_access,
     skip_or_raise,
     split_digest,
@@ -285,10 +286,7 @@ class ShardLoader:
             or [np.zeros(0, np.int64)]
         )
         if len(valid) == 0:
-            raise RuntimeError(
-                f"no readable train samples: all {len(self.urls)} train shards are corrupt or "
-                "unreachable (see the warnings above; `python -m sharding verify` checks them)"
-            )
+            raise no_readable_samples(len(self.urls))
         return self._table[1], valid
 
 

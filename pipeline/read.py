@@ -50,6 +50,17 @@ def split_digest(manifest: Manifest, split: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+class NoReadableSamplesError(RuntimeError):
+    """Every train shard is corrupt or unreachable: there is nothing to train on."""
+
+
+def no_readable_samples(shards: int) -> NoReadableSamplesError:
+    return NoReadableSamplesError(
+        f"no readable train samples: all {shards} train shards are corrupt or unreachable (see the warnings "
+        "above; `python -m sharding verify` checks them)"
+    )
+
+
 @dataclass(frozen=True)
 class ReadSpec:
     """How to read and validate a split's shards (picklable, handed to workers)."""

@@ -24,7 +24,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from pipeline import plan
 from pipeline.fast_tar import Sample, ShardFormatError, map_file
-from pipeline.read import CorruptCounter, ReadSpec, ShardIndex, read_segment, skip_or_raise
+from pipeline.read import CorruptCounter, ReadSpec, ShardIndex, no_readable_samples, read_segment, skip_or_raise
 from pipeline.ring import BatchMemory, BatchRing
 
 
@@ -301,10 +301,7 @@ class SequentialStream(IterableDataset):
             if len(found) >= need:
                 break
         if not found:
-            raise RuntimeError(
-                f"no readable train samples: all {len(self.shards.counts)} train shards are corrupt "
-                "or unreachable (see the warnings above; `python -m sharding verify` checks them)"
-            )
+            raise no_readable_samples(len(self.shards.counts))
         return [found[i] for i in plan.pad_or_cut(np.arange(len(found)), need)]
 
 

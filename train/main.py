@@ -33,7 +33,9 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
+from pipeline.fast_tar import ShardFormatError
 from pipeline.loader import LoaderStateError
+from pipeline.read import NoReadableSamplesError
 from sharding.manifest import ManifestError
 from train.checkpoint import CheckpointError
 from train.config import Config, ConfigError, load_config
@@ -81,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
             run_test_report(cfg, accelerator)
     except (RunError, ManifestError, CheckpointError, ConfigError, LoaderStateError) as exc:
         print(f"error (rank {accelerator.process_index}): {exc}", file=sys.stderr)
+        return 2
+    except (ShardFormatError, NoReadableSamplesError) as exc:  # from a loader worker: the original's last line
+        print(
+            f"error (rank {accelerator.process_index}): {str(exc).strip().splitlines()[-1]}; `python -m sharding "
+            "verify` names every damaged shard, and a rebuild with --force restores them",
+            file=sys.stderr,
+        )
         return 2
     except OSError as exc:  # disk full, file size limit, folder removed mid-run: files in place stay intact
         where = f" ({exc.filename})" if exc.filename else ""

@@ -8,6 +8,7 @@ The entry script (`train/main.py`) owns launching, arguments and exit codes.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -233,8 +234,23 @@ class Run:
     capped: bool  # whether max_steps_per_epoch cut the epoch
 
 
+def use_deterministic_kernels(enabled: bool) -> None:
+    """train.deterministic: torch's deterministic kernels and cuDNN without autotuning (slower on GPU).
+
+    A non-deterministic op then warns instead of stopping the run (`warn_only`), so
+    a model with one such op still trains and says which op it was.
+    """
+    if not enabled:
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
 def setup_run(cfg: Config, accelerator: Accelerator) -> Run:
     """Manifest -> resolved config -> loaders -> run folder -> model state; checks before any work."""
+    use_deterministic_kernels(cfg.train.deterministic)
     manifest = load_shard_manifest(cfg.data.shards)
     check_manifest(cfg, manifest)
     cfg = resolved(cfg, manifest)

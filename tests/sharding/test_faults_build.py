@@ -26,6 +26,7 @@ from sharding.manifest import load_manifest
 from sharding.verify import verify
 
 from helpers.archives import rewrite_tar
+from helpers.fs import unwritable_folder
 
 
 def tree_digest(root: Path) -> dict[str, str] | None:
@@ -166,12 +167,7 @@ def test_disk_full_while_writing_shards_keeps_previous_set(phantom_raw, built_ra
 
 @pytest.mark.slow
 def test_unwritable_output_folder_is_a_clear_error(phantom_raw, tmp_path, subprocess_env, repo_root):
-    if os.geteuid() == 0:
-        pytest.skip("root writes anywhere; the disk-full test covers the write-error path")
-    parent = tmp_path / "ro"
-    parent.mkdir()
-    parent.chmod(0o555)
-    try:
+    with unwritable_folder(tmp_path / "ro") as parent:  # also as root (CI): the immutable attribute
         run = subprocess.run(
             build_cmd(phantom_raw, parent / "shards"),
             env=subprocess_env,
@@ -180,9 +176,8 @@ def test_unwritable_output_folder_is_a_clear_error(phantom_raw, tmp_path, subpro
             text=True,
             timeout=300,
         )
-    finally:
-        parent.chmod(0o755)
-    assert run.returncode == 2 and "error:" in run.stderr and "Traceback" not in run.stderr
+        assert not any(parent.iterdir())
+    assert run.returncode == 2 and "error:" in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -25,9 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from train.checkpoint import CheckpointError, clean_stale_temporaries, load_best_model, load_checkpoint
+from train.checkpoint import CheckpointError, load_best_model, load_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -81,10 +80,9 @@ def assert_files_loadable(out: Path) -> None:
     if (models / "checkpoint.pth").exists():
         state = load_checkpoint(models / "checkpoint.pth")
         assert {"model", "optimizer", "epoch"} <= set(state)
-    if (models / "best_model.pth").exists():
-        torch.load(models / "best_model.pth", weights_only=True)
-    if (models / "best_model.safetensors").exists():
-        load_file(str(models / "best_model.safetensors"))
+    for name in ("best_model.pth", "best_model.safetensors"):
+        if (models / name).exists():
+            load_best_model(models / name)  # through the loader users use: digests checked against the card
     if (models / "best_model.json").exists():
         json.loads((models / "best_model.json").read_text())
     if (out / "metrics.jsonl").exists():
@@ -228,7 +226,7 @@ def test_dead_rank_fails_the_run_within_bound_no_partial_best_model(
         start_new_session=True,
     )
     try:
-        victim = _rank_pid(proc.pid, 1)
+        victim = _rank_pid(proc.pid, 0)  # rank 0: the only writer
         deadline = time.monotonic() + 300
         while not (out / "models" / "checkpoint.pth").exists():  # the group is formed and training
             assert proc.poll() is None, proc.communicate()[1][-3000:]
@@ -253,10 +251,30 @@ def test_dead_rank_fails_the_run_within_bound_no_partial_best_model(
     assert_files_loadable(out)
     # epoch 0's three best-model files were complete before its checkpoint (written last) existed
     assert [n for n in BEST if (out / "models" / n).exists()] == list(BEST)
-    # the next run cleans whatever a killed writer left and carries on from the checkpoint
-    clean_stale_temporaries(out / "models")
-    clean_stale_temporaries(out)
-    assert temporaries(out) == []
+    # the next run cleans whatever the killed writer left (a stale temporary planted as proof) and carries on
+    stale = out / "models" / ".checkpoint.pth.tmp-999999"
+    stale.write_bytes(b"half a checkpoint")
+    epoch = load_checkpoint(out / "models" / "checkpoint.pth")["epoch"]
+    again = subprocess.run(
+        launch()
+        + [
+            f"data.shards={phantom_shards}",
+            f"train.output_dir={out}",
+            f"train.epochs={epoch + 2}",
+            "train.patience=100",
+            "train.resume=auto",
+            "eval.test_at_end=false",
+        ],
+        env=subprocess_env,
+        cwd=repo_root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {out / 'models' / 'checkpoint.pth'} at epoch {epoch + 1}" in again.stdout
+    assert temporaries(out) == [] and not stale.exists()
+    assert_files_loadable(out)
 
 
 class Payload:
@@ -438,7 +456,7 @@ def test_stalled_rank_times_out_the_survivor_with_a_clear_error(tmp_path, phanto
     reader.start()
     victim = None
     try:
-        victim = _rank_pid(proc.pid, 1)
+        victim = _rank_pid(proc.pid, 0)  # rank 0: the only writer
         deadline = time.monotonic() + 300
         while not (out / "models" / "checkpoint.pth").exists():  # the group is formed and training
             assert proc.poll() is None, "".join(lines)[-3000:]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.augment import DeviceAugment
 from sharding.preprocess import load_image
 from train.card import ModelCard, save_model_card
 from train.config import Config
@@ -59,6 +60,9 @@ def test_predictor_applies_training_preprocessing(model_file, phantom_raw):
     assert probs.shape == (2, 4)
     np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(probs[0], probs[1], rtol=1e-5)
+    # exactly the evaluation transform of training: DeviceAugment(train=False) at the card's size
+    expected, _ = DeviceAugment(train=False, image_size=64)(torch.from_numpy(image[None, None]))
+    assert torch.equal(x, expected)
 
 
 @pytest.mark.slow

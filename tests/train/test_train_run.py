@@ -223,14 +223,23 @@ def test_kill_mid_epoch_resumes_mid_epoch_to_identical_weights(tmp_path, phantom
 
 
 def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subprocess_env, repo_root):
+    """Also early stopping across ranks: min_delta no change can meet makes epoch 1 the `patience`-th bad one;
+    both ranks must stop there together (a rank going on alone would hang in its next collective)."""
     out = tmp_path / "run"
     run = run_train(
-        [f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=2"],
+        [
+            f"data.shards={phantom_shards}",
+            f"train.output_dir={out}",
+            "train.epochs=5",
+            "train.patience=1",
+            "train.min_delta=100",
+        ],
         subprocess_env,
         repo_root,
         nproc=2,
     )
     assert run.returncode == 0, run.stderr[-3000:]
+    assert [r["epoch"] for r in metrics(out)] == [0, 1] and run.stdout.count("early stop") == 1
     assert "2 process(es)" in run.stdout
     assert run.stdout.count("epoch   0 ") == 1, "only rank 0 prints"
     train_samples = load_manifest(phantom_shards).split("train").samples
@@ -320,3 +329,24 @@ def test_mask_lungs_run_with_a_step_cap_reports_to_the_end(tmp_path, phantom_sha
 
     expected = load_manifest(phantom_shards).split("test").samples
     assert sum(c["support"] for c in report["per_class"].values()) == expected and (out / "gradcam.png").exists()
+
+
+def test_corrupt_val_shard_during_training_is_one_line_exit_2(tmp_path, phantom_shards, subprocess_env, repo_root):
+    """A val shard that fails its checksum, read by a loader worker: one line naming the shard, exit 2."""
+    import shutil
+
+    shards = tmp_path / "shards"
+    shutil.copytree(phantom_shards, shards)
+    val = shards / "val-000000.tar"
+    data = bytearray(val.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    val.write_bytes(bytes(data))
+    run = run_train(
+        [f"data.shards={shards}", f"train.output_dir={tmp_path / 'run'}", "train.epochs=1", "data.num_workers=1"],
+        subprocess_env,
+        repo_root,
+    )
+    assert run.returncode != 0 and "exit status 2" in run.stderr, run.stderr[-3000:]  # the launcher wraps our 2
+    lines = [line for line in run.stderr.splitlines() if line.startswith("error (rank 0)")]
+    assert len(lines) == 1 and "val-000000.tar" in lines[0] and "sharding verify" in lines[0], run.stderr[-3000:]
+    assert no_traceback_from_us(run.stderr), run.stderr[-3000:]
