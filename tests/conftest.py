@@ -7,6 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests replay the same examples on every run and machine: a failure in CI reproduces locally.
+settings.register_profile("radstream", derandomize=True, database=None)
+settings.load_profile("radstream")
 
 ROOT = Path(__file__).resolve().parents[1]
 

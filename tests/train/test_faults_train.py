@@ -456,7 +456,7 @@ def test_stalled_rank_times_out_the_survivor_with_a_clear_error(tmp_path, phanto
     reader.start()
     victim = None
     try:
-        victim = _rank_pid(proc.pid, 0)  # rank 0: the only writer
+        victim = _rank_pid(proc.pid, 1)
         deadline = time.monotonic() + 300
         while not (out / "models" / "checkpoint.pth").exists():  # the group is formed and training
             assert proc.poll() is None, "".join(lines)[-3000:]
