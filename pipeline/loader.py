@@ -70,7 +70,11 @@ TRAIN = "train"
 STATE_VERSION = 1
 
 
-class LoaderStateError(ValueError):
+class LoaderError(ValueError):
+    """A loader cannot be built as asked (arguments, an empty split); the message says why."""
+
+
+class LoaderStateError(LoaderError):
     """A loader state (mid-epoch resume) belongs to another shard set, seed, batch or layout."""
 
 
@@ -110,7 +114,7 @@ class ShardLoader:
             self.plan = "global" if random_access(urls, spec) else "stream"
             self.steps_per_epoch = plan.steps_per_epoch(total, batch_size * world_size, drop_last)
             if self.steps_per_epoch == 0:
-                raise ValueError(
+                raise LoaderError(
                     f"drop_last with {total} train samples < global batch {batch_size * world_size}: "
                     "an epoch would have no step"
                 )
@@ -334,16 +338,16 @@ def build_loader(
     local (or cached) raw shard once against the manifest before reading it.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise LoaderError(f"batch_size must be >= 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        raise LoaderError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if num_workers < 0:
-        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        raise LoaderError(f"num_workers must be >= 0, got {num_workers}")
     manifest = manifest if manifest is not None else load_shard_manifest(shards)
     info = manifest.split(split)
     train = split == TRAIN
     if train and info.samples == 0:
-        raise ValueError(f"split {split!r} has no samples")
+        raise LoaderError(f"split {split!r} has no samples: rebuild the shards from more images")
     base = local_path(str(shards))
     spec = ReadSpec(
         encoding=manifest.encoding,
@@ -374,4 +378,4 @@ def build_loader(
     )
 
 
-__all__ = ["LoaderStateError", "ShardLoader", "build_loader", "load_shard_manifest"]
+__all__ = ["LoaderError", "LoaderStateError", "ShardLoader", "build_loader", "load_shard_manifest"]

@@ -288,6 +288,14 @@ def assemble_manifest(
     )
 
 
+def _unchanged(out: Path, fp: str, strict: bool) -> Manifest | None:
+    """The set in `out` when a build would write the same bytes (it must still pass --strict)."""
+    existing = outdir.unchanged(out, fp)
+    if existing is not None and strict:  # strict is not part of the fingerprint
+        _check_strict(list(existing.skipped), list(existing.mask_issues))
+    return existing
+
+
 def _workers(requested: int | None, records: int) -> int:
     n = (os.cpu_count() or 1) if requested is None else int(requested)
     if n < 1:
@@ -323,10 +331,8 @@ def run_build(
     except (SourceError, outdir.OutputFolderError) as exc:
         raise BuildError(str(exc)) from None
     fp = fingerprint(found.root, options)
-    existing = None if force else outdir.unchanged(out, fp)
+    existing = None if force else _unchanged(out, fp, strict)
     if existing is not None:
-        if strict:  # strict is not part of the fingerprint: an unchanged set must still pass it
-            _check_strict(list(existing.skipped), list(existing.mask_issues))
         return BuildReport(existing, out, True, time.perf_counter() - start)
     # The writer imports webdataset (and with it torch): only once we know we will write,
     # and before the pool forks, so workers inherit it instead of importing it each.

@@ -34,7 +34,7 @@ from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs
 
 from pipeline.fast_tar import ShardFormatError
-from pipeline.loader import LoaderStateError
+from pipeline.loader import LoaderError
 from pipeline.read import NoReadableSamplesError
 from sharding.manifest import ManifestError
 from train.checkpoint import CheckpointError
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         fit(cfg, accelerator)
         if cfg.eval.test_at_end:
             run_test_report(cfg, accelerator)
-    except (RunError, ManifestError, CheckpointError, ConfigError, LoaderStateError) as exc:
+    except (RunError, ManifestError, CheckpointError, ConfigError, LoaderError) as exc:
         print(f"error (rank {accelerator.process_index}): {exc}", file=sys.stderr)
         return 2
     except (ShardFormatError, NoReadableSamplesError) as exc:  # from a loader worker: the original's last line
