@@ -81,6 +81,9 @@ def _cmd_build(args: argparse.Namespace) -> int:
         report = run_build(
             args.raw,
             args.out,
+            labels=args.labels,
+            classes=[c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None,
+            split_by=args.split_by,
             encoding=args.encoding,
             include_masks=args.include_masks,
             shard_size=args.shard_size,
@@ -104,6 +107,11 @@ def _cmd_build(args: argparse.Namespace) -> int:
         print(f"build: {report.out} is up to date with {args.raw} and these options; nothing to do (--force rebuilds)")
         return 0
     print(summary(m, report.elapsed))
+    split = m.build.get("split") or {}
+    print(f"input: {m.build.get('input')} ({len(m.classes)} classes: {', '.join(m.classes)}); split by "
+          f"{split.get('by')}, every class within {split.get('max_class_deviation')} of its 80/10/10 target")
+    for note in m.build.get("notes", []):
+        print(f"note: {note}")
     print(
         f"build: wrote {m.counts['written']} samples in "
         f"{sum(len(s.shards) for s in m.splits.values())} shards to {report.out} "
@@ -183,8 +191,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_download)
 
     p = sub.add_parser("build", help="raw dataset -> WebDataset shards per split + manifest.json")
-    p.add_argument("--raw", default="data/raw", help="data/raw or the COVID-19_Radiography_Dataset folder")
+    p.add_argument(
+        "--raw",
+        default="data/raw",
+        help="the inputs: the Kaggle layout (data/raw or COVID-19_Radiography_Dataset), class folders "
+        "(<raw>/<class>/**/<image>), or the folder a --labels CSV's paths are relative to",
+    )
     p.add_argument("--out", default="shards", help="shard folder (replaced atomically)")
+    p.add_argument("--labels", default=None, metavar="CSV", help="label CSV: path,label[,patient_id][,source]")
+    p.add_argument("--classes", default=None, metavar="A,B,C", help="class order or subset (default: from the data)")
+    p.add_argument(
+        "--split-by",
+        choices=("patient", "source"),
+        default="patient",
+        help="patient (default): a patient's films share a split when ids are known; source: each source "
+        "(site) stays in one split, for a held-out-site test",
+    )
     p.add_argument(
         "--encoding",
         choices=("raw", "png"),

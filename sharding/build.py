@@ -38,16 +38,18 @@ from functools import partial
 from pathlib import Path
 
 from sharding import outdir
-from sharding.contract import CLASSES, DATASET_DIR, ENCODINGS, IMAGE_SIZE, SPLITS
+from sharding.contract import DATASET_DIR, ENCODINGS, IMAGE_SIZE, SPLITS
 from sharding.dedup import HASH_BITS, group
-from sharding.encode import SampleError, SampleTask, ShardTask, analyse_one, write_shard_task
+from sharding.encode import SampleError, SampleTask, ShardTask, analyse_one, sample_meta, write_shard_task
 from sharding.manifest import Manifest, SplitInfo, write_manifest
 from sharding.pool import Mapper, progress_bar
 from sharding.source import Record, Scan, SourceError, scan
-from sharding.split import FRACTIONS, assign, shuffled
+from sharding.split import FRACTIONS, assign, compose_groups, shuffled, split_report
 
 #: Bump when a code change alters shard bytes, so old fingerprints stop matching.
-BUILD_VERSION = 1
+#: 2: classes from the data, sample json `path` (was `source`) + `source` (site) + `patient_id`.
+BUILD_VERSION = 2
+SPLIT_BY = ("patient", "source")
 #: Below this many images per worker a process pool costs more than it saves.
 MIN_PER_WORKER = 64
 #: Test hook: seconds to sleep after each shard is written (lets a test kill a build mid-way).
@@ -67,8 +69,12 @@ class BuildOptions:
     shard_size: int = 1000
     seed: int = 0
     near_dup_distance: int | None = None
+    split_by: str = "patient"  # "patient": a patient's films share a split (when ids are known); "source"
+    classes: tuple[str, ...] | None = None  # a fixed class order or subset (None: from the data)
 
     def __post_init__(self) -> None:
+        if self.split_by not in SPLIT_BY:
+            raise BuildError(f"--split-by must be one of {list(SPLIT_BY)}, got {self.split_by!r}")
         if self.encoding not in ENCODINGS:
             raise BuildError(f"--encoding must be one of {list(ENCODINGS)}, got {self.encoding!r}")
         if self.shard_size < 1:
@@ -93,9 +99,11 @@ class BuildReport:
 # --------------------------------------------------------------------------- helpers
 
 
-def fingerprint(root: Path, options: BuildOptions) -> str:
-    """sha256 over every input file's relative path, size and mtime, and the options."""
+def fingerprint(root: Path, options: BuildOptions, labels: str | Path | None = None) -> str:
+    """sha256 over every input file's relative path, size and mtime, the options and the label CSV's bytes."""
     h = hashlib.sha256()
+    if labels is not None:
+        h.update(Path(labels).read_bytes())
     h.update(json.dumps({"options": asdict(options), "build_version": BUILD_VERSION}, sort_keys=True).encode())
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
@@ -151,6 +159,7 @@ class BuildPlan:
     split_of: list[str]  # per usable record
     duplicate_groups: list[dict]
     shards: list[ShardTask] = field(default_factory=list)
+    split: dict = field(default_factory=dict)  # level (sample, patient, source) and the largest deviation
 
 
 def analyse(found: Scan, options: BuildOptions, mapper: Mapper, progress: bool) -> Analysis:
@@ -204,9 +213,13 @@ def plan(found: Scan, analysis: Analysis, options: BuildOptions, tmp: Path) -> B
     """Duplicate groups -> leakage-safe splits -> a seeded write order -> shards of `shard_size`."""
     records, facts, good = found.records, analysis.facts, analysis.good
     phashes = [facts[i]["phash"] for i in good] if options.near_dup_distance is not None else None
-    gids, kinds = group([facts[i]["sha"] for i in good], phashes, options.near_dup_distance)
-    split_of = assign([records[i].label for i in good], gids, options.seed)
-    result = BuildPlan(split_of, _duplicate_report(records, good, gids, kinds, split_of))
+    dups, kinds = group([facts[i]["sha"] for i in good], phashes, options.near_dup_distance)
+    metas = [sample_meta(records[i], facts[i]) for i in good]
+    by = "source" if options.split_by == "source" else "patient_id"
+    gids = compose_groups(dups, [m.get(by) for m in metas])  # a patient's (or a source's) films, with duplicates
+    split_of = assign([records[i].label for i in good], gids, options.seed, n_classes=len(found.classes))
+    result = BuildPlan(split_of, _duplicate_report(records, good, dups, kinds, split_of))
+    result.split = split_report(found, good, split_of, metas, options.split_by)
     issue_of = {m["key"]: m["reason"] for m in analysis.mask_issues}
     delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
     for split in SPLITS:
@@ -223,10 +236,11 @@ def plan(found: Scan, analysis: Analysis, options: BuildOptions, tmp: Path) -> B
                     options.encoding,
                     options.include_masks,
                     issue_of.get(records[good[j]].key),
+                    metas[j],
                 )
                 for j in order[lo : lo + options.shard_size]
             )
-            result.shards.append(ShardTask(str(tmp / f"{split}-{s:06d}.tar"), tasks, delay))
+            result.shards.append(ShardTask(str(tmp / f"{split}-{s:06d}.tar"), tasks, len(found.classes), delay))
     return result
 
 
@@ -246,11 +260,19 @@ def assemble_manifest(
 ) -> Manifest:
     """The manifest of the written shards, with counts that must reconcile with the inputs."""
     splits = {}
+    n_classes = len(found.classes)
     for split in SPLITS:
-        counts = [0] * len(CLASSES)
+        counts = [0] * n_classes
         for info in infos[split]:
             counts = [a + b for a, b in zip(counts, info.class_counts)]
-        splits[split] = SplitInfo(shards=tuple(infos[split]), class_counts=tuple(counts))
+        sources: dict[str, list[int]] = {}
+        for task in build_plan.shards:
+            if Path(task.path).name.startswith(f"{split}-"):
+                for t in task.samples:
+                    sources.setdefault((t.meta or {}).get("source") or "unknown", [0] * n_classes)[t.record.label] += 1
+        splits[split] = SplitInfo(
+            shards=tuple(infos[split]), class_counts=tuple(counts), sources=dict(sorted(sources.items()))
+        )
     dups = build_plan.duplicate_groups
     counts = {
         "scanned": found.scanned,
@@ -267,14 +289,17 @@ def assemble_manifest(
     build = {
         "fingerprint": fp,
         "options": asdict(options),
-        "source": found.root.name if found.root.name else DATASET_DIR,
+        "dataset": found.root.name if found.root.name else DATASET_DIR,
+        "input": found.kind,
+        "split": build_plan.split,
+        "notes": list(found.notes),
         "build_version": BUILD_VERSION,
         "versions": _versions(),
         "split_fractions": list(FRACTIONS),
         "near_dup_hash": "phash256-dct" if options.near_dup_distance is not None else None,
     }
     return Manifest(
-        classes=CLASSES,
+        classes=found.classes,
         image_size=IMAGE_SIZE,
         encoding=options.encoding,
         masks=options.include_masks,
@@ -310,6 +335,9 @@ def run_build(
     raw: str | Path,
     out: str | Path,
     *,
+    labels: str | Path | None = None,
+    classes: list[str] | None = None,
+    split_by: str = "patient",
     encoding: str = "raw",
     include_masks: bool = False,
     shard_size: int = 1000,
@@ -322,15 +350,23 @@ def run_build(
 ) -> BuildReport:
     """Build (or confirm unchanged) the shard set in `out`; see the module docstring."""
     start = time.perf_counter()
-    options = BuildOptions(encoding, bool(include_masks), int(shard_size), int(seed), near_dup_distance)
+    options = BuildOptions(
+        encoding,
+        bool(include_masks),
+        int(shard_size),
+        int(seed),
+        near_dup_distance,
+        split_by,
+        tuple(classes) if classes else None,
+    )
     out = Path(out)
     try:
-        found = scan(raw)
+        found = scan(raw, labels, list(options.classes) if options.classes else None)
         outdir.recover(out)
         outdir.check_out(out)
     except (SourceError, outdir.OutputFolderError) as exc:
         raise BuildError(str(exc)) from None
-    fp = fingerprint(found.root, options)
+    fp = fingerprint(found.root, options, labels)
     existing = None if force else _unchanged(out, fp, strict)
     if existing is not None:
         return BuildReport(existing, out, True, time.perf_counter() - start)

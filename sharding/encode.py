@@ -70,6 +70,17 @@ def analyse_one(rec: Record, include_masks: bool, want_phash: bool) -> dict:
     return out
 
 
+def sample_meta(rec: Record, fact: dict) -> dict:
+    """The sample json's provenance fields: source, patient_id and DICOM header fields, when known."""
+    meta: dict = {"source": rec.source}
+    dicom = fact.get("dicom") or {}
+    patient = rec.patient_id or dicom.get("patient_id")
+    if patient:
+        meta["patient_id"] = str(patient)
+    meta.update({k: v for k, v in dicom.items() if k != "patient_id" and v not in (None, "")})
+    return meta
+
+
 @dataclass(frozen=True)
 class SampleTask:
     """One sample to preprocess again, check against pass 1 and encode."""
@@ -82,6 +93,7 @@ class SampleTask:
     encoding: str
     masks: bool
     mask_issue: str | None
+    meta: dict | None = None  # source, patient_id and DICOM header fields for the sample json
 
 
 def _encode(task: SampleTask) -> dict:
@@ -94,8 +106,9 @@ def _encode(task: SampleTask) -> dict:
     if sha != task.sha256:
         raise SampleError(f"{rec.rel} changed during the build; run it again")
     meta = {
-        "source": rec.rel,
+        "path": rec.rel,
         "class": rec.class_name,
+        **(task.meta or {"source": rec.source}),
         "orig_size": task.orig_size,
         "orig_mode": task.orig_mode,
         "sha256": sha,
@@ -122,6 +135,7 @@ class ShardTask:
 
     path: str
     samples: tuple[SampleTask, ...]
+    num_classes: int
     delay_s: float = 0.0  # test hook (RADSTREAM_SHARD_DELAY): lets a test kill a build mid-way
 
 
@@ -133,7 +147,7 @@ def write_shard_task(task: ShardTask) -> object:
             yield _encode(t)
             tick()
 
-    info = write_shard(task.path, samples())
+    info = write_shard(task.path, samples(), task.num_classes)
     if task.delay_s:
         time.sleep(task.delay_s)
     return info

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sharding.contract import CLASSES, LABEL, SPLITS, image_member, mask_member
+from sharding.contract import LABEL, SPLITS, image_member, mask_member
 from sharding.manifest import Manifest, load_manifest, shards_root
 from sharding.verify import decode_member, iter_samples
 
@@ -104,8 +104,8 @@ def sample_grid(shards: str | Path, out: str | Path, per_class: int = 6, tile: i
     root = shards_root(shards)
     manifest = load_manifest(root)
     img_ext, mask_ext = image_member(manifest.encoding), mask_member(manifest.encoding)
-    images: list[list] = [[] for _ in CLASSES]
-    outlines: list[list] = [[] for _ in CLASSES]
+    images: list[list] = [[] for _ in manifest.classes]
+    outlines: list[list] = [[] for _ in manifest.classes]
     done = False
     for split in manifest.splits:
         for shard in manifest.split(split).shards:
@@ -122,7 +122,7 @@ def sample_grid(shards: str | Path, out: str | Path, per_class: int = 6, tile: i
                 break
         if done:
             break
-    rows = [(f"{name} ({i})", images[i]) for i, name in enumerate(CLASSES)]
+    rows = [(f"{name} ({i})", images[i]) for i, name in enumerate(manifest.classes)]
     grid = image_grid(rows, tile=tile, label_width=150, outlines=outlines if manifest.masks else None)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ class SplitInfo:
 
     shards: tuple[ShardInfo, ...]
     class_counts: tuple[int, ...]
+    sources: dict = field(default_factory=dict)  # {source or "unknown": per-class counts}
 
     @property
     def samples(self) -> int:
@@ -96,6 +97,7 @@ class Manifest:
                         ShardInfo(**{**s, "class_counts": tuple(s.get("class_counts", ()))}) for s in info["shards"]
                     ),
                     class_counts=tuple(info["class_counts"]),
+                    sources={k: list(v) for k, v in info.get("sources", {}).items()},
                 )
                 for name, info in data["splits"].items()
             }

@@ -61,3 +61,47 @@ def shuffled(keys: Sequence[str], seed: int, split: str) -> list[int]:
     order = sorted(range(len(keys)), key=lambda i: keys[i])
     rng = seeds.rng(seed, SPLITS.index(split), seeds.WRITE_ORDER)
     return [order[k] for k in rng.permutation(len(order))]
+
+
+def compose_groups(groups: Sequence[int], keys: Sequence[str | None]) -> list[int]:
+    """Group ids uniting `groups` (duplicates) with items sharing a key (a patient, a source); None keys stay.
+
+    Union-find over both relations, relabelled by first appearance, so the result is
+    deterministic and a group id is still one of its members' original ids' order.
+    """
+    parent = list(range(len(groups)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[tuple[str, object], int] = {}
+    for i, (g, k) in enumerate(zip(groups, keys)):
+        for tag in (("g", g),) + ((("k", k),) if k is not None else ()):
+            if tag in first:
+                a, b = find(first[tag]), find(i)
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+            else:
+                first[tag] = i
+    ids: dict[int, int] = {}
+    return [ids.setdefault(find(i), len(ids)) for i in range(len(groups))]
+
+
+def split_report(found, good: Sequence[int], split_of: Sequence[str], metas: Sequence[dict], split_by: str) -> dict:
+    """How the split was grouped and how far each class is from its 80/10/10 target (0 or 1 = exact)."""
+    labels = [found.records[i].label for i in good]
+    n_classes = len(found.classes)
+    deviation = 0
+    for c in range(n_classes):
+        members = [s for lab, s in zip(labels, split_of) if lab == c]
+        want = targets(len(members))
+        got = [members.count(name) for name in SPLITS]
+        deviation = max(deviation, *(abs(a - b) for a, b in zip(got, want)))
+    if split_by == "source":
+        level = "source"
+    else:
+        level = "patient" if any(m.get("patient_id") for m in metas) else "sample"
+    return {"by": level, "max_class_deviation": int(deviation)}

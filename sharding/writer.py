@@ -56,11 +56,11 @@ def encode_sample(
     return sample
 
 
-def write_shard(path: str | Path, samples: Iterable[dict]) -> ShardInfo:
+def write_shard(path: str | Path, samples: Iterable[dict], num_classes: int = len(CLASSES)) -> ShardInfo:
     """Write encoded samples to `path` atomically; returns its ShardInfo (count, sha256, bytes)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    counts = [0] * len(CLASSES)
+    counts = [0] * num_classes
     n = 0
     try:
         with open(tmp, "wb") as fh:

@@ -70,7 +70,7 @@ def test_no_duplicate_group_crosses_splits_and_json_meta(built_raw, phantom_raw)
     for split, _, sample in _samples(built_raw):
         meta = json.loads(sample["json"])
         assert meta["split"] == split
-        assert (phantom_raw / meta["source"]).is_file()
+        assert (phantom_raw / meta["path"]).is_file() and "source" in meta
         assert meta["orig_size"] == [299, 299] and meta["orig_mode"] == "L"
         split_of_sha.setdefault(meta["sha256"], set()).add(split)
         split_of_key[sample["__key__"]] = split
@@ -170,7 +170,7 @@ def test_bad_inputs_skipped_listed_and_reconciled(raw_copy, tmp_path):
     for _, _, sample in _samples(out):
         meta = json.loads(sample["json"])
         mask = np.load(io.BytesIO(sample["mask.png" if "mask.png" in sample else "mask.npy"]))
-        seen[meta["source"]] = (meta, mask)
+        seen[meta["path"]] = (meta, mask)
     meta, mask = seen["COVID/images/COVID-1.png"]
     assert meta["mask_missing"] is True and mask.shape == (1, 299, 299) and mask.max() == 0
     meta, mask = seen["COVID/images/COVID-3.png"]
