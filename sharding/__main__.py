@@ -108,8 +108,10 @@ def _cmd_build(args: argparse.Namespace) -> int:
         return 0
     print(summary(m, report.elapsed))
     split = m.build.get("split") or {}
-    print(f"input: {m.build.get('input')} ({len(m.classes)} classes: {', '.join(m.classes)}); split by "
-          f"{split.get('by')}, every class within {split.get('max_class_deviation')} of its 80/10/10 target")
+    print(
+        f"input: {m.build.get('input')} ({len(m.classes)} classes: {', '.join(m.classes)}); split by "
+        f"{split.get('by')}, every class within {split.get('max_class_deviation')} of its 80/10/10 target"
+    )
     for note in m.build.get("notes", []):
         print(f"note: {note}")
     print(

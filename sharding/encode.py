@@ -63,6 +63,8 @@ def analyse_one(rec: Record, include_masks: bool, want_phash: bool) -> dict:
     except OSError as exc:
         return {"error": f"cannot read file: {_reason(exc)}"}
     out = {"sha": pixel_sha256(pixels), "size": [info.width, info.height], "mode": info.mode}
+    if info.meta:
+        out["dicom"] = info.meta
     if want_phash:
         out["phash"] = phash(pixels)
     if include_masks:

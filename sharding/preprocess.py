@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from sharding import dicom
 from sharding.contract import IMAGE_SIZE
 
 #: Largest image (in pixels) we agree to decode: 64 Mpx is far above any
@@ -35,6 +36,7 @@ class SourceInfo:
     height: int
     mode: str
     format: str | None
+    meta: dict | None = None  # DICOM header fields kept for the sample json (patient_id, study_uid, ...)
 
 
 def to_gray(img: Image.Image) -> Image.Image:
@@ -100,8 +102,17 @@ def open_image(source: str | Path | bytes) -> Image.Image:
 
 
 def load_image(source: str | Path | bytes, size: int = IMAGE_SIZE) -> tuple[np.ndarray, SourceInfo]:
-    """Decode and preprocess one image; returns (uint8 [size, size], SourceInfo)."""
-    img = open_image(source)
+    """Decode and preprocess one image (PNG, JPEG, ... or DICOM); returns (uint8 [size, size], SourceInfo)."""
+    data = source if isinstance(source, bytes) else Path(source).read_bytes()
+    if dicom.is_dicom(data, "" if isinstance(source, bytes) else str(source)):
+        try:
+            pixels, meta, mode = dicom.load(data)
+        except dicom.DicomError as exc:
+            raise PreprocessError(str(exc)) from None
+        img = Image.fromarray(pixels, mode="L")
+        info = SourceInfo(img.width, img.height, mode, "DICOM", meta)
+        return preprocess(img, size), info
+    img = open_image(data)
     info = SourceInfo(img.width, img.height, img.mode, img.format)
     try:
         return preprocess(img, size), info
