@@ -29,6 +29,7 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
             dup_fraction=args.dup_fraction,
             near_dup_fraction=args.near_dup_fraction,
             markers=args.markers,
+            format=args.format,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -179,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full-size", action="store_true", help="the real counts: 21,165 images")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markers", action="store_true", help="burn class-correlated text tags into a corner")
+    p.add_argument(
+        "--format",
+        choices=("png", "dicom"),
+        default="png",
+        help="png (default), or dicom: the same pixels as DICOM films (MONOCHROME1, 12-bit rescaled and "
+        "windowed ones among them); labels.csv beside them either way",
+    )
     p.add_argument("--dup-fraction", type=float, default=0.02, help="share of exact duplicates within a class")
     p.add_argument("--near-dup-fraction", type=float, default=0.005, help="share of near copies across classes")
     p.add_argument("--workers", type=int, default=1)

@@ -36,12 +36,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from sharding import phantom_files as files
 from sharding.contract import CLASSES, DATASET_DIR, IMAGE_SIZE, MASK_SIZE, REAL_COUNTS
 
 STAMP = ".phantom.json"
 #: Bump whenever the drawing code changes the bytes: an existing phantom with
 #: another version is stale and is not mistaken for an up-to-date one.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5  # 5: metadata sheets (xlsx) with sources, labels.csv, the DICOM format
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,11 @@ class PhantomSpec:
     dup_fraction: float = 0.02
     near_dup_fraction: float = 0.005
     markers: bool = False
+    format: str = "png"  # "png", or "dicom": the same pixels in DICOM films (see sharding.phantom_files)
 
     def __post_init__(self) -> None:
+        if self.format not in ("png", "dicom"):
+            raise ValueError(f"format must be png or dicom, got {self.format!r}")
         if len(self.counts) != len(CLASSES) or any(c < 0 for c in self.counts):
             raise ValueError(f"counts must be {len(CLASSES)} non-negative integers, got {self.counts}")
         for name in ("dup_fraction", "near_dup_fraction"):
@@ -288,18 +292,33 @@ def _write_class_chunk(args: tuple[PhantomSpec, str, int, int, int]) -> int:
     base = Path(root) / name
     for index in range(start, stop):
         image, mask = render_sample(spec, cls, index)
-        _write_png(base / "images" / f"{name}-{index + 1}.png", image)
-        _write_png(base / "masks" / f"{name}-{index + 1}.png", mask)
+        key = f"{name}-{index + 1}"
+        if spec.format == "dicom":
+            data = files.dicom_bytes(
+                image, seed=spec.seed, key=key, index=index, patient_id=files.patient_of(name, index)
+            )
+            (base / "images" / f"{key}.dcm").write_bytes(data)
+        else:
+            _write_png(base / "images" / f"{key}.png", image)
+        _write_png(base / "masks" / f"{key}.png", mask)
     return stop - start
 
 
 def _write_metadata(root: Path, spec: PhantomSpec) -> None:
+    """The Kaggle metadata sheets (with each film's source) and labels.csv (with patient ids)."""
+    suffix = ".dcm" if spec.format == "dicom" else ".png"
+    labels = []
     for cls, name in enumerate(CLASSES):
-        with open(root / f"{name}.metadata.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["FILE NAME", "FORMAT", "SIZE", "URL"])
-            for index in range(spec.counts[cls]):
-                writer.writerow([f"{name}-{index + 1}", "PNG", f"{IMAGE_SIZE}*{IMAGE_SIZE}", "radstream-phantom"])
+        rows = [["FILE NAME", "FORMAT", "SIZE", "URL"]]
+        for index in range(spec.counts[cls]):
+            source = files.source_of(spec.seed, name, index)
+            rows.append([f"{name}-{index + 1}", spec.format.upper(), f"{IMAGE_SIZE}*{IMAGE_SIZE}", f"https://{source}"])
+            labels.append([f"{name}/images/{name}-{index + 1}{suffix}", name, files.patient_of(name, index), source])
+        (root / f"{name}.metadata.xlsx").write_bytes(files.xlsx_bytes(rows))
+    with open(root / "labels.csv", "w", newline="") as fh:
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(["path", "label", "patient_id", "source"])
+        writer.writerows(labels)
     (root / "README.md.txt").write_text(
         "radstream phantom: synthetic chest radiographs in the layout of the COVID-19 Radiography Database.\n"
         f"Spec: {json.dumps(asdict(spec))}\nNot real patient data; for tests and demos only.\n"

@@ -53,6 +53,13 @@ def check_manifest(cfg: Config, manifest: Manifest) -> None:
         problems.append(f"image size: manifest {manifest.image_size} vs config data.stored_size {cfg.data.stored_size}")
     if cfg.data.mask_lungs and not manifest.masks:
         problems.append("data.mask_lungs=true but the shards carry no masks (rebuild with --include-masks)")
+    for split in ("train", "val"):
+        if manifest.split(split).samples == 0:
+            problems.append(
+                f"the {split} split is empty (train {manifest.split('train').samples}, val "
+                f"{manifest.split('val').samples}): build from more images; patient or source groups larger "
+                "than a split's share leave it empty (see the build summary's split line)"
+            )
     if problems:
         raise RunError("the shards do not match the config: " + "; ".join(problems))
 

@@ -29,7 +29,7 @@ def test_layout_names_sizes_modes(phantom_raw):
         masks = sorted((phantom_raw / name / "masks").iterdir())
         assert [p.name for p in images] == sorted(f"{name}-{i}.png" for i in range(1, 13))
         assert [p.name for p in masks] == [p.name for p in images]
-        assert (phantom_raw / f"{name}.metadata.csv").read_text().startswith("FILE NAME,FORMAT,SIZE,URL")
+        assert (phantom_raw / f"{name}.metadata.xlsx").read_bytes()[:2] == b"PK"  # a workbook, as in the release
         for img_path, mask_path in zip(images[:3], masks[:3]):
             with Image.open(img_path) as img:
                 assert (img.mode, img.size, img.format) == ("L", (299, 299), "PNG")
@@ -219,6 +219,41 @@ def test_pixels_are_pinned_across_environments():
                 digest.update(image.tobytes())
                 digest.update(mask.tobytes())
     assert (GENERATOR_VERSION, digest.hexdigest()) == (
-        4,
+        5,  # 5 added files (sheets, labels.csv, DICOM) and kept every pixel: the digest of version 4
         "a612477fde644ddb7f06bce67e46f67398a488323313a574813cacedd33b6f29",
+    )
+
+
+def test_sources_follow_the_class_like_the_real_release(phantom_raw):
+    """Metadata sheets give each film a site; the sites are class-correlated (the shortcut the report must show)."""
+    from sharding.metadata import read_sheet
+
+    sites = {name: set(read_sheet(phantom_raw / f"{name}.metadata.xlsx").values()) for name in CLASSES}
+    assert sites["Lung_Opacity"] == {"rsna.example/pneumonia-detection-challenge"}
+    assert sites["Viral Pneumonia"] == {"pediatric.example/chest-xray-pneumonia"}
+    assert len(sites["COVID"]) >= 2 and not sites["COVID"] & (sites["Normal"] | sites["Viral Pneumonia"])
+    rows = (phantom_raw / "labels.csv").read_text().splitlines()
+    assert rows[0] == "path,label,patient_id,source" and len(rows) == 49
+    first = rows[1].split(",")
+    assert (phantom_raw / first[0]).is_file() and first[1] in CLASSES and first[3] in sites[first[1]]
+
+
+def test_dicom_phantom_renders_to_the_png_phantoms_pixels(tmp_path):
+    """Every DICOM variant (8-bit, MONOCHROME1 inverted, 12-bit rescaled and windowed) gives back the same film."""
+    from sharding.preprocess import load_image
+
+    spec = PhantomSpec(counts=(4, 3, 3, 3), seed=2)
+    png = generate(tmp_path / "png", spec)
+    dcm = generate(tmp_path / "dcm", PhantomSpec(counts=(4, 3, 3, 3), seed=2, format="dicom"))
+    modes = set()
+    for name in CLASSES:
+        for path in sorted((png / name / "images").glob("*.png")):
+            pixels, _ = load_image(path)
+            other, info = load_image(dcm / name / "images" / f"{path.stem}.dcm")
+            assert np.array_equal(pixels, other), path.name
+            modes.add(info.mode)
+            assert info.meta["patient_id"] and info.meta["study_uid"]
+    assert modes == {"DICOM MONOCHROME1 8-bit", "DICOM MONOCHROME2 8-bit", "DICOM MONOCHROME2 12-bit"}
+    assert _digest(dcm) == _digest(
+        generate(tmp_path / "dcm2", PhantomSpec(counts=(4, 3, 3, 3), seed=2, format="dicom"), workers=2)
     )

@@ -182,6 +182,7 @@ def test_kaggle_metadata_sheets_give_each_film_its_source(phantom_raw, tmp_path)
             sheet.append([path.stem.upper(), "PNG", "299*299", url])  # the real sheets' case differs
         book.save(raw / f"{name}.metadata.xlsx")
     (raw / "Lung_Opacity.metadata.xlsx").write_bytes(b"not a workbook")
+    (raw / "Viral Pneumonia.metadata.xlsx").unlink()
     found = scan(raw)
     assert found.kind == KAGGLE
     by_class: dict[str, set] = {}

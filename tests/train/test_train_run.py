@@ -350,3 +350,40 @@ def test_corrupt_val_shard_during_training_is_one_line_exit_2(tmp_path, phantom_
     lines = [line for line in run.stderr.splitlines() if line.startswith("error (rank 0)")]
     assert len(lines) == 1 and "val-000000.tar" in lines[0] and "sharding verify" in lines[0], run.stderr[-3000:]
     assert no_traceback_from_us(run.stderr), run.stderr[-3000:]
+
+
+def test_other_collections_train_with_the_demo_config_unchanged(tmp_path, phantom_raw, subprocess_env, repo_root):
+    """(a) DICOM films with a label CSV (patients from the CSV), (b) a two-class folder set: each builds and
+    trains with `configs/demo.yaml` and nothing but data.shards changed; class names and count from the manifest."""
+    import shutil
+
+    from sharding.build import build_shards
+    from sharding.phantom import PhantomSpec, generate
+
+    # 30 films a class, 3 a patient: patient groups still fill val and test
+    dicoms = generate(tmp_path / "dcm", PhantomSpec(counts=(30, 30, 30, 30), seed=1, format="dicom"))
+    folders = tmp_path / "folders"
+    for name, src in (("effusion", "Lung_Opacity"), ("clear", "Normal")):
+        shutil.copytree(phantom_raw / src / "images", folders / name)
+    cases = {
+        "dicom_csv": (
+            dicoms,
+            {"labels": dicoms / "labels.csv"},
+            ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"],
+        ),
+        "two_folders": (folders, {}, ["clear", "effusion"]),
+    }
+    for name, (raw, options, classes) in cases.items():
+        shards = tmp_path / f"shards_{name}"
+        manifest = build_shards(raw, shards, shard_size=16, workers=1, progress=False, **options)
+        assert list(manifest.classes) == classes
+        out = tmp_path / f"run_{name}"
+        run = run_train(
+            [f"data.shards={shards}", f"train.output_dir={out}", "train.epochs=1", "eval.test_at_end=false"],
+            subprocess_env,
+            repo_root,
+        )
+        assert run.returncode == 0, (name, run.stderr[-3000:])
+        card = json.loads((out / "models" / "best_model.json").read_text())
+        assert card["classes"] == classes and card["stored_size"] == 299
+        assert metrics(out)[0]["train_samples_seen"] == manifest.split("train").samples

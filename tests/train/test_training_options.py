@@ -171,3 +171,15 @@ def test_deterministic_switches_torch_to_deterministic_kernels(monkeypatch):
     finally:
         torch.use_deterministic_algorithms(before[0])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = before[1], before[2]
+
+
+def test_an_empty_val_split_is_refused_before_training(tmp_path):
+    from train.config import Config
+    from train.trainer import RunError, check_manifest
+
+    from helpers.indexed_shards import write_shards
+
+    manifest = write_shards(tmp_path, {"train": [6], "val": [], "test": [2]}, masks=False)
+    with pytest.raises(RunError, match="the val split is empty"):
+        check_manifest(Config(), manifest)
+    check_manifest(Config(), write_shards(tmp_path / "ok", {"train": [6], "val": [1], "test": []}, masks=False))
