@@ -162,3 +162,15 @@ def test_dicom_folder_with_a_label_csv_builds_with_patients_from_the_headers(tmp
     assert len(split_of) == 15 and all(len(s) == 1 for s in split_of.values())
     again = build_shards(root, tmp_path / "t", labels=labels, shard_size=16, workers=1, progress=False)
     assert [s.sha256 for s in again.split("train").shards] == [s.sha256 for s in m.split("train").shards]
+
+
+def test_dicom_label_csv_build_byte_identical_with_one_and_two_workers(tmp_path):
+    from sharding.phantom import PhantomSpec, generate
+
+    raw = generate(tmp_path / "raw", PhantomSpec(counts=(40, 40, 40, 40), seed=3, format="dicom"))
+    a = build_shards(raw, tmp_path / "a", labels=raw / "labels.csv", shard_size=50, workers=1, progress=False)
+    b = build_shards(raw, tmp_path / "b", labels=raw / "labels.csv", shard_size=50, workers=2, progress=False)
+    assert a.counts["written"] == 160 and a.build["input"] == "label csv"
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+    for split in a.splits:
+        assert [s.sha256 for s in a.split(split).shards] == [s.sha256 for s in b.split(split).shards]
