@@ -361,8 +361,10 @@ def to_yaml_dict(cfg: Config) -> dict:
 
 def run_test_report(cfg: Config, accelerator: Accelerator) -> None:
     """Evaluate the best model on the test split and write the report (rank 0 writes)."""
-    from train.evaluate import evaluate_run
+    from train.evaluate import evaluate_run  # evaluation pulls in plots and Grad-CAM: only when it runs
 
     best = Path(cfg.train.output_dir) / "models" / BEST_PTH
-    if best.exists():
+    if load_shard_manifest(cfg.data.shards).split("test").samples == 0:
+        accelerator.print("test split is empty: no test report (build from more images to get one)")
+    elif best.exists():
         evaluate_run(Path(cfg.train.output_dir), split="test", accelerator=accelerator, cfg=cfg)
