@@ -136,6 +136,8 @@ class EvalConfig:
     """Evaluate the best model on the test split when training ends and write the report."""
     gradcam_per_class: int = 3
     """Grad-CAM examples per class in the report grid (0 = none)."""
+    bootstrap_resamples: int = 2000
+    """Stratified bootstrap resamples for the report's 95 % confidence intervals (0 = none)."""
 
 
 @dataclass
@@ -183,6 +185,7 @@ _POSITIVE = (
     "optim.step_size",
 )
 _NON_NEGATIVE = (
+    "eval.bootstrap_resamples",
     "data.num_workers",
     "data.shuffle_buffer",
     "train.checkpoint_every_steps",

@@ -26,6 +26,7 @@ from accelerate import Accelerator
 
 from sharding.grid import image_grid
 from train import explain, plots
+from train.bootstrap import fmt
 from train.card import TrainedModel, load_trained_model
 from train.checkpoint import BEST_PTH, atomic_write
 from train.config import Config, load_config
@@ -70,29 +71,33 @@ def explain_split(trained: TrainedModel, cfg: Config, shards: str, split: str, c
 
 def report_markdown(report: dict, split: str, run_dir: Path) -> str:
     classes = report["classes"]
+    ci = report.get("ci95", {})
+    boot = report.get("bootstrap", {})
     lines = [
         f"# Evaluation on the {split} split ({report['samples']} images)",
         "",
-        f"Run: `{run_dir}`, model epoch {report.get('model_epoch')}.",
+        f"Run: `{run_dir}`, model epoch {report.get('model_epoch')}. Values with 95 % confidence intervals "
+        f"(stratified bootstrap, {boot.get('resamples', 0)} resamples, seed {boot.get('seed')}); macro averages over "
+        f"the classes with {split} samples: {', '.join(report.get('classes_evaluated', classes))}.",
         "",
-        "| metric | value |",
+        "| metric | value (95 % CI) |",
         "| --- | --- |",
     ]
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc", "ece"):
-        value = report.get(key)
-        lines.append(f"| {key} | {'n/a' if value is None else f'{value:.4f}'} |")
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc"):
+        lines.append(f"| {key} | {fmt(report.get(key), ci.get(key))} |")
+    lines.append(f"| ece | {fmt(report.get('ece'), None, 3)} |")
     lines += [
         "",
-        "| class | precision | sensitivity | specificity | F1 | ROC-AUC | support |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| class | sensitivity | specificity | PPV | ROC-AUC | support |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name in classes:
         m = report["per_class"][name]
-        auc = "n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.3f}"
-        lines.append(
-            f"| {name} | {m['precision']:.3f} | {m['sensitivity']:.3f} | {m['specificity']:.3f} | "
-            f"{m['f1']:.3f} | {auc} | {m['support']} |"
-        )
+        if not m["support"]:
+            lines.append(f"| {name} | no {split} samples | | | | 0 |")
+            continue
+        cells = [fmt(m[k], m.get(f"{k}_ci95")) for k in ("sensitivity", "specificity", "ppv", "roc_auc")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['support']} |")
     lines += [
         "",
         "Confusion matrix (rows: true class, columns: predicted):",
@@ -125,9 +130,11 @@ def report_markdown(report: dict, split: str, run_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def write_report(run_dir: Path, split: str, preds: Predictions, classes, extra: dict) -> dict:
+def write_report(
+    run_dir: Path, split: str, preds: Predictions, classes, extra: dict, bootstrap: int = 2000, seed: int = 0
+) -> dict:
     """report.json, report.md and the figures; returns the report dict."""
-    report = classification_report(preds.labels, preds.probs, classes)
+    report = classification_report(preds.labels, preds.probs, classes, bootstrap=bootstrap, seed=seed)
     report.update({k: v for k, v in extra.items() if k != "grid"})
     report["split"] = split
     suffix = "" if split == "test" else f"_{split}"
@@ -190,10 +197,12 @@ def evaluate_run(
     extra: dict = {"model_epoch": trained.card.epoch, "model_path": str(model_path)}
     if cfg.eval.gradcam_per_class > 0:
         extra.update(explain_split(trained, cfg, shards, split, classes, cfg.eval.gradcam_per_class))
-    report = write_report(run_dir, split, preds, classes, extra)
+    report = write_report(run_dir, split, preds, classes, extra, cfg.eval.bootstrap_resamples, cfg.train.seed)
+    ci = report["ci95"]
     print(
-        f"{split}: accuracy {report['accuracy']:.4f}  macro-F1 {report['macro_f1']:.4f}  "
-        f"balanced accuracy {report['balanced_accuracy']:.4f}  ({report['samples']} images)"
+        f"{split}: accuracy {fmt(report['accuracy'], ci.get('accuracy'))}  macro-F1 "
+        f"{fmt(report['macro_f1'], ci.get('macro_f1'))}  balanced accuracy "
+        f"{fmt(report['balanced_accuracy'], ci.get('balanced_accuracy'))}  ({report['samples']} images; 95 % CI)"
     )
     share = (report.get("lung_share") or {}).get("all", {}).get("mean")
     if share is not None:

@@ -1,8 +1,9 @@
 """Classification metrics for imbalanced multi-class chest X-ray data.
 
 scikit-learn computes the standard scores and torchmetrics the calibration
-error; this module only arranges them per class name (and adds specificity,
-which neither reports directly).
+error; this module arranges them per class name (and adds specificity, which
+neither reports directly), averages over the classes the data has, and adds
+bootstrap intervals (`train.bootstrap`).
 """
 
 from __future__ import annotations
@@ -14,22 +15,48 @@ import torch
 from sklearn import metrics as skm
 from torchmetrics.functional.classification import multiclass_calibration_error
 
+from train.bootstrap import bootstrap_ci
+
 
 def classification_report(
-    labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str], ece_bins: int = 15
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    ece_bins: int = 15,
+    bootstrap: int = 2000,
+    seed: int = 0,
 ) -> dict:
-    """All numbers of an evaluation: labels int [N], probs float [N, C] (rows sum to 1)."""
+    """All numbers of an evaluation: labels int [N], probs float [N, C] (rows sum to 1).
+
+    Macro averages run over the classes with test support (`classes_evaluated`); a
+    class without any is reported as such, not as zeros. `ci95` holds 95 % intervals
+    from a stratified bootstrap of `bootstrap` resamples (0: none), seeded by `seed`.
+    """
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     n_classes = len(class_names)
     preds = probs.argmax(axis=1)
     idx = list(range(n_classes))
+    present = [c for c in idx if (labels == c).any()]
     cm = skm.confusion_matrix(labels, preds, labels=idx)
     precision, recall, f1, support = skm.precision_recall_fscore_support(labels, preds, labels=idx, zero_division=0)
+    ci = bootstrap_ci(labels, probs, present, bootstrap, seed) if bootstrap and len(labels) else None
     total = cm.sum()
     per_class = {}
     aucs = {}
     for c, name in enumerate(class_names):
+        if c not in present:
+            per_class[name] = {
+                "support": 0,
+                "note": "no test samples",
+                "precision": None,
+                "ppv": None,
+                "sensitivity": None,
+                "specificity": None,
+                "f1": None,
+                "roc_auc": None,
+            }
+            continue
         tp = cm[c, c]
         fp = cm[:, c].sum() - tp
         fn = cm[c, :].sum() - tp
@@ -41,12 +68,15 @@ def classification_report(
             aucs[name] = auc
         per_class[name] = {
             "precision": float(precision[c]),
+            "ppv": float(precision[c]),
             "sensitivity": float(recall[c]),
             "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
             "f1": float(f1[c]),
             "support": int(support[c]),
             "roc_auc": auc,
         }
+        if ci is not None:
+            per_class[name].update({f"{k}_ci95": v for k, v in ci["per_class"][c].items()})
     row_sums = cm.sum(axis=1, keepdims=True)
     ece = multiclass_calibration_error(
         torch.as_tensor(probs, dtype=torch.float32),
@@ -57,10 +87,13 @@ def classification_report(
     )
     return {
         "samples": int(len(labels)),
+        "classes_evaluated": [class_names[c] for c in present],
         "accuracy": float(skm.accuracy_score(labels, preds)) if len(labels) else 0.0,
-        "balanced_accuracy": float(skm.balanced_accuracy_score(labels, preds)) if len(labels) else 0.0,
-        "macro_f1": float(skm.f1_score(labels, preds, labels=idx, average="macro", zero_division=0)),
+        "balanced_accuracy": float(np.mean([recall[c] for c in present])) if present else 0.0,
+        "macro_f1": float(np.mean([f1[c] for c in present])) if present else 0.0,
         "macro_roc_auc": float(np.mean(list(aucs.values()))) if aucs else None,
+        "ci95": {k: ci[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc")} if ci else {},
+        "bootstrap": {"resamples": int(bootstrap), "seed": int(seed), "stratified": True},
         "ece": float(ece),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
@@ -70,9 +103,13 @@ def classification_report(
 
 
 def quick_metrics(labels: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float]:
-    """Accuracy and macro-F1 for per-epoch validation (cheap)."""
+    """Accuracy and macro-F1 over the classes present, for per-epoch validation (cheap)."""
+    labels = np.asarray(labels)
     preds = np.asarray(probs).argmax(axis=1)
+    present = sorted(set(labels.tolist()))
     return {
         "accuracy": float((preds == labels).mean()) if len(labels) else 0.0,
-        "macro_f1": float(skm.f1_score(labels, preds, labels=list(range(n_classes)), average="macro", zero_division=0)),
+        "macro_f1": float(skm.f1_score(labels, preds, labels=present, average="macro", zero_division=0))
+        if present
+        else 0.0,
     }
