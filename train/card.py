@@ -34,6 +34,7 @@ class ModelCard:
     monitor: str = ""  # the metric that selected them
     value: float | None = None  # its value at `epoch`
     config: dict = field(default_factory=dict)  # the run's resolved config
+    operating_points: dict = field(default_factory=dict)  # per class, chosen on validation (train.operating)
 
     def identity(self) -> dict:
         """What a resumed checkpoint must share with this model (train.state adds batch and seed)."""

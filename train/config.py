@@ -138,6 +138,8 @@ class EvalConfig:
     """Grad-CAM examples per class in the report grid (0 = none)."""
     bootstrap_resamples: int = 2000
     """Stratified bootstrap resamples for the report's 95 % confidence intervals (0 = none)."""
+    target_sensitivity: float = 0.95
+    """Sensitivity the `target_sensitivity` operating point must reach on validation (per class)."""
 
 
 @dataclass
@@ -215,7 +217,7 @@ def validate(cfg: Config) -> Config:
     for key in _NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
-    for key in ("data.hflip_p", "optim.label_smoothing", "model.drop_rate"):
+    for key in ("data.hflip_p", "optim.label_smoothing", "model.drop_rate", "eval.target_sensitivity"):
         if not 0.0 <= _get(cfg, key) <= 1.0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be within [0, 1]")
     if cfg.data.rotation_degrees > 180:

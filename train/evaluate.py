@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from sharding.grid import image_grid
-from train import explain, plots
+from train import explain, operating, plots
 from train.bootstrap import fmt
 from train.card import TrainedModel, load_trained_model
 from train.checkpoint import BEST_PTH, atomic_write
@@ -98,6 +98,24 @@ def report_markdown(report: dict, split: str, run_dir: Path) -> str:
             continue
         cells = [fmt(m[k], m.get(f"{k}_ci95")) for k in ("sensitivity", "specificity", "ppv", "roc_auc")]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['support']} |")
+    points = report.get("operating_points") or {}
+    if points:
+        lines += [
+            "",
+            f"## Operating points (chosen on validation, frozen, applied to {split})",
+            "",
+            "A film is flagged for a class when its probability reaches the class's threshold.",
+            "",
+            "| class | point | threshold | sensitivity | specificity |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, by_point in points.items():
+            for point, m in by_point.items():
+                lines.append(
+                    f"| {name} | {point} | {m['threshold']:.3f} | "
+                    f"{fmt(m['sensitivity'], m.get('sensitivity_ci95'))} | "
+                    f"{fmt(m['specificity'], m.get('specificity_ci95'))} |"
+                )
     lines += [
         "",
         "Confusion matrix (rows: true class, columns: predicted):",
@@ -131,10 +149,18 @@ def report_markdown(report: dict, split: str, run_dir: Path) -> str:
 
 
 def write_report(
-    run_dir: Path, split: str, preds: Predictions, classes, extra: dict, bootstrap: int = 2000, seed: int = 0
+    run_dir: Path,
+    split: str,
+    preds: Predictions,
+    classes,
+    extra: dict,
+    bootstrap: int = 2000,
+    seed: int = 0,
+    points: dict | None = None,
 ) -> dict:
     """report.json, report.md and the figures; returns the report dict."""
     report = classification_report(preds.labels, preds.probs, classes, bootstrap=bootstrap, seed=seed)
+    report["operating_points"] = operating.apply(preds.labels, preds.probs, classes, points or {}, bootstrap, seed)
     report.update({k: v for k, v in extra.items() if k != "grid"})
     report["split"] = split
     suffix = "" if split == "test" else f"_{split}"
@@ -197,7 +223,16 @@ def evaluate_run(
     extra: dict = {"model_epoch": trained.card.epoch, "model_path": str(model_path)}
     if cfg.eval.gradcam_per_class > 0:
         extra.update(explain_split(trained, cfg, shards, split, classes, cfg.eval.gradcam_per_class))
-    report = write_report(run_dir, split, preds, classes, extra, cfg.eval.bootstrap_resamples, cfg.train.seed)
+    report = write_report(
+        run_dir,
+        split,
+        preds,
+        classes,
+        extra,
+        cfg.eval.bootstrap_resamples,
+        cfg.train.seed,
+        trained.card.operating_points,
+    )
     ci = report["ci95"]
     print(
         f"{split}: accuracy {fmt(report['accuracy'], ci.get('accuracy'))}  macro-F1 "

@@ -25,10 +25,11 @@ import torch
 
 from pipeline.augment import DeviceAugment
 from sharding.preprocess import PreprocessError, load_image
+from train import operating
 from train.card import load_trained_model
 from train.checkpoint import CheckpointError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".dcm", ".dicom"}
 
 
 @dataclass
@@ -40,13 +41,17 @@ class Predictor:
     augment: DeviceAugment
     device: torch.device
     stored_size: int
+    operating_points: dict | None = None  # per class thresholds frozen on validation (best_model.json)
 
     @classmethod
     def load(cls, model_path: str | Path, device: str | None = None) -> Predictor:
         trained = load_trained_model(model_path, device)
         if trained.cfg.data.mask_lungs:
             raise CheckpointError("this model was trained on lung-masked images; prediction needs masks, not supported")
-        return cls(trained.net, list(trained.card.classes), trained.augment, trained.device, trained.card.stored_size)
+        card = trained.card
+        return cls(
+            trained.net, list(card.classes), trained.augment, trained.device, card.stored_size, card.operating_points
+        )
 
     def prepare(self, images: list[np.ndarray]) -> torch.Tensor:
         batch = torch.from_numpy(np.stack(images)[:, None]).to(self.device)
@@ -114,11 +119,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gradcam", default=None, help="folder for Grad-CAM overlay PNGs")
     parser.add_argument("--export", choices=("onnx", "torchscript"), default=None)
     parser.add_argument("--export-path", default=None, help="default: beside the model, .onnx / .pt")
+    parser.add_argument(
+        "--operating-point",
+        choices=("youden", "sensitivity"),
+        default=None,
+        help="also flag each class whose probability reaches its threshold frozen on validation (Youden's J, or "
+        "the eval.target_sensitivity point); argmax alone otherwise",
+    )
     args = parser.parse_args(argv)
     try:
         predictor = Predictor.load(args.model, args.device)
     except (CheckpointError, OSError, KeyError) as exc:
         print(f"error: cannot load model {args.model}: {exc}", file=sys.stderr)
+        return 2
+    point = {"youden": "youden", "sensitivity": "target_sensitivity", None: None}[args.operating_point]
+    if point and not predictor.operating_points:
+        print(
+            f"error: {args.model} has no operating points (a model trained before they were stored, or "
+            "without validation positives); retrain, or predict without --operating-point",
+            file=sys.stderr,
+        )
         return 2
     if args.export:
         target = Path(args.export_path or Path(args.model).with_suffix(".onnx" if args.export == "onnx" else ".pt"))
@@ -142,20 +162,23 @@ def main(argv: list[str] | None = None) -> int:
         probs = predictor.predict(images)
         if args.gradcam:
             save_gradcams(predictor, images, chunk, Path(args.gradcam))
-        for path, p in zip(chunk, probs):
-            rows.append(
-                {
-                    "file": str(path),
-                    "prediction": predictor.classes[int(p.argmax())],
-                    **{name: float(v) for name, v in zip(predictor.classes, p)},
-                }
-            )
+        flagged = operating.flags(probs, predictor.classes, predictor.operating_points, point) if point else None
+        for i, (path, p) in enumerate(zip(chunk, probs)):
+            row = {
+                "file": str(path),
+                "prediction": predictor.classes[int(p.argmax())],
+                **{name: float(v) for name, v in zip(predictor.classes, p)},
+            }
+            if flagged is not None:
+                row["flagged"] = ";".join(flagged[i])
+            rows.append(row)
     print_table(rows, predictor.classes)
     for path, reason in failures:
         print(f"skipped {path}: {reason}", file=sys.stderr)
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=["file", "prediction", *predictor.classes])
+            columns = ["file", "prediction", *predictor.classes] + (["flagged"] if point else [])
+            writer = csv.DictWriter(fh, fieldnames=columns)
             writer.writeheader()
             writer.writerows(rows)
     if args.json:

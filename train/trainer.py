@@ -18,6 +18,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from pipeline.loader import load_shard_manifest
 from sharding.manifest import Manifest
+from train import operating
 from train.card import ModelCard, save_model_card
 from train.checkpoint import (
     BEST_PTH,
@@ -199,7 +200,7 @@ def step_scheduler(scheduler, value: float) -> None:
 
 
 def save_epoch(state: TrainState, card: ModelCard, out: Path, row: dict, improved: bool) -> None:
-    """Rank 0: the metrics line, the best model when it improved, the end-of-epoch checkpoint."""
+    """Rank 0: the metrics line, the best model when it improved (card with its operating points), the checkpoint."""
     epoch = row["epoch"]
     append_metrics(out / "metrics.jsonl", row, keep_through_epoch=epoch - 1)
     if improved:
@@ -312,7 +313,13 @@ def run_epoch(run: Run, epoch: int, position: Position) -> tuple[dict, bool]:
     improved = state.stopper.step(row[cfg.train.monitor], epoch)
     step_scheduler(state.scheduler, row[cfg.train.monitor])
     if acc.is_main_process:
-        save_epoch(state, model_card(cfg, run.manifest), run.out, row, improved)
+        card = model_card(cfg, run.manifest)
+        if improved:  # thresholds frozen from this model's validation predictions, never from test
+            card = replace(
+                card,
+                operating_points=operating.choose(val.labels, val.probs, card.classes, cfg.eval.target_sensitivity),
+            )
+        save_epoch(state, card, run.out, row, improved)
         if cfg.logging.tensorboard:
             acc.log({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=epoch)
     acc.wait_for_everyone()

@@ -130,3 +130,27 @@ def test_missing_model_is_a_clear_error(tmp_path, python_exe, subprocess_env, re
         timeout=120,
     )
     assert run.returncode == 2 and "no model file" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.slow
+def test_operating_point_needs_points_in_the_card(model_file, image_folder, python_exe, subprocess_env, repo_root):
+    run = subprocess.run(
+        [
+            python_exe,
+            "-m",
+            "train.predict",
+            "--model",
+            str(model_file),
+            str(image_folder),
+            "--device",
+            "cpu",
+            "--operating-point",
+            "youden",
+        ],
+        capture_output=True,
+        text=True,
+        env=subprocess_env,
+        cwd=repo_root,
+        timeout=300,
+    )
+    assert run.returncode == 2 and "has no operating points" in run.stderr and "Traceback" not in run.stderr

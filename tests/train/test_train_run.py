@@ -96,6 +96,12 @@ def test_single_process_run_writes_everything(tmp_path, phantom_shards, subproce
     for fig in ("confusion_matrix.png", "roc.png", "training_curves.png", "reliability.png", "gradcam.png"):
         assert (out / fig).stat().st_size > 1000, fig
     assert "lung_share" in report and 0.0 <= report["lung_share"]["all"]["mean"] <= 1.0
+    lo, hi = report["ci95"]["accuracy"]
+    assert lo <= report["accuracy"] <= hi and report["classes_evaluated"] == info["classes"]
+    # operating points chosen on validation are frozen in the card and applied to test
+    assert set(info["operating_points"]) == set(report["operating_points"]) == set(info["classes"])
+    for name, by_point in report["operating_points"].items():
+        assert by_point["youden"]["threshold"] == info["operating_points"][name]["youden"]["threshold"]
     assert not [p for p in out.rglob(".*tmp*")], "temporary files left behind"
 
 
