@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from sharding.grid import image_grid
-from train import explain, operating, plots
+from train import explain, operating, plots, sources
 from train.bootstrap import fmt
 from train.card import TrainedModel, load_trained_model
 from train.checkpoint import BEST_PTH, atomic_write
@@ -67,6 +67,41 @@ def explain_split(trained: TrainedModel, cfg: Config, shards: str, split: str, c
     if shares:
         result["lung_share"] = explain.summarize_shares(np.concatenate(shares), np.concatenate(labels), classes)
     return result
+
+
+def _per_source_markdown(report: dict, split: str) -> list[str]:
+    lines = []
+    single = report.get("single_source_classes") or []
+    if single:
+        lines += [
+            "",
+            f"**Warning: {', '.join(single)} came from a single source in training.** The model may "
+            "recognise the source (scanner, hospital, markers, borders), not the disease; test it on a source "
+            "it never saw before trusting these numbers.",
+        ]
+    per = report.get("per_source")
+    if not per:
+        return lines
+    classes = report["classes"]
+    lines += [
+        "",
+        f"## Results per source ({split})",
+        "",
+        "| source | films | accuracy (95 % CI) | " + " | ".join(f"sensitivity {c}" for c in classes) + " |",
+        "| --- | --- | --- |" + " --- |" * len(classes),
+    ]
+    for name, m in per.items():
+        cells = [
+            fmt(m["per_class"][c]["sensitivity"], m["per_class"][c]["sensitivity_ci95"])
+            + f" (n={m['per_class'][c]['support']})"
+            if c in m["per_class"]
+            else ""
+            for c in classes
+        ]
+        lines.append(
+            f"| {name} | {m['support']} | {fmt(m['accuracy'], m['accuracy_ci95'])} | " + " | ".join(cells) + " |"
+        )
+    return lines
 
 
 def report_markdown(report: dict, split: str, run_dir: Path) -> str:
@@ -116,6 +151,7 @@ def report_markdown(report: dict, split: str, run_dir: Path) -> str:
                     f"{fmt(m['sensitivity'], m.get('sensitivity_ci95'))} | "
                     f"{fmt(m['specificity'], m.get('specificity_ci95'))} |"
                 )
+    lines += _per_source_markdown(report, split)
     lines += [
         "",
         "Confusion matrix (rows: true class, columns: predicted):",
@@ -221,6 +257,12 @@ def evaluate_run(
     if not accelerator.is_main_process:
         return None
     extra: dict = {"model_epoch": trained.card.epoch, "model_path": str(model_path)}
+    site_of = sources.sample_sources(loader.urls, cfg.data.cache_dir)
+    if set(site_of.values()) - {sources.UNKNOWN}:
+        extra["per_source"] = sources.per_source(
+            preds.keys, preds.labels, preds.probs, site_of, classes, cfg.eval.bootstrap_resamples, cfg.train.seed
+        )
+    extra["single_source_classes"] = sources.single_source_classes(loader.manifest)
     if cfg.eval.gradcam_per_class > 0:
         extra.update(explain_split(trained, cfg, shards, split, classes, cfg.eval.gradcam_per_class))
     report = write_report(

@@ -98,6 +98,10 @@ def test_single_process_run_writes_everything(tmp_path, phantom_shards, subproce
     assert "lung_share" in report and 0.0 <= report["lung_share"]["all"]["mean"] <= 1.0
     lo, hi = report["ci95"]["accuracy"]
     assert lo <= report["accuracy"] <= hi and report["classes_evaluated"] == info["classes"]
+    # results per source (the phantom's metadata sheets), and the single-source warning in the markdown
+    assert sum(m["support"] for m in report["per_source"].values()) == report["samples"]
+    assert "Lung_Opacity" in report["single_source_classes"]
+    assert "came from a single source in training" in (out / "report.md").read_text()
     # operating points chosen on validation are frozen in the card and applied to test
     assert set(info["operating_points"]) == set(report["operating_points"]) == set(info["classes"])
     for name, by_point in report["operating_points"].items():
