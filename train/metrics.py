@@ -17,6 +17,9 @@ from torchmetrics.functional.classification import multiclass_calibration_error
 
 from train.bootstrap import bootstrap_ci
 
+#: The per-class rates a class without test samples has none of.
+_RATES = ("precision", "ppv", "sensitivity", "specificity", "f1", "roc_auc")
+
 
 def classification_report(
     labels: np.ndarray,
@@ -46,16 +49,7 @@ def classification_report(
     aucs = {}
     for c, name in enumerate(class_names):
         if c not in present:
-            per_class[name] = {
-                "support": 0,
-                "note": "no test samples",
-                "precision": None,
-                "ppv": None,
-                "sensitivity": None,
-                "specificity": None,
-                "f1": None,
-                "roc_auc": None,
-            }
+            per_class[name] = {"support": 0, "note": "no test samples", **dict.fromkeys(_RATES)}
             continue
         tp = cm[c, c]
         fp = cm[:, c].sum() - tp

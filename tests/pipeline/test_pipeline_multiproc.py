@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,14 +10,9 @@ from pathlib import Path
 import pytest
 
 from helpers.indexed_shards import key_of, split_ids
+from helpers.launch import free_port
 
 SCRIPT = Path(__file__).with_name("multirank_script.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
@@ -38,7 +32,7 @@ def test_two_process_accelerate_launch(tiny_shards, tmp_path, subprocess_env):
         "--dynamo_backend",
         "no",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
         str(SCRIPT),
         "--shards",
         str(tiny_shards),

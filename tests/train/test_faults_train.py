@@ -28,27 +28,11 @@ import torch
 
 from train.checkpoint import CheckpointError, load_best_model, load_checkpoint
 
+from helpers.launch import TINY, free_port
+
 pytestmark = pytest.mark.slow
 
-TINY = [
-    "data.image_size=32",
-    "data.num_workers=0",
-    "data.shuffle_buffer=16",
-    "train.batch_size=8",
-    "eval.batch_size=16",
-    "logging.progress=false",
-    "eval.gradcam_per_class=1",
-    "train.log_every=1",
-]
 BEST = ("best_model.pth", "best_model.safetensors", "best_model.json")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(nproc: int = 1) -> list[str]:
@@ -66,7 +50,7 @@ def launch(nproc: int = 1) -> list[str]:
     if nproc == 1:
         cmd += ["--cpu", "--num_processes", "1"]
     else:
-        cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(_free_port())]
+        cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(free_port())]
     return cmd + ["train/main.py", "--config", "configs/demo.yaml"] + TINY
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,24 +17,9 @@ from safetensors.torch import load_file
 from sharding.manifest import load_manifest
 from train.checkpoint import load_checkpoint
 
+from helpers.launch import TINY, free_port
+
 pytestmark = pytest.mark.slow
-
-TINY = [
-    "data.image_size=32",
-    "data.num_workers=0",
-    "data.shuffle_buffer=16",
-    "train.batch_size=8",
-    "eval.batch_size=16",
-    "logging.progress=false",
-    "eval.gradcam_per_class=1",
-    "train.log_every=1",
-]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_cmd(nproc: int, extra_launch: list[str] | None = None) -> list[str]:
