@@ -80,7 +80,10 @@ def _kill_at(point: tuple[int, float], raw, out, env, cwd) -> bool:
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             tmp = [p for p in out.parent.glob(f".{out.name}.build-*") if p.is_dir()]
-            shards = [q for q in tmp[0].iterdir() if q.name.endswith(".tar")] if tmp else []
+            try:
+                shards = [q for q in tmp[0].iterdir() if q.name.endswith(".tar")] if tmp else []
+            except FileNotFoundError:  # renamed into place between glob and iterdir: the build is finishing
+                break
             if len(shards) >= n:
                 break
             time.sleep(0.005)
