@@ -7,8 +7,15 @@
 
 Everything runs in float32 with autocast disabled (Kornia has dtype bugs under
 fp16 autocast), on whatever device the batch is on (CPU in tests). Composing
-flip and rotation into one matrix costs one `kornia.geometry.transform.warp_affine`
-per batch instead of one generic augmentation call per transform.
+flip and rotation into one matrix costs one warp per batch instead of one
+generic augmentation call per transform. The warp is done either by plain torch
+(`F.affine_grid` + `F.grid_sample`, one sampling grid shared by image and mask)
+or by `kornia.geometry.transform.warp_affine` (`warp="torch" | "kornia"`): the
+same matrices, the same pixels up to float32 rounding (tests/pipeline/
+test_pipeline_augment.py measures how close).
+
+Nothing here waits for the device: no host-built tensors (`torch.tensor([...],
+device=cuda)` copies from pageable memory and synchronises), no `.item()`.
 
 **1-channel ImageNet normalisation.** `timm.data.resolve_model_data_config`
 returns the 3-channel ImageNet mean/std even for an `in_chans=1` model, whose
@@ -53,15 +60,67 @@ def affine_matrices(flip: torch.Tensor, angle: torch.Tensor, height: int, width:
     so the flip is x -> (W-1) - x; positive angles rotate counter-clockwise.
     """
     b, device = flip.shape[0], angle.device
-    center = torch.tensor([[(width - 1) / 2, (height - 1) / 2]], device=device, dtype=torch.float32).expand(b, 2)
+    # constants filled on the device (scalar kernel arguments), not copied from a host list
+    center = torch.empty(b, 2, device=device, dtype=torch.float32)
+    center[:, 0], center[:, 1] = (width - 1) / 2, (height - 1) / 2
     rot = get_rotation_matrix2d(center, angle.float(), torch.ones(b, 2, device=device))  # [B,2,3]
     f = flip.to(device)
     flip_m = torch.eye(3, device=device).repeat(b, 1, 1)
     # torch.where, not boolean-mask assignment: no device->host sync on CUDA
     flip_m[:, 0, 0] = torch.where(f, -1.0, 1.0)
     flip_m[:, 0, 2] = torch.where(f, width - 1.0, 0.0)
-    rot3 = torch.cat([rot, torch.tensor([0.0, 0.0, 1.0], device=device).expand(b, 1, 3)], dim=1)
+    rot3 = torch.zeros(b, 3, 3, device=device)
+    rot3[:, :2], rot3[:, 2, 2] = rot, 1.0
     return (rot3 @ flip_m)[:, :2, :]
+
+
+def sampling_theta(matrix: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """[B,2,3] `affine_grid` matrices (output -> input, normalised, align_corners=True) of pixel matrices.
+
+    `matrix` maps source pixels to destination pixels (kornia's convention);
+    `grid_sample` asks, for each output pixel, where to read: the inverse, in
+    coordinates where pixel centre 0 is -1 and W-1 is +1 (x_n = x / s_x - 1,
+    s = ((W-1)/2, (H-1)/2)). Closed form with Python-scalar sizes, so nothing
+    is built on the host.
+    """
+    # a 1-pixel side reads its only pixel whatever the scale: 1.0 just avoids dividing by zero
+    sx, sy = (width - 1) / 2 if width > 1 else 1.0, (height - 1) / 2 if height > 1 else 1.0
+    a00, a01, t0 = matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 0, 2]
+    a10, a11, t1 = matrix[:, 1, 0], matrix[:, 1, 1], matrix[:, 1, 2]
+    det = a00 * a11 - a01 * a10
+    i00, i01, i10, i11 = a11 / det, -a01 / det, -a10 / det, a00 / det
+    # source pixel = inv @ (s * (n + 1) - t); normalised source = that / s - 1
+    u, v = sx - t0, sy - t1
+    rows = [i00, i01 * (sy / sx), (i00 * u + i01 * v) / sx - 1, i10 * (sx / sy), i11, (i10 * u + i11 * v) / sy - 1]
+    return torch.stack(rows, dim=-1).view(-1, 2, 3)
+
+
+def warp_torch(
+    images: torch.Tensor, masks: torch.Tensor | None, matrix: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Plain-torch warp: images bilinear, masks nearest, zeros outside; one sampling grid serves both."""
+    b, c, h, w = images.shape
+    grid = F.affine_grid(sampling_theta(matrix, h, w), [b, c, h, w], align_corners=True)
+    out = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    if masks is not None:
+        masks = F.grid_sample(masks, grid, mode="nearest", padding_mode="zeros", align_corners=True)
+    return out, masks
+
+
+def warp_kornia(
+    images: torch.Tensor, masks: torch.Tensor | None, matrix: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Kornia's `warp_affine` with the same matrices: images bilinear, masks nearest, zeros outside."""
+    size = tuple(images.shape[-2:])
+    out = warp_affine(images, matrix, dsize=size, mode="bilinear", padding_mode="zeros", align_corners=True)
+    if masks is not None:
+        masks = warp_affine(masks, matrix, dsize=size, mode="nearest", padding_mode="zeros", align_corners=True)
+    return out, masks
+
+
+#: The warp implementations DeviceAugment can use (the same matrices, the same pixels up to float rounding).
+WARPS = {"torch": warp_torch, "kornia": warp_kornia}
+DEFAULT_WARP = "kornia"
 
 
 class DeviceAugment(torch.nn.Module):
@@ -82,10 +141,14 @@ class DeviceAugment(torch.nn.Module):
         channels_last: bool = True,
         mean: float = MEAN_1CH,
         std: float = STD_1CH,
+        warp: str = DEFAULT_WARP,
     ):
         super().__init__()
         if rotation_degrees < 0 or not 0.0 <= hflip_p <= 1.0:
             raise ValueError(f"need rotation_degrees >= 0 and 0 <= hflip_p <= 1, got {rotation_degrees}, {hflip_p}")
+        if warp not in WARPS:
+            raise ValueError(f"warp={warp!r} is not one of {sorted(WARPS)}")
+        self.warp = warp
         self.train_mode, self.rotation_degrees, self.hflip_p = train, float(rotation_degrees), float(hflip_p)
         self.image_size, self.mask_lungs, self.channels_last = image_size, mask_lungs, channels_last
         self.mean, self.std = float(mean), float(std)
@@ -94,7 +157,8 @@ class DeviceAugment(torch.nn.Module):
     def extra_repr(self) -> str:
         return (
             f"train={self.train_mode}, rotation_degrees={self.rotation_degrees}, hflip_p={self.hflip_p}, "
-            f"image_size={self.image_size}, mask_lungs={self.mask_lungs}, mean={self.mean:.4f}, std={self.std:.4f}"
+            f"image_size={self.image_size}, mask_lungs={self.mask_lungs}, mean={self.mean:.4f}, std={self.std:.4f}, "
+            f"warp={self.warp}"
         )
 
     def forward(
@@ -114,9 +178,7 @@ class DeviceAugment(torch.nn.Module):
                 )
                 flip, angle = params["flip"].to(x.device), params["angle"].to(x.device)
                 matrix = affine_matrices(flip, angle, h, w)
-                x = warp_affine(x, matrix, dsize=(h, w), mode="bilinear", padding_mode="zeros", align_corners=True)
-                if m is not None:
-                    m = warp_affine(m, matrix, dsize=(h, w), mode="nearest", padding_mode="zeros", align_corners=True)
+                x, m = WARPS[self.warp](x, m, matrix)
                 self.last_params = {"flip": flip, "angle": angle, "matrix": matrix}
             if self.image_size is not None and (h, w) != (self.image_size, self.image_size):
                 size = (self.image_size, self.image_size)
@@ -138,6 +200,10 @@ __all__ = [
     "LUMA_WEIGHTS",
     "MEAN_1CH",
     "STD_1CH",
+    "WARPS",
     "affine_matrices",
     "sample_params",
+    "sampling_theta",
+    "warp_kornia",
+    "warp_torch",
 ]
