@@ -328,6 +328,7 @@ def build_loader(
     allow_pipe: bool | None = None,
     prefetch_factor: int = 2,
     verify_checksums: bool = True,
+    train: bool | None = None,
 ) -> ShardLoader:
     """A `ShardLoader` over `split` of the shards at `shards` (folder, file:, http(s)://, gs://, s3:// prefix).
 
@@ -336,6 +337,9 @@ def build_loader(
     `fast=False` forces webdataset's generic decode path; `allow_pipe=False` (or env
     RADSTREAM_ALLOW_PIPE=0) refuses pipe:/gs:/s3 URLs. `verify_checksums` hashes each
     local (or cached) raw shard once against the manifest before reading it.
+    `train`: None gives the train split the training order (shuffled, padded to
+    equal steps) and every other split the evaluation order (each sample once
+    across ranks); False reads the train split in evaluation order too.
     """
     if batch_size < 1:
         raise LoaderError(f"batch_size must be >= 1, got {batch_size}")
@@ -345,7 +349,7 @@ def build_loader(
         raise LoaderError(f"num_workers must be >= 0, got {num_workers}")
     manifest = manifest if manifest is not None else load_shard_manifest(shards)
     info = manifest.split(split)
-    train = split == TRAIN
+    train = split == TRAIN if train is None else train
     if train and info.samples == 0:
         raise LoaderError(f"split {split!r} has no samples: rebuild the shards from more images")
     base = local_path(str(shards))

@@ -1,19 +1,26 @@
-"""Evaluate a run's best model on a split and write the report a practitioner reads.
+"""Evaluate a run's best model and write the report a practitioner (and a reviewer) reads.
 
-    python -m train.evaluate --run runs/demo [--split test] [--shards DIR]
+    python -m train.evaluate --run runs/demo [--split test|val]
+    python -m train.evaluate --run runs/demo --shards shards/other_hospital [--split test|all] [--name NAME]
     accelerate launch --multi_gpu --num_processes 2 -m train.evaluate --run runs/demo
 
-Writes into the run folder: report.json (every number), report.md (tables),
-and figures: confusion_matrix.png, roc.png, training_curves.png,
-reliability.png, gradcam.png (with the lung-mask outline when the shards
-carry masks) and, with masks, the Grad-CAM lung share per class.
+Internal evaluation writes into the run folder: report.json (every number),
+report.md (laid out after CLAIM, see `train.report`), predictions.jsonl and the
+figures (confusion_matrix, roc, training_curves, reliability, gradcam and, with
+wrong predictions, failures). `--shards OTHER` is an external test: another
+shard set (another collection, or held-out sources), its classes mapped to the
+model's by name (a subset is fine), evaluated once across ranks into
+`RUN/external/<name>/`, and listed in the run's own report.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -21,171 +28,96 @@ if __package__ in (None, ""):
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 
-from sharding.grid import image_grid
-from train import explain, operating, plots, sources
+from pipeline.read import load_shard_manifest
+from sharding.manifest import Manifest, ManifestError
+from train import facts, operating, plots, probes, sources
 from train.bootstrap import fmt
 from train.card import TrainedModel, load_trained_model
 from train.checkpoint import BEST_PTH, atomic_write
 from train.config import Config, load_config
+from train.gradcam_report import confident_failures, explain_split
 from train.loop import Predictions, predict_split
 from train.metrics import classification_report
 from train.presets import build_split_loader
+from train.report import limitations, report_markdown
+
+EXTERNAL = "external"
 
 
-def explain_split(trained: TrainedModel, cfg: Config, shards: str, split: str, classes, per_class: int) -> dict:
-    """Grad-CAM over the whole split (one process): lung shares and a grid of examples."""
-    augment, device, model = trained.augment, trained.device, trained.net
-    loader = build_split_loader(cfg, split, shards=shards, num_workers=min(cfg.data.num_workers, 2))
-    shares, labels = [], []
-    picks: dict[tuple[int, bool], list] = {}
-    for batch in loader:
-        batch = batch.to(device)
-        images, _ = augment(batch.images, batch.masks)  # masks: data.mask_lungs needs them
-        preds = model(images).argmax(1).tolist()
-        cams = explain.gradcam(model, images)
-        masks = None
-        if batch.masks is not None:
-            masks = F.interpolate(batch.masks.float(), size=cams.shape[-2:], mode="nearest").squeeze(1).cpu().numpy()
-            shares.append(explain.lung_share(cams, masks))
-            labels.append(batch.labels.cpu().numpy())
-        small = F.interpolate(batch.images.float(), size=cams.shape[-2:], mode="bilinear").squeeze(1).cpu().numpy()
-        for i, (label, pred) in enumerate(zip(batch.labels.tolist(), preds)):
-            slot = picks.setdefault((label, label == pred), [])
-            if len(slot) < per_class:
-                slot.append(
-                    (explain.overlay(small[i], cams[i]), None if masks is None else masks[i], f"{classes[pred]}")
-                )
-    rows, outlines = [], []
-    for c, name in enumerate(classes):
-        good, bad = picks.get((c, True), []), picks.get((c, False), [])
-        rows.append((f"{name}\n{len(good)} right | {len(bad)} wrong", [p[0] for p in good + bad]))
-        outlines.append([p[1] for p in good + bad])
-    result: dict = {"grid": image_grid(rows, tile=150, label_width=150, outlines=outlines)}
-    if shares:
-        result["lung_share"] = explain.summarize_shares(np.concatenate(shares), np.concatenate(labels), classes)
-    return result
+class ExternalShardsError(ValueError):
+    """An external shard set the model cannot be evaluated on (unknown class names, no films)."""
 
 
-def _per_source_markdown(report: dict, split: str) -> list[str]:
-    lines = []
-    single = report.get("single_source_classes") or []
-    if single:
-        lines += [
-            "",
-            f"**Warning: {', '.join(single)} came from a single source in training.** The model may "
-            "recognise the source (scanner, hospital, markers, borders), not the disease; test it on a source "
-            "it never saw before trusting these numbers.",
-        ]
-    per = report.get("per_source")
-    if not per:
-        return lines
-    classes = report["classes"]
-    lines += [
-        "",
-        f"## Results per source ({split})",
-        "",
-        "| source | films | accuracy (95 % CI) | " + " | ".join(f"sensitivity {c}" for c in classes) + " |",
-        "| --- | --- | --- |" + " --- |" * len(classes),
-    ]
-    for name, m in per.items():
-        cells = [
-            fmt(m["per_class"][c]["sensitivity"], m["per_class"][c]["sensitivity_ci95"])
-            + f" (n={m['per_class'][c]['support']})"
-            if c in m["per_class"]
-            else ""
-            for c in classes
-        ]
-        lines.append(
-            f"| {name} | {m['support']} | {fmt(m['accuracy'], m['accuracy_ci95'])} | " + " | ".join(cells) + " |"
+@dataclass(frozen=True)
+class Target:
+    """What to evaluate (a shard set's splits) and where its report goes."""
+
+    shards: str
+    manifest: Manifest
+    splits: tuple[str, ...]
+    out_dir: Path
+    split_name: str  # "test", "val" or "all": names the report and its files
+    lut: np.ndarray | None = None  # the shards' label index -> the model's class index (external sets)
+    external: str | None = None  # the external set's name
+
+
+def class_lut(model_classes: list[str], shard_classes: list[str], where: str) -> np.ndarray:
+    """int64 lookup from the shards' label indices to the model's; an unknown class name is an error."""
+    unknown = [c for c in shard_classes if c not in model_classes]
+    if unknown:
+        raise ExternalShardsError(
+            f"{where} has classes {unknown} that the model does not know (its classes: {model_classes}); "
+            "rebuild that shard set with --classes naming only the model's classes"
         )
-    return lines
+    return np.array([model_classes.index(c) for c in shard_classes], dtype=np.int64)
 
 
-def report_markdown(report: dict, split: str, run_dir: Path) -> str:
-    classes = report["classes"]
-    ci = report.get("ci95", {})
-    boot = report.get("bootstrap", {})
-    lines = [
-        f"# Evaluation on the {split} split ({report['samples']} images)",
-        "",
-        f"Run: `{run_dir}`, model epoch {report.get('model_epoch')}. Values with 95 % confidence intervals "
-        f"(stratified bootstrap, {boot.get('resamples', 0)} resamples, seed {boot.get('seed')}); macro averages over "
-        f"the classes with {split} samples: {', '.join(report.get('classes_evaluated', classes))}.",
-        "",
-        "| metric | value (95 % CI) |",
-        "| --- | --- |",
-    ]
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc"):
-        lines.append(f"| {key} | {fmt(report.get(key), ci.get(key))} |")
-    lines.append(f"| ece | {fmt(report.get('ece'), None, 3)} |")
-    lines += [
-        "",
-        "| class | sensitivity | specificity | PPV | ROC-AUC | support |",
-        "| --- | --- | --- | --- | --- | --- |",
-    ]
-    for name in classes:
-        m = report["per_class"][name]
-        if not m["support"]:
-            lines.append(f"| {name} | no {split} samples | | | | 0 |")
-            continue
-        cells = [fmt(m[k], m.get(f"{k}_ci95")) for k in ("sensitivity", "specificity", "ppv", "roc_auc")]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['support']} |")
-    points = report.get("operating_points") or {}
-    if points:
-        lines += [
-            "",
-            f"## Operating points (chosen on validation, frozen, applied to {split})",
-            "",
-            "A film is flagged for a class when its probability reaches the class's threshold.",
-            "",
-            "| class | point | threshold | sensitivity | specificity |",
-            "| --- | --- | --- | --- | --- |",
-        ]
-        for name, by_point in points.items():
-            for point, m in by_point.items():
-                lines.append(
-                    f"| {name} | {point} | {m['threshold']:.3f} | "
-                    f"{fmt(m['sensitivity'], m.get('sensitivity_ci95'))} | "
-                    f"{fmt(m['specificity'], m.get('specificity_ci95'))} |"
-                )
-    lines += _per_source_markdown(report, split)
-    lines += [
-        "",
-        "Confusion matrix (rows: true class, columns: predicted):",
-        "",
-        "| true \\ predicted | " + " | ".join(classes) + " |",
-        "| --- |" + " --- |" * len(classes),
-    ]
-    for name, row in zip(classes, report["confusion_matrix"]):
-        lines.append(f"| {name} | " + " | ".join(str(v) for v in row) + " |")
-    share = report.get("lung_share")
-    if share:
-        lines += [
-            "",
-            "## Where the model looks: Grad-CAM mass inside the lung mask",
-            "",
-            "A low share means the model reads markers, borders or artefacts instead of lungs.",
-            "",
-            "| class | mean lung share | 10th percentile | images |",
-            "| --- | --- | --- | --- |",
-        ]
-        for name, s in share.items():
-            if s["n"]:
-                lines.append(f"| {name} | {s['mean']:.3f} | {s['p10']:.3f} | {s['n']} |")
-    lines += [
-        "",
-        "Figures: ![confusion](confusion_matrix.png) ![roc](roc.png) ![curves](training_curves.png) "
-        "![reliability](reliability.png) ![gradcam](gradcam.png)",
-        "",
-    ]
-    return "\n".join(lines)
+def predict_target(
+    trained: TrainedModel, cfg: Config, target: Target, accelerator: Accelerator, augment=None
+) -> Predictions:
+    """Every film of the target's splits once across ranks, labels in the model's class order."""
+    parts = []
+    for split in target.splits:
+        loader = build_split_loader(
+            cfg,
+            split,
+            shards=target.shards,
+            manifest=target.manifest,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            pin_memory=accelerator.device.type == "cuda",
+            train=False,
+        )
+        preds = predict_split(trained.net, loader, augment or trained.augment, accelerator)
+        expected = target.manifest.split(split).samples
+        if len(preds.keys) != expected:
+            raise RuntimeError(f"evaluation counted {len(preds.keys)} {split} films, the manifest lists {expected}")
+        parts.append(preds)
+    keys = [k for p in parts for k in p.keys]
+    if len(set(keys)) != len(keys):
+        raise RuntimeError("the same film key appears in two splits: cannot evaluate them together")
+    labels = np.concatenate([p.labels for p in parts])
+    if target.lut is not None:
+        labels = target.lut[labels]
+    probs = np.concatenate([p.probs for p in parts])
+    loss = float(np.average([p.loss for p in parts], weights=[max(len(p.keys), 1) for p in parts]))
+    return Predictions(keys, labels, probs, loss)
+
+
+def run_probes(trained: TrainedModel, cfg: Config, target: Target, accelerator: Accelerator) -> dict:
+    """Predictions with the lungs blanked and with only the lungs (all ranks); {} without masks."""
+    if not target.manifest.masks:
+        return {}
+    return {
+        name: predict_target(trained, cfg, target, accelerator, probes.probe_augment(trained.augment, name))
+        for name in probes.PROBES
+    }
 
 
 def write_report(
-    run_dir: Path,
+    out_dir: Path,
     split: str,
     preds: Predictions,
     classes,
@@ -193,38 +125,145 @@ def write_report(
     bootstrap: int = 2000,
     seed: int = 0,
     points: dict | None = None,
+    training_curves: bool = True,
 ) -> dict:
-    """report.json, report.md and the figures; returns the report dict."""
+    """report.json, report.md, predictions and the figures; returns the report dict."""
     report = classification_report(preds.labels, preds.probs, classes, bootstrap=bootstrap, seed=seed)
     report["operating_points"] = operating.apply(preds.labels, preds.probs, classes, points or {}, bootstrap, seed)
-    report.update({k: v for k, v in extra.items() if k != "grid"})
+    report.update({k: v for k, v in extra.items() if not k.endswith("grid")})
     report["split"] = split
-    suffix = "" if split == "test" else f"_{split}"
+    report["limitations"] = limitations(report)
+    suffix = "" if split in ("test", "all") else f"_{split}"
     figures = {
         "confusion_matrix": plots.confusion_matrix_figure(
-            report["confusion_matrix"], classes, run_dir / f"confusion_matrix{suffix}.png", split
+            report["confusion_matrix"], classes, out_dir / f"confusion_matrix{suffix}.png", split
         ),
-        "roc": plots.roc_figure(preds.labels, preds.probs, classes, run_dir / f"roc{suffix}.png", split),
-        "reliability": plots.reliability_figure(preds.labels, preds.probs, run_dir / f"reliability{suffix}.png", split),
-        "training_curves": plots.training_curves_figure(run_dir / "metrics.jsonl", run_dir / "training_curves.png"),
+        "roc": plots.roc_figure(preds.labels, preds.probs, classes, out_dir / f"roc{suffix}.png", split),
+        "reliability": plots.reliability_figure(preds.labels, preds.probs, out_dir / f"reliability{suffix}.png", split),
     }
-    if "grid" in extra:
-        extra["grid"].save(run_dir / f"gradcam{suffix}.png")
-        figures["gradcam"] = run_dir / f"gradcam{suffix}.png"
+    if training_curves:
+        figures["training_curves"] = plots.training_curves_figure(
+            out_dir / "metrics.jsonl", out_dir / "training_curves.png"
+        )
+    for key, name in (("grid", "gradcam"), ("failures_grid", "failures")):
+        if key in extra:
+            extra[key].save(out_dir / f"{name}{suffix}.png")
+            figures[name] = out_dir / f"{name}{suffix}.png"
     report["figures"] = {k: str(v.name) for k, v in figures.items() if v is not None}
-    atomic_write(
-        run_dir / f"report{suffix}.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
-    )
-    atomic_write(run_dir / f"report{suffix}.md", lambda tmp: tmp.write_text(report_markdown(report, split, run_dir)))
+    _write_json_and_markdown(out_dir, suffix, report)
     predictions = [
         {"key": k, "label": int(y), "probs": [round(float(p), 6) for p in row]}
         for k, y, row in zip(preds.keys, preds.labels, preds.probs)
     ]
     atomic_write(
-        run_dir / f"predictions{suffix}.jsonl",
+        out_dir / f"predictions{suffix}.jsonl",
         lambda tmp: tmp.write_text("".join(json.dumps(p) + "\n" for p in predictions)),
     )
     return report
+
+
+def _write_json_and_markdown(out_dir: Path, suffix: str, report: dict) -> None:
+    atomic_write(
+        out_dir / f"report{suffix}.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
+    )
+    text = report_markdown(report, report["split"], out_dir)
+    atomic_write(out_dir / f"report{suffix}.md", lambda tmp: tmp.write_text(text))
+
+
+def _train_manifest_at(shards: str) -> Manifest | None:
+    try:
+        return load_shard_manifest(shards)
+    except (ManifestError, OSError):
+        return None
+
+
+def report_extras(
+    run_dir: Path, trained: TrainedModel, cfg: Config, target: Target, preds: Predictions, probe_preds: dict
+) -> dict:
+    """Everything beyond the metrics (rank 0): data and training facts, sources, probes, Grad-CAM, failures."""
+    classes = list(trained.card.classes)
+    seed, resamples = cfg.train.seed, cfg.eval.bootstrap_resamples
+    extra: dict = {
+        "model_epoch": trained.card.epoch,
+        "model_path": str(run_dir / "models" / BEST_PTH),
+        "data": facts.data_facts(target.manifest, target.shards),
+        "training": facts.training_facts(run_dir, trained.card, cfg),
+        "shards": target.shards,
+        "splits": list(target.splits),
+    }
+    if target.external:
+        extra["title"] = f"External test on {target.external} ({target.split_name})"
+    urls = [
+        u for split in target.splits for u in build_split_loader(cfg, split, shards=target.shards, train=False).urls
+    ]
+    site_of = sources.sample_sources(urls, cfg.data.cache_dir)
+    if set(site_of.values()) - {sources.UNKNOWN}:
+        extra["per_source"] = sources.per_source(
+            preds.keys, preds.labels, preds.probs, site_of, classes, resamples, seed
+        )
+    train_manifest = target.manifest if not target.external else _train_manifest_at(cfg.data.shards)
+    extra["single_source_classes"] = sources.single_source_classes(train_manifest) if train_manifest else []
+    if probe_preds:
+        extra["probes"] = {
+            name: probes.probe_result(p.labels, p.probs, resamples, seed) for name, p in probe_preds.items()
+        }
+        extra["probe_verdict"] = probes.verdict(extra["probes"], sorted(set(preds.labels.tolist())))
+    if cfg.eval.gradcam_per_class > 0:
+        extra["failures"] = confident_failures(preds, classes, cfg.eval.gradcam_per_class, site_of)
+        loaders = [
+            build_split_loader(cfg, s, shards=target.shards, num_workers=min(cfg.data.num_workers, 2), train=False)
+            for s in target.splits
+        ]
+        extra.update(
+            explain_split(
+                trained, itertools.chain(*loaders), classes, cfg.eval.gradcam_per_class, extra["failures"], target.lut
+            )
+        )
+    if not target.external:
+        extra["external"] = external_summaries(run_dir)
+    return extra
+
+
+def evaluate_target(
+    run_dir: Path, trained: TrainedModel, cfg: Config, target: Target, accelerator: Accelerator
+) -> dict | None:
+    """Predict on every rank, then rank 0 writes the report into `target.out_dir` and returns it."""
+    preds = predict_target(trained, cfg, target, accelerator)
+    probe_preds = run_probes(trained, cfg, target, accelerator)
+    if not accelerator.is_main_process:
+        return None
+    target.out_dir.mkdir(parents=True, exist_ok=True)
+    extra = report_extras(run_dir, trained, cfg, target, preds, probe_preds)
+    report = write_report(
+        target.out_dir,
+        target.split_name,
+        preds,
+        list(trained.card.classes),
+        extra,
+        cfg.eval.bootstrap_resamples,
+        cfg.train.seed,
+        trained.card.operating_points,
+        training_curves=not target.external,
+    )
+    _print_headline(report, target)
+    return report
+
+
+def _print_headline(report: dict, target: Target) -> None:
+    ci = report["ci95"]
+    where = target.split_name if not target.external else f"{target.external} ({target.split_name})"
+    print(
+        f"{where}: accuracy {fmt(report['accuracy'], ci.get('accuracy'))}  macro-F1 "
+        f"{fmt(report['macro_f1'], ci.get('macro_f1'))}  balanced accuracy "
+        f"{fmt(report['balanced_accuracy'], ci.get('balanced_accuracy'))}  ({report['samples']} films; 95 % CI)"
+    )
+    share = (report.get("lung_share") or {}).get("all", {}).get("mean")
+    if share is not None:
+        print(f"{where}: Grad-CAM lung share (mean, all classes) {share:.3f}")
+    if report.get("probe_verdict"):
+        print(f"{where}: {report['probe_verdict']}")
+    suffix = "" if target.split_name in ("test", "all") else f"_{target.split_name}"
+    print(f"report: {target.out_dir / f'report{suffix}.md'}")
 
 
 def evaluate_run(
@@ -234,72 +273,80 @@ def evaluate_run(
     cfg: Config | None = None,
     shards: str | None = None,
 ) -> dict | None:
-    """Evaluate best_model on `split` across all ranks; rank 0 writes and returns the report."""
+    """Evaluate best_model on the run's own `split` across all ranks; rank 0 writes and returns the report."""
     run_dir = Path(run_dir)
     cfg = cfg or load_config(run_dir / "config.yaml")
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     shards = shards or cfg.data.shards
-    model_path = run_dir / "models" / BEST_PTH
-    trained = load_trained_model(model_path, accelerator.device)
-    loader = build_split_loader(
-        cfg,
-        split,
-        shards=shards,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-        pin_memory=accelerator.device.type == "cuda",
-    )
-    classes = list(loader.manifest.classes)
-    preds = predict_split(trained.net, loader, trained.augment, accelerator)
-    expected = loader.manifest.split(split).samples
-    if len(preds.keys) != expected:
-        raise RuntimeError(f"evaluation counted {len(preds.keys)} samples, the manifest lists {expected}")
-    if not accelerator.is_main_process:
-        return None
-    extra: dict = {"model_epoch": trained.card.epoch, "model_path": str(model_path)}
-    site_of = sources.sample_sources(loader.urls, cfg.data.cache_dir)
-    if set(site_of.values()) - {sources.UNKNOWN}:
-        extra["per_source"] = sources.per_source(
-            preds.keys, preds.labels, preds.probs, site_of, classes, cfg.eval.bootstrap_resamples, cfg.train.seed
-        )
-    extra["single_source_classes"] = sources.single_source_classes(loader.manifest)
-    if cfg.eval.gradcam_per_class > 0:
-        extra.update(explain_split(trained, cfg, shards, split, classes, cfg.eval.gradcam_per_class))
-    report = write_report(
-        run_dir,
-        split,
-        preds,
-        classes,
-        extra,
-        cfg.eval.bootstrap_resamples,
-        cfg.train.seed,
-        trained.card.operating_points,
-    )
-    ci = report["ci95"]
-    print(
-        f"{split}: accuracy {fmt(report['accuracy'], ci.get('accuracy'))}  macro-F1 "
-        f"{fmt(report['macro_f1'], ci.get('macro_f1'))}  balanced accuracy "
-        f"{fmt(report['balanced_accuracy'], ci.get('balanced_accuracy'))}  ({report['samples']} images; 95 % CI)"
-    )
-    share = (report.get("lung_share") or {}).get("all", {}).get("mean")
-    if share is not None:
-        print(f"{split}: Grad-CAM lung share (mean, all classes) {share:.3f}")
-    print(f"report: {run_dir / ('report.md' if split == 'test' else f'report_{split}.md')}")
+    trained = load_trained_model(run_dir / "models" / BEST_PTH, accelerator.device)
+    target = Target(shards, load_shard_manifest(shards), (split,), run_dir, split)
+    return evaluate_target(run_dir, trained, cfg, target, accelerator)
+
+
+def external_name(shards: str) -> str:
+    """A folder name for an external shard set: its last path component, made filesystem-safe."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(shards).rstrip("/").rsplit("/", 1)[-1]).strip("._")
+    return name or EXTERNAL
+
+
+def evaluate_external(
+    run_dir: Path, shards: str, split: str = "test", name: str | None = None, accelerator: Accelerator | None = None
+) -> dict | None:
+    """Evaluate the run's model on another shard set into RUN/external/<name>/ and list it in the run's report."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    manifest = load_shard_manifest(shards)
+    splits = tuple(s for s in manifest.splits if manifest.split(s).samples) if split == "all" else (split,)
+    if split != "all" and (split not in manifest.splits or not manifest.split(split).samples):
+        raise ExternalShardsError(f"{shards} has no {split} films; use --split all to evaluate every film")
+    trained = load_trained_model(run_dir / "models" / BEST_PTH, accelerator.device)
+    lut = class_lut(list(trained.card.classes), list(manifest.classes), str(shards))
+    name = name or external_name(shards)
+    target = Target(shards, manifest, splits, run_dir / EXTERNAL / name, split, lut, name)
+    report = evaluate_target(run_dir, trained, cfg, target, accelerator)
+    if report is not None and (run_dir / "report.json").exists():
+        update_run_report(run_dir)
     return report
 
 
+def external_summaries(run_dir: Path) -> dict:
+    """{name: headline} of every external report under RUN/external/."""
+    out = {}
+    for path in sorted((Path(run_dir) / EXTERNAL).glob("*/report.json")):
+        r = json.loads(path.read_text())
+        out[path.parent.name] = {
+            key: r.get(key)
+            for key in ("samples", "classes_evaluated", "accuracy", "balanced_accuracy", "macro_f1", "ci95", "split")
+        }
+        out[path.parent.name]["shards"] = r.get("shards")
+    return out
+
+
+def update_run_report(run_dir: Path) -> None:
+    """Re-render the run's report.{json,md} with the current external results (and their limitations)."""
+    report = json.loads((run_dir / "report.json").read_text())
+    report["external"] = external_summaries(run_dir)
+    report["limitations"] = limitations(report)
+    _write_json_and_markdown(run_dir, "", report)
+
+
 def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
-    """Markdown table of headline metrics and Grad-CAM lung share of finished runs, side by side."""
+    """Markdown table of headline metrics, shortcut probes and Grad-CAM lung share of finished runs, side by side."""
     suffix = "" if split == "test" else f"_{split}"
     reports = {str(d): json.loads((Path(d) / f"report{suffix}.json").read_text()) for d in run_dirs}
     classes = next(iter(reports.values()))["classes"]
-    rows = ["accuracy", "macro_f1", "balanced_accuracy"] + [f"lung share {c}" for c in classes + ["all"]]
+    rows = ["accuracy", "macro_f1", "balanced_accuracy"]
+    rows += [f"{p} balanced_accuracy" for p in probes.PROBES] + [f"lung share {c}" for c in classes + ["all"]]
     lines = ["| metric | " + " | ".join(f"`{d}`" for d in reports) + " |", "| --- |" + " --- |" * len(reports)]
     for row in rows:
         cells = []
         for report in reports.values():
+            name = row.split(" ", 1)[0]
             if row.startswith("lung share"):
                 value = (report.get("lung_share") or {}).get(row.split(" ", 2)[2], {}).get("mean")
+            elif name in probes.PROBES:
+                value = (report.get("probes") or {}).get(name, {}).get("balanced_accuracy")
             else:
                 value = report.get(row)
             cells.append("n/a" if value is None else f"{value:.3f}")
@@ -317,8 +364,16 @@ def main(argv: list[str] | None = None) -> int:
         help="print a side-by-side table of finished runs' reports instead of evaluating",
     )
     parser.add_argument("--run", help="run folder (holds config.yaml and models/)")
-    parser.add_argument("--split", default="test", choices=("val", "test"))
-    parser.add_argument("--shards", default=None, help="shard folder/URL (default: the run's data.shards)")
+    parser.add_argument(
+        "--split", default="test", choices=("val", "test", "all"), help="all: every film (external shards only)"
+    )
+    parser.add_argument(
+        "--shards",
+        default=None,
+        help="another shard set for an external test, into RUN/external/NAME/ (the run's own shards, e.g. "
+        "moved, are evaluated as usual)",
+    )
+    parser.add_argument("--name", default=None, help="the external set's name (default: the --shards folder name)")
     args = parser.parse_args(argv)
     if args.compare:
         missing = [d for d in args.compare if not (Path(d) / "report.json").exists()]
@@ -333,8 +388,28 @@ def main(argv: list[str] | None = None) -> int:
     if not (run_dir / "config.yaml").exists() or not (run_dir / "models" / BEST_PTH).exists():
         print(f"error: {run_dir} is not a finished run (needs config.yaml and models/{BEST_PTH})", file=sys.stderr)
         return 2
-    evaluate_run(run_dir, args.split, shards=args.shards)
+    try:
+        if args.shards and not same_shard_set(args.shards, load_config(run_dir / "config.yaml").data.shards):
+            evaluate_external(run_dir, args.shards, args.split, args.name)
+        elif args.split == "all":
+            parser.error("--split all is for an external shard set (--shards OTHER)")
+        else:
+            evaluate_run(run_dir, args.split, shards=args.shards)
+    except (ExternalShardsError, ManifestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def same_shard_set(shards: str, run_shards: str) -> bool:
+    """The same path, or a copy with the same build fingerprint as the run's shards."""
+    if Path(shards).resolve() == Path(run_shards).resolve():
+        return True
+    run_manifest = _train_manifest_at(run_shards)
+    if run_manifest is None:
+        return False
+    fingerprint = run_manifest.build.get("fingerprint")
+    return bool(fingerprint) and load_shard_manifest(shards).build.get("fingerprint") == fingerprint
 
 
 if __name__ == "__main__":

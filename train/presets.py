@@ -35,12 +35,17 @@ def build_split_loader(
     manifest: Manifest | None = None,
     shards: str | None = None,
     num_workers: int | None = None,
+    train: bool | None = None,
 ) -> ShardLoader:
-    """This rank's loader of `split`; not passed to `accelerator.prepare` (see pipeline.loader)."""
+    """This rank's loader of `split`; not passed to `accelerator.prepare` (see pipeline.loader).
+
+    `train=False` reads the train split once in evaluation order (external tests over every film).
+    """
+    train_order = split == "train" if train is None else train
     return build_loader(
         shards or cfg.data.shards,
         split,
-        batch_size=cfg.train.batch_size if split == "train" else cfg.eval.batch_size,
+        batch_size=cfg.train.batch_size if train_order else cfg.eval.batch_size,
         rank=rank,
         world_size=world_size,
         num_workers=cfg.data.num_workers if num_workers is None else num_workers,
@@ -52,4 +57,5 @@ def build_split_loader(
         verify_checksums=cfg.data.verify_checksums,
         pin_memory=pin_memory,
         manifest=manifest,
+        train=train_order,
     )

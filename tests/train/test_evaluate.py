@@ -93,3 +93,88 @@ def test_compare_runs_table(tmp_path, capsys):
     assert evaluate_main(["--compare", str(runs[0]), str(runs[1])]) == 0
     assert "| accuracy | 0.900 | 0.900 |" in capsys.readouterr().out
     assert evaluate_main(["--compare", str(tmp_path / "nope")]) == 2
+
+
+def test_report_has_every_claim_section_and_fills_the_limitations(tmp_path, phantom_shards):
+    from sharding.manifest import load_manifest
+    from train.facts import data_facts
+    from train.probes import probe_result
+
+    preds = _predictions()
+    blind = np.zeros_like(preds.probs)
+    blind[:, 2] = 1.0
+    extra = {
+        "model_epoch": 2,
+        "data": data_facts(load_manifest(phantom_shards), str(phantom_shards)),
+        "training": {
+            "model": "resnet18",
+            "pretrained": False,
+            "in_chans": 1,
+            "image_size": 64,
+            "stored_size": 299,
+            "optimizer": "adam",
+            "lr": 0.001,
+            "scheduler": "cosine",
+            "batch_size": 8,
+            "precision": "no",
+            "seed": 42,
+            "epochs_planned": 9,
+            "epochs_run": 4,
+            "early_stopped": True,
+            "patience": 2,
+            "best_epoch": 1,
+            "monitor": "val_loss",
+            "monitor_value": 0.5,
+        },
+        "single_source_classes": ["Lung_Opacity"],
+        "probes": {
+            "lungs_blanked": probe_result(preds.labels, preds.probs, 200, 0),
+            "lungs_only": probe_result(preds.labels, blind, 200, 0),
+        },
+        "probe_verdict": "Shortcut: test",
+        "failures": {"COVID": [{"key": "k4", "predicted": "Normal", "confidence": 0.9, "source": "x"}]},
+    }
+    from train.operating import choose
+
+    points = choose(preds.labels, preds.probs, CLASSES)
+    report = write_report(tmp_path, "test", preds, CLASSES, extra, points=points)
+    md = (tmp_path / "report.md").read_text()
+    headings = ["## 1. Data", "## 2. Model and training", "## 3. Results", "### Operating points"]
+    headings += ["## 4. Explanations and shortcut probes", "### Failure gallery", "## 5. External test"]
+    headings += ["## 6. Limitations"]
+    positions = [md.index(h) for h in headings]  # every section, in CLAIM's order
+    assert positions == sorted(positions)
+    manifest = load_manifest(phantom_shards)
+    counts = [manifest.split(s).class_counts[0] for s in ("train", "val", "test")]
+    assert f"| COVID | {counts[0]} | {counts[1]} | {counts[2]} |" in md
+    assert "stopped early after 4 of 9 epochs (patience 2)" in md and "epoch 1, chosen by val_loss" in md
+    assert "| lungs only (everything else blanked) | 0.25 (0.25–0.25) | 0.25 |" in md
+    assert "| COVID | k4 | Normal | 0.900 | x |" in md
+    limits = report["limitations"]
+    assert any("Lung_Opacity: every training film came from one source" in s for s in limits)
+    assert any("pediatric collection" in s for s in limits)
+    assert any("Few test films for COVID (10)" in s for s in limits)
+    assert any("No patient identifiers" in s for s in limits) == (report["data"]["split_level"] == "sample")
+    assert any("No external test" in s for s in limits)
+    assert any("shortcut probe fires" in s for s in limits) == report["probes"]["lungs_blanked"]["shortcut"]
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert set(saved["probes"]) == {"lungs_blanked", "lungs_only"} and "ci95" in saved["probes"]["lungs_only"]
+
+
+def test_external_class_mapping_by_name():
+    from train.evaluate import ExternalShardsError, class_lut
+
+    assert class_lut(CLASSES, ["Normal", "COVID"], "x").tolist() == [2, 0]
+    with pytest.raises(ExternalShardsError, match=r"\['Tuberculosis'\].*--classes"):
+        class_lut(CLASSES, ["Normal", "Tuberculosis"], "x")
+
+
+def test_failures_are_the_most_confident_wrong_predictions_per_class():
+    from train.gradcam_report import confident_failures
+
+    probs = np.array([[0.1, 0.9, 0, 0], [0.3, 0.7, 0, 0], [0.9, 0.1, 0, 0], [0.05, 0.95, 0, 0], [0, 0, 1, 0]])
+    preds = Predictions(["a", "b", "c", "d", "e"], np.array([0, 0, 0, 0, 2]), probs.astype(np.float32), 0.0)
+    out = confident_failures(preds, CLASSES, 2, {"d": "site"})
+    assert [f["key"] for f in out["COVID"]] == ["d", "a"]  # c is right; b is wrong but less confident
+    assert out["COVID"][0] == {"key": "d", "predicted": "Lung_Opacity", "confidence": 0.95, "source": "site"}
+    assert out["Normal"] == [] and "Lung_Opacity" not in out  # no films of a class: no entry

@@ -267,7 +267,37 @@ def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subpro
             "reliability.png",
             "gradcam.png",
         ]
+        + (["failures.png"] if any(report["failures"].values()) else [])
     )
+    external_evaluation_two_ranks(out, subprocess_env, repo_root)
+
+
+def external_evaluation_two_ranks(run: Path, env, cwd) -> None:
+    """`--shards OTHER --split all` on a class subset: every film once across 2 ranks, into RUN/external/NAME/."""
+    from sharding.build import build_shards
+    from sharding.phantom import PhantomSpec, generate
+
+    raw = generate(run.parent / "other_raw", PhantomSpec(counts=(5, 0, 7, 0), seed=3))
+    other = run.parent / "other_hospital"
+    manifest = build_shards(raw, other, classes=["Normal", "COVID"], include_masks=True, shard_size=4, progress=False)
+    cmd = launch_cmd(2)[:-3] + ["-m", "train.evaluate", "--run", str(run), "--shards", str(other), "--split", "all"]
+    done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-6000:-2000]
+    folder = run / "external" / "other_hospital"
+    report = json.loads((folder / "report.json").read_text())
+    assert report["samples"] == 12 and report["split"] == "all"
+    supports = {c: report["per_class"][c]["support"] for c in report["classes"]}
+    assert supports == {"COVID": 5, "Lung_Opacity": 0, "Normal": 7, "Viral Pneumonia": 0}, "mapped by name"
+    assert report["classes_evaluated"] == ["COVID", "Normal"]
+    keys = [json.loads(line)["key"] for line in (folder / "predictions.jsonl").read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == sum(manifest.split(s).samples for s in manifest.splits)
+    assert set(report["probes"]) == {"lungs_blanked", "lungs_only"}
+    assert done.stdout.count("other_hospital (all): accuracy") == 1, "rank 0 alone prints"
+    # the run's own report lists the external result, in json and markdown
+    own = json.loads((run / "report.json").read_text())
+    assert own["external"]["other_hospital"]["samples"] == 12
+    assert "[other_hospital](external/other_hospital/report.md)" in (run / "report.md").read_text()
+    assert not any("No external test" in s for s in own["limitations"])
 
 
 def no_traceback_from_us(stderr: str) -> bool:

@@ -1,0 +1,68 @@
+"""What the report says about the data and the training, gathered from the manifest, the model card and metrics.jsonl.
+
+Kept apart from the numbers of an evaluation: these facts describe how the
+model came to be (CLAIM's data and model items), and the report's limitations
+are filled in from them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from sharding.manifest import Manifest
+from train.card import ModelCard
+from train.config import Config
+
+
+def data_facts(manifest: Manifest, shards: str) -> dict:
+    """Counts per split and class, films per source and split, duplicates, and how the split was made."""
+    build = manifest.build or {}
+    sources: dict[str, dict[str, list[int]]] = {}
+    for split, info in manifest.splits.items():
+        for src, counts in (info.sources or {}).items():
+            sources.setdefault(src, {})[split] = list(counts)
+    counts = manifest.counts or {}
+    return {
+        "shards": str(shards),
+        "classes": list(manifest.classes),
+        "input": build.get("input"),
+        "dataset": build.get("dataset"),
+        "fractions": build.get("split_fractions"),
+        "split_level": (build.get("split") or {}).get("by", "sample"),
+        "split_requested": (build.get("options") or {}).get("split_by"),
+        "max_class_deviation": (build.get("split") or {}).get("max_class_deviation"),
+        "class_counts": {split: list(info.class_counts) for split, info in manifest.splits.items()},
+        "sources": dict(sorted(sources.items())),
+        "duplicate_groups": int(counts.get("duplicate_groups", len(manifest.duplicate_groups))),
+        "duplicate_images": int(counts.get("duplicate_images", 0)),
+        "mixed_label_groups": int(counts.get("mixed_label_groups", 0)),
+    }
+
+
+def training_facts(run_dir: Path, card: ModelCard, cfg: Config) -> dict:
+    """Model, optimiser, epochs run against planned, the chosen epoch and why."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    epochs_run = 0
+    if metrics.exists():
+        epochs_run = len({json.loads(line)["epoch"] for line in metrics.read_text().splitlines() if line.strip()})
+    return {
+        "model": card.model,
+        "pretrained": cfg.model.pretrained not in ("", "false"),
+        "in_chans": card.in_chans,
+        "image_size": card.image_size,
+        "stored_size": card.stored_size,
+        "optimizer": cfg.optim.name,
+        "lr": cfg.optim.lr,
+        "scheduler": cfg.optim.scheduler,
+        "batch_size": cfg.train.batch_size,
+        "precision": cfg.train.mixed_precision or "as launched (accelerate)",
+        "seed": cfg.train.seed,
+        "epochs_planned": cfg.train.epochs,
+        "epochs_run": epochs_run,
+        "early_stopped": 0 < epochs_run < cfg.train.epochs,
+        "patience": cfg.train.patience,
+        "best_epoch": card.epoch,
+        "monitor": card.monitor or cfg.train.monitor,
+        "monitor_value": card.value,
+    }
