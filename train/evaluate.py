@@ -343,13 +343,15 @@ def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
         cells = []
         for report in reports.values():
             name = row.split(" ", 1)[0]
+            ci = None
             if row.startswith("lung share"):
                 value = (report.get("lung_share") or {}).get(row.split(" ", 2)[2], {}).get("mean")
             elif name in probes.PROBES:
-                value = (report.get("probes") or {}).get(name, {}).get("balanced_accuracy")
+                probe = (report.get("probes") or {}).get(name, {})
+                value, ci = probe.get("balanced_accuracy"), (probe.get("ci95") or {}).get("balanced_accuracy")
             else:
-                value = report.get(row)
-            cells.append("n/a" if value is None else f"{value:.3f}")
+                value, ci = report.get(row), (report.get("ci95") or {}).get(row)
+            cells.append("n/a" if value is None else fmt(value, ci) if ci else f"{value:.3f}")
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
