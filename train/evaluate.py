@@ -41,9 +41,7 @@ from train.gradcam_report import confident_failures, explain_split
 from train.loop import Predictions, predict_split
 from train.metrics import classification_report
 from train.presets import build_split_loader
-from train.report import limitations, report_markdown
-
-EXTERNAL = "external"
+from train.report import EXTERNAL, compare_runs, external_summaries, limitations, report_markdown
 
 
 class ExternalShardsError(ValueError):
@@ -310,50 +308,12 @@ def evaluate_external(
     return report
 
 
-def external_summaries(run_dir: Path) -> dict:
-    """{name: headline} of every external report under RUN/external/."""
-    out = {}
-    for path in sorted((Path(run_dir) / EXTERNAL).glob("*/report.json")):
-        r = json.loads(path.read_text())
-        out[path.parent.name] = {
-            key: r.get(key)
-            for key in ("samples", "classes_evaluated", "accuracy", "balanced_accuracy", "macro_f1", "ci95", "split")
-        }
-        out[path.parent.name]["shards"] = r.get("shards")
-    return out
-
-
 def update_run_report(run_dir: Path) -> None:
     """Re-render the run's report.{json,md} with the current external results (and their limitations)."""
     report = json.loads((run_dir / "report.json").read_text())
     report["external"] = external_summaries(run_dir)
     report["limitations"] = limitations(report)
     _write_json_and_markdown(run_dir, "", report)
-
-
-def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
-    """Markdown table of headline metrics, shortcut probes and Grad-CAM lung share of finished runs, side by side."""
-    suffix = "" if split == "test" else f"_{split}"
-    reports = {str(d): json.loads((Path(d) / f"report{suffix}.json").read_text()) for d in run_dirs}
-    classes = next(iter(reports.values()))["classes"]
-    rows = ["accuracy", "macro_f1", "balanced_accuracy"]
-    rows += [f"{p} balanced_accuracy" for p in probes.PROBES] + [f"lung share {c}" for c in classes + ["all"]]
-    lines = ["| metric | " + " | ".join(f"`{d}`" for d in reports) + " |", "| --- |" + " --- |" * len(reports)]
-    for row in rows:
-        cells = []
-        for report in reports.values():
-            name = row.split(" ", 1)[0]
-            ci = None
-            if row.startswith("lung share"):
-                value = (report.get("lung_share") or {}).get(row.split(" ", 2)[2], {}).get("mean")
-            elif name in probes.PROBES:
-                probe = (report.get("probes") or {}).get(name, {})
-                value, ci = probe.get("balanced_accuracy"), (probe.get("ci95") or {}).get("balanced_accuracy")
-            else:
-                value, ci = report.get(row), (report.get("ci95") or {}).get(row)
-            cells.append("n/a" if value is None else fmt(value, ci) if ci else f"{value:.3f}")
-        lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,10 +6,12 @@ operating points, calibration, per source, confusion matrix), explanations and
 shortcut probes, failures, external results, limitations. Every number comes
 from the report dict (`report.json`); this module only lays it out, and
 `limitations` turns what the data and results show into plain sentences.
+`external_summaries` and `compare_runs` read finished reports back.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from train.bootstrap import fmt
@@ -20,6 +22,7 @@ PEDIATRIC_HINTS = ("pediatric", "paediatric", "chest-xray-pneumonia", "paultimot
 #: Below this many test films a class's interval is too wide to read much into.
 SMALL_SUPPORT = 100
 SPLITS = ("train", "val", "test")
+EXTERNAL = "external"  # RUN/external/<name>/: external tests
 
 
 def _table(header: list[str], rows: list[list]) -> list[str]:
@@ -313,3 +316,41 @@ def report_markdown(report: dict, split: str, run_dir: Path) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def external_summaries(run_dir: Path) -> dict:
+    """{name: headline} of every external report under RUN/external/."""
+    out = {}
+    for path in sorted((Path(run_dir) / EXTERNAL).glob("*/report.json")):
+        r = json.loads(path.read_text())
+        out[path.parent.name] = {
+            key: r.get(key)
+            for key in ("samples", "classes_evaluated", "accuracy", "balanced_accuracy", "macro_f1", "ci95", "split")
+        }
+        out[path.parent.name]["shards"] = r.get("shards")
+    return out
+
+
+def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
+    """Markdown table of headline metrics, shortcut probes and Grad-CAM lung share of finished runs, side by side."""
+    suffix = "" if split == "test" else f"_{split}"
+    reports = {str(d): json.loads((Path(d) / f"report{suffix}.json").read_text()) for d in run_dirs}
+    classes = next(iter(reports.values()))["classes"]
+    rows = ["accuracy", "macro_f1", "balanced_accuracy"]
+    rows += [f"{p} balanced_accuracy" for p in PROBES] + [f"lung share {c}" for c in classes + ["all"]]
+    lines = ["| metric | " + " | ".join(f"`{d}`" for d in reports) + " |", "| --- |" + " --- |" * len(reports)]
+    for row in rows:
+        cells = []
+        for report in reports.values():
+            name = row.split(" ", 1)[0]
+            ci = None
+            if row.startswith("lung share"):
+                value = (report.get("lung_share") or {}).get(row.split(" ", 2)[2], {}).get("mean")
+            elif name in PROBES:
+                probe = (report.get("probes") or {}).get(name, {})
+                value, ci = probe.get("balanced_accuracy"), (probe.get("ci95") or {}).get("balanced_accuracy")
+            else:
+                value, ci = report.get(row), (report.get("ci95") or {}).get(row)
+            cells.append("n/a" if value is None else fmt(value, ci) if ci else f"{value:.3f}")
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from train.evaluate import compare_runs, write_report
 from train.evaluate import main as evaluate_main
+from train.evaluate import write_report
 from train.explain import lung_share, summarize_shares
 from train.loop import Predictions
+from train.report import compare_runs
 
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 
