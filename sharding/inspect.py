@@ -13,21 +13,25 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
 
 
-def summary(manifest: Manifest, elapsed: float | None = None) -> str:
-    """Split x class counts, skipped inputs, duplicate groups, bytes (and elapsed, if given)."""
+def _count_table(manifest: Manifest) -> tuple[list[str], list[int], int]:
+    """The split x class table (with shards and bytes), the class totals and all bytes."""
     names = list(manifest.classes)
     width = max(len(n) for n in names + ["split"]) + 2
-    header = (
-        "split".ljust(8)
-        + "".join(n.rjust(width) for n in names)
-        + "total".rjust(9)
-        + "shards".rjust(8)
-        + "bytes".rjust(13)
-    )
+
+    def row(label: str, counts: list[int], shards: int, nbytes: int) -> str:
+        return (
+            label.ljust(8)
+            + "".join(str(c).rjust(width) for c in counts)
+            + str(sum(counts)).rjust(9)
+            + str(shards).rjust(8)
+            + _mb(nbytes).rjust(13)
+        )
+
+    header = "split".ljust(8) + "".join(n.rjust(width) for n in names) + "total".rjust(9)
+    header += "shards".rjust(8) + "bytes".rjust(13)
     lines = [header, "-" * len(header)]
     totals = [0] * len(names)
-    all_bytes = 0
-    all_shards = 0
+    all_bytes = all_shards = 0
     order = [s for s in SPLITS if s in manifest.splits] + sorted(set(manifest.splits) - set(SPLITS))
     for split in order:
         info = manifest.splits[split]
@@ -36,21 +40,39 @@ def summary(manifest: Manifest, elapsed: float | None = None) -> str:
         totals = [a + b for a, b in zip(totals, counts)]
         all_bytes += nbytes
         all_shards += len(info.shards)
-        lines.append(
-            split.ljust(8)
-            + "".join(str(c).rjust(width) for c in counts)
-            + str(sum(counts)).rjust(9)
-            + str(len(info.shards)).rjust(8)
-            + _mb(nbytes).rjust(13)
-        )
-    lines.append("-" * len(header))
-    lines.append(
-        "all".ljust(8)
-        + "".join(str(c).rjust(width) for c in totals)
-        + str(sum(totals)).rjust(9)
-        + str(all_shards).rjust(8)
-        + _mb(all_bytes).rjust(13)
-    )
+        lines.append(row(split, counts, len(info.shards), nbytes))
+    lines += ["-" * len(header), row("all", totals, all_shards, all_bytes)]
+    return lines, totals, all_bytes
+
+
+def _problem_lines(manifest: Manifest, written: int) -> list[str]:
+    """Skipped inputs, mask issues, groups with different labels, and an oversized duplicate group."""
+    lines = [f"  skipped {s['path']}: {s['reason']}" for s in manifest.skipped[:10]]
+    if len(manifest.skipped) > 10:
+        lines.append(f"  ... and {len(manifest.skipped) - 10} more skipped (see manifest.json)")
+    lines += [f"  mask of {m['path']}: {m['reason']}" for m in manifest.mask_issues[:5]]
+    groups = manifest.duplicate_groups
+    mixed = [g for g in groups if g.get("mixed_labels")]
+    for g in mixed[:5]:
+        names = sorted(set(g["labels"]))
+        members = ", ".join(g["members"][:6]) + (f", ... ({len(g['members'])} images)" if len(g["members"]) > 6 else "")
+        lines.append(f"  different labels ({', '.join(names)}) in one {g['kind']} group: {members}")
+    if len(mixed) > 5:
+        lines.append(f"  ... and {len(mixed) - 5} more groups with different labels (see manifest.json)")
+    written_total = max(written, 1)
+    for g in groups:
+        if len(g["members"]) > max(20, 0.01 * written_total):
+            lines.append(
+                f"  warning: a {g['kind']} duplicate group holds {len(g['members'])} images "
+                f"({len(g['members']) / written_total:.1%}); --near-dup-distance is probably too large"
+            )
+            break
+    return lines
+
+
+def summary(manifest: Manifest, elapsed: float | None = None) -> str:
+    """Split x class counts, skipped inputs, duplicate groups, bytes (and elapsed, if given)."""
+    lines, totals, all_bytes = _count_table(manifest)
     c = manifest.counts
     written = sum(totals)
     scanned = c.get("scanned", written + len(manifest.skipped))
@@ -74,27 +96,7 @@ def summary(manifest: Manifest, elapsed: float | None = None) -> str:
         lines.append(f"bytes per image {all_bytes / written:,.0f}")
     if elapsed is not None:
         lines.append(f"elapsed {elapsed:.1f}s ({written / max(elapsed, 1e-9):,.0f} img/s)")
-    for s in manifest.skipped[:10]:
-        lines.append(f"  skipped {s['path']}: {s['reason']}")
-    if len(manifest.skipped) > 10:
-        lines.append(f"  ... and {len(manifest.skipped) - 10} more skipped (see manifest.json)")
-    for m in manifest.mask_issues[:5]:
-        lines.append(f"  mask of {m['path']}: {m['reason']}")
-    for g in mixed[:5]:
-        names = sorted(set(g["labels"]))
-        members = ", ".join(g["members"][:6]) + (f", ... ({len(g['members'])} images)" if len(g["members"]) > 6 else "")
-        lines.append(f"  different labels ({', '.join(names)}) in one {g['kind']} group: {members}")
-    if len(mixed) > 5:
-        lines.append(f"  ... and {len(mixed) - 5} more groups with different labels (see manifest.json)")
-    written_total = max(written, 1)
-    for g in groups:
-        if len(g["members"]) > max(20, 0.01 * written_total):
-            lines.append(
-                f"  warning: a {g['kind']} duplicate group holds {len(g['members'])} images "
-                f"({len(g['members']) / written_total:.1%}); --near-dup-distance is probably too large"
-            )
-            break
-    return "\n".join(lines)
+    return "\n".join(lines + _problem_lines(manifest, written))
 
 
 def sample_grid(shards: str | Path, out: str | Path, per_class: int = 6, tile: int = 160) -> Path:
