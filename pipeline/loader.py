@@ -328,6 +328,7 @@ def build_loader(
     allow_pipe: bool | None = None,
     prefetch_factor: int = 2,
     verify_checksums: bool = True,
+    masks: bool | None = None,
     train: bool | None = None,
 ) -> ShardLoader:
     """A `ShardLoader` over `split` of the shards at `shards` (folder, file:, http(s)://, gs://, s3:// prefix).
@@ -337,6 +338,8 @@ def build_loader(
     `fast=False` forces webdataset's generic decode path; `allow_pipe=False` (or env
     RADSTREAM_ALLOW_PIPE=0) refuses pipe:/gs:/s3 URLs. `verify_checksums` hashes each
     local (or cached) raw shard once against the manifest before reading it.
+    `masks`: None yields the shards' masks when they have them; False leaves them
+    unread (half the bytes to copy and move to the device when nothing uses them).
     `train`: None gives the train split the training order (shuffled, padded to
     equal steps) and every other split the evaluation order (each sample once
     across ranks); False reads the train split in evaluation order too.
@@ -348,6 +351,8 @@ def build_loader(
     if num_workers < 0:
         raise LoaderError(f"num_workers must be >= 0, got {num_workers}")
     manifest = manifest if manifest is not None else load_shard_manifest(shards)
+    if masks and not manifest.masks:
+        raise LoaderError("masks=True but the shards carry no masks (rebuild with --include-masks)")
     info = manifest.split(split)
     train = split == TRAIN if train is None else train
     if train and info.samples == 0:
@@ -357,7 +362,7 @@ def build_loader(
         encoding=manifest.encoding,
         image_size=manifest.image_size,
         num_classes=len(manifest.classes),
-        masks=manifest.masks,
+        masks=manifest.masks and masks is not False,
         train=train,
         strict=strict,
         fast=fast,

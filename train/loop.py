@@ -124,8 +124,12 @@ class EpochSpec:
     checkpoint_every: int = 0  # steps between mid-epoch checkpoints (0: none)
 
 
-def _timed(batches: Iterable[Batch], device: torch.device, waits: list[float]):
-    """Yield device batches, adding the time spent waiting for each to `waits[0]`."""
+def device_batches(batches: Iterable[Batch], device: torch.device, waits: list[float]):
+    """Yield device batches, adding the time blocked on the loader and the copy call to `waits[0]`.
+
+    The copy is `non_blocking`: from pinned memory (the loaders pin on CUDA) it is
+    queued behind the running step instead of waiting for it.
+    """
     iterator = iter(batches)
     while True:
         start = time.perf_counter()
@@ -136,6 +140,36 @@ def _timed(batches: Iterable[Batch], device: torch.device, waits: list[float]):
         batch = batch.to(device, non_blocking=True)
         waits[0] += time.perf_counter() - start
         yield batch
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    augment: Callable,
+    loss_fn: Callable,
+    accelerator: Accelerator,
+    *,
+    generator: torch.Generator | None = None,
+    grad_accum: int = 1,
+    sync: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step on a device batch: augmentation, forward and loss under autocast, backward, optimizer at `sync`.
+
+    Returns (loss, logits) on the device: nothing here reads a value back, so the
+    host queues the next step while the device runs this one. `sync=False` is a
+    gradient-accumulation step (no DDP all-reduce, no optimizer step).
+    """
+    images, _ = augment(batch.images, batch.masks, generator=generator)
+    with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+        with accelerator.autocast():
+            logits = model(images)
+            loss = loss_fn(logits.float(), batch.labels)
+        accelerator.backward(loss / grad_accum)
+    if sync:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss, logits
 
 
 class _Sums:
@@ -184,6 +218,7 @@ def train_one_epoch(
     `carried`: a resumed epoch's sums (rank 0 passes them, other ranks None).
     `on_checkpoint(steps_done, sums)` runs every `spec.checkpoint_every` steps at a
     gradient-sync boundary, on every rank (the sums are reduced, a collective).
+    The host waits for the device only at the logging interval and at checkpoints.
     """
     model.train()
     rank, steps, start = accelerator.process_index, spec.steps, spec.start_step
@@ -201,61 +236,55 @@ def train_one_epoch(
     began = time.perf_counter()
     step, made = start - 1, 0
     # islice, not a break: a capped epoch must not pull (and count) one batch past the cap
-    for step, batch in enumerate(itertools.islice(_timed(loader, accelerator.device, waits), steps - start), start):
+    batches = itertools.islice(device_batches(loader, accelerator.device, waits), steps - start)
+    for step, batch in enumerate(batches, start):
         # Each step's randomness is a function of (seed, epoch, rank, step): a run resumed at any
         # step replays exactly what an uninterrupted run would have done.
         torch.manual_seed(seeds.derive(spec.seed, spec.epoch, rank, step, seeds.STEP_TORCH))
         generator.manual_seed(seeds.derive(spec.seed, spec.epoch, rank, step, seeds.STEP_AUGMENT))
-        images, _ = augment(batch.images, batch.masks, generator=generator)
         sync = (step + 1) % spec.grad_accum == 0 or step + 1 == steps
-        with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-            with accelerator.autocast():
-                logits = model(images)
-                loss = loss_fn(logits.float(), batch.labels)
-            accelerator.backward(loss / spec.grad_accum)
-        if sync:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss, logits = train_step(
+            model,
+            optimizer,
+            batch,
+            augment,
+            loss_fn,
+            accelerator,
+            generator=generator,
+            grad_accum=spec.grad_accum,
+            sync=sync,
+        )
         sums.add(loss, logits, batch)
         made += 1
         if (step + 1) % spec.log_every == 0 or step + 1 == steps:
-            _log_step(
-                sums,
-                made * len(batch) * accelerator.num_processes,
-                waits[0],
-                began,
-                bar,
-                log,
-                spec.epoch * steps + step + 1,
-            )
-        if (
-            on_checkpoint is not None
-            and spec.checkpoint_every
-            and sync
-            and step + 1 < steps
-            and (step + 1) % spec.checkpoint_every == 0
-        ):
+            images = made * len(batch) * accelerator.num_processes
+            _log_step(sums, images, waits[0], began, bar, log, spec.epoch * steps + step + 1)
+        if on_checkpoint is not None and _checkpoint_due(spec, step, sync):
             on_checkpoint(step + 1, sums.reduced(accelerator))
         bar.update(1)
     bar.close()
     if step + 1 < steps:
         raise RuntimeError(f"rank {rank}: the training loader ended after {step + 1} of {steps} batches")
-    seconds = time.perf_counter() - began
+    return _epoch_result(sums, accelerator, made, time.perf_counter() - began, waits[0])
+
+
+def _checkpoint_due(spec: EpochSpec, step: int, sync: bool) -> bool:
+    """A mid-epoch checkpoint after `step`: every `checkpoint_every` steps, at a gradient-sync boundary."""
+    done = step + 1
+    return bool(spec.checkpoint_every) and sync and done < spec.steps and done % spec.checkpoint_every == 0
+
+
+def _epoch_result(sums: _Sums, accelerator: Accelerator, made: int, seconds: float, wait_s: float) -> EpochResult:
+    """The epoch's figures over all ranks (collectives: every rank calls it once, after its last step)."""
     total = sums.reduced(accelerator)
     rank_steps = accelerator.gather(torch.tensor([made], device=accelerator.device)).tolist()
     seen, repeated = 0, 0
     if total.coverage is not None:
         seen = int((total.coverage > 0).sum())
         repeated = int(total.coverage.sum()) - seen
+    avg = max(total.seen, 1)
     return EpochResult(
-        total.loss_sum / max(total.seen, 1),
-        total.correct / max(total.seen, 1),
-        total.seen,
-        seconds,
-        waits[0],
-        rank_steps,
-        seen,
-        repeated,
+        total.loss_sum / avg, total.correct / avg, total.seen, seconds, wait_s, rank_steps, seen, repeated
     )
 
 
@@ -299,7 +328,7 @@ def predict_split(
     probs: list[np.ndarray] = []
     waits = [0.0]
     for batch in tqdm(
-        _timed(loader, accelerator.device, waits),
+        device_batches(loader, accelerator.device, waits),
         desc=desc,
         leave=False,
         disable=not (progress and accelerator.is_main_process),

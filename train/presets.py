@@ -25,6 +25,12 @@ def build_augment(cfg: Config, train: bool) -> DeviceAugment:
     )
 
 
+def train_masks(cfg: Config) -> bool | None:
+    """`masks` for the train loader: the train step uses masks only for `data.mask_lungs`, so without it
+    they stay unread (neither copied to the device nor warped each step); None yields them when present."""
+    return None if cfg.data.mask_lungs else False
+
+
 def build_split_loader(
     cfg: Config,
     split: str,
@@ -35,10 +41,12 @@ def build_split_loader(
     manifest: Manifest | None = None,
     shards: str | None = None,
     num_workers: int | None = None,
+    masks: bool | None = None,
     train: bool | None = None,
 ) -> ShardLoader:
     """This rank's loader of `split`; not passed to `accelerator.prepare` (see pipeline.loader).
 
+    `masks=False` leaves the shards' masks unread (`build_loader`); None yields them when present.
     `train=False` reads the train split once in evaluation order (external tests over every film).
     """
     train_order = split == "train" if train is None else train
@@ -57,5 +65,6 @@ def build_split_loader(
         verify_checksums=cfg.data.verify_checksums,
         pin_memory=pin_memory,
         manifest=manifest,
+        masks=masks,
         train=train_order,
     )

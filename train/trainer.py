@@ -33,7 +33,7 @@ from train.loop import EarlyStopping, EpochProgress, EpochSpec, predict_split, t
 from train.metrics import quick_metrics
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, build_scheduler
-from train.presets import build_augment, build_split_loader
+from train.presets import build_augment, build_split_loader, train_masks
 from train.state import Position, TrainState
 
 
@@ -72,7 +72,7 @@ def resolved(cfg: Config, manifest: Manifest) -> Config:
 
 
 def build_loaders(cfg: Config, manifest: Manifest, accelerator: Accelerator, splits=("train", "val")) -> dict:
-    """This rank's loaders (train/presets.py), pinned on CUDA."""
+    """This rank's loaders (train/presets.py), pinned on CUDA; the train loader reads masks only if used."""
     return {
         split: build_split_loader(
             cfg,
@@ -81,6 +81,7 @@ def build_loaders(cfg: Config, manifest: Manifest, accelerator: Accelerator, spl
             world_size=accelerator.num_processes,
             pin_memory=accelerator.device.type == "cuda",
             manifest=manifest,
+            masks=train_masks(cfg) if split == "train" else None,
         )
         for split in splits
     }
@@ -246,9 +247,12 @@ def use_deterministic_kernels(enabled: bool) -> None:
     """train.deterministic: torch's deterministic kernels and cuDNN without autotuning (slower on GPU).
 
     A non-deterministic op then warns instead of stopping the run (`warn_only`), so
-    a model with one such op still trains and says which op it was.
+    a model with one such op still trains and says which op it was. Otherwise cuDNN
+    autotunes: train batches have one shape, so each convolution's fastest kernel is
+    chosen once (no effect on CPU).
     """
     if not enabled:
+        torch.backends.cudnn.benchmark = True
         return
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
     torch.use_deterministic_algorithms(True, warn_only=True)
