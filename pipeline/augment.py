@@ -120,7 +120,9 @@ def warp_kornia(
 
 #: The warp implementations DeviceAugment can use (the same matrices, the same pixels up to float rounding).
 WARPS = {"torch": warp_torch, "kornia": warp_kornia}
-DEFAULT_WARP = "kornia"
+#: torch: 1.3-1.7x kornia's img/s on CPU at 299 px, batch 4 to 256 (python -m train.bench's `augment`);
+#: the GPU measurement is pending (`make gpu-check`). `data.warp` selects per run.
+DEFAULT_WARP = "torch"
 
 
 class DeviceAugment(torch.nn.Module):

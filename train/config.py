@@ -52,6 +52,8 @@ class DataConfig:
     """Probability of a horizontal flip in the training augmentation."""
     mask_lungs: bool = False
     """Zero everything outside the lung mask (needs shards built with --include-masks)."""
+    warp: str = "torch"
+    """Flip+rotation warp of the training augmentation: torch (affine_grid + grid_sample) or kornia; same pixels."""
 
 
 @dataclass
@@ -171,6 +173,7 @@ _CHOICES = {
     "optim.scheduler": ("none", "cosine", "step", "plateau"),
     "train.monitor": ("val_loss", "val_accuracy", "val_macro_f1"),
     "train.mixed_precision": ("", "no", "fp16", "bf16"),
+    "data.warp": ("torch", "kornia"),
 }
 _POSITIVE = (
     "data.image_size",

@@ -22,6 +22,7 @@ def build_augment(cfg: Config, train: bool) -> DeviceAugment:
         image_size=cfg.data.image_size,
         mask_lungs=cfg.data.mask_lungs,
         channels_last=cfg.model.channels_last,
+        warp=cfg.data.warp,
     )
 
 

@@ -50,6 +50,7 @@ BAD = [
     (["data.hflip_p=1.5"], "data.hflip_p"),
     (["data.rotation_degrees=270"], "data.rotation_degrees"),
     (["data.num_workers=-2"], "data.num_workers"),
+    (["data.warp=opencv"], "data.warp"),
     (["model.pretrained=/no/such/file.safetensors"], "model.pretrained"),
     (["optim.warmup_epochs=-1"], "optim.warmup_epochs"),
     (["train.max_steps_per_epoch=0"], "train.max_steps_per_epoch"),
@@ -77,3 +78,9 @@ def test_every_field_has_a_docstring():
 def test_readme_configuration_reference_is_current():
     readme = (ROOT / "README.md").read_text()
     assert reference_markdown() in readme, "README config reference is stale: run `python -m train.config --markdown`"
+
+
+def test_the_config_default_warp_is_device_augments():
+    from pipeline.augment import DEFAULT_WARP, WARPS
+
+    assert Config().data.warp == DEFAULT_WARP and set(WARPS) == {"torch", "kornia"}
