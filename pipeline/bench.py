@@ -44,6 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.augment import DEFAULT_WARP, DeviceAugment
 from pipeline.bench_peers import bench_litdata, bench_mosaic, cycle, rate
 from pipeline.loader import build_loader
 from pipeline.samples import read_samples
@@ -82,9 +83,8 @@ class _PngDataset(torch.utils.data.Dataset):
             return self.transform(img.convert("L")), self.labels[i]
 
 
-def bench_original(
-    raw: Path, classes, batch_size: int, workers: int, batches: int, warmup: int, image_size: int = 299
-) -> float:
+def png_files(raw: Path, classes) -> tuple[list[str], list[int]]:
+    """The raw dataset's films (`<class>/images/*.png` anywhere under `raw`) and their labels."""
     files, labels = [], []
     for c, name in enumerate(classes):
         found = sorted(glob.glob(str(raw / "**" / name / "images" / "*.png"), recursive=True))
@@ -92,14 +92,29 @@ def bench_original(
         labels += [c] * len(found)
     if not files:
         raise FileNotFoundError(f"no <class>/images/*.png under {raw}")
-    loader = torch.utils.data.DataLoader(
+    return files, labels
+
+
+def original_loader(
+    raw: Path, classes, batch_size: int, workers: int, image_size: int = 299, pin_memory: bool = False
+) -> torch.utils.data.DataLoader:
+    """The original project's loader: per-image PIL decode and torchvision transforms, `DataLoader(shuffle=True)`."""
+    files, labels = png_files(raw, classes)
+    return torch.utils.data.DataLoader(
         _PngDataset(files, labels, image_size),
         batch_size=batch_size,
         shuffle=True,
         num_workers=workers,
         drop_last=True,
         persistent_workers=workers > 0,
+        pin_memory=pin_memory,
     )
+
+
+def bench_original(
+    raw: Path, classes, batch_size: int, workers: int, batches: int, warmup: int, image_size: int = 299
+) -> float:
+    loader = original_loader(raw, classes, batch_size, workers, image_size)
     return rate(cycle(lambda: loader), batches, warmup)
 
 
@@ -165,15 +180,22 @@ def bench_memmap(npy: Path, batch_size: int, batches: int, warmup: int) -> float
 # --- device augmentation -----------------------------------------------------------------------
 
 
-def bench_augment(batch_size: int, image_size: int, seconds: float = 3.0) -> dict:
-    from pipeline.augment import DeviceAugment
-
+def bench_augment(
+    batch_size: int,
+    image_size: int,
+    seconds: float = 3.0,
+    *,
+    warp: str = DEFAULT_WARP,
+    masks: bool = True,
+    cpu_batch_cap: int | None = 64,
+) -> dict:
+    """`DeviceAugment(train=True, warp=warp)` batches per second on the best device present (CPU batches capped)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cpu":
-        batch_size = min(batch_size, 64)
-    aug = DeviceAugment(train=True).to(device)
+    if device.type == "cpu" and cpu_batch_cap:
+        batch_size = min(batch_size, cpu_batch_cap)
+    aug = DeviceAugment(train=True, warp=warp).to(device)
     x = torch.randint(0, 256, (batch_size, 1, image_size, image_size), dtype=torch.uint8, device=device)
-    m = torch.randint(0, 2, x.shape, dtype=torch.uint8, device=device)
+    m = torch.randint(0, 2, x.shape, dtype=torch.uint8, device=device) if masks else None
     g = torch.Generator(device=device).manual_seed(0)
     aug(x, m, generator=g)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -187,6 +209,7 @@ def bench_augment(batch_size: int, image_size: int, seconds: float = 3.0) -> dic
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "device": f"{device.type} ({name})",
+        "warp": warp,
         "batch_size": batch_size,
         "batch_per_s": n / elapsed,
         "img_per_s": n * batch_size / elapsed,
@@ -332,8 +355,8 @@ def table(results: dict) -> str:
         lines.append(f"radstream 2 workers / 1 worker: {results['ratios']['radstream_2_vs_1_workers']:.2f}x")
     a = results["augment"]
     lines.append(
-        f"DeviceAugment(train=True) on {a['device']}: {a['batch_per_s']:.1f} batch/s of {a['batch_size']} "
-        f"({a['img_per_s']:,.0f} img/s)"
+        f"DeviceAugment(train=True, warp={a['warp']}) on {a['device']}: {a['batch_per_s']:.1f} batch/s "
+        f"of {a['batch_size']} ({a['img_per_s']:,.0f} img/s)"
     )
     return "\n".join(lines)
 
