@@ -37,11 +37,15 @@ def data_section(data: dict) -> list[str]:
     if not data:
         return []
     classes = data["classes"]
+    asked = data.get("split_requested")
+    requested = ""
+    if asked not in (None, data["split_level"]):
+        requested = f" ({asked} asked for; the input has no {asked} identifiers)"
     lines = [
         "## 1. Data",
         "",
         f"Shards `{data['shards']}` (input: {data.get('input')}, {data.get('dataset') or 'unnamed collection'}). "
-        f"Split {data.get('fractions')} by **{data['split_level']}** (requested: {data.get('split_requested')}); "
+        f"Split {data.get('fractions')} by **{data['split_level']}**{requested}; "
         f"largest class deviation from the target fractions: {data.get('max_class_deviation')} films. "
         f"Duplicate groups: {data['duplicate_groups']} ({data['duplicate_images']} films, "
         f"{data['mixed_label_groups']} with different labels), each kept inside one split.",
