@@ -14,7 +14,7 @@ DEMO_PER_CLASS ?= 300
 DEMO_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup lint format test test-fast demo shortcut-demo soak clean
+.PHONY: setup lint format test test-fast demo shortcut-demo soak gpu-check clean
 
 setup: $(STAMP)
 
@@ -71,6 +71,17 @@ soak: $(STAMP)
 	$(PY) -m sharding build --raw $(SOAK_RAW) --out $(SOAK_SHARDS) --workers 2 --quiet
 	PYTHONPATH=tests $(PY) -m helpers.soak --shards $(SOAK_SHARDS) --out runs/soak --epochs 10 --image-size 32 \
 	  --num-workers 1 --json runs/soak/soak.json $(SOAK_ARGS)
+
+# One command on a fresh GPU machine (README "GPU"): full-size phantom -> shards -> pipeline.bench (1/4/8
+# workers) -> train.bench (299 px; bf16, fp16; compile off/on) -> two bf16 epochs -> pytest -m gpu, every
+# figure in runs/gpu_check/gpu_check.{json,md}; under 8 minutes on one H100. It runs with the Python that has
+# the dependencies (the GPU image's, or .venv when present) and no setup stamp, which would reinstall torch.
+# On a CPU: make gpu-check GPU_CHECK_ARGS=--dry-run (toy sizes, about a minute).
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+
+gpu-check:
+	$(GPU_PYTHON) -m train.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf data runs shards/*/ .pytest_cache
