@@ -120,8 +120,9 @@ def warp_kornia(
 
 #: The warp implementations DeviceAugment can use (the same matrices, the same pixels up to float rounding).
 WARPS = {"torch": warp_torch, "kornia": warp_kornia}
-#: torch: 1.3-1.7x kornia's img/s on CPU at 299 px, batch 4 to 256 (python -m train.bench's `augment`);
-#: the GPU measurement is pending (`make gpu-check`). `data.warp` selects per run.
+#: torch: 1.17-1.32x kornia's img/s on a 2-core CPU at 299 px and the training batch of 256 (1 or 2 threads;
+#: at batch 32 with 2 threads the two are within noise); `python -m train.bench` reports both as `augment`.
+#: The GPU measurement is pending (`make gpu-check`). `data.warp` selects per run.
 DEFAULT_WARP = "torch"
 
 
