@@ -263,7 +263,7 @@ def table(r: dict) -> str:
     vs_original = ratios["radstream_vs_original"]
     lines.append(
         f"\nradstream / model_only = {ratios['radstream_vs_model_only']:.2f}"
-        + ("" if vs_original is None else f"; radstream / original = {vs_original:.1f}x")
+        + ("" if vs_original is None else f"; radstream / original = {vs_original:.2f}")
     )
     check = r["augment_check"]
     lines.append(
