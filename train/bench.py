@@ -116,14 +116,14 @@ def measure(step: Callable[[Batch], object], batches: Iterator[Batch], device: t
     synchronize(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    waits[0], images, began = 0.0, 0, time.perf_counter()
+    waits[0], images, steps, began = 0.0, 0, 0, time.perf_counter()
     for batch in itertools.islice(stream, s.steps):
         step(batch)
-        images += len(batch)
+        images, steps = images + len(batch), steps + 1
     synchronize(device)
     seconds = time.perf_counter() - began
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-    return Figures(images / seconds, waits[0] / seconds, peak, s.steps, seconds)
+    return Figures(images / seconds, waits[0] / seconds, peak, steps, seconds)
 
 
 def synthetic_batch(s: Settings, manifest: Manifest, device: torch.device) -> Iterator[Batch]:

@@ -324,8 +324,8 @@ def predict_split(
     net = accelerator.unwrap_model(model, keep_torch_compile=False)
     net.eval()
     keys: list[str] = []
-    labels: list[np.ndarray] = []
-    probs: list[np.ndarray] = []
+    labels: list[torch.Tensor] = []
+    probs: list[torch.Tensor] = []
     waits = [0.0]
     for batch in tqdm(
         device_batches(loader, accelerator.device, waits),
@@ -336,13 +336,14 @@ def predict_split(
         images, _ = augment(batch.images, batch.masks)
         with accelerator.autocast():
             logits = net(images)
-        probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
-        labels.append(batch.labels.cpu().numpy())
+        # kept on the device: one copy to the host after the last batch, not a host sync per batch
+        probs.append(torch.softmax(logits.float(), dim=1))
+        labels.append(batch.labels)
         keys.extend(batch.keys)
     local = (
         keys,
-        np.concatenate(labels) if labels else np.zeros(0, np.int64),
-        np.concatenate(probs) if probs else np.zeros((0, 0), np.float32),
+        torch.cat(labels).cpu().numpy() if labels else np.zeros(0, np.int64),
+        torch.cat(probs).cpu().numpy() if probs else np.zeros((0, 0), np.float32),
     )
     parts = gather_object([local]) if accelerator.num_processes > 1 else [local]
     all_keys = [k for part in parts for k in part[0]]

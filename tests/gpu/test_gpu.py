@@ -59,7 +59,7 @@ def device_batch(manifest, device: torch.device, n: int = 8, seed: int = 0) -> B
     size = manifest.image_size
     images = torch.randint(0, 256, (n, 1, size, size), dtype=torch.uint8, generator=gen)
     labels = torch.randint(0, len(manifest.classes), (n,), generator=gen)
-    return Batch(images=images, labels=labels, keys=[""] * n).to(device)
+    return Batch(images=images, labels=labels, keys=[f"{seed}-{i}" for i in range(n)]).to(device)
 
 
 def test_pinned_batches_arrive_intact_with_non_blocking_copies(phantom_shards):
@@ -194,3 +194,17 @@ def test_compiled_model_trains_and_saves_clean_state_dict_keys(phantom_shards, t
     loaded, _ = load_best_model(tmp_path / "best_model.pth")
     plain = create_model("resnet18", in_chans=1, num_classes=len(manifest.classes))
     plain.load_state_dict(loaded, strict=True)
+
+
+def test_evaluation_copies_predictions_to_the_host_once(phantom_shards):
+    """predict_split keeps probabilities on the device: 2 and 8 batches make the same number of host syncs."""
+    from train.loop import predict_split
+
+    with fresh_accelerator(mixed_precision="bf16") as acc:
+        state, _, _, manifest = run_state(phantom_shards, acc)
+        augment = DeviceAugment(train=False, image_size=64).to(CUDA)
+        host = [device_batch(manifest, torch.device("cpu"), seed=i).pin_memory() for i in range(8)]
+        predict_split(state.model, host[:2], augment, acc)  # warm
+        few = _sync_warnings(lambda: predict_split(state.model, host[:2], augment, acc))
+        many = _sync_warnings(lambda: predict_split(state.model, host, augment, acc))
+        assert many == few, f"{many - few} more host syncs over 6 more batches"
