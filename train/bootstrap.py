@@ -124,6 +124,28 @@ def bootstrap_ci(
     }
 
 
+def wilson(successes: int, n: int, z: float = 1.959964) -> list[float] | None:
+    """The Wilson score 95 % interval of a proportion (None for n = 0)."""
+    if n <= 0:
+        return None
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def widen(value: float | None, ci: list[float] | None, n: int) -> list[float] | None:
+    """`ci`, or the Wilson interval where a rate of exactly 0 or 1 leaves the bootstrap no width.
+
+    Every resample of 30 right out of 30 is 30 out of 30, so the percentile
+    bootstrap says 1.00 (1.00-1.00); the Wilson interval says 1.00 (0.89-1.00).
+    """
+    if ci is None or value is None or n <= 0 or value not in (0.0, 1.0) or ci[0] != ci[1]:
+        return ci
+    return wilson(round(value * n), n)
+
+
 def fmt(value: float | None, ci: list[float] | None, digits: int = 2) -> str:
     """`0.90 (0.80–0.96)`; n/a for a missing value."""
     if value is None:

@@ -35,6 +35,7 @@ class ModelCard:
     value: float | None = None  # its value at `epoch`
     config: dict = field(default_factory=dict)  # the run's resolved config
     operating_points: dict = field(default_factory=dict)  # per class, chosen on validation (train.operating)
+    train_digest: str = ""  # the training shards' train split (names, counts, sha256): how an evaluation knows them
 
     def identity(self) -> dict:
         """What a resumed checkpoint must share with this model (train.state adds batch and seed)."""

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-from pipeline.read import load_shard_manifest
+from pipeline.read import load_shard_manifest, split_digest
 from sharding.manifest import Manifest, ManifestError
 from train import facts, operating, plots, probes, sources
 from train.bootstrap import fmt
@@ -44,7 +44,11 @@ from train.presets import build_split_loader
 from train.report import EXTERNAL, compare_runs, external_summaries, limitations, report_markdown
 
 
-class ExternalShardsError(ValueError):
+class EvaluationInputError(ValueError):
+    """Nothing to evaluate: a split without films."""
+
+
+class ExternalShardsError(EvaluationInputError):
     """An external shard set the model cannot be evaluated on (unknown class names, no films)."""
 
 
@@ -131,7 +135,8 @@ def write_report(
     report.update({k: v for k, v in extra.items() if not k.endswith("grid")})
     report["split"] = split
     report["limitations"] = limitations(report)
-    suffix = "" if split in ("test", "all") else f"_{split}"
+    # an external folder holds one report; in the run folder the test report is the plain one
+    suffix = "" if split in ("test", "all") or "external_test" in extra else f"_{split}"
     figures = {
         "confusion_matrix": plots.confusion_matrix_figure(
             report["confusion_matrix"], classes, out_dir / f"confusion_matrix{suffix}.png", split
@@ -189,8 +194,15 @@ def report_extras(
         "shards": target.shards,
         "splits": list(target.splits),
     }
+    extra["run"] = str(run_dir)
     if target.external:
         extra["title"] = f"External test on {target.external} ({target.split_name})"
+        extra["external_test"] = {
+            "name": target.external,
+            "run": str(run_dir),
+            "shards": target.shards,
+            "train_shards": cfg.data.shards,
+        }
     urls = [
         u for split in target.splits for u in build_split_loader(cfg, split, shards=target.shards, train=False).urls
     ]
@@ -260,7 +272,7 @@ def _print_headline(report: dict, target: Target) -> None:
         print(f"{where}: Grad-CAM lung share (mean, all classes) {share:.3f}")
     if report.get("probe_verdict"):
         print(f"{where}: {report['probe_verdict']}")
-    suffix = "" if target.split_name in ("test", "all") else f"_{target.split_name}"
+    suffix = "" if target.split_name in ("test", "all") or target.external else f"_{target.split_name}"
     print(f"report: {target.out_dir / f'report{suffix}.md'}")
 
 
@@ -276,8 +288,11 @@ def evaluate_run(
     cfg = cfg or load_config(run_dir / "config.yaml")
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     shards = shards or cfg.data.shards
+    manifest = load_shard_manifest(shards)
+    if split not in manifest.splits or not manifest.split(split).samples:
+        raise EvaluationInputError(f"{shards} has no {split} films to evaluate; rebuild the shards from more films")
     trained = load_trained_model(run_dir / "models" / BEST_PTH, accelerator.device)
-    target = Target(shards, load_shard_manifest(shards), (split,), run_dir, split)
+    target = Target(shards, manifest, (split,), run_dir, split)
     return evaluate_target(run_dir, trained, cfg, target, accelerator)
 
 
@@ -295,12 +310,12 @@ def evaluate_external(
     cfg = load_config(run_dir / "config.yaml")
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     manifest = load_shard_manifest(shards)
-    splits = tuple(s for s in manifest.splits if manifest.split(s).samples) if split == "all" else (split,)
-    if split != "all" and (split not in manifest.splits or not manifest.split(split).samples):
-        raise ExternalShardsError(f"{shards} has no {split} films; use --split all to evaluate every film")
     trained = load_trained_model(run_dir / "models" / BEST_PTH, accelerator.device)
     lut = class_lut(list(trained.card.classes), list(manifest.classes), str(shards))
-    name = name or external_name(shards)
+    splits = tuple(s for s in manifest.splits if manifest.split(s).samples) if split == "all" else (split,)
+    if not splits or split != "all" and (split not in manifest.splits or not manifest.split(split).samples):
+        raise ExternalShardsError(f"{shards} has no {split} films; use --split all to evaluate every film")
+    name = external_name(name or shards)  # a name, never a path out of RUN/external
     target = Target(shards, manifest, splits, run_dir / EXTERNAL / name, split, lut, name)
     report = evaluate_target(run_dir, trained, cfg, target, accelerator)
     if report is not None and (run_dir / "report.json").exists():
@@ -351,27 +366,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {run_dir} is not a finished run (needs config.yaml and models/{BEST_PTH})", file=sys.stderr)
         return 2
     try:
-        if args.shards and not same_shard_set(args.shards, load_config(run_dir / "config.yaml").data.shards):
+        if args.shards and not same_shard_set(args.shards, run_dir):
             evaluate_external(run_dir, args.shards, args.split, args.name)
         elif args.split == "all":
             parser.error("--split all is for an external shard set (--shards OTHER)")
         else:
             evaluate_run(run_dir, args.split, shards=args.shards)
-    except (ExternalShardsError, ManifestError) as exc:
+    except (EvaluationInputError, ManifestError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0
 
 
-def same_shard_set(shards: str, run_shards: str) -> bool:
-    """The same path, or a copy with the same build fingerprint as the run's shards."""
+def same_shard_set(shards: str, run_dir: Path) -> bool:
+    """Whether `shards` are the run's own: the same path, or a copy whose train split is the one the model trained on
+    (its digest in best_model.json; cards without one fall back to the build fingerprint of the run's shards)."""
+    run_shards = load_config(run_dir / "config.yaml").data.shards
     if Path(shards).resolve() == Path(run_shards).resolve():
         return True
+    other = load_shard_manifest(shards)
+    card = json.loads((run_dir / "models" / BEST_PTH).with_suffix(".json").read_text())
+    if card.get("train_digest"):
+        return "train" in other.splits and split_digest(other, "train") == card["train_digest"]
     run_manifest = _train_manifest_at(run_shards)
-    if run_manifest is None:
-        return False
-    fingerprint = run_manifest.build.get("fingerprint")
-    return bool(fingerprint) and load_shard_manifest(shards).build.get("fingerprint") == fingerprint
+    fingerprint = run_manifest.build.get("fingerprint") if run_manifest is not None else None
+    return bool(fingerprint) and other.build.get("fingerprint") == fingerprint
 
 
 if __name__ == "__main__":

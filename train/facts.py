@@ -40,6 +40,16 @@ def data_facts(manifest: Manifest, shards: str) -> dict:
     }
 
 
+def initial_weights(pretrained: str) -> str:
+    """What the network started from, in words: the same reading of `model.pretrained` as `build_model`."""
+    choice = str(pretrained).strip()
+    if choice.lower() in ("", "false"):
+        return "random init"
+    if choice.lower() == "true":
+        return "ImageNet weights from the timm hub"
+    return f"weights from {Path(choice).name}"
+
+
 def training_facts(run_dir: Path, card: ModelCard, cfg: Config) -> dict:
     """Model, optimiser, epochs run against planned, the chosen epoch and why."""
     metrics = Path(run_dir) / "metrics.jsonl"
@@ -48,7 +58,7 @@ def training_facts(run_dir: Path, card: ModelCard, cfg: Config) -> dict:
         epochs_run = len({json.loads(line)["epoch"] for line in metrics.read_text().splitlines() if line.strip()})
     return {
         "model": card.model,
-        "pretrained": cfg.model.pretrained not in ("", "false"),
+        "weights": initial_weights(cfg.model.pretrained),
         "in_chans": card.in_chans,
         "image_size": card.image_size,
         "stored_size": card.stored_size,

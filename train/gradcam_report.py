@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 
 from pipeline.batch import Batch
@@ -58,6 +59,9 @@ def explain_split(
     `lut` maps the shards' label indices to the model's (external shard sets).
     """
     augment, device, model = trained.augment, trained.device, trained.net
+    # eval mode before the first forward: in train mode BatchNorm would use batch statistics and update its
+    # running ones (predict_split leaves the model in train mode for the training loop)
+    model.eval()
     wanted = {f["key"]: (true, i) for true, items in (failures or {}).items() for i, f in enumerate(items)}
     shares, labels = [], []
     picks: dict[tuple[int, bool], list] = {}
@@ -65,7 +69,8 @@ def explain_split(
     for batch in loader:
         batch = batch.to(device)
         images, _ = augment(batch.images, batch.masks)  # masks: data.mask_lungs needs them
-        preds = model(images).argmax(1).tolist()
+        with torch.no_grad():
+            preds = model(images).argmax(1).tolist()
         batch_labels = batch.labels.cpu().numpy()
         if lut is not None:
             batch_labels = lut[batch_labels]

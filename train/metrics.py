@@ -15,7 +15,7 @@ import torch
 from sklearn import metrics as skm
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from train.bootstrap import bootstrap_ci
+from train.bootstrap import bootstrap_ci, widen
 
 #: The per-class rates a class without test samples has none of.
 _RATES = ("precision", "ppv", "sensitivity", "specificity", "f1", "roc_auc")
@@ -60,18 +60,22 @@ def classification_report(
         if 0 < positives.sum() < len(labels):
             auc = float(skm.roc_auc_score(positives, probs[:, c]))
             aucs[name] = auc
+        ppv = float(precision[c]) if tp + fp else None  # never predicted: undefined, not 0
         per_class[name] = {
-            "precision": float(precision[c]),
-            "ppv": float(precision[c]),
+            "precision": ppv,
+            "ppv": ppv,
             "sensitivity": float(recall[c]),
-            "specificity": float(tn / (tn + fp)) if tn + fp else 0.0,
+            "specificity": float(tn / (tn + fp)) if tn + fp else None,  # no negatives: undefined
             "f1": float(f1[c]),
             "support": int(support[c]),
             "roc_auc": auc,
         }
         if ci is not None:
-            per_class[name].update({f"{k}_ci95": v for k, v in ci["per_class"][c].items()})
+            counts = {"sensitivity": int(support[c]), "specificity": int(tn + fp), "ppv": int(tp + fp)}
+            for k, v in ci["per_class"][c].items():
+                per_class[name][f"{k}_ci95"] = widen(per_class[name][k], v, counts.get(k, 0))
     row_sums = cm.sum(axis=1, keepdims=True)
+    accuracy = float(skm.accuracy_score(labels, preds)) if len(labels) else 0.0
     ece = multiclass_calibration_error(
         torch.as_tensor(probs, dtype=torch.float32),
         torch.as_tensor(labels),
@@ -82,11 +86,16 @@ def classification_report(
     return {
         "samples": int(len(labels)),
         "classes_evaluated": [class_names[c] for c in present],
-        "accuracy": float(skm.accuracy_score(labels, preds)) if len(labels) else 0.0,
+        "accuracy": accuracy,
         "balanced_accuracy": float(np.mean([recall[c] for c in present])) if present else 0.0,
         "macro_f1": float(np.mean([f1[c] for c in present])) if present else 0.0,
         "macro_roc_auc": float(np.mean(list(aucs.values()))) if aucs else None,
-        "ci95": {k: ci[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc")} if ci else {},
+        "ci95": {
+            "accuracy": widen(accuracy, ci["accuracy"], len(labels)),
+            **{k: ci[k] for k in ("balanced_accuracy", "macro_f1", "macro_roc_auc")},
+        }
+        if ci
+        else {},
         "bootstrap": {"resamples": int(bootstrap), "seed": int(seed), "stratified": True},
         "ece": float(ece),
         "per_class": per_class,

@@ -22,7 +22,7 @@ import numpy as np
 from sklearn.metrics import roc_curve
 
 from sharding import seeds
-from train.bootstrap import interval, resample_indices
+from train.bootstrap import interval, resample_indices, widen
 
 POINTS = ("youden", "target_sensitivity")
 SALT_OPERATING = 0x0B5E
@@ -89,8 +89,10 @@ def apply(
             if idx is not None:
                 flagged = (probs[:, c] >= threshold)[idx]
                 pos = positive[idx]
-                entry["sensitivity_ci95"] = interval((flagged & pos).sum(1) / pos.sum(1))
-                entry["specificity_ci95"] = interval((~flagged & ~pos).sum(1) / (~pos).sum(1))
+                sens_ci = interval((flagged & pos).sum(1) / pos.sum(1))
+                spec_ci = interval((~flagged & ~pos).sum(1) / (~pos).sum(1))
+                entry["sensitivity_ci95"] = widen(sens, sens_ci, int(positive.sum()))
+                entry["specificity_ci95"] = widen(spec, spec_ci, int((~positive).sum()))
             out[name][point] = entry
     return out
 

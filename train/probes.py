@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.augment import DeviceAugment
-from train.bootstrap import bootstrap_ci
+from train.bootstrap import bootstrap_ci, fmt, widen
 
 PROBES = {
     "lungs_blanked": "lungs blanked (outside-lung signal only)",
@@ -61,22 +61,36 @@ def chance_levels(labels: np.ndarray) -> dict[str, float]:
 
 
 def probe_result(labels: np.ndarray, probs: np.ndarray, n_resamples: int, seed: int) -> dict:
-    """{accuracy, balanced_accuracy, their ci95, chance, shortcut} of one probe's predictions."""
+    """{accuracy, balanced_accuracy, their ci95, chance, shortcut, outcome} of one probe's predictions.
+
+    `outcome`: "shortcut" (the balanced accuracy's lower 95 % bound clears chance by
+    SHORTCUT_MARGIN: judged on the interval, so a small test set cannot raise it by
+    luck), "near chance" (the estimate is within the margin), "inconclusive" (above
+    the margin, but the interval reaches it) or "not judged" (no intervals).
+    """
     labels = np.asarray(labels, np.int64)
     preds = np.asarray(probs).argmax(axis=1)
     present = sorted(set(labels.tolist()))
     right = preds == labels
     ci = bootstrap_ci(labels, probs, present, n_resamples, seed) if n_resamples else {}
     chance = chance_levels(labels)
+    bal = float(np.mean([right[labels == c].mean() for c in present]))
     bal_ci = ci.get("balanced_accuracy")
+    bar = chance["balanced_accuracy"] + SHORTCUT_MARGIN
+    if bal_ci is None:
+        outcome = "not judged"
+    elif bal_ci[0] > bar:
+        outcome = "shortcut"
+    else:
+        outcome = "near chance" if bal <= bar else "inconclusive"
     return {
         "samples": int(len(labels)),
         "accuracy": float(right.mean()),
-        "balanced_accuracy": float(np.mean([right[labels == c].mean() for c in present])),
-        "ci95": {"accuracy": ci.get("accuracy"), "balanced_accuracy": bal_ci},
+        "balanced_accuracy": bal,
+        "ci95": {"accuracy": widen(float(right.mean()), ci.get("accuracy"), len(labels)), "balanced_accuracy": bal_ci},
         "chance": chance,
-        # judged on the interval, so a small test set cannot raise a flag by luck
-        "shortcut": bool(bal_ci is not None and bal_ci[0] > chance["balanced_accuracy"] + SHORTCUT_MARGIN),
+        "shortcut": outcome == "shortcut",
+        "outcome": outcome,
     }
 
 
@@ -86,13 +100,13 @@ def verdict(probes: dict, classes: Sequence[str]) -> str:
     if not blanked:
         return ""
     chance = blanked["chance"]["balanced_accuracy"]
-    if blanked["shortcut"]:
-        return (
-            f"Shortcut: with the lungs blanked the model still reaches balanced accuracy "
-            f"{blanked['balanced_accuracy']:.2f} against a chance level of {chance:.2f} over "
-            f"{len(classes)} classes: it reads something outside the lungs."
-        )
-    return (
-        f"No shortcut found by the probe: with the lungs blanked balanced accuracy is "
-        f"{blanked['balanced_accuracy']:.2f}, within {SHORTCUT_MARGIN:.2f} of chance ({chance:.2f})."
-    )
+    bal, ci = blanked["balanced_accuracy"], blanked["ci95"]["balanced_accuracy"]
+    measured = f"with the lungs blanked balanced accuracy is {fmt(bal, ci)} against a chance level of {chance:.2f}"
+    outcome = blanked.get("outcome", "shortcut" if blanked["shortcut"] else "near chance")
+    if outcome == "shortcut":
+        return f"Shortcut: {measured} over {len(classes)} classes: the model reads something outside the lungs."
+    if outcome == "near chance":
+        return f"No shortcut found by the probe: {measured}, within {SHORTCUT_MARGIN:.2f} of chance."
+    if outcome == "inconclusive":
+        return f"Shortcut probe inconclusive: {measured}; the interval is too wide to tell (more films needed)."
+    return f"Shortcut probe not judged (no intervals: eval.bootstrap_resamples=0): {measured}."

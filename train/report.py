@@ -75,7 +75,7 @@ def training_section(training: dict) -> list[str]:
     return [
         "## 2. Model and training",
         "",
-        f"{t['model']} ({'ImageNet weights' if t['pretrained'] else 'random init'}, "
+        f"{t['model']} ({t.get('weights', 'random init')}, "
         f"{t['in_chans']} input channel) at {t['image_size']} px from {t['stored_size']} px films; "
         f"{t['optimizer']} lr {t['lr']} ({t['scheduler']} schedule), batch {t['batch_size']} "
         f"per device, precision {t['precision']}, seed {t['seed']}. Training {stop}; the model is "
@@ -88,12 +88,18 @@ def training_section(training: dict) -> list[str]:
 def headline_section(report: dict, split: str) -> list[str]:
     ci = report.get("ci95", {})
     boot = report.get("bootstrap", {})
+    films = f"{report['samples']} films (all splits)" if split == "all" else f"{report['samples']} {split} films"
+    intervals = (
+        f"Values with 95 % confidence intervals (stratified bootstrap, {boot['resamples']} resamples, seed "
+        f"{boot.get('seed')}; a rate of exactly 0 or 1 gets its Wilson interval, where the bootstrap has no width)"
+        if boot.get("resamples")
+        else "No confidence intervals (eval.bootstrap_resamples=0)"
+    )
     lines = [
         "## 3. Results",
         "",
-        f"{report['samples']} {split} films. Values with 95 % confidence intervals (stratified bootstrap, "
-        f"{boot.get('resamples', 0)} resamples, seed {boot.get('seed')}); macro averages over the classes with "
-        f"{split} films: {', '.join(report.get('classes_evaluated', report['classes']))}.",
+        f"{films}. {intervals}; macro averages over the classes with films here: "
+        f"{', '.join(report.get('classes_evaluated', report['classes']))}.",
         "",
     ]
     rows = [[k, fmt(report.get(k), ci.get(k))] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc")]
@@ -233,13 +239,21 @@ def failure_section(report: dict) -> list[str]:
         "",
         *_table(["true class", "key", "predicted", "confidence", "source"], rows),
         "",
-        "![failures](failures.png)" if report.get("figures", {}).get("failures") else "",
+        f"![failures]({report['figures']['failures']})" if (report.get("figures") or {}).get("failures") else "",
     ]
 
 
 def external_section(report: dict) -> list[str]:
     external = report.get("external") or {}
     lines = ["", "## 5. External test"]
+    this = report.get("external_test")
+    if this:
+        return lines + [
+            "",
+            f"This report **is** an external test: the model of `{this['run']}` (trained on `{this['train_shards']}`) "
+            f"on `{this['shards']}` ({this['name']}), classes mapped by name. Internal results: "
+            "[the run's report](../../report.md).",
+        ]
     if not external:
         return lines + [
             "",
@@ -272,20 +286,22 @@ def limitations(report: dict) -> list[str]:
             f"Films from a pediatric collection ({', '.join(pediatric)}) sit beside adult films: the model can "
             "separate children from adults instead of diseases."
         )
+    where = "these" if report.get("split") == "all" else report.get("split", "test")
     small = [f"{n} ({m['support']})" for n, m in report["per_class"].items() if 0 < m["support"] < SMALL_SUPPORT]
     if small:
-        out.append(f"Few test films for {', '.join(small)}: their intervals are wide.")
+        out.append(f"Few {where} films for {', '.join(small)}: their intervals are wide.")
     absent = [n for n, m in report["per_class"].items() if not m["support"]]
     if absent:
-        out.append(f"No test films for {', '.join(absent)}: nothing is known about them from this report.")
-    if data.get("split_level") == "sample":
+        out.append(f"No {where} films for {', '.join(absent)}: nothing is known about them from this report.")
+    external_test = bool(report.get("external_test"))
+    if data.get("split_level") == "sample" and not external_test:
         out.append(
             "No patient identifiers: the split is by film (exact and near duplicates grouped), so one patient's "
             "films can sit on both sides of it and inflate the results."
         )
     if (report.get("probes") or {}).get("lungs_blanked", {}).get("shortcut"):
         out.append("The shortcut probe fires: part of the accuracy comes from outside the lungs.")
-    if not report.get("external"):
+    if not report.get("external") and not external_test:
         out.append(
             "No external test: performance on another hospital's films is unknown (10+ points lower is typical)."
         )
@@ -297,7 +313,7 @@ def report_markdown(report: dict, split: str, run_dir: Path) -> str:
     lines = [
         f"# {title} ({report['samples']} films)",
         "",
-        f"Run: `{run_dir}`, model epoch {report.get('model_epoch')}.",
+        f"Run: `{report.get('run', run_dir)}`, model epoch {report.get('model_epoch')}.",
         "",
         *data_section(report.get("data") or {}),
         *training_section(report.get("training") or {}),

@@ -19,7 +19,7 @@ from pipeline.urls import open_url
 from sharding import seeds
 from sharding.contract import META
 from sharding.manifest import Manifest
-from train.bootstrap import interval, resample_indices
+from train.bootstrap import interval, resample_indices, widen
 
 SALT_SOURCES = 0x50C5
 UNKNOWN = "unknown"
@@ -69,7 +69,9 @@ def per_source(
         entry = {
             "support": int(mask.sum()),
             "accuracy": float(right.mean()),
-            "accuracy_ci95": interval(right[idx].mean(axis=1)) if idx is not None else None,
+            "accuracy_ci95": widen(float(right.mean()), interval(right[idx].mean(axis=1)), int(mask.sum()))
+            if idx is not None
+            else None,
             "per_class": {},
         }
         for c, cls in enumerate(classes):
@@ -80,7 +82,7 @@ def per_source(
                 entry["per_class"][cls] = {
                     "support": int(pos.sum()),
                     "sensitivity": float(hits.sum() / pos.sum()),
-                    "sensitivity_ci95": ci,
+                    "sensitivity_ci95": widen(float(hits.sum() / pos.sum()), ci, int(pos.sum())),
                 }
         out[name] = entry
     return out

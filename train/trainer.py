@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, set_seed
 
 from pipeline.loader import load_shard_manifest
+from pipeline.read import split_digest
 from sharding.manifest import Manifest
 from train import operating
 from train.card import ModelCard, save_model_card
@@ -96,6 +97,7 @@ def model_card(cfg: Config, manifest: Manifest) -> ModelCard:
         stored_size=manifest.image_size,
         monitor=cfg.train.monitor,
         config=to_yaml_dict(cfg),
+        train_digest=split_digest(manifest, "train"),
     )
 
 

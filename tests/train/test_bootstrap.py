@@ -75,3 +75,29 @@ def test_absent_classes_are_reported_as_such_and_left_out_of_the_macro_averages(
 
 def test_format():
     assert fmt(0.9, [0.8012, 0.9634]) == "0.90 (0.80–0.96)" and fmt(None, None) == "n/a"
+
+
+def test_wilson_interval_by_hand_and_where_it_replaces_a_zero_width_bootstrap():
+    from train.bootstrap import widen, wilson
+
+    lo, hi = wilson(30, 30)
+    assert lo == pytest.approx(30 / (30 + 1.959964**2)) and hi == 1.0  # p = 1: lower bound n / (n + z^2)
+    assert wilson(0, 30)[0] == 0.0 and wilson(0, 30)[1] == pytest.approx(1 - lo)
+    assert wilson(5, 0) is None
+    assert widen(1.0, [1.0, 1.0], 30) == wilson(30, 30)
+    assert widen(0.9, [0.8, 0.97], 30) == [0.8, 0.97], "a bootstrap interval with width stays"
+    # in a report: a class that is always right gets a Wilson interval, a class never predicted has no PPV
+    labels = np.array([0] * 30 + [1] * 30 + [2] * 10)
+    probs = np.zeros((70, 4))
+    probs[np.arange(70), np.where(labels == 2, 1, labels)] = 1.0  # class 2 always called class 1
+    report = classification_report(labels, probs, ["a", "b", "c", "d"], bootstrap=200, seed=0)
+    assert report["per_class"]["a"]["sensitivity_ci95"] == pytest.approx(wilson(30, 30))
+    assert report["per_class"]["c"]["ppv"] is None and report["per_class"]["c"]["sensitivity"] == 0.0
+    assert report["per_class"]["c"]["sensitivity_ci95"] == pytest.approx(wilson(0, 10))
+
+
+def test_a_single_class_set_has_no_specificity():
+    labels = np.zeros(20, np.int64)
+    probs = np.tile([0.7, 0.1, 0.1, 0.1], (20, 1))
+    report = classification_report(labels, probs, ["a", "b", "c", "d"], bootstrap=100, seed=0)
+    assert report["per_class"]["a"]["specificity"] is None and report["per_class"]["a"]["sensitivity"] == 1.0

@@ -109,7 +109,7 @@ def test_report_has_every_claim_section_and_fills_the_limitations(tmp_path, phan
         "data": data_facts(load_manifest(phantom_shards), str(phantom_shards)),
         "training": {
             "model": "resnet18",
-            "pretrained": False,
+            "weights": "weights from imagenet.safetensors",
             "in_chans": 1,
             "image_size": 64,
             "stored_size": 299,
@@ -148,6 +148,7 @@ def test_report_has_every_claim_section_and_fills_the_limitations(tmp_path, phan
     manifest = load_manifest(phantom_shards)
     counts = [manifest.split(s).class_counts[0] for s in ("train", "val", "test")]
     assert f"| COVID | {counts[0]} | {counts[1]} | {counts[2]} |" in md
+    assert "resnet18 (weights from imagenet.safetensors, 1 input channel)" in md
     assert "stopped early after 4 of 9 epochs (patience 2)" in md and "epoch 1, chosen by val_loss" in md
     assert "| lungs only (everything else blanked) | 0.25 (0.25–0.25) | 0.25 |" in md
     assert "| COVID | k4 | Normal | 0.900 | x |" in md
@@ -179,3 +180,51 @@ def test_failures_are_the_most_confident_wrong_predictions_per_class():
     assert [f["key"] for f in out["COVID"]] == ["d", "a"]  # c is right; b is wrong but less confident
     assert out["COVID"][0] == {"key": "d", "predicted": "Lung_Opacity", "confidence": 0.95, "source": "site"}
     assert out["Normal"] == [] and "Lung_Opacity" not in out  # no films of a class: no entry
+
+
+def test_the_gradcam_pass_leaves_the_weights_and_batchnorm_statistics_alone():
+    import torch
+
+    from pipeline.augment import DeviceAugment
+    from pipeline.batch import Batch
+    from train.card import TrainedModel
+    from train.config import Config, ModelConfig
+    from train.gradcam_report import explain_split
+    from train.model import build_model
+
+    torch.manual_seed(0)
+    net = build_model(ModelConfig(), num_classes=4).train()  # predict_split hands it over in train mode
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        Batch(torch.randint(0, 256, (4, 1, 32, 32), generator=g, dtype=torch.uint8), torch.arange(4), list("abcd"))
+    ]
+    trained = TrainedModel(net, None, Config(), DeviceAugment(train=False), torch.device("cpu"))
+    explain_split(trained, batches, CLASSES, 1)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items()), "running statistics changed"
+
+
+def test_initial_weights_read_like_build_model():
+    from train.facts import initial_weights
+
+    assert initial_weights("False") == initial_weights(" false") == initial_weights("") == "random init"
+    assert initial_weights("TRUE") == "ImageNet weights from the timm hub"
+    assert initial_weights("/models/rad.safetensors") == "weights from rad.safetensors"
+
+
+def test_a_moved_copy_of_the_training_shards_is_known_by_the_cards_train_digest(tmp_path, phantom_shards):
+    import shutil
+
+    from pipeline.read import split_digest
+    from sharding.manifest import load_manifest
+    from train.evaluate import same_shard_set
+
+    run = tmp_path / "run"
+    (run / "models").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"data:\n  shards: {tmp_path / 'gone'}\n")  # the original folder moved away
+    digest = split_digest(load_manifest(phantom_shards), "train")
+    (run / "models" / "best_model.json").write_text(json.dumps({"train_digest": digest}))
+    moved = shutil.copytree(phantom_shards, tmp_path / "moved")
+    assert same_shard_set(str(moved), run)
+    (run / "models" / "best_model.json").write_text(json.dumps({"train_digest": "0" * 16}))
+    assert not same_shard_set(str(moved), run)

@@ -71,6 +71,7 @@ def test_a_probe_far_above_chance_flags_and_one_at_chance_does_not():
     flagged = probe_result(labels, _probs(labels, reading), 500, seed=0)
     calm = probe_result(labels, _probs(labels, blind), 500, seed=0)
     assert flagged["shortcut"] and not calm["shortcut"]
+    assert (flagged["outcome"], calm["outcome"]) == ("shortcut", "near chance")
     assert calm["balanced_accuracy"] == pytest.approx(0.25) and calm["accuracy"] == pytest.approx(0.25)
     assert calm["chance"] == {"accuracy": 0.25, "balanced_accuracy": 0.25}
     lo, hi = flagged["ci95"]["balanced_accuracy"]
@@ -85,3 +86,12 @@ def test_the_flag_is_judged_on_the_interval_not_the_point():
     preds = np.array([0, 1, 1, 2, 2, 3, 3, 0])
     result = probe_result(labels, _probs(labels, preds), 1000, seed=0)
     assert result["balanced_accuracy"] > 0.25 + SHORTCUT_MARGIN and not result["shortcut"]
+    assert result["outcome"] == "inconclusive"
+    assert "inconclusive" in verdict({"lungs_blanked": result}, ["a", "b", "c", "d"])
+
+
+def test_without_intervals_the_probe_is_not_judged():
+    labels = np.repeat(np.arange(4), 50)
+    result = probe_result(labels, _probs(labels, labels), 0, seed=0)  # perfect, but no bootstrap
+    assert result["outcome"] == "not judged" and not result["shortcut"]
+    assert verdict({"lungs_blanked": result}, ["a", "b", "c", "d"]).startswith("Shortcut probe not judged")

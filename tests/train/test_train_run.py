@@ -298,6 +298,28 @@ def external_evaluation_two_ranks(run: Path, env, cwd) -> None:
     assert own["external"]["other_hospital"]["samples"] == 12
     assert "[other_hospital](external/other_hospital/report.md)" in (run / "report.md").read_text()
     assert not any("No external test" in s for s in own["limitations"])
+    assert report["external_test"]["name"] == "other_hospital" and "No external test" not in str(report["limitations"])
+    # a copy of the run's own shards is the run's own set (train split digest in the card); another set is not
+    import shutil
+
+    from train.evaluate import main as evaluate_main
+    from train.evaluate import same_shard_set
+
+    own_copy = shutil.copytree(load_config_shards(run), run.parent / "moved_shards")
+    assert same_shard_set(str(own_copy), run) and not same_shard_set(str(other), run)
+    # a class the model does not know: one line naming it, exit 2, nothing written
+    renamed = shutil.copytree(other, run.parent / "renamed")
+    data = json.loads((renamed / "manifest.json").read_text())
+    data["classes"] = ["Normal", "Tuberculosis"]
+    (renamed / "manifest.json").write_text(json.dumps(data))
+    assert evaluate_main(["--run", str(run), "--shards", str(renamed)]) == 2
+    assert not (run / "external" / "renamed").exists()
+
+
+def load_config_shards(run: Path) -> Path:
+    from train.config import load_config
+
+    return Path(load_config(run / "config.yaml").data.shards)
 
 
 def no_traceback_from_us(stderr: str) -> bool:
