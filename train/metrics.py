@@ -21,6 +21,31 @@ from train.bootstrap import bootstrap_ci, widen
 _RATES = ("precision", "ppv", "sensitivity", "specificity", "f1", "roc_auc")
 
 
+def _class_entry(c: int, labels: np.ndarray, probs: np.ndarray, cm: np.ndarray, f1: float, ci: dict | None) -> dict:
+    """One class's rates from the confusion matrix (one-vs-rest), with its intervals when `ci` is given."""
+    tp = cm[c, c]
+    fp = cm[:, c].sum() - tp
+    fn = cm[c, :].sum() - tp
+    tn = cm.sum() - tp - fp - fn
+    positives = labels == c
+    auc = float(skm.roc_auc_score(positives, probs[:, c])) if 0 < positives.sum() < len(labels) else None
+    ppv = float(tp / (tp + fp)) if tp + fp else None  # never predicted: undefined, not 0
+    entry = {
+        "precision": ppv,
+        "ppv": ppv,
+        "sensitivity": float(tp / (tp + fn)),
+        "specificity": float(tn / (tn + fp)) if tn + fp else None,  # no negatives: undefined
+        "f1": float(f1),
+        "support": int(tp + fn),
+        "roc_auc": auc,
+    }
+    if ci is not None:
+        counts = {"sensitivity": int(tp + fn), "specificity": int(tn + fp), "ppv": int(tp + fp)}
+        for k, v in ci.items():
+            entry[f"{k}_ci95"] = widen(entry[k], v, counts.get(k, 0))
+    return entry
+
+
 def classification_report(
     labels: np.ndarray,
     probs: np.ndarray,
@@ -42,38 +67,17 @@ def classification_report(
     idx = list(range(n_classes))
     present = [c for c in idx if (labels == c).any()]
     cm = skm.confusion_matrix(labels, preds, labels=idx)
-    precision, recall, f1, support = skm.precision_recall_fscore_support(labels, preds, labels=idx, zero_division=0)
+    _, recall, f1, _ = skm.precision_recall_fscore_support(labels, preds, labels=idx, zero_division=0)
     ci = bootstrap_ci(labels, probs, present, bootstrap, seed) if bootstrap and len(labels) else None
-    total = cm.sum()
     per_class = {}
     aucs = {}
     for c, name in enumerate(class_names):
         if c not in present:
             per_class[name] = {"support": 0, "note": "no test samples", **dict.fromkeys(_RATES)}
             continue
-        tp = cm[c, c]
-        fp = cm[:, c].sum() - tp
-        fn = cm[c, :].sum() - tp
-        tn = total - tp - fp - fn
-        positives = labels == c
-        auc = None
-        if 0 < positives.sum() < len(labels):
-            auc = float(skm.roc_auc_score(positives, probs[:, c]))
-            aucs[name] = auc
-        ppv = float(precision[c]) if tp + fp else None  # never predicted: undefined, not 0
-        per_class[name] = {
-            "precision": ppv,
-            "ppv": ppv,
-            "sensitivity": float(recall[c]),
-            "specificity": float(tn / (tn + fp)) if tn + fp else None,  # no negatives: undefined
-            "f1": float(f1[c]),
-            "support": int(support[c]),
-            "roc_auc": auc,
-        }
-        if ci is not None:
-            counts = {"sensitivity": int(support[c]), "specificity": int(tn + fp), "ppv": int(tp + fp)}
-            for k, v in ci["per_class"][c].items():
-                per_class[name][f"{k}_ci95"] = widen(per_class[name][k], v, counts.get(k, 0))
+        per_class[name] = _class_entry(c, labels, probs, cm, f1[c], ci["per_class"][c] if ci else None)
+        if per_class[name]["roc_auc"] is not None:
+            aucs[name] = per_class[name]["roc_auc"]
     row_sums = cm.sum(axis=1, keepdims=True)
     accuracy = float(skm.accuracy_score(labels, preds)) if len(labels) else 0.0
     ece = multiclass_calibration_error(
