@@ -90,7 +90,8 @@ def bootstrap_ci(
     labels: Sequence[int], probs: np.ndarray, present: Sequence[int], n_resamples: int = 2000, seed: int = 0
 ) -> dict:
     """95 % intervals: {"accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc": [lo, hi],
-    "per_class": {c: {"sensitivity", "specificity", "ppv", "roc_auc": [lo, hi]}}} (classes in `present`)."""
+    "per_class": {c: {"sensitivity", "specificity", "ppv", "roc_auc": [lo, hi]}}} (classes in `present`);
+    accuracy and the per-class rates get their Wilson interval where they are exactly 0 or 1 (`widen`)."""
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     n_classes = probs.shape[1]
@@ -115,12 +116,23 @@ def bootstrap_ci(
         if aucs:
             mauc.append(np.mean(aucs, axis=0))
     cat = np.concatenate
+    # the full sample's rates and their denominators: where a rate is 0 or 1 the bootstrap has no width (widen)
+    cm = confusion(labels, preds, np.arange(len(labels))[None, :], n_classes)[0]
+    point = {k: v[0] for k, v in rates(cm[None]).items()}
+    counts = {"sensitivity": cm.sum(axis=1), "specificity": len(labels) - cm.sum(axis=1), "ppv": cm.sum(axis=0)}
+
+    def class_ci(c: int, rate: str, values: list) -> list[float] | None:
+        if not values:
+            return None
+        ci = interval(cat(values))
+        return widen(float(point[rate][c]), ci, int(counts[rate][c])) if rate in counts else ci
+
     return {
-        "accuracy": interval(cat(acc)),
+        "accuracy": widen(float(point["accuracy"]), interval(cat(acc)), len(labels)),
         "balanced_accuracy": interval(cat(bal)),
         "macro_f1": interval(cat(mf1)),
         "macro_roc_auc": interval(cat(mauc)) if mauc else None,
-        "per_class": {c: {k: interval(cat(v)) if v else None for k, v in d.items()} for c, d in per.items()},
+        "per_class": {c: {k: class_ci(c, k, v) for k, v in d.items()} for c, d in per.items()},
     }
 
 

@@ -15,7 +15,7 @@ import torch
 from sklearn import metrics as skm
 from torchmetrics.functional.classification import multiclass_calibration_error
 
-from train.bootstrap import bootstrap_ci, widen
+from train.bootstrap import bootstrap_ci
 
 #: The per-class rates a class without test samples has none of.
 _RATES = ("precision", "ppv", "sensitivity", "specificity", "f1", "roc_auc")
@@ -40,9 +40,7 @@ def _class_entry(c: int, labels: np.ndarray, probs: np.ndarray, cm: np.ndarray, 
         "roc_auc": auc,
     }
     if ci is not None:
-        counts = {"sensitivity": int(tp + fn), "specificity": int(tn + fp), "ppv": int(tp + fp)}
-        for k, v in ci.items():
-            entry[f"{k}_ci95"] = widen(entry[k], v, counts.get(k, 0))
+        entry.update({f"{k}_ci95": v for k, v in ci.items()})
     return entry
 
 
@@ -94,12 +92,7 @@ def classification_report(
         "balanced_accuracy": float(np.mean([recall[c] for c in present])) if present else 0.0,
         "macro_f1": float(np.mean([f1[c] for c in present])) if present else 0.0,
         "macro_roc_auc": float(np.mean(list(aucs.values()))) if aucs else None,
-        "ci95": {
-            "accuracy": widen(accuracy, ci["accuracy"], len(labels)),
-            **{k: ci[k] for k in ("balanced_accuracy", "macro_f1", "macro_roc_auc")},
-        }
-        if ci
-        else {},
+        "ci95": {**{k: ci[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc")}} if ci else {},
         "bootstrap": {"resamples": int(bootstrap), "seed": int(seed), "stratified": True},
         "ece": float(ece),
         "per_class": per_class,

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline.augment import DeviceAugment
-from train.bootstrap import bootstrap_ci, fmt, widen
+from train.bootstrap import bootstrap_ci, fmt
 
 PROBES = {
     "lungs_blanked": "lungs blanked (outside-lung signal only)",
@@ -87,7 +87,7 @@ def probe_result(labels: np.ndarray, probs: np.ndarray, n_resamples: int, seed: 
         "samples": int(len(labels)),
         "accuracy": float(right.mean()),
         "balanced_accuracy": bal,
-        "ci95": {"accuracy": widen(float(right.mean()), ci.get("accuracy"), len(labels)), "balanced_accuracy": bal_ci},
+        "ci95": {"accuracy": ci.get("accuracy"), "balanced_accuracy": bal_ci},
         "chance": chance,
         "shortcut": outcome == "shortcut",
         "outcome": outcome,
