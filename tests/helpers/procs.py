@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from pathlib import Path
+
+
+def start_group(cmd: list[str], env: dict, cwd, stdout=subprocess.DEVNULL) -> subprocess.Popen:
+    """Start `cmd` in its own session (so `os.killpg(proc.pid, ...)` reaches every child), stderr piped as text."""
+    return subprocess.Popen(
+        cmd, env=env, cwd=cwd, stdout=stdout, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def children(pid: int) -> list[int]:

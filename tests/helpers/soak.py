@@ -27,12 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from helpers.procs import fd_count, find_trainer, rss_bytes
+from helpers.procs import fd_count, find_trainer, rss_bytes, start_group
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,15 +89,7 @@ def soak(
     child_env["PYTHONPATH"] = str(ROOT) + os.pathsep + child_env.get("PYTHONPATH", "")
     child_env.setdefault("CUDA_VISIBLE_DEVICES", "")
     start = time.monotonic()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=ROOT,
-        env=child_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_group(cmd, child_env, ROOT)
     samples: list[dict] = []
     try:
         trainer = find_trainer(proc.pid)

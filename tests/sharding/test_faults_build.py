@@ -27,6 +27,7 @@ from sharding.verify import verify
 
 from helpers.archives import rewrite_tar
 from helpers.fs import unwritable_folder
+from helpers.procs import start_group
 
 
 def tree_digest(root: Path) -> dict[str, str] | None:
@@ -68,14 +69,7 @@ def _kill_at(point: tuple[int, float], raw, out, env, cwd) -> bool:
     """Start a build; once `n` shards exist in its hidden folder (n=0: as soon as it runs), wait `extra`
     seconds and SIGKILL its whole process group. Returns True if it was killed (not already finished)."""
     n, extra = point
-    proc = subprocess.Popen(
-        build_cmd(raw, out),
-        env=dict(env, RADSTREAM_SHARD_DELAY="0.15"),
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    proc = start_group(build_cmd(raw, out), dict(env, RADSTREAM_SHARD_DELAY="0.15"), cwd)
     deadline = time.monotonic() + 120
     try:
         while proc.poll() is None and time.monotonic() < deadline:

@@ -29,6 +29,7 @@ import torch
 from train.checkpoint import CheckpointError, load_best_model, load_checkpoint
 
 from helpers.launch import TINY, free_port
+from helpers.procs import start_group
 
 pytestmark = pytest.mark.slow
 
@@ -75,9 +76,7 @@ def assert_files_loadable(out: Path) -> None:
 
 def run_until(cmd, env, cwd, predicate, timeout: float = 300, poll: float = 0.002):
     """Start a run in its own process group; SIGKILL the group as soon as predicate() holds."""
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    proc = start_group(cmd, env, cwd)
     deadline = time.monotonic() + timeout
     try:
         while True:
@@ -200,15 +199,7 @@ def test_dead_rank_fails_the_run_within_bound_no_partial_best_model(
         "train.timeout_s=20",
         "eval.test_at_end=false",
     ]
-    proc = subprocess.Popen(
-        cmd,
-        env=subprocess_env,
-        cwd=repo_root,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_group(cmd, subprocess_env, repo_root, stdout=subprocess.PIPE)
     try:
         victim = _rank_pid(proc.pid, 0)  # rank 0: the only writer
         deadline = time.monotonic() + 300
@@ -426,15 +417,7 @@ def test_stalled_rank_times_out_the_survivor_with_a_clear_error(tmp_path, phanto
         f"train.timeout_s={timeout_s}",
         "eval.test_at_end=false",
     ]
-    proc = subprocess.Popen(
-        cmd,
-        env=subprocess_env,
-        cwd=repo_root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_group(cmd, subprocess_env, repo_root)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()

@@ -18,6 +18,7 @@ from sharding.manifest import load_manifest
 from train.checkpoint import load_checkpoint
 
 from helpers.launch import TINY, free_port
+from helpers.procs import start_group
 
 pytestmark = pytest.mark.slow
 
@@ -138,15 +139,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path, phantom_shards, subpr
 
     part = tmp_path / "part"
     cmd = launch_cmd(1, ["--mixed_precision", "no"]) + TINY + common + [f"train.output_dir={part}", "train.resume=auto"]
-    proc = subprocess.Popen(
-        cmd,
-        env=subprocess_env,
-        cwd=repo_root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_group(cmd, subprocess_env, repo_root)
     try:
         ckpt = part / "models" / "checkpoint.pth"
         # The checkpoint is replaced atomically, so reading it while training runs is safe.
@@ -188,15 +181,7 @@ def test_kill_mid_epoch_resumes_mid_epoch_to_identical_weights(tmp_path, phantom
 
     part = tmp_path / "part"
     cmd = launch_cmd(1, ["--mixed_precision", "no"]) + TINY + common + [f"train.output_dir={part}", "train.resume=auto"]
-    proc = subprocess.Popen(
-        cmd,
-        env=subprocess_env,
-        cwd=repo_root,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = start_group(cmd, subprocess_env, repo_root)
     ckpt = part / "models" / "checkpoint.pth"
     try:  # the run's first checkpoint is the one after step 3 of epoch 0, ~6 steps before the epoch's end
         _wait_for(ckpt.exists, 300, proc)
