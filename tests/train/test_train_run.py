@@ -299,6 +299,10 @@ def external_evaluation_two_ranks(run: Path, env, cwd) -> None:
     (renamed / "manifest.json").write_text(json.dumps(data))
     assert evaluate_main(["--run", str(run), "--shards", str(renamed)]) == 2
     assert not (run / "external" / "renamed").exists()
+    # a split without films (this set's test split is empty): one line, exit 2
+    assert manifest.split("test").samples == 0
+    assert evaluate_main(["--run", str(run), "--shards", str(other), "--split", "test", "--name", "empty"]) == 2
+    assert not (run / "external" / "empty").exists()
 
 
 def load_config_shards(run: Path) -> Path:
