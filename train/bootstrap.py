@@ -91,7 +91,8 @@ def bootstrap_ci(
 ) -> dict:
     """95 % intervals: {"accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc": [lo, hi],
     "per_class": {c: {"sensitivity", "specificity", "ppv", "roc_auc": [lo, hi]}}} (classes in `present`);
-    accuracy and the per-class rates get their Wilson interval where they are exactly 0 or 1 (`widen`)."""
+    where the bootstrap has no width, accuracy and the per-class rates get their Wilson interval (`widen`) and
+    balanced accuracy the mean of its classes' sensitivity intervals (macro-F1 and ROC-AUC keep theirs)."""
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     n_classes = probs.shape[1]
@@ -116,7 +117,7 @@ def bootstrap_ci(
         if aucs:
             mauc.append(np.mean(aucs, axis=0))
     cat = np.concatenate
-    # the full sample's rates and their denominators: where a rate is 0 or 1 the bootstrap has no width (widen)
+    # the full sample's rates and their denominators, for the intervals the bootstrap leaves without width (widen)
     cm = confusion(labels, preds, np.arange(len(labels))[None, :], n_classes)[0]
     point = {k: v[0] for k, v in rates(cm[None]).items()}
     counts = {"sensitivity": cm.sum(axis=1), "specificity": len(labels) - cm.sum(axis=1), "ppv": cm.sum(axis=0)}
@@ -127,9 +128,13 @@ def bootstrap_ci(
         ci = interval(cat(values))
         return widen(float(point[rate][c]), ci, int(counts[rate][c])) if rate in counts else ci
 
+    balanced = interval(cat(bal))
+    if balanced is not None and balanced[0] == balanced[1]:  # every sensitivity 0 or 1: average their Wilson bounds
+        bounds = np.array([class_ci(c, "sensitivity", per[c]["sensitivity"]) for c in present])
+        balanced = [float(bounds[:, 0].mean()), float(bounds[:, 1].mean())]
     return {
         "accuracy": widen(float(point["accuracy"]), interval(cat(acc)), len(labels)),
-        "balanced_accuracy": interval(cat(bal)),
+        "balanced_accuracy": balanced,
         "macro_f1": interval(cat(mf1)),
         "macro_roc_auc": interval(cat(mauc)) if mauc else None,
         "per_class": {c: {k: class_ci(c, k, v) for k, v in d.items()} for c, d in per.items()},
@@ -148,12 +153,15 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> list[float] | None:
 
 
 def widen(value: float | None, ci: list[float] | None, n: int) -> list[float] | None:
-    """`ci`, or the Wilson interval where a rate of exactly 0 or 1 leaves the bootstrap no width.
+    """`ci`, or the Wilson interval of `value` out of `n` where the bootstrap has no width.
 
     Every resample of 30 right out of 30 is 30 out of 30, so the percentile
     bootstrap says 1.00 (1.00-1.00); the Wilson interval says 1.00 (0.89-1.00).
+    The same happens inside: a model that calls every film one class has a
+    sensitivity of 0 or 1 in every class of every stratified resample, so its
+    accuracy (that class's share) would read 0.43 (0.43-0.43) on 14 films.
     """
-    if ci is None or value is None or n <= 0 or value not in (0.0, 1.0) or ci[0] != ci[1]:
+    if ci is None or value is None or n <= 0 or ci[0] != ci[1]:
         return ci
     return wilson(round(value * n), n)
 

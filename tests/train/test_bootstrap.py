@@ -96,6 +96,23 @@ def test_wilson_interval_by_hand_and_where_it_replaces_a_zero_width_bootstrap():
     assert report["per_class"]["c"]["sensitivity_ci95"] == pytest.approx(wilson(0, 10))
 
 
+def test_a_model_calling_every_film_one_class_gets_intervals_with_width():
+    """Each class's sensitivity is 0 or 1 in every stratified resample: the bootstrap alone says 0.43 (0.43-0.43)."""
+    from train.bootstrap import wilson
+
+    labels = np.array([0] * 6 + [2] * 8)
+    probs = np.zeros((14, 4))
+    probs[:, 2] = 1.0
+    report = classification_report(labels, probs, ["a", "b", "c", "d"], bootstrap=200, seed=0)
+    assert report["accuracy"] == pytest.approx(8 / 14)
+    assert report["ci95"]["accuracy"] == pytest.approx(wilson(8, 14))
+    # balanced accuracy 0.5: the mean of the two classes' sensitivity intervals, Wilson(0, 6) and Wilson(8, 8)
+    expected = (np.array(wilson(0, 6)) + np.array(wilson(8, 8))) / 2
+    assert report["ci95"]["balanced_accuracy"] == pytest.approx(expected.tolist())
+    lo, hi = report["ci95"]["balanced_accuracy"]
+    assert lo < report["balanced_accuracy"] == 0.5 < hi
+
+
 def test_a_single_class_set_has_no_specificity():
     labels = np.zeros(20, np.int64)
     probs = np.tile([0.7, 0.1, 0.1, 0.1], (20, 1))
