@@ -89,16 +89,25 @@ def hamming(a: int, b: int) -> int:
 
 def near_pairs(hashes: Sequence[int], distance: int, block: int = 128) -> list[tuple[int, int]]:
     """Index pairs (i < j) whose hashes differ in at most `distance` bits (chunked numpy, O(n^2))."""
-    h = _words(hashes)
-    pairs: list[tuple[int, int]] = []
-    for start in range(0, len(h), block):
-        rows = h[start : start + block]
-        dist = np.bitwise_count(rows[:, None, :] ^ h[None, :, :]).sum(-1, dtype=np.int32)
+    return [(i, j) for i, j, _ in _close(_words(hashes), _words(hashes), distance, block) if j > i]
+
+
+def near_pairs_between(
+    hashes: Sequence[int], others: Sequence[int], distance: int, block: int = 128
+) -> list[tuple[int, int, int]]:
+    """(i, j, bits) for every hashes[i] within `distance` bits of others[j] (chunked numpy, O(n m))."""
+    if not len(hashes) or not len(others):
+        return []
+    return _close(_words(hashes), _words(others), distance, block)
+
+
+def _close(a: np.ndarray, b: np.ndarray, distance: int, block: int) -> list[tuple[int, int, int]]:
+    out: list[tuple[int, int, int]] = []
+    for start in range(0, len(a), block):
+        dist = np.bitwise_count(a[start : start + block, None, :] ^ b[None, :, :]).sum(-1, dtype=np.int32)
         ii, jj = np.nonzero(dist <= distance)
-        ii = ii + start
-        keep = jj > ii
-        pairs.extend(zip(ii[keep].tolist(), jj[keep].tolist()))
-    return pairs
+        out.extend(zip((ii + start).tolist(), jj.tolist(), dist[ii, jj].tolist()))
+    return out
 
 
 def group(

@@ -142,6 +142,8 @@ class EvalConfig:
     """Stratified bootstrap resamples for the report's 95 % confidence intervals (0 = none)."""
     target_sensitivity: float = 0.95
     """Sensitivity the `target_sensitivity` operating point must reach on validation (per class)."""
+    overlap_distance: int | None = 6
+    """External tests: pHash bits (of 256) within which a film near-copies a training film (null: exact only)."""
 
 
 @dataclass
@@ -223,6 +225,8 @@ def validate(cfg: Config) -> Config:
     for key in ("data.hflip_p", "optim.label_smoothing", "model.drop_rate", "eval.target_sensitivity"):
         if not 0.0 <= _get(cfg, key) <= 1.0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be within [0, 1]")
+    if cfg.eval.overlap_distance is not None and not 0 <= cfg.eval.overlap_distance <= 64:
+        raise ConfigError(f"eval.overlap_distance={cfg.eval.overlap_distance} must be within [0, 64] or null")
     if cfg.data.rotation_degrees > 180:
         raise ConfigError(f"data.rotation_degrees={cfg.data.rotation_degrees} must be <= 180")
     if cfg.train.max_steps_per_epoch is not None and cfg.train.max_steps_per_epoch <= 0:

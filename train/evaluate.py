@@ -32,7 +32,7 @@ from accelerate import Accelerator
 
 from pipeline.read import load_shard_manifest, split_digest
 from sharding.manifest import Manifest, ManifestError
-from train import facts, operating, plots, probes, sources
+from train import facts, operating, overlap, plots, probes, sources
 from train.bootstrap import fmt
 from train.card import TrainedModel, load_trained_model
 from train.checkpoint import BEST_PTH, atomic_write
@@ -41,7 +41,7 @@ from train.gradcam_report import confident_failures, explain_split
 from train.loop import Predictions, predict_split
 from train.metrics import classification_report
 from train.presets import build_split_loader
-from train.report import EXTERNAL, compare_runs, external_summaries, limitations, report_markdown
+from train.report import EXTERNAL, compare_runs, external_summaries, limitations, overlap_headline, report_markdown
 
 
 class EvaluationInputError(ValueError):
@@ -63,6 +63,7 @@ class Target:
     split_name: str  # "test", "val" or "all": names the report and its files
     lut: np.ndarray | None = None  # the shards' label index -> the model's class index (external sets)
     external: str | None = None  # the external set's name
+    train_shards: str | None = None  # where the model's training films are (external sets: checked for copies)
 
 
 def class_lut(model_classes: list[str], shard_classes: list[str], where: str) -> np.ndarray:
@@ -201,17 +202,19 @@ def report_extras(
             "name": target.external,
             "run": str(run_dir),
             "shards": target.shards,
-            "train_shards": cfg.data.shards,
+            "train_shards": target.train_shards,
         }
     urls = [
         u for split in target.splits for u in build_split_loader(cfg, split, shards=target.shards, train=False).urls
     ]
     site_of = sources.sample_sources(urls, cfg.data.cache_dir)
+    if target.external:
+        extra["training_overlap"] = overlap.training_overlap(cfg, target.train_shards, urls, preds, classes)
     if set(site_of.values()) - {sources.UNKNOWN}:
         extra["per_source"] = sources.per_source(
             preds.keys, preds.labels, preds.probs, site_of, classes, resamples, seed
         )
-    train_manifest = target.manifest if not target.external else _train_manifest_at(cfg.data.shards)
+    train_manifest = target.manifest if not target.external else _train_manifest_at(target.train_shards)
     extra["single_source_classes"] = sources.single_source_classes(train_manifest) if train_manifest else []
     if probe_preds:
         extra["probes"] = {
@@ -272,6 +275,9 @@ def _print_headline(report: dict, target: Target) -> None:
         print(f"{where}: Grad-CAM lung share (mean, all classes) {share:.3f}")
     if report.get("probe_verdict"):
         print(f"{where}: {report['probe_verdict']}")
+    overlap = report.get("training_overlap")
+    if overlap:
+        print(f"{where}: {overlap_headline(overlap)}")
     suffix = "" if target.split_name in ("test", "all") or target.external else f"_{target.split_name}"
     print(f"report: {target.out_dir / f'report{suffix}.md'}")
 
@@ -303,9 +309,16 @@ def external_name(shards: str) -> str:
 
 
 def evaluate_external(
-    run_dir: Path, shards: str, split: str = "test", name: str | None = None, accelerator: Accelerator | None = None
+    run_dir: Path,
+    shards: str,
+    split: str = "test",
+    name: str | None = None,
+    accelerator: Accelerator | None = None,
+    train_shards: str | None = None,
 ) -> dict | None:
-    """Evaluate the run's model on another shard set into RUN/external/<name>/ and list it in the run's report."""
+    """Evaluate the run's model on another shard set into RUN/external/<name>/ and list it in the run's report.
+
+    `train_shards` (default: the run's `data.shards`) are the films the external ones are checked against."""
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -316,7 +329,8 @@ def evaluate_external(
     if not splits or split != "all" and (split not in manifest.splits or not manifest.split(split).samples):
         raise ExternalShardsError(f"{shards} has no {split} films; use --split all to evaluate every film")
     name = external_name(name or shards)  # a name, never a path out of RUN/external
-    target = Target(shards, manifest, splits, run_dir / EXTERNAL / name, split, lut, name)
+    train_shards = train_shards or cfg.data.shards
+    target = Target(shards, manifest, splits, run_dir / EXTERNAL / name, split, lut, name, train_shards)
     report = evaluate_target(run_dir, trained, cfg, target, accelerator)
     if report is not None and (run_dir / "report.json").exists():
         update_run_report(run_dir)
@@ -351,6 +365,11 @@ def main(argv: list[str] | None = None) -> int:
         "moved, are evaluated as usual)",
     )
     parser.add_argument("--name", default=None, help="the external set's name (default: the --shards folder name)")
+    parser.add_argument(
+        "--train-shards",
+        default=None,
+        help="where the run's training shards are now, if moved (external films are checked against them)",
+    )
     args = parser.parse_args(argv)
     if args.compare:
         missing = [d for d in args.compare if not (Path(d) / "report.json").exists()]
@@ -361,13 +380,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.run:
         parser.error("--run is required (or --compare RUN RUN ...)")
+    if args.train_shards and not args.shards:
+        parser.error("--train-shards goes with an external test (--shards OTHER)")
     run_dir = Path(args.run)
     if not (run_dir / "config.yaml").exists() or not (run_dir / "models" / BEST_PTH).exists():
         print(f"error: {run_dir} is not a finished run (needs config.yaml and models/{BEST_PTH})", file=sys.stderr)
         return 2
     try:
         if args.shards and not same_shard_set(args.shards, run_dir):
-            evaluate_external(run_dir, args.shards, args.split, args.name)
+            evaluate_external(run_dir, args.shards, args.split, args.name, train_shards=args.train_shards)
         elif args.split == "all":
             parser.error("--split all is for an external shard set (--shards OTHER)")
         else:

@@ -22,6 +22,7 @@ PEDIATRIC_HINTS = ("pediatric", "paediatric", "chest-xray-pneumonia", "paultimot
 #: Below this many test films a class's interval is too wide to read much into.
 SMALL_SUPPORT = 100
 SPLITS = ("train", "val", "test")
+COPIES_SHOWN = 10  # external films copying training films listed in report.md (report.json has all)
 EXTERNAL = "external"  # RUN/external/<name>/: external tests
 
 
@@ -253,6 +254,7 @@ def external_section(report: dict) -> list[str]:
             f"This report **is** an external test: the model of `{this['run']}` (trained on `{this['train_shards']}`) "
             f"on `{this['shards']}` ({this['name']}), classes mapped by name. Internal results: "
             "[the run's report](../../report.md).",
+            *overlap_lines(report),
         ]
     if not external:
         return lines + [
@@ -267,10 +269,72 @@ def external_section(report: dict) -> list[str]:
             ", ".join(e["classes_evaluated"]),
             fmt(e["accuracy"], e["ci95"].get("accuracy")),
             fmt(e["balanced_accuracy"], e["ci95"].get("balanced_accuracy")),
+            "not checked" if e.get("copies") is None else e["copies"],
         ]
         for name, e in external.items()
     ]
-    return lines + ["", *_table(["shard set", "films", "classes", "accuracy", "balanced accuracy"], rows)]
+    header = ["shard set", "films", "classes", "accuracy", "balanced accuracy", "copies of training films"]
+    return lines + ["", *_table(header, rows)]
+
+
+def copies_of_training(report: dict) -> int | None:
+    """How many external films copy training films (exact or near); None when not checked or not external."""
+    o = report.get("training_overlap") or {}
+    return o["exact"] + o["near"] if o.get("checked") else None
+
+
+def overlap_headline(overlap: dict) -> str:
+    """One line: how many external films copy training films, and the accuracy without them."""
+    if not overlap["checked"]:
+        return "not checked against the training films (see the report)"
+    n = overlap["exact"] + overlap["near"]
+    line = f"{n} of {overlap['films']} films {_copy(n)} ({overlap['exact']} exact, {overlap['near']} near)"
+    rest = overlap.get("without_copies")
+    if rest:
+        line += f"; without them: accuracy {fmt(rest['accuracy'], rest['ci95'].get('accuracy'))}"
+    return line
+
+
+def _copy(n: int) -> str:
+    return "copies a training film" if n == 1 else "copy training films"
+
+
+def overlap_lines(report: dict) -> list[str]:
+    """The external films checked against the training films, and the results without the copies."""
+    o = report.get("training_overlap")
+    if not o:
+        return []
+    if not o["checked"]:
+        return ["", f"Overlap with the training films **not checked**: {o['reason']}."]
+    n, films = copies_of_training(report), o["films"]
+    near = f"near: pHash within {o['near_distance']} of 256 bits" if o["near_distance"] is not None else "exact only"
+    if not n:
+        return [
+            "",
+            f"Overlap with the training films: none of the {films} films copies one of the "
+            f"{o['train_films']} training films ({near}).",
+        ]
+    lines = [
+        "",
+        f"Overlap with the training films: **{n} of {films} films ({n / films:.0%}) {_copy(n)}** "
+        f"({o['exact']} exact, {o['near']} near; {near}); report.json lists them all under "
+        "`training_overlap.copies`. The results above count them; without them:",
+    ]
+    shown = list(o["copies"].items())[:COPIES_SHOWN]
+    listing = [[f"`{k}`", f"`{c['train_key']}`", c["kind"], c["bits"]] for k, c in shown]
+    listing = ["", *_table(["external film", "training film", "kind", "bits apart"], listing)]
+    rest = o.get("without_copies")
+    if not rest:
+        return lines[:-1] + [
+            "",
+            f"Overlap with the training films: **all {films} films copy training films**: "
+            "this is not an external test.",
+        ]
+    rows = [
+        [label, r["samples"], *(fmt(r[m], r["ci95"].get(m)) for m in ("accuracy", "balanced_accuracy", "macro_f1"))]
+        for label, r in (("all films", report), ("without the copies", rest))
+    ]
+    return lines + ["", *_table(["films", "n", "accuracy", "balanced accuracy", "macro-F1"], rows), *listing]
 
 
 def limitations(report: dict) -> list[str]:
@@ -298,6 +362,15 @@ def limitations(report: dict) -> list[str]:
         out.append(
             "No patient identifiers: the split is by film (exact and near duplicates grouped), so one patient's "
             "films can sit on both sides of it and inflate the results."
+        )
+    overlap = report.get("training_overlap")
+    if overlap and not overlap["checked"]:
+        out.append("The external films were not checked against the training films: some may be training films.")
+    elif copies_of_training(report):
+        n = copies_of_training(report)
+        out.append(
+            f"{n} external film{'s' * (n != 1)} {_copy(n)}: the external result above is partly a "
+            "training result (section 5 gives it without them)."
         )
     if (report.get("probes") or {}).get("lungs_blanked", {}).get("shortcut"):
         out.append("The shortcut probe fires: part of the accuracy comes from outside the lungs.")
@@ -348,6 +421,7 @@ def external_summaries(run_dir: Path) -> dict:
             for key in ("samples", "classes_evaluated", "accuracy", "balanced_accuracy", "macro_f1", "ci95", "split")
         }
         out[path.parent.name]["shards"] = r.get("shards")
+        out[path.parent.name]["copies"] = copies_of_training(r)
     return out
 
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -263,6 +264,8 @@ def external_evaluation_two_ranks(run: Path, env, cwd) -> None:
     from sharding.phantom import PhantomSpec, generate
 
     raw = generate(run.parent / "other_raw", PhantomSpec(counts=(5, 0, 7, 0), seed=3))
+    no_test = build_shards(raw, run.parent / "no_test", classes=["Normal", "COVID"], shard_size=4, progress=False)
+    trained_on = copy_training_films(run, raw)  # + 1 exact and 1 near copy of training films: 14 films
     other = run.parent / "other_hospital"
     manifest = build_shards(raw, other, classes=["Normal", "COVID"], include_masks=True, shard_size=4, progress=False)
     cmd = launch_cmd(2)[:-3] + ["-m", "train.evaluate", "--run", str(run), "--shards", str(other), "--split", "all"]
@@ -270,9 +273,17 @@ def external_evaluation_two_ranks(run: Path, env, cwd) -> None:
     assert done.returncode == 0, done.stderr[-6000:-2000]
     folder = run / "external" / "other_hospital"
     report = json.loads((folder / "report.json").read_text())
-    assert report["samples"] == 12 and report["split"] == "all"
+    assert report["samples"] == 14 and report["split"] == "all"
     supports = {c: report["per_class"][c]["support"] for c in report["classes"]}
-    assert supports == {"COVID": 5, "Lung_Opacity": 0, "Normal": 7, "Viral Pneumonia": 0}, "mapped by name"
+    assert supports == {"COVID": 6, "Lung_Opacity": 0, "Normal": 8, "Viral Pneumonia": 0}, "mapped by name"
+    # the copies of training films are found (exact and near), and the results are given without them
+    overlap = report["training_overlap"]
+    assert overlap["checked"] and (overlap["exact"], overlap["near"]) == (1, 1)
+    assert overlap["train_films"] == load_manifest(load_config_shards(run)).split("train").samples
+    assert {k: (c["train_key"], c["kind"]) for k, c in overlap["copies"].items()} == trained_on
+    assert overlap["without_copies"]["samples"] == 12
+    assert "**2 of 14 films (14%) copy training films**" in (folder / "report.md").read_text()
+    assert any("2 external films copy training films" in s for s in report["limitations"])
     assert report["classes_evaluated"] == ["COVID", "Normal"]
     keys = [json.loads(line)["key"] for line in (folder / "predictions.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys)) == sum(manifest.split(s).samples for s in manifest.splits)
@@ -280,7 +291,7 @@ def external_evaluation_two_ranks(run: Path, env, cwd) -> None:
     assert done.stdout.count("other_hospital (all): accuracy") == 1, "rank 0 alone prints"
     # the run's own report lists the external result, in json and markdown
     own = json.loads((run / "report.json").read_text())
-    assert own["external"]["other_hospital"]["samples"] == 12
+    assert own["external"]["other_hospital"]["samples"] == 14 and own["external"]["other_hospital"]["copies"] == 2
     assert "[other_hospital](external/other_hospital/report.md)" in (run / "report.md").read_text()
     assert not any("No external test" in s for s in own["limitations"])
     assert report["external_test"]["name"] == "other_hospital" and "No external test" not in str(report["limitations"])
@@ -299,10 +310,44 @@ def external_evaluation_two_ranks(run: Path, env, cwd) -> None:
     (renamed / "manifest.json").write_text(json.dumps(data))
     assert evaluate_main(["--run", str(run), "--shards", str(renamed)]) == 2
     assert not (run / "external" / "renamed").exists()
+    # training shards that cannot be read: the report says the overlap was not checked, and why
+    gone = str(run.parent / "gone")
+    args = ["--run", str(run), "--shards", str(other), "--split", "all", "--name", "unchecked", "--train-shards", gone]
+    assert evaluate_main(args) == 0
+    unchecked = json.loads((run / "external" / "unchecked" / "report.json").read_text())
+    assert not unchecked["training_overlap"]["checked"] and "--train-shards" in unchecked["training_overlap"]["reason"]
+    assert any("not checked against the training films" in s for s in unchecked["limitations"])
     # a split without films (this set's test split is empty): one line, exit 2
-    assert manifest.split("test").samples == 0
-    assert evaluate_main(["--run", str(run), "--shards", str(other), "--split", "test", "--name", "empty"]) == 2
+    assert no_test.split("test").samples == 0
+    no_test_dir = str(run.parent / "no_test")
+    assert evaluate_main(["--run", str(run), "--shards", no_test_dir, "--split", "test", "--name", "empty"]) == 2
     assert not (run / "external" / "empty").exists()
+
+
+def copy_training_films(run: Path, raw: Path) -> dict[str, tuple[str, str]]:
+    """Put one COVID training film as is and one Normal training film resized to 320 px into the phantom `raw`
+    (masks borrowed from a film there); returns {new key: (training key, exact|near)}."""
+    import shutil
+
+    from PIL import Image
+
+    from sharding.verify import decode_member, iter_samples
+
+    first: dict[str, tuple[str, np.ndarray]] = {}
+    for tar in sorted(load_config_shards(run).glob("train-*.tar")):
+        for sample in iter_samples(tar):
+            cls = json.loads(sample["json"])["class"]
+            first.setdefault(cls, (sample["__key__"], decode_member("image.npy", sample["image.npy"])[0]))
+    copies = {}
+    for cls, kind in (("COVID", "exact"), ("Normal", "near")):
+        key, pixels = first[cls]
+        image = Image.fromarray(pixels)
+        (image if kind == "exact" else image.resize((320, 320), Image.Resampling.BICUBIC)).save(
+            raw / cls / "images" / f"{cls}-copy.png"
+        )
+        shutil.copy(raw / cls / "masks" / f"{cls}-1.png", raw / cls / "masks" / f"{cls}-copy.png")
+        copies[f"{cls}-copy"] = (key, kind)
+    return copies
 
 
 def load_config_shards(run: Path) -> Path:
