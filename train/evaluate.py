@@ -41,7 +41,8 @@ from train.gradcam_report import confident_failures, explain_split
 from train.loop import Predictions, predict_split
 from train.metrics import classification_report
 from train.presets import build_split_loader
-from train.report import EXTERNAL, compare_runs, external_summaries, limitations, overlap_headline, report_markdown
+from train.report import compare_runs, limitations, report_markdown
+from train.report_external import EXTERNAL, external_summaries, overlap_headline
 
 
 class EvaluationInputError(ValueError):

@@ -72,7 +72,8 @@ def apply(
     n_resamples: int = 2000,
     seed: int = 0,
 ) -> dict:
-    """Test sensitivity/specificity at each frozen point, with stratified-bootstrap 95 % intervals."""
+    """Test sensitivity/specificity at each frozen point, with stratified-bootstrap 95 % intervals, beside the
+    validation rates (and target) it was chosen at."""
     labels, probs = np.asarray(labels), np.asarray(probs, dtype=np.float64)
     rng = seeds.rng(seed, SALT_OPERATING)
     idx = resample_indices(labels, n_resamples, rng) if n_resamples and len(labels) else None
@@ -85,7 +86,9 @@ def apply(
         for point in POINTS:
             threshold = points[name][point]["threshold"]
             sens, spec = _rates(probs[:, c], positive, threshold)
+            chosen = points[name][point]
             entry = {"threshold": threshold, "sensitivity": sens, "specificity": spec}
+            entry["validation"] = {k: chosen.get(k) for k in ("sensitivity", "specificity", "target") if k in chosen}
             if idx is not None:
                 flagged = (probs[:, c] >= threshold)[idx]
                 pos = positive[idx]

@@ -6,7 +6,8 @@ operating points, calibration, per source, confusion matrix), explanations and
 shortcut probes, failures, external results, limitations. Every number comes
 from the report dict (`report.json`); this module only lays it out, and
 `limitations` turns what the data and results show into plain sentences.
-`external_summaries` and `compare_runs` read finished reports back.
+`compare_runs` reads finished reports back; the external-test parts live in
+`train.report_external`.
 """
 
 from __future__ import annotations
@@ -15,23 +16,15 @@ import json
 from pathlib import Path
 
 from train.bootstrap import fmt
+from train.markdown import table as _table
 from train.probes import PROBES
+from train.report_external import external_section, overlap_limitation
 
 #: Sources whose names mark a pediatric collection (the Kaggle release's Normal and Viral Pneumonia films).
 PEDIATRIC_HINTS = ("pediatric", "paediatric", "chest-xray-pneumonia", "paultimothymooney", "guangzhou")
 #: Below this many test films a class's interval is too wide to read much into.
 SMALL_SUPPORT = 100
 SPLITS = ("train", "val", "test")
-COPIES_SHOWN = 10  # external films copying training films listed in report.md (report.json has all)
-EXTERNAL = "external"  # RUN/external/<name>/: external tests
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + " --- |" * len(header),
-        *("| " + " | ".join(str(c) for c in row) + " |" for row in rows),
-    ]
 
 
 def data_section(data: dict) -> list[str]:
@@ -121,25 +114,42 @@ def operating_section(report: dict, split: str) -> list[str]:
     points = report.get("operating_points") or {}
     if not points:
         return []
-    rows = [
-        [
-            name,
-            point,
-            f"{m['threshold']:.3f}",
-            fmt(m["sensitivity"], m.get("sensitivity_ci95")),
-            fmt(m["specificity"], m.get("specificity_ci95")),
-        ]
-        for name, by_point in points.items()
-        for point, m in by_point.items()
-    ]
-    return [
+    rows, missed = [], []
+    for name, by_point in points.items():
+        for point, m in by_point.items():
+            val = m.get("validation") or {}
+            target = val.get("target")
+            rows.append(
+                [
+                    name,
+                    point if target is None else f"sensitivity ≥ {target:.2f}",
+                    f"{m['threshold']:.3f}",
+                    fmt(val.get("sensitivity"), None),
+                    fmt(val.get("specificity"), None),
+                    fmt(m["sensitivity"], m.get("sensitivity_ci95")),
+                    fmt(m["specificity"], m.get("specificity_ci95")),
+                ]
+            )
+            if target is not None and m["sensitivity"] < target:
+                missed.append(f"{name} {m['sensitivity']:.2f}")
+    header = ["class", "point", "threshold", "val. sensitivity", "val. specificity"]
+    lines = [
         "",
         f"### Operating points (chosen on validation, frozen, applied to {split})",
         "",
-        "A film is flagged for a class when its probability reaches the class's threshold.",
+        "A film is flagged for a class when its probability reaches the class's threshold; the thresholds were "
+        f"fixed on the validation films before the {split} films were seen.",
         "",
-        *_table(["class", "point", "threshold", "sensitivity", "specificity"], rows),
+        *_table(header + [f"{split} sensitivity", f"{split} specificity"], rows),
     ]
+    if missed:
+        lines += [
+            "",
+            f"The sensitivity target met on validation is missed on {split} for {', '.join(missed)}: a threshold "
+            "chosen on few validation films does not carry over exactly; choose it on more films before relying "
+            "on it.",
+        ]
+    return lines
 
 
 def source_section(report: dict, split: str) -> list[str]:
@@ -244,99 +254,6 @@ def failure_section(report: dict) -> list[str]:
     ]
 
 
-def external_section(report: dict) -> list[str]:
-    external = report.get("external") or {}
-    lines = ["", "## 5. External test"]
-    this = report.get("external_test")
-    if this:
-        return lines + [
-            "",
-            f"This report **is** an external test: the model of `{this['run']}` (trained on `{this['train_shards']}`) "
-            f"on `{this['shards']}` ({this['name']}), classes mapped by name. Internal results: "
-            "[the run's report](../../report.md).",
-            *overlap_lines(report),
-        ]
-    if not external:
-        return lines + [
-            "",
-            "None yet: results above are internal (films from the same collections as training). Run "
-            "`python -m train.evaluate --run RUN --shards OTHER` on films from a source the model never saw.",
-        ]
-    rows = [
-        [
-            f"[{name}](external/{name}/report.md)",
-            e["samples"],
-            ", ".join(e["classes_evaluated"]),
-            fmt(e["accuracy"], e["ci95"].get("accuracy")),
-            fmt(e["balanced_accuracy"], e["ci95"].get("balanced_accuracy")),
-            "not checked" if e.get("copies") is None else e["copies"],
-        ]
-        for name, e in external.items()
-    ]
-    header = ["shard set", "films", "classes", "accuracy", "balanced accuracy", "copies of training films"]
-    return lines + ["", *_table(header, rows)]
-
-
-def copies_of_training(report: dict) -> int | None:
-    """How many external films copy training films (exact or near); None when not checked or not external."""
-    o = report.get("training_overlap") or {}
-    return o["exact"] + o["near"] if o.get("checked") else None
-
-
-def overlap_headline(overlap: dict) -> str:
-    """One line: how many external films copy training films, and the accuracy without them."""
-    if not overlap["checked"]:
-        return "not checked against the training films (see the report)"
-    n = overlap["exact"] + overlap["near"]
-    line = f"{n} of {overlap['films']} films {_copy(n)} ({overlap['exact']} exact, {overlap['near']} near)"
-    rest = overlap.get("without_copies")
-    if rest:
-        line += f"; without them: accuracy {fmt(rest['accuracy'], rest['ci95'].get('accuracy'))}"
-    return line
-
-
-def _copy(n: int) -> str:
-    return "copies a training film" if n == 1 else "copy training films"
-
-
-def overlap_lines(report: dict) -> list[str]:
-    """The external films checked against the training films, and the results without the copies."""
-    o = report.get("training_overlap")
-    if not o:
-        return []
-    if not o["checked"]:
-        return ["", f"Overlap with the training films **not checked**: {o['reason']}."]
-    n, films = copies_of_training(report), o["films"]
-    near = f"near: pHash within {o['near_distance']} of 256 bits" if o["near_distance"] is not None else "exact only"
-    if not n:
-        return [
-            "",
-            f"Overlap with the training films: none of the {films} films copies one of the "
-            f"{o['train_films']} training films ({near}).",
-        ]
-    lines = [
-        "",
-        f"Overlap with the training films: **{n} of {films} films ({n / films:.0%}) {_copy(n)}** "
-        f"({o['exact']} exact, {o['near']} near; {near}); report.json lists them all under "
-        "`training_overlap.copies`. The results above count them; without them:",
-    ]
-    shown = list(o["copies"].items())[:COPIES_SHOWN]
-    listing = [[f"`{k}`", f"`{c['train_key']}`", c["kind"], c["bits"]] for k, c in shown]
-    listing = ["", *_table(["external film", "training film", "kind", "bits apart"], listing)]
-    rest = o.get("without_copies")
-    if not rest:
-        return lines[:-1] + [
-            "",
-            f"Overlap with the training films: **all {films} films copy training films**: "
-            "this is not an external test.",
-        ]
-    rows = [
-        [label, r["samples"], *(fmt(r[m], r["ci95"].get(m)) for m in ("accuracy", "balanced_accuracy", "macro_f1"))]
-        for label, r in (("all films", report), ("without the copies", rest))
-    ]
-    return lines + ["", *_table(["films", "n", "accuracy", "balanced accuracy", "macro-F1"], rows), *listing]
-
-
 def limitations(report: dict) -> list[str]:
     """Plain sentences about what limits these results, from what the data and results show."""
     out = []
@@ -363,15 +280,8 @@ def limitations(report: dict) -> list[str]:
             "No patient identifiers: the split is by film (exact and near duplicates grouped), so one patient's "
             "films can sit on both sides of it and inflate the results."
         )
-    overlap = report.get("training_overlap")
-    if overlap and not overlap["checked"]:
-        out.append("The external films were not checked against the training films: some may be training films.")
-    elif copies_of_training(report):
-        n = copies_of_training(report)
-        out.append(
-            f"{n} external film{'s' * (n != 1)} {_copy(n)}: the external result above is partly a "
-            "training result (section 5 gives it without them)."
-        )
+    if overlap_limitation(report):
+        out.append(overlap_limitation(report))
     if (report.get("probes") or {}).get("lungs_blanked", {}).get("shortcut"):
         out.append("The shortcut probe fires: part of the accuracy comes from outside the lungs.")
     if not report.get("external") and not external_test:
@@ -409,20 +319,6 @@ def report_markdown(report: dict, split: str, run_dir: Path) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def external_summaries(run_dir: Path) -> dict:
-    """{name: headline} of every external report under RUN/external/."""
-    out = {}
-    for path in sorted((Path(run_dir) / EXTERNAL).glob("*/report.json")):
-        r = json.loads(path.read_text())
-        out[path.parent.name] = {
-            key: r.get(key)
-            for key in ("samples", "classes_evaluated", "accuracy", "balanced_accuracy", "macro_f1", "ci95", "split")
-        }
-        out[path.parent.name]["shards"] = r.get("shards")
-        out[path.parent.name]["copies"] = copies_of_training(r)
-    return out
 
 
 def compare_runs(run_dirs: list[Path], split: str = "test") -> str:

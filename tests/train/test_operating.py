@@ -40,6 +40,21 @@ def test_frozen_points_applied_to_test_with_intervals():
     assert 0 <= lo <= 0.75 <= hi <= 1
 
 
+def test_the_report_shows_validation_beside_test_and_a_missed_target():
+    from train.report import operating_section
+
+    val_labels = np.array([0, 0, 0, 0, 1, 1, 2, 2])
+    points = operating.choose(val_labels, _probs([0.9, 0.8, 0.7, 0.65, 0.6, 0.5, 0.3, 0.1]), CLASSES, target=0.75)
+    labels = np.array([0, 0, 0, 0, 1, 1, 2, 2, 1, 2])
+    out = operating.apply(labels, _probs([0.9, 0.8, 0.6, 0.6, 0.66, 0.5, 0.3, 0.1, 0.2, 0.2]), CLASSES, points, 0)
+    target = out["A"]["target_sensitivity"]
+    assert target["validation"] == {"sensitivity": 0.75, "specificity": 1.0, "target": 0.75}
+    assert target["sensitivity"] == 0.5 and out["A"]["youden"]["validation"] == {"sensitivity": 1.0, "specificity": 1.0}
+    text = "\n".join(operating_section({"operating_points": out}, "test"))
+    assert "| A | sensitivity ≥ 0.75 | 0.700 | 0.75 | 1.00 | 0.50 | 1.00 |" in text
+    assert "missed on test for A 0.50" in text
+
+
 def test_points_survive_the_card_and_change_predictions(tmp_path):
     points = {
         "A": {"youden": {"threshold": 0.3}, "target_sensitivity": {"threshold": 0.05}},
