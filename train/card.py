@@ -36,6 +36,8 @@ class ModelCard:
     config: dict = field(default_factory=dict)  # the run's resolved config
     operating_points: dict = field(default_factory=dict)  # per class, chosen on validation (train.operating)
     train_digest: str = ""  # the training shards' train split (names, counts, sha256): how an evaluation knows them
+    precision: str = ""  # the mixed precision the run trained in, as accelerate ran it ("no", "bf16", "fp16")
+    processes: int = 0  # how many processes (devices) trained it: batch_size is per device
 
     def identity(self) -> dict:
         """What a resumed checkpoint must share with this model (train.state adds batch and seed)."""

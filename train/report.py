@@ -65,6 +65,9 @@ def training_section(training: dict) -> list[str]:
     t = training
     ran = f"{t['epochs_run']} of {t['epochs_planned']} epochs (patience {t['patience']})"
     stop = f"stopped early after {ran}" if t["early_stopped"] else f"ran all {ran}"
+    n, accum = t.get("processes"), t.get("grad_accum") or 1
+    steps = f" × {accum} accumulated steps" if accum > 1 else ""
+    devices = f" × {n} process{'es' * (n != 1)}{steps} (global batch {n * accum * t['batch_size']})" if n else ""
 
     return [
         "## 2. Model and training",
@@ -72,7 +75,7 @@ def training_section(training: dict) -> list[str]:
         f"{t['model']} ({t.get('weights', 'random init')}, "
         f"{t['in_chans']} input channel) at {t['image_size']} px from {t['stored_size']} px films; "
         f"{t['optimizer']} lr {t['lr']} ({t['scheduler']} schedule), batch {t['batch_size']} "
-        f"per device, precision {t['precision']}, seed {t['seed']}. Training {stop}; the model is "
+        f"per device{devices}, precision {t['precision']}, seed {t['seed']}. Training {stop}; the model is "
         f"epoch {t['best_epoch']}, chosen by {t['monitor']} = {fmt(t['monitor_value'], None, 3)} "
         f"on validation. Full config: `config.yaml` in the run folder.",
         "",
@@ -85,7 +88,7 @@ def headline_section(report: dict, split: str) -> list[str]:
     films = f"{report['samples']} films (all splits)" if split == "all" else f"{report['samples']} {split} films"
     intervals = (
         f"Values with 95 % confidence intervals (stratified bootstrap, {boot['resamples']} resamples, seed "
-        f"{boot.get('seed')}; a rate of exactly 0 or 1 gets its Wilson interval, where the bootstrap has no width)"
+        f"{boot.get('seed')}; an interval the bootstrap leaves without width, e.g. for 30 of 30, gets Wilson's)"
         if boot.get("resamples")
         else "No confidence intervals (eval.bootstrap_resamples=0)"
     )

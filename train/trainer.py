@@ -319,7 +319,7 @@ def run_epoch(run: Run, epoch: int, position: Position) -> tuple[dict, bool]:
     improved = state.stopper.step(row[cfg.train.monitor], epoch)
     step_scheduler(state.scheduler, row[cfg.train.monitor])
     if acc.is_main_process:
-        card = model_card(cfg, run.manifest)
+        card = replace(model_card(cfg, run.manifest), precision=str(acc.mixed_precision), processes=acc.num_processes)
         if improved:  # thresholds frozen from this model's validation predictions, never from test
             card = replace(
                 card,

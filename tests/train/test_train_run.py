@@ -235,6 +235,10 @@ def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subpro
     assert [report["per_class"][c]["support"] for c in report["classes"]] == list(test_split.class_counts)
     keys = [json.loads(line)["key"] for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(keys) == len(set(keys)) == test_split.samples, "each test sample exactly once across the 2 ranks"
+    # the card and the report say how the model was trained: as launched, not as configured
+    card = json.loads((out / "models" / "best_model.json").read_text())
+    assert (card["precision"], card["processes"]) == ("no", 2)
+    assert "batch 8 per device × 2 processes (global batch 16), precision no" in (out / "report.md").read_text()
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert files == sorted(
         [
