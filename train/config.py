@@ -225,8 +225,10 @@ def validate(cfg: Config) -> Config:
     for key in ("data.hflip_p", "optim.label_smoothing", "model.drop_rate", "eval.target_sensitivity"):
         if not 0.0 <= _get(cfg, key) <= 1.0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be within [0, 1]")
-    if cfg.eval.overlap_distance is not None and not 0 <= cfg.eval.overlap_distance <= 64:
-        raise ConfigError(f"eval.overlap_distance={cfg.eval.overlap_distance} must be within [0, 64] or null")
+    if cfg.eval.overlap_distance is not None and not 0 <= cfg.eval.overlap_distance <= 256:
+        raise ConfigError(
+            f"eval.overlap_distance={cfg.eval.overlap_distance} must be within [0, 256] (pHash bits) or null"
+        )
     if cfg.data.rotation_degrees > 180:
         raise ConfigError(f"data.rotation_degrees={cfg.data.rotation_degrees} must be <= 180")
     if cfg.train.max_steps_per_epoch is not None and cfg.train.max_steps_per_epoch <= 0:

@@ -210,7 +210,9 @@ def report_extras(
     ]
     site_of = sources.sample_sources(urls, cfg.data.cache_dir)
     if target.external:
-        extra["training_overlap"] = overlap.training_overlap(cfg, target.train_shards, urls, preds, classes)
+        extra["training_overlap"] = overlap.training_overlap(
+            cfg, target.train_shards, trained.card.train_digest, urls, preds, classes
+        )
     if set(site_of.values()) - {sources.UNKNOWN}:
         extra["per_source"] = sources.per_source(
             preds.keys, preds.labels, preds.probs, site_of, classes, resamples, seed

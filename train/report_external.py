@@ -51,13 +51,21 @@ def external_section(report: dict) -> list[str]:
 
 
 def copies_of_training(report: dict) -> int | None:
-    """How many external films copy training films (exact or near); None when not checked or not external."""
+    """How many external films copy training or validation films; None when not checked or not external."""
     o = report.get("training_overlap") or {}
     return o["exact"] + o["near"] if o.get("checked") else None
 
 
+def _copy(n: int) -> str:
+    return "copies a training or validation film" if n == 1 else "copy training or validation films"
+
+
+def _near(o: dict) -> str:
+    return "exact copies only" if o["near_distance"] is None else f"near: within {o['near_distance']} of 256 pHash bits"
+
+
 def overlap_headline(overlap: dict) -> str:
-    """One line: how many external films copy training films, and the accuracy without them."""
+    """One line: how many external films copy development films, and the accuracy without them."""
     if not overlap["checked"]:
         return "not checked against the training films (see the report)"
     n = overlap["exact"] + overlap["near"]
@@ -68,60 +76,62 @@ def overlap_headline(overlap: dict) -> str:
     return line
 
 
-def _copy(n: int) -> str:
-    return "copies a training film" if n == 1 else "copy training films"
-
-
 def overlap_limitation(report: dict) -> str | None:
-    """The limitation sentence about external films that are (or may be) training films; None if none."""
-    overlap = report.get("training_overlap")
-    if overlap and not overlap["checked"]:
+    """The limitation sentence about external films that are (or may be) development films; None if none."""
+    o = report.get("training_overlap")
+    if o and not o["checked"]:
         return "The external films were not checked against the training films: some may be training films."
     n = copies_of_training(report)
     if not n:
         return None
+    if not o.get("without_copies"):
+        return f"Every external film {_copy(1)}: this is not an external test."
     return (
-        f"{n} external film{'s' * (n != 1)} {_copy(n)}: the external result above is partly a training result "
-        "(section 5 gives it without them)."
+        f"{n} external film{'s' * (n != 1)} {_copy(n)}: the external result above counts films the model was "
+        "developed on (section 5 gives it without them)."
     )
 
 
 def overlap_lines(report: dict) -> list[str]:
-    """The external films checked against the training films, and the results without the copies."""
+    """The external films checked against the development films, and the results without the copies."""
     o = report.get("training_overlap")
     if not o:
         return []
     if not o["checked"]:
         return ["", f"Overlap with the training films **not checked**: {o['reason']}."]
     n, films = copies_of_training(report), o["films"]
-    near = f"near: pHash within {o['near_distance']} of 256 bits" if o["near_distance"] is not None else "exact only"
+    against = f"the {o['reference_films']} {' and '.join(o['reference_splits'])} films"
     if not n:
         return [
             "",
-            f"Overlap with the training films: none of the {films} films copies one of the "
-            f"{o['train_films']} training films ({near}).",
+            f"Overlap with the training films: no copy of {against} found among the {films} films ({_near(o)}; "
+            "crops, flips and burned-in edits are not detected).",
         ]
+    conflicts = f", {o['different_label']} of them labelled differently there" if o["different_label"] else ""
     lines = [
         "",
-        f"Overlap with the training films: **{n} of {films} films ({n / films:.0%}) {_copy(n)}** "
-        f"({o['exact']} exact, {o['near']} near; {near}); report.json lists them all under "
-        "`training_overlap.copies`. The results above count them; without them:",
+        f"Overlap with the training films: **{n} of {films} films ({n / films:.0%}) {_copy(n)}** (checked against "
+        f"{against}: {o['exact']} exact, {o['near']} near{conflicts}; {_near(o)}); report.json lists them all "
+        "under `training_overlap.copies`.",
     ]
-    shown = list(o["copies"].items())[:COPIES_SHOWN]
-    listing = [[f"`{k}`", f"`{c['train_key']}`", c["kind"], c["bits"]] for k, c in shown]
-    listing = ["", *_table(["external film", "training film", "kind", "bits apart"], listing)]
     rest = o.get("without_copies")
     if not rest:
-        return lines[:-1] + [
-            "",
-            f"Overlap with the training films: **all {films} films copy training films**: "
-            "this is not an external test.",
-        ]
+        return lines + ["", "**No film is left without a copy: this is not an external test.**"]
     rows = [
-        [label, r["samples"], *(fmt(r[m], r["ci95"].get(m)) for m in ("accuracy", "balanced_accuracy", "macro_f1"))]
+        [label, r["samples"], ", ".join(r["classes_evaluated"])]
+        + [fmt(r[m], r["ci95"].get(m)) for m in ("accuracy", "balanced_accuracy", "macro_f1")]
         for label, r in (("all films", report), ("without the copies", rest))
     ]
-    return lines + ["", *_table(["films", "n", "accuracy", "balanced accuracy", "macro-F1"], rows), *listing]
+    listing = [
+        [f"`{k}`", c["class"], f"`{c['reference_key']}`", c["reference_class"], c["kind"], c["bits"]]
+        for k, c in list(o["copies"].items())[:COPIES_SHOWN]
+    ]
+    return lines + [
+        "",
+        *_table(["films", "n", "classes", "accuracy", "balanced accuracy", "macro-F1"], rows),
+        "",
+        *_table(["external film", "class", "copied film", "its class", "kind", "bits apart"], listing),
+    ]
 
 
 def external_summaries(run_dir: Path) -> dict:

@@ -5,10 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
+from pipeline.read import split_digest
 from sharding.dedup import hamming, near_pairs, near_pairs_between, phash
+from sharding.manifest import ManifestError, load_manifest
 from sharding.verify import decode_member, iter_samples
-from train.overlap import FilmHashes, film_hashes, find_copies, not_copied
+from train.config import Config
+from train.overlap import FilmHashes, film_hashes, find_copies, not_copied, overlap_summary, reference_films
+from train.report_external import overlap_limitation, overlap_lines
 
 
 def test_near_pairs_between_equals_brute_force():
@@ -27,16 +32,57 @@ def test_near_pairs_between_equals_brute_force():
 
 
 def test_exact_copies_win_and_the_closest_near_copy_is_kept():
-    train = FilmHashes(["t0", "t1", "t2"], ["s0", "s1", "s2"], [0b0, 0b1111, 0b111])
-    films = FilmHashes(["a", "b", "c", "d"], ["s1", "x", "y", "z"], [0b1111, 0b11111, (2**64 - 1) << 192, 0b0])
-    copies = find_copies(films, train, distance=2)
-    assert copies == {
-        "a": {"train_key": "t1", "kind": "exact", "bits": 0},  # same pixels, even though near t2 as well
-        "b": {"train_key": "t1", "kind": "near", "bits": 1},  # 1 bit from t1, 2 from t2: the closest
-        "d": {"train_key": "t0", "kind": "near", "bits": 0},  # same hash, different pixels: near, 0 bits
+    ref = FilmHashes(["t0", "t1", "t2"], ["A", "B", "B"], ["s0", "s1", "s2"], [0b0, 0b1111, 0b111])
+    films = FilmHashes(["a", "b", "c", "d"], ["B", "B", "A", "B"], ["s1", "x", "y", "z"], [0b1111, 0b11111, FAR, 0])
+    copies = find_copies(films, ref, distance=2)
+    assert {k: (c["reference_key"], c["kind"], c["bits"]) for k, c in copies.items()} == {
+        "a": ("t1", "exact", 0),  # same pixels, even though near t2 as well
+        "b": ("t1", "near", 1),  # 1 bit from t1, 2 from t2: the closest
+        "d": ("t0", "near", 0),  # same hash, different pixels: near, 0 bits
     }
-    assert find_copies(films, train, distance=None) == {"a": copies["a"]}, "None: exact copies only"
+    assert (copies["d"]["class"], copies["d"]["reference_class"]) == ("B", "A"), "a copy labelled differently"
+    assert find_copies(films, ref, distance=None) == {"a": copies["a"]}, "None: exact copies only"
     assert not_copied(["a", "b", "c", "d"], copies).tolist() == [False, False, True, False]
+    summary = overlap_summary(copies, 4, ref, ("train", "val"), 2)
+    assert (summary["exact"], summary["near"], summary["different_label"], summary["reference_films"]) == (1, 2, 1, 3)
+
+
+FAR = (2**64 - 1) << 192  # 64 bits from 0 and from the small hashes above
+
+
+def _external(overlap: dict, rest: dict | None = None) -> dict:
+    ci = {"accuracy": [0.5, 0.9], "balanced_accuracy": [0.5, 0.9], "macro_f1": [0.5, 0.9]}
+    head = {"samples": 10, "classes_evaluated": ["A", "B"], "accuracy": 0.8, "balanced_accuracy": 0.8}
+    report = {**head, "macro_f1": 0.8, "ci95": ci, "training_overlap": overlap}
+    if rest is not None:
+        overlap["without_copies"] = {**head, **rest, "macro_f1": 0.7, "ci95": ci}
+    return report
+
+
+def test_the_report_says_what_was_found_and_what_was_not():
+    base = {"checked": True, "films": 10, "reference_films": 50, "reference_splits": ["train", "val"]}
+    base |= {"near_distance": 6, "exact": 0, "near": 0, "different_label": 0, "copies": {}}
+    none = "\n".join(overlap_lines(_external(dict(base))))
+    assert "no copy of the 50 train and val films found among the 10 films" in none and "not detected" in none
+    assert overlap_limitation(_external(dict(base))) is None
+    copy = {"reference_key": "t1", "kind": "near", "bits": 2, "class": "A", "reference_class": "B"}
+    two = base | {"exact": 1, "near": 1, "different_label": 1, "copies": {"a": copy, "b": copy}}
+    report = _external(dict(two), {"samples": 8, "classes_evaluated": ["A"], "accuracy": 0.75})
+    text = "\n".join(overlap_lines(report))
+    assert "**2 of 10 films (20%) copy training or validation films**" in text and "1 of them labelled" in text
+    assert "| without the copies | 8 | A | 0.75 (0.50–0.90) |" in text, "a class gone without the copies shows"
+    assert "| `a` | A | `t1` | B | near | 2 |" in text
+    assert "2 external films copy training or validation films" in overlap_limitation(report)
+    every = _external(dict(two, films=2))
+    assert "this is not an external test" in "\n".join(overlap_lines(every))
+    assert (
+        overlap_limitation(every)
+        == "Every external film copies a training or validation film: this is not an external test."
+    )
+    unchecked = _external({"checked": False, "reason": "gone"})
+    assert "**not checked**: gone" in "\n".join(overlap_lines(unchecked)) and "not checked" in overlap_limitation(
+        unchecked
+    )
 
 
 def test_film_hashes_read_sha_and_phash_from_real_shards(phantom_shards):
@@ -49,5 +95,19 @@ def test_film_hashes_read_sha_and_phash_from_real_shards(phantom_shards):
             want[s["__key__"]] = (json.loads(s["json"])["sha256"], phash(pixels))
     assert got.keys == sorted(want) and len(got.keys) > 0
     assert [(s, p) for s, p in zip(got.sha256, got.phash)] == [want[k] for k in got.keys]
+    assert set(got.classes) <= {"COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"} and all(got.classes)
     # a set against itself: every film is its own exact copy
     assert {c["kind"] for c in find_copies(got, got, 6).values()} == {"exact"}
+
+
+def test_reference_films_are_the_models_training_and_validation_films(phantom_shards, tmp_path):
+    manifest = load_manifest(phantom_shards)
+    films, splits = reference_films(Config(), str(phantom_shards), split_digest(manifest, "train"))
+    assert (
+        splits == ("train", "val")
+        and len(films.keys) == manifest.split("train").samples + manifest.split("val").samples
+    )
+    with pytest.raises(ManifestError, match="not the ones the model was trained on"):
+        reference_films(Config(), str(phantom_shards), "0123456789abcdef")
+    with pytest.raises((ManifestError, OSError)):
+        reference_films(Config(), str(tmp_path / "gone"), "")
