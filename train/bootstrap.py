@@ -91,8 +91,8 @@ def bootstrap_ci(
 ) -> dict:
     """95 % intervals: {"accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc": [lo, hi],
     "per_class": {c: {"sensitivity", "specificity", "ppv", "roc_auc": [lo, hi]}}} (classes in `present`);
-    where the bootstrap has no width, accuracy and the per-class rates get their Wilson interval (`widen`) and
-    balanced accuracy the mean of its classes' sensitivity intervals (macro-F1 and ROC-AUC keep theirs)."""
+    where the bootstrap has no width, accuracy, balanced accuracy (at its effective count) and the per-class
+    rates get their Wilson interval (`widen`); macro-F1 and ROC-AUC keep the bootstrap's."""
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
     n_classes = probs.shape[1]
@@ -128,20 +128,21 @@ def bootstrap_ci(
         ci = interval(cat(values))
         return widen(float(point[rate][c]), ci, int(counts[rate][c])) if rate in counts else ci
 
-    balanced = interval(cat(bal))
-    if balanced is not None and balanced[0] == balanced[1]:  # every sensitivity 0 or 1: average their Wilson bounds
-        bounds = np.array([class_ci(c, "sensitivity", per[c]["sensitivity"]) for c in present])
-        balanced = [float(bounds[:, 0].mean()), float(bounds[:, 1].mean())]
+    # balanced accuracy weighs each present class 1/k: a mean of k proportions with the variance of one over
+    # n_eff = 1 / sum(1 / (k^2 n_c)) films (accuracy's weights n_c / N give n_eff = N: the same rule)
+    positives = cm.sum(axis=1)[present]
+    n_eff = 1.0 / float(np.sum(1.0 / (len(present) ** 2 * positives))) if len(present) else 0.0
+    balanced = float(point["sensitivity"][present].mean()) if len(present) else None
     return {
         "accuracy": widen(float(point["accuracy"]), interval(cat(acc)), len(labels)),
-        "balanced_accuracy": balanced,
+        "balanced_accuracy": widen(balanced, interval(cat(bal)), n_eff),
         "macro_f1": interval(cat(mf1)),
         "macro_roc_auc": interval(cat(mauc)) if mauc else None,
         "per_class": {c: {k: class_ci(c, k, v) for k, v in d.items()} for c, d in per.items()},
     }
 
 
-def wilson(successes: int, n: int, z: float = 1.959964) -> list[float] | None:
+def wilson(successes: float, n: float, z: float = 1.959964) -> list[float] | None:
     """The Wilson score 95 % interval of a proportion (None for n = 0)."""
     if n <= 0:
         return None
@@ -152,8 +153,9 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> list[float] | None:
     return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
 
 
-def widen(value: float | None, ci: list[float] | None, n: int) -> list[float] | None:
-    """`ci`, or the Wilson interval of `value` out of `n` where the bootstrap has no width.
+def widen(value: float | None, ci: list[float] | None, n: float) -> list[float] | None:
+    """`ci`, or the Wilson interval of `value` out of `n` (an effective count may be fractional) where the
+    bootstrap has no width.
 
     Every resample of 30 right out of 30 is 30 out of 30, so the percentile
     bootstrap says 1.00 (1.00-1.00); the Wilson interval says 1.00 (0.89-1.00).
@@ -163,7 +165,7 @@ def widen(value: float | None, ci: list[float] | None, n: int) -> list[float] | 
     """
     if ci is None or value is None or n <= 0 or ci[0] != ci[1]:
         return ci
-    return wilson(round(value * n), n)
+    return wilson(value * n, n)
 
 
 def fmt(value: float | None, ci: list[float] | None, digits: int = 2) -> str:

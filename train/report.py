@@ -88,7 +88,8 @@ def headline_section(report: dict, split: str) -> list[str]:
     films = f"{report['samples']} films (all splits)" if split == "all" else f"{report['samples']} {split} films"
     intervals = (
         f"Values with 95 % confidence intervals (stratified bootstrap, {boot['resamples']} resamples, seed "
-        f"{boot.get('seed')}; an interval the bootstrap leaves without width, e.g. for 30 of 30, gets Wilson's)"
+        f"{boot.get('seed')}; where the bootstrap gives accuracy, balanced accuracy or a class rate no width "
+        "(30 of 30 right) the Wilson interval replaces it; macro-F1 and ROC-AUC keep the bootstrap's)"
         if boot.get("resamples")
         else "No confidence intervals (eval.bootstrap_resamples=0)"
     )

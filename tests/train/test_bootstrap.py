@@ -106,11 +106,16 @@ def test_a_model_calling_every_film_one_class_gets_intervals_with_width():
     report = classification_report(labels, probs, ["a", "b", "c", "d"], bootstrap=200, seed=0)
     assert report["accuracy"] == pytest.approx(8 / 14)
     assert report["ci95"]["accuracy"] == pytest.approx(wilson(8, 14))
-    # balanced accuracy 0.5: the mean of the two classes' sensitivity intervals, Wilson(0, 6) and Wilson(8, 8)
-    expected = (np.array(wilson(0, 6)) + np.array(wilson(8, 8))) / 2
-    assert report["ci95"]["balanced_accuracy"] == pytest.approx(expected.tolist())
+    # balanced accuracy 0.5 = (0/6 + 8/8) / 2 has the variance of a proportion over 1 / (1/(4*6) + 1/(4*8)) films
+    n_eff = 1 / (1 / 24 + 1 / 32)
+    assert report["ci95"]["balanced_accuracy"] == pytest.approx(wilson(0.5 * n_eff, n_eff))
     lo, hi = report["ci95"]["balanced_accuracy"]
     assert lo < report["balanced_accuracy"] == 0.5 < hi
+    # one rule for both: with equal classes, all right, balanced accuracy and accuracy get the same interval
+    labels = np.repeat(np.arange(4), 5)
+    report = classification_report(labels, np.eye(4)[labels], ["a", "b", "c", "d"], bootstrap=200, seed=0)
+    assert report["ci95"]["balanced_accuracy"] == pytest.approx(report["ci95"]["accuracy"])
+    assert report["ci95"]["accuracy"] == pytest.approx(wilson(20, 20))
 
 
 def test_a_single_class_set_has_no_specificity():
