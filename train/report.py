@@ -135,7 +135,9 @@ def operating_section(report: dict, split: str) -> list[str]:
                 ]
             )
             if target is not None and m["sensitivity"] < target:
-                missed.append(f"{name} {m['sensitivity']:.2f}")
+                ci = m.get("sensitivity_ci95")
+                where = "" if ci is None else ", interval wholly below" if ci[1] < target else ", within its interval"
+                missed.append(f"{name} {fmt(m['sensitivity'], ci, 3)}{where}")
     header = ["class", "point", "threshold", "val. sensitivity", "val. specificity"]
     lines = [
         "",
@@ -149,9 +151,10 @@ def operating_section(report: dict, split: str) -> list[str]:
     if missed:
         lines += [
             "",
-            f"The sensitivity target met on validation is missed on {split} for {', '.join(missed)}: a threshold "
-            "chosen on few validation films does not carry over exactly; choose it on more films before relying "
-            "on it.",
+            f"Below the sensitivity target on {split}, though met on validation: {'; '.join(missed)}. A threshold "
+            "fixed on validation films carries over only as far as those films resemble these; where the interval "
+            "lies wholly below the target, choose the threshold on more (or more representative) films before "
+            "relying on it.",
         ]
     return lines
 
