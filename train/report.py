@@ -65,6 +65,7 @@ def training_section(training: dict) -> list[str]:
     t = training
     ran = f"{t['epochs_run']} of {t['epochs_planned']} epochs (patience {t['patience']})"
     stop = f"stopped early after {ran}" if t["early_stopped"] else f"ran all {ran}"
+    precision = "fp32 (no mixed precision)" if t["precision"] == "no" else f"mixed precision {t['precision']}"
     n, accum = t.get("processes"), t.get("grad_accum") or 1
     steps = f" × {accum} accumulated steps" if accum > 1 else ""
     devices = f" × {n} process{'es' * (n != 1)}{steps} (global batch {n * accum * t['batch_size']})" if n else ""
@@ -75,7 +76,7 @@ def training_section(training: dict) -> list[str]:
         f"{t['model']} ({t.get('weights', 'random init')}, "
         f"{t['in_chans']} input channel) at {t['image_size']} px from {t['stored_size']} px films; "
         f"{t['optimizer']} lr {t['lr']} ({t['scheduler']} schedule), batch {t['batch_size']} "
-        f"per device{devices}, precision {t['precision']}, seed {t['seed']}. Training {stop}; the model is "
+        f"per device{devices}, {precision}, seed {t['seed']}. Training {stop}; the model is "
         f"epoch {t['best_epoch']}, chosen by {t['monitor']} = {fmt(t['monitor_value'], None, 3)} "
         f"on validation. Full config: `config.yaml` in the run folder.",
         "",

@@ -238,7 +238,10 @@ def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subpro
     # the card and the report say how the model was trained: as launched, not as configured
     card = json.loads((out / "models" / "best_model.json").read_text())
     assert (card["precision"], card["processes"]) == ("no", 2)
-    assert "batch 8 per device × 2 processes (global batch 16), precision no" in (out / "report.md").read_text()
+    assert (
+        "batch 8 per device × 2 processes (global batch 16), fp32 (no mixed precision)"
+        in (out / "report.md").read_text()
+    )
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     assert files == sorted(
         [
