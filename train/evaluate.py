@@ -150,7 +150,7 @@ def write_report(
         figures["training_curves"] = plots.training_curves_figure(
             out_dir / "metrics.jsonl", out_dir / "training_curves.png"
         )
-    for key, name in (("grid", "gradcam"), ("failures_grid", "failures")):
+    for key, name in (("grid", "gradcam"), ("failures_grid", "failures"), ("copies_grid", "copies")):
         if key in extra:
             extra[key].save(out_dir / f"{name}{suffix}.png")
             figures[name] = out_dir / f"{name}{suffix}.png"
@@ -210,9 +210,11 @@ def report_extras(
     ]
     site_of = sources.sample_sources(urls, cfg.data.cache_dir)
     if target.external:
-        extra["training_overlap"] = overlap.training_overlap(
+        extra["training_overlap"], copies = overlap.training_overlap(
             cfg, target.train_shards, trained.card.train_digest, urls, preds, classes
         )
+        if copies is not None:
+            extra["copies_grid"] = copies
     if set(site_of.values()) - {sources.UNKNOWN}:
         extra["per_source"] = sources.per_source(
             preds.keys, preds.labels, preds.probs, site_of, classes, resamples, seed

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from pipeline.read import load_shard_manifest, split_digest
 from pipeline.urls import open_url
 from sharding.contract import META
 from sharding.dedup import near_pairs_between, phash
+from sharding.grid import image_grid
 from sharding.manifest import ManifestError
 from sharding.verify import decode_member
 from train.config import Config
@@ -38,34 +39,73 @@ from train.presets import build_split_loader
 HEADLINE = ("samples", "classes_evaluated", "accuracy", "balanced_accuracy", "macro_f1", "ci95")
 #: The splits an external film is checked against: what trained the model and what chose it.
 REFERENCE_SPLITS = ("train", "val")
+#: Copies listed in report.md and shown in copies.png (report.json has all), and that figure's layout.
+COPIES_SHOWN = 10
+COPY_TILE, COPY_LABEL = 160, 110
 
 
 @dataclass(frozen=True)
 class FilmHashes:
-    """Keys of a set of films with their class, pixel sha256 and perceptual hash, in the same order."""
+    """Keys of a set of films with their class, pixel sha256, perceptual hash and shard, in the same order."""
 
     keys: list[str]
     classes: list[str]
     sha256: list[str]
     phash: list[int]
+    shards: list[str] = field(default_factory=list)  # the URL each film was read from
 
 
 def film_hashes(urls: Sequence[str], cache_dir: str | None = None) -> FilmHashes:
     """One read of each shard: the json's class and pixel sha256, and the stored image's perceptual hash."""
     meta: dict[str, dict] = {}
     near: dict[str, int] = {}
+    where: dict[str, str] = {}
     for url in urls:
         with open_url(url, cache_dir=cache_dir) as stream:
             for key, ext, payload in tar_members(stream):
                 if ext == META:
                     meta[key] = json.loads(bytes(payload))
                 elif ext.startswith("image."):
-                    near[key] = phash(decode_member(ext, bytes(payload))[0])
+                    near[key], where[key] = phash(decode_member(ext, bytes(payload))[0]), url
     keys = sorted(near)
     facts = [meta.get(k, {}) for k in keys]
     return FilmHashes(
-        keys, [m.get("class") or "" for m in facts], [m.get("sha256") or "" for m in facts], [near[k] for k in keys]
+        keys,
+        [m.get("class") or "" for m in facts],
+        [m.get("sha256") or "" for m in facts],
+        [near[k] for k in keys],
+        [where[k] for k in keys],
     )
+
+
+def film_images(films: FilmHashes, keys: Sequence[str], cache_dir: str | None = None) -> dict[str, np.ndarray]:
+    """{key: uint8 [H, W]} of the wanted films, reading only the shards that hold them."""
+    shard_of = dict(zip(films.keys, films.shards))
+    wanted = set(keys)
+    out: dict[str, np.ndarray] = {}
+    for url in sorted({shard_of[k] for k in wanted}):
+        with open_url(url, cache_dir=cache_dir) as stream:
+            for key, ext, payload in tar_members(stream):
+                if key in wanted and ext.startswith("image."):
+                    out[key] = decode_member(ext, bytes(payload))[0]
+    return out
+
+
+def copies_grid(copies: dict[str, dict], films: FilmHashes, reference: FilmHashes, cache_dir: str | None = None):
+    """The first COPIES_SHOWN copies (report order) beside the films they copy: a PIL image, or None."""
+    shown = list(sorted(copies.items()))[:COPIES_SHOWN]
+    if not shown:
+        return None
+    left = film_images(films, [k for k, _ in shown], cache_dir)
+    right = film_images(reference, [c["reference_key"] for _, c in shown], cache_dir)
+    rows = [
+        (
+            f"{i}. {c['kind']}" + (f" {c['bits']} bits" if c["kind"] == "near" else ""),
+            [left[k], right[c["reference_key"]]],
+        )
+        for i, (k, c) in enumerate(shown, 1)
+    ]
+    return image_grid(rows, tile=COPY_TILE, label_width=COPY_LABEL)
 
 
 def find_copies(films: FilmHashes, reference: FilmHashes, distance: int | None) -> dict[str, dict]:
@@ -134,16 +174,14 @@ def reference_films(cfg: Config, shards: str, train_digest: str) -> tuple[FilmHa
 
 def training_overlap(
     cfg: Config, shards: str, train_digest: str, urls: list[str], preds: Predictions, classes: list[str]
-) -> dict:
-    """The external films that copy training or validation films, and the results without them (rank 0)."""
+) -> tuple[dict, object]:
+    """The external films that copy training or validation films, the results without them, and the
+    copies beside their originals (a PIL image, None without copies); rank 0."""
     try:
         reference, splits = reference_films(cfg, shards, train_digest)
     except (ManifestError, OSError, ValueError) as exc:
-        return {
-            "checked": False,
-            "reason": f"the training films at {shards} could not be used ({exc}); if they moved, pass "
-            "--train-shards PATH",
-        }
+        reason = f"the training films at {shards} could not be used ({exc}); if they moved, pass --train-shards PATH"
+        return {"checked": False, "reason": reason}, None
     films = film_hashes(urls, cfg.data.cache_dir)
     copies = find_copies(films, reference, cfg.eval.overlap_distance)
     out = overlap_summary(copies, len(films.keys), reference, splits, cfg.eval.overlap_distance)
@@ -153,4 +191,4 @@ def training_overlap(
             preds.labels[keep], preds.probs[keep], classes, bootstrap=cfg.eval.bootstrap_resamples, seed=cfg.train.seed
         )
         out["without_copies"] = {k: rest[k] for k in HEADLINE}
-    return out
+    return out, copies_grid(copies, films, reference, cfg.data.cache_dir)

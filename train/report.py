@@ -323,7 +323,9 @@ def report_markdown(report: dict, split: str, run_dir: Path) -> str:
         *(f"- {s}" for s in report.get("limitations") or limitations(report)),
         "",
         "Figures: "
-        + " ".join(f"![{k}]({v})" for k, v in sorted((report.get("figures") or {}).items()) if k != "failures"),
+        + " ".join(
+            f"![{k}]({v})" for k, v in sorted((report.get("figures") or {}).items()) if k not in ("failures", "copies")
+        ),
         "",
     ]
     return "\n".join(lines)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from train.bootstrap import fmt
 from train.markdown import table as _table
+from train.overlap import COPIES_SHOWN
 
-COPIES_SHOWN = 10  # external films copying training films listed in report.md (report.json has all)
 EXTERNAL = "external"  # RUN/external/<name>/: external tests
 
 
@@ -123,14 +123,20 @@ def overlap_lines(report: dict) -> list[str]:
         for label, r in (("all films", report), ("without the copies", rest))
     ]
     listing = [
-        [f"`{k}`", c["class"], f"`{c['reference_key']}`", c["reference_class"], c["kind"], c["bits"]]
-        for k, c in list(o["copies"].items())[:COPIES_SHOWN]
+        [i, f"`{k}`", c["class"], f"`{c['reference_key']}`", c["reference_class"], c["kind"], c["bits"]]
+        for i, (k, c) in enumerate(sorted(o["copies"].items())[:COPIES_SHOWN], 1)
     ]
+    figure = (report.get("figures") or {}).get("copies")
     return lines + [
         "",
         *_table(["films", "n", "classes", "accuracy", "balanced accuracy", "macro-F1"], rows),
         "",
-        *_table(["external film", "class", "copied film", "its class", "kind", "bits apart"], listing),
+        *_table(["#", "external film", "class", "copied film", "its class", "kind", "bits apart"], listing),
+        *(
+            ["", f"Each row of `{figure}`: the external film, then the film it copies.", "", f"![copies]({figure})"]
+            if figure
+            else []
+        ),
     ]
 
 

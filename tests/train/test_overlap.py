@@ -71,7 +71,9 @@ def test_the_report_says_what_was_found_and_what_was_not():
     text = "\n".join(overlap_lines(report))
     assert "**2 of 10 films (20%) copy training or validation films**" in text and "1 of them labelled" in text
     assert "| without the copies | 8 | A | 0.75 (0.50–0.90) |" in text, "a class gone without the copies shows"
-    assert "| `a` | A | `t1` | B | near | 2 |" in text
+    assert "| 1 | `a` | A | `t1` | B | near | 2 |" in text and "![copies]" not in text, "no figure, no link"
+    with_figure = {**report, "figures": {"copies": "copies.png"}}
+    assert "![copies](copies.png)" in "\n".join(overlap_lines(with_figure))
     assert "2 external films copy training or validation films" in overlap_limitation(report)
     every = _external(dict(two, films=2))
     assert "this is not an external test" in "\n".join(overlap_lines(every))
@@ -111,3 +113,17 @@ def test_reference_films_are_the_models_training_and_validation_films(phantom_sh
         reference_films(Config(), str(phantom_shards), "0123456789abcdef")
     with pytest.raises((ManifestError, OSError)):
         reference_films(Config(), str(tmp_path / "gone"), "")
+
+
+def test_copies_grid_shows_each_copy_beside_the_film_it_copies(phantom_shards):
+    from train.overlap import COPY_LABEL, COPY_TILE, copies_grid
+
+    films = film_hashes([str(t) for t in sorted(phantom_shards.glob("val-*.tar"))])
+    copies = find_copies(films, films, 6)  # every film its own exact copy
+    grid = np.asarray(copies_grid(copies, films, films).convert("L"))
+    rows = min(len(copies), 10)
+    assert grid.shape == (rows * (COPY_TILE + 4) + 4, COPY_LABEL + 2 * (COPY_TILE + 4))
+    left = grid[4 : 4 + COPY_TILE, COPY_LABEL : COPY_LABEL + COPY_TILE]
+    right = grid[4 : 4 + COPY_TILE, COPY_LABEL + COPY_TILE + 4 : COPY_LABEL + 2 * COPY_TILE + 4]
+    assert left.std() > 10 and np.array_equal(left, right), "the same film on both sides"
+    assert copies_grid({}, films, films) is None

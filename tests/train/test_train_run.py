@@ -291,6 +291,8 @@ def external_evaluation_two_ranks(run: Path, env, cwd) -> None:
     assert {k: (c["reference_key"], c["kind"]) for k, c in overlap["copies"].items()} == trained_on
     assert overlap["without_copies"]["samples"] == 12 and overlap["different_label"] == 0
     assert "**2 of 14 films (14%) copy training or validation films**" in (folder / "report.md").read_text()
+    assert report["figures"]["copies"] == "copies.png" and "![copies](copies.png)" in (folder / "report.md").read_text()
+    assert (folder / "copies.png").stat().st_size > 0
     assert any("2 external films copy training or validation films" in s for s in report["limitations"])
     assert report["classes_evaluated"] == ["COVID", "Normal"]
     keys = [json.loads(line)["key"] for line in (folder / "predictions.jsonl").read_text().splitlines()]
