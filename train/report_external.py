@@ -100,7 +100,7 @@ def overlap_lines(report: dict) -> list[str]:
     if not o["checked"]:
         return ["", f"Overlap with the training films **not checked**: {o['reason']}."]
     n, films = copies_of_training(report), o["films"]
-    against = f"the {o['reference_films']} {' and '.join(o['reference_splits'])} films"
+    against = f"the {o['reference_films']:,} {' and '.join(o['reference_splits'])} films"
     if not n:
         return [
             "",
@@ -112,32 +112,35 @@ def overlap_lines(report: dict) -> list[str]:
         "",
         f"Overlap with the training films: **{n} of {films} films ({n / films:.0%}) {_copy(n)}** (checked against "
         f"{against}: {o['exact']} exact, {o['near']} near{conflicts}; {_near(o)}); report.json lists them all "
-        "under `training_overlap.copies`.",
-    ]
-    rest = o.get("without_copies")
-    if not rest:
-        return lines + ["", "**No film is left without a copy: this is not an external test.**"]
-    rows = [
-        [label, r["samples"], ", ".join(r["classes_evaluated"])]
-        + [fmt(r[m], r["ci95"].get(m)) for m in ("accuracy", "balanced_accuracy", "macro_f1")]
-        for label, r in (("all films", report), ("without the copies", rest))
+        "under `training_overlap.copies`."
+        + (
+            " A near copy is a perceptual-hash match, a candidate: judge each pair by eye in the figure below."
+            if o["near"]
+            else ""
+        ),
     ]
     listing = [
         [i, f"`{k}`", c["class"], f"`{c['reference_key']}`", c["reference_class"], c["kind"], c["bits"]]
         for i, (k, c) in enumerate(sorted(o["copies"].items())[:COPIES_SHOWN], 1)
     ]
     figure = (report.get("figures") or {}).get("copies")
-    return lines + [
-        "",
-        *_table(["films", "n", "classes", "accuracy", "balanced accuracy", "macro-F1"], rows),
-        "",
-        *_table(["#", "external film", "class", "copied film", "its class", "kind", "bits apart"], listing),
-        *(
-            ["", f"Each row of `{figure}`: the external film, then the film it copies.", "", f"![copies]({figure})"]
-            if figure
-            else []
-        ),
+    shown = ["", *_table(["#", "external film", "class", "copied film", "its class", "kind", "bits apart"], listing)]
+    if figure:
+        shown += [
+            "",
+            f"Each row of `{figure}`: the external film, then the film it copies.",
+            "",
+            f"![copies]({figure})",
+        ]
+    rest = o.get("without_copies")
+    if not rest:
+        return lines + ["", "**No film is left without a copy: this is not an external test.**", *shown]
+    rows = [
+        [label, r["samples"], ", ".join(r["classes_evaluated"])]
+        + [fmt(r[m], r["ci95"].get(m)) for m in ("accuracy", "balanced_accuracy", "macro_f1")]
+        for label, r in (("all films", report), ("without the copies", rest))
     ]
+    return lines + ["", *_table(["films", "n", "classes", "accuracy", "balanced accuracy", "macro-F1"], rows), *shown]
 
 
 def external_summaries(run_dir: Path) -> dict:
