@@ -45,6 +45,7 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m sharding phantom --out $(DEMO_RAW) --per-class $(DEMO_PER_CLASS) --seed 0 --workers 2 --quiet
 	$(PY) -m sharding build --raw $(DEMO_RAW) --out $(DEMO_SHARDS) --include-masks --shard-size 200 --workers 2
+	rm -rf runs/demo  # the demo starts afresh; training refuses a folder that holds another run
 	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
 	  --dynamo_backend no train/main.py --config configs/demo.yaml $(DEMO_ARGS)
 	@echo "demo: report runs/demo/report.md, figures runs/demo/*.png, model runs/demo/models/best_model.pth"
@@ -55,6 +56,7 @@ shortcut-demo: $(STAMP)
 	@test -f runs/demo/report.json || $(MAKE) demo
 	$(PY) -m sharding phantom --out data/phantom_markers --per-class $(DEMO_PER_CLASS) --seed 0 --workers 2 --quiet --markers
 	$(PY) -m sharding build --raw data/phantom_markers --out shards/demo_markers --include-masks --shard-size 200 --workers 2
+	rm -rf runs/demo_markers
 	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
 	  --dynamo_backend no train/main.py --config configs/demo.yaml data.shards=shards/demo_markers \
 	  train.output_dir=runs/demo_markers $(DEMO_ARGS)

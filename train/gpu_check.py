@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,6 +275,7 @@ def check_gpu_tests_ran(result: dict, dry_run: bool) -> None:
 def run(args: argparse.Namespace) -> dict:
     sz, paths = (DRY if args.dry_run else Sizes()), Paths(Path(args.work), Path(args.out))
     (paths.out / "logs").mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(paths.out / "train", ignore_errors=True)  # each check trains afresh (a run folder is never reused)
     stages = plan(sz, paths, os.cpu_count() or 1)
     results: dict = {"dry_run": args.dry_run, "machine": machine(), "sizes": asdict(sz), "stages": {}}
     results["plan"] = [s.name for s in stages]

@@ -118,11 +118,30 @@ def resolve_resume(cfg: Config) -> Path | None:
     return path
 
 
+def earlier_run(out: Path, cfg: Config) -> str | None:
+    """Why a fresh run must not start in `out`: it holds another run's model, which it would overwrite (and
+    whose external reports it would list as its own); None when it may."""
+    try:
+        if resolve_resume(cfg) is not None:
+            return None
+    except RunError:
+        return None  # a bad train.resume is reported on every rank by build_state
+    found = [p for p in (out / "models" / CHECKPOINT, out / "models" / BEST_PTH) if p.exists()]
+    if not found:
+        return None
+    return (
+        f"train.output_dir={out} already holds a run ({found[0].relative_to(out)}); continue it with "
+        "train.resume=auto, or start this one in a new train.output_dir (or delete that folder first)"
+    )
+
+
 def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """Rank 0 creates the run folder and writes config.yaml; every rank learns if that failed."""
     out = Path(cfg.train.output_dir)
     problem = [None]
     if accelerator.is_main_process:
+        problem[0] = earlier_run(out, cfg)
+    if accelerator.is_main_process and not problem[0]:
         try:
             (out / "models").mkdir(parents=True, exist_ok=True)
             for folder in (out, out / "models"):  # of a run killed mid-write; the real files are intact

@@ -93,6 +93,12 @@ def test_single_process_run_writes_everything(tmp_path, phantom_shards, subproce
     for name, by_point in report["operating_points"].items():
         assert by_point["youden"]["threshold"] == info["operating_points"][name]["youden"]["threshold"]
     assert not [p for p in out.rglob(".*tmp*")], "temporary files left behind"
+    # a fresh run in that folder would overwrite its model: refused, one line, nothing touched
+    before = {p: p.read_bytes() for p in (out / "models").iterdir()}
+    again = run_train([f"data.shards={phantom_shards}", f"train.output_dir={out}"], subprocess_env, repo_root)
+    assert again.returncode != 0 and "exit status 2" in again.stderr  # the launcher reports the script's exit 2
+    assert "already holds a run" in again.stderr and "train.resume=auto" in again.stderr
+    assert {p: p.read_bytes() for p in (out / "models").iterdir()} == before and no_traceback_from_us(again.stderr)
 
 
 def test_early_stopping_after_patience_keeps_best_epoch(tmp_path, phantom_shards, subprocess_env, repo_root):
