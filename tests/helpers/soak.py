@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,8 +55,8 @@ def soak(
 ) -> dict:
     out_dir = Path(out)
     metrics = out_dir / "metrics.jsonl"
-    if metrics.exists():
-        metrics.unlink()
+    if out_dir.exists():
+        shutil.rmtree(out_dir)  # each soak trains afresh (a fresh run refuses a folder that holds another run)
     cmd = [
         sys.executable,
         "-m",
