@@ -42,7 +42,8 @@ from train.loop import Predictions, predict_split
 from train.metrics import classification_report
 from train.presets import build_split_loader
 from train.report import compare_runs, limitations, report_markdown
-from train.report_external import EXTERNAL, external_summaries, overlap_headline
+from train.report_external import EXTERNAL, external_summaries
+from train.report_overlap import overlap_headline
 
 
 class EvaluationInputError(ValueError):
@@ -209,9 +210,16 @@ def report_extras(
         u for split in target.splits for u in build_split_loader(cfg, split, shards=target.shards, train=False).urls
     ]
     site_of = sources.sample_sources(urls, cfg.data.cache_dir)
-    if target.external:
+    if target.external or "train" not in target.splits:
+        # internal splits too: the build groups exact duplicates, near ones only with --near-dup-distance
         extra["training_overlap"], copies = overlap.training_overlap(
-            cfg, target.train_shards, trained.card.train_digest, urls, preds, classes
+            cfg,
+            target.train_shards or target.shards,
+            trained.card.train_digest,
+            urls,
+            preds,
+            classes,
+            exclude=() if target.external else target.splits,
         )
         if copies is not None:
             extra["copies_grid"] = copies

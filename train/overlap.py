@@ -156,8 +156,11 @@ def not_copied(keys: Sequence[str], copies: dict[str, dict]) -> np.ndarray:
     return np.array([k not in copies for k in keys], dtype=bool)
 
 
-def reference_films(cfg: Config, shards: str, train_digest: str) -> tuple[FilmHashes, tuple[str, ...]]:
-    """The training and validation films at `shards`, once their train split is known to be the model's.
+def reference_films(
+    cfg: Config, shards: str, train_digest: str, exclude: Sequence[str] = ()
+) -> tuple[FilmHashes, tuple[str, ...]]:
+    """The training and validation films at `shards` (less the `exclude`d splits: the one evaluated), once their
+    train split is known to be the model's.
 
     Raises ManifestError (missing, or not the model's shards), OSError, or ValueError (a damaged shard).
     """
@@ -167,18 +170,26 @@ def reference_films(cfg: Config, shards: str, train_digest: str) -> tuple[FilmHa
             f"the shards at {shards} are not the ones the model was trained on (their train split differs from "
             "best_model.json's train_digest)"
         )
-    splits = tuple(s for s in REFERENCE_SPLITS if s in manifest.splits and manifest.split(s).samples)
+    splits = tuple(
+        s for s in REFERENCE_SPLITS if s not in exclude and s in manifest.splits and manifest.split(s).samples
+    )
     urls = [u for s in splits for u in build_split_loader(cfg, s, shards=shards, manifest=manifest, train=False).urls]
     return film_hashes(urls, cfg.data.cache_dir), splits
 
 
 def training_overlap(
-    cfg: Config, shards: str, train_digest: str, urls: list[str], preds: Predictions, classes: list[str]
+    cfg: Config,
+    shards: str,
+    train_digest: str,
+    urls: list[str],
+    preds: Predictions,
+    classes: list[str],
+    exclude: Sequence[str] = (),
 ) -> tuple[dict, object]:
-    """The external films that copy training or validation films, the results without them, and the
-    copies beside their originals (a PIL image, None without copies); rank 0."""
+    """The evaluated films that copy training or validation films (the `exclude`d splits aside), the results
+    without them, and the copies beside their originals (a PIL image, None without copies); rank 0."""
     try:
-        reference, splits = reference_films(cfg, shards, train_digest)
+        reference, splits = reference_films(cfg, shards, train_digest, exclude)
     except (ManifestError, OSError, ValueError) as exc:
         reason = f"the training films at {shards} could not be used ({exc}); if they moved, pass --train-shards PATH"
         return {"checked": False, "reason": reason}, None

@@ -18,7 +18,8 @@ from pathlib import Path
 from train.bootstrap import fmt
 from train.markdown import table as _table
 from train.probes import PROBES
-from train.report_external import external_section, overlap_limitation
+from train.report_external import external_section
+from train.report_overlap import internal_overlap_section, overlap_limitation
 
 #: Sources whose names mark a pediatric collection (the Kaggle release's Normal and Viral Pneumonia films).
 PEDIATRIC_HINTS = ("pediatric", "paediatric", "chest-xray-pneumonia", "paultimothymooney", "guangzhou")
@@ -307,6 +308,7 @@ def report_markdown(report: dict, split: str, run_dir: Path) -> str:
         f"Run: `{report.get('run', run_dir)}`, model epoch {report.get('model_epoch')}.",
         "",
         *data_section(report.get("data") or {}),
+        *internal_overlap_section(report),
         *training_section(report.get("training") or {}),
         *headline_section(report, split),
         *operating_section(report, split),

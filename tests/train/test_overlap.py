@@ -13,7 +13,7 @@ from sharding.manifest import ManifestError, load_manifest
 from sharding.verify import decode_member, iter_samples
 from train.config import Config
 from train.overlap import FilmHashes, film_hashes, find_copies, not_copied, overlap_summary, reference_films
-from train.report_external import overlap_limitation, overlap_lines
+from train.report_overlap import internal_overlap_section, overlap_limitation, overlap_lines
 
 
 def test_near_pairs_between_equals_brute_force():
@@ -53,7 +53,7 @@ FAR = (2**64 - 1) << 192  # 64 bits from 0 and from the small hashes above
 def _external(overlap: dict, rest: dict | None = None) -> dict:
     ci = {"accuracy": [0.5, 0.9], "balanced_accuracy": [0.5, 0.9], "macro_f1": [0.5, 0.9]}
     head = {"samples": 10, "classes_evaluated": ["A", "B"], "accuracy": 0.8, "balanced_accuracy": 0.8}
-    report = {**head, "macro_f1": 0.8, "ci95": ci, "training_overlap": overlap}
+    report = {**head, "macro_f1": 0.8, "ci95": ci, "training_overlap": overlap, "external_test": {"name": "x"}}
     if rest is not None:
         overlap["without_copies"] = {**head, **rest, "macro_f1": 0.7, "ci95": ci}
     return report
@@ -76,11 +76,20 @@ def test_the_report_says_what_was_found_and_what_was_not():
     assert "![copies](copies.png)" in "\n".join(overlap_lines(with_figure))
     assert "2 external films copy training or validation films" in overlap_limitation(report)
     every = _external(dict(two, films=2))
-    assert "this is not an external test" in "\n".join(overlap_lines(every))
-    assert (
-        overlap_limitation(every)
-        == "Every external film copies a training or validation film: this is not an external test."
+    assert "this is no independent test" in "\n".join(overlap_lines(every))
+    expected = "Every one of the external films copies a training or validation film: this is no independent test."
+    assert overlap_limitation(every) == expected
+    # an internal report on the val split, checked against the train split alone
+    one = base | {"near": 1, "reference_splits": ["train"], "copies": {"a": copy}}
+    internal = _external(dict(one), {"samples": 9, "classes_evaluated": ["A"], "accuracy": 0.75})
+    internal = {k: v for k, v in internal.items() if k != "external_test"} | {"split": "val"}
+    assert overlap_limitation(internal).startswith("1 val film copies a training film:")
+    assert "section 1 gives them" in overlap_limitation(internal) and "--near-dup-distance" in overlap_limitation(
+        internal
     )
+    section = internal_overlap_section(internal)
+    assert section[0] == "### Val films against the training films" and "copies a training film**" in section[2]
+    assert internal_overlap_section(report) == [], "an external report shows it in section 5 instead"
     unchecked = _external({"checked": False, "reason": "gone"})
     assert "**not checked**: gone" in "\n".join(overlap_lines(unchecked)) and "not checked" in overlap_limitation(
         unchecked

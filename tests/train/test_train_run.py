@@ -92,6 +92,12 @@ def test_single_process_run_writes_everything(tmp_path, phantom_shards, subproce
     assert set(info["operating_points"]) == set(report["operating_points"]) == set(info["classes"])
     for name, by_point in report["operating_points"].items():
         assert by_point["youden"]["threshold"] == info["operating_points"][name]["youden"]["threshold"]
+    # the test films checked against the training and validation films (the build grouped exact copies only)
+    overlap = report["training_overlap"]
+    assert overlap["checked"] and overlap["reference_splits"] == ["train", "val"] and overlap["exact"] == 0
+    train_val = sum(load_manifest(phantom_shards).split(s).samples for s in ("train", "val"))
+    assert overlap["reference_films"] == train_val
+    assert "### Test films against the training films" in (out / "report.md").read_text()
     assert not [p for p in out.rglob(".*tmp*")], "temporary files left behind"
     # a fresh run in that folder would overwrite its model: refused, one line, nothing touched
     before = {p: p.read_bytes() for p in (out / "models").iterdir()}
@@ -267,6 +273,7 @@ def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subpro
             "gradcam.png",
         ]
         + (["failures.png"] if any(report["failures"].values()) else [])
+        + (["copies.png"] if report["training_overlap"]["copies"] else [])
     )
     external_evaluation_two_ranks(out, subprocess_env, repo_root)
 
