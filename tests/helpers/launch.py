@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import random
 import socket
+import time
 
 #: Overrides that make `configs/demo.yaml` a seconds-long run on the tiny phantom (32 px, small batches).
 TINY = [
@@ -18,7 +21,19 @@ TINY = [
 
 
 def free_port() -> int:
-    """A TCP port nothing listens on right now (for a launcher's rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port nothing listens on right now (for a launcher's rendezvous), below Linux's ephemeral range.
+
+    A port the kernel hands out for bind(0) comes from the ephemeral range, where any outgoing connection (the
+    suite's gloo ranks make many) may take it as its source port before the launcher listens on it; a port
+    below 32768 is never taken that way.
+    """
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(20000, 32768)
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))  # all interfaces, as the rendezvous store binds
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free TCP port in 20000-32767")
