@@ -84,9 +84,9 @@ def apply(
             continue
         out[name] = {}
         for point in POINTS:
-            threshold = points[name][point]["threshold"]
-            sens, spec = _rates(probs[:, c], positive, threshold)
             chosen = points[name][point]
+            threshold = chosen["threshold"]
+            sens, spec = _rates(probs[:, c], positive, threshold)
             entry = {"threshold": threshold, "sensitivity": sens, "specificity": spec}
             entry["validation"] = {k: chosen.get(k) for k in ("sensitivity", "specificity", "target") if k in chosen}
             if idx is not None:
