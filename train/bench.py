@@ -48,7 +48,7 @@ from sharding.manifest import Manifest
 from train.config import Config, load_config
 from train.loop import device_batches, train_step
 from train.optim import build_loss
-from train.presets import build_augment, build_split_loader, train_masks
+from train.presets import build_augment, build_split_loader, masks_used
 from train.trainer import build_state
 
 FEEDS = ("model_only", "radstream", "original")
@@ -138,7 +138,7 @@ def synthetic_batch(s: Settings, manifest: Manifest, device: torch.device) -> It
 def radstream_batches(cfg: Config, manifest: Manifest, s: Settings, device: torch.device) -> Iterator[Batch]:
     """The training loader, pinned on CUDA, over as many consecutive epochs as the window needs."""
     loader = build_split_loader(
-        cfg, "train", manifest=manifest, pin_memory=device.type == "cuda", masks=train_masks(cfg)
+        cfg, "train", manifest=manifest, pin_memory=device.type == "cuda", masks=masks_used(cfg)
     )
     return loader.iter_epochs(math.ceil((s.steps + s.warmup) / loader.steps_per_epoch) + 1)
 

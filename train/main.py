@@ -22,6 +22,7 @@ report.{json,md} and figures.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -39,11 +40,28 @@ from pipeline.read import NoReadableSamplesError
 from sharding.manifest import ManifestError
 from train.checkpoint import CheckpointError
 from train.config import Config, ConfigError, load_config
+from train.ranks import FolderNotSharedError, PeerFailedError
 from train.trainer import RunError, fit, run_test_report
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
-    """Accelerator from the launcher's environment plus the config's precision and timeout.
+def choose_precision(requested: str, capability: tuple[int, int] | None) -> tuple[str, str | None]:
+    """(precision to train with, a notice or None): bf16 only where the GPU computes it natively.
+
+    `torch.cuda.is_bf16_supported()` says yes on pre-Ampere GPUs (V100, T4: compute
+    capability 7.x) because it counts emulation; there bf16 convolutions run without
+    tensor cores, several times slower than fp16. `capability` None means no CUDA.
+    """
+    if requested == "bf16" and capability is not None and capability < (8, 0):
+        major, minor = capability
+        return "fp16", (
+            f"notice: this GPU (compute capability {major}.{minor}) has no native bf16; training in fp16 "
+            "with loss scaling instead (bf16 needs 8.0+: A100, H100, L4, RTX 30xx and newer)"
+        )
+    return requested, None
+
+
+def build_accelerator(cfg: Config) -> tuple[Accelerator, str | None]:
+    """Accelerator from the launcher's environment plus the config's precision and timeout (and a notice).
 
     Without CUDA, `cpu=True` is what makes accelerate form a gloo process group:
     otherwise `accelerate launch --multi_gpu --num_processes 2` on a CPU machine
@@ -53,11 +71,15 @@ def build_accelerator(cfg: Config) -> Accelerator:
         "kwargs_handlers": [InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.train.timeout_s))],
         "cpu": not torch.cuda.is_available(),
     }
-    if cfg.train.mixed_precision:
-        kwargs["mixed_precision"] = cfg.train.mixed_precision
+    # the launcher's --mixed_precision arrives as ACCELERATE_MIXED_PRECISION; the config's wins
+    requested = cfg.train.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    precision, notice = choose_precision(requested, capability)
+    if cfg.train.mixed_precision or precision != requested:
+        kwargs["mixed_precision"] = precision
     if cfg.logging.tensorboard:
         kwargs.update(log_with="tensorboard", project_dir=cfg.train.output_dir)
-    return Accelerator(**kwargs)
+    return Accelerator(**kwargs), notice
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -76,12 +98,19 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    accelerator = build_accelerator(cfg)
+    accelerator, notice = build_accelerator(cfg)
+    if notice:
+        accelerator.print(notice)
     try:
         fit(cfg, accelerator)
         if cfg.eval.test_at_end:
             run_test_report(cfg, accelerator)
-    except (RunError, ManifestError, CheckpointError, ConfigError, LoaderError) as exc:
+        # last, after the report: it finishes the trackers and destroys the process group the report gathers over
+        accelerator.end_training()
+    except PeerFailedError as exc:
+        print(f"error (rank {accelerator.process_index}): {exc}", file=sys.stderr)
+        return 3
+    except (RunError, ManifestError, CheckpointError, ConfigError, LoaderError, FolderNotSharedError) as exc:
         print(f"error (rank {accelerator.process_index}): {exc}", file=sys.stderr)
         return 2
     except (ShardFormatError, NoReadableSamplesError) as exc:  # from a loader worker: the original's last line

@@ -26,9 +26,10 @@ def build_augment(cfg: Config, train: bool) -> DeviceAugment:
     )
 
 
-def train_masks(cfg: Config) -> bool | None:
-    """`masks` for the train loader: the train step uses masks only for `data.mask_lungs`, so without it
-    they stay unread (neither copied to the device nor warped each step); None yields them when present."""
+def masks_used(cfg: Config) -> bool | None:
+    """`masks` for the train and val loaders: training and validation use masks only for `data.mask_lungs`,
+    so without it they stay unread (half the bytes to read, to hold in the shared-memory ring, to copy to
+    the device and to warp); None yields them when present."""
     return None if cfg.data.mask_lungs else False
 
 

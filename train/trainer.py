@@ -34,7 +34,8 @@ from train.loop import EarlyStopping, EpochProgress, EpochSpec, predict_split, t
 from train.metrics import quick_metrics
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, build_scheduler
-from train.presets import build_augment, build_split_loader, train_masks
+from train.presets import build_augment, build_split_loader, masks_used
+from train.ranks import check_shared_folder, on_rank0, rank0_decides
 from train.state import Position, TrainState
 
 
@@ -73,7 +74,7 @@ def resolved(cfg: Config, manifest: Manifest) -> Config:
 
 
 def build_loaders(cfg: Config, manifest: Manifest, accelerator: Accelerator, splits=("train", "val")) -> dict:
-    """This rank's loaders (train/presets.py), pinned on CUDA; the train loader reads masks only if used."""
+    """This rank's loaders (train/presets.py), pinned on CUDA; masks are read only when the step uses them."""
     return {
         split: build_split_loader(
             cfg,
@@ -82,7 +83,7 @@ def build_loaders(cfg: Config, manifest: Manifest, accelerator: Accelerator, spl
             world_size=accelerator.num_processes,
             pin_memory=accelerator.device.type == "cuda",
             manifest=manifest,
-            masks=train_masks(cfg) if split == "train" else None,
+            masks=masks_used(cfg),
         )
         for split in splits
     }
@@ -153,6 +154,7 @@ def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
         broadcast_object_list(problem, from_process=0)
     if problem[0]:
         raise RunError(problem[0])
+    check_shared_folder(accelerator, out)
     return out
 
 
@@ -185,8 +187,8 @@ def build_state(cfg: Config, accelerator: Accelerator, manifest: Manifest, train
 
 
 def resume_position(cfg: Config, state: TrainState) -> Position:
-    """Where this run starts: a fresh run at epoch 0, or where its checkpoint left off."""
-    path = resolve_resume(cfg)
+    """Where this run starts: a fresh run at epoch 0, or where its checkpoint left off (rank 0's answer)."""
+    path = rank0_decides(state.accelerator, lambda: resolve_resume(cfg))
     if path is None:
         return Position()
     position = state.load_state_dict(load_checkpoint(path), path)
@@ -314,8 +316,8 @@ def run_epoch(run: Run, epoch: int, position: Position) -> tuple[dict, bool]:
     )
 
     def checkpoint(done: int, progress: EpochProgress) -> None:
-        if acc.is_main_process:
-            save_checkpoint(run.out / "models" / CHECKPOINT, state.state_dict(epoch, progress))
+        path = run.out / "models" / CHECKPOINT
+        on_rank0(acc, lambda: save_checkpoint(path, state.state_dict(epoch, progress)), f"writing {path}")
 
     result = train_one_epoch(
         state.model,
@@ -337,18 +339,21 @@ def run_epoch(run: Run, epoch: int, position: Position) -> tuple[dict, bool]:
     row = epoch_row(epoch, result, val, scores, state.optimizer.param_groups[0]["lr"])
     improved = state.stopper.step(row[cfg.train.monitor], epoch)
     step_scheduler(state.scheduler, row[cfg.train.monitor])
-    if acc.is_main_process:
-        card = replace(model_card(cfg, run.manifest), precision=str(acc.mixed_precision), processes=acc.num_processes)
-        if improved:  # thresholds frozen from this model's validation predictions, never from test
-            card = replace(
-                card,
-                operating_points=operating.choose(val.labels, val.probs, card.classes, cfg.eval.target_sensitivity),
-            )
-        save_epoch(state, card, run.out, row, improved)
-        if cfg.logging.tensorboard:
-            acc.log({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=epoch)
-    acc.wait_for_everyone()
+    on_rank0(acc, lambda: record_epoch(run, val, row, improved), f"saving epoch {epoch} in {run.out}")
     return row, improved
+
+
+def record_epoch(run: Run, val, row: dict, improved: bool) -> None:
+    """Rank 0: the epoch's files (best model with its operating points when it improved) and TensorBoard."""
+    cfg, acc = run.cfg, run.accelerator
+    card = replace(model_card(cfg, run.manifest), precision=str(acc.mixed_precision), processes=acc.num_processes)
+    if improved:  # thresholds frozen from this model's validation predictions, never from test
+        card = replace(
+            card, operating_points=operating.choose(val.labels, val.probs, card.classes, cfg.eval.target_sensitivity)
+        )
+    save_epoch(run.state, card, run.out, row, improved)
+    if cfg.logging.tensorboard:
+        acc.log({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
 
 
 def announce(run: Run) -> None:
@@ -380,8 +385,7 @@ def fit(cfg: Config, accelerator: Accelerator) -> dict:
             f"early stop: no {monitor} improvement for {stopper.patience} epochs; "
             f"best epoch {stopper.best_epoch} ({monitor} {stopper.best:.4f})"
         )
-    if run.cfg.logging.tensorboard:
-        accelerator.end_training()
+    # no accelerator.end_training() here: it destroys the process group, which the test report still needs
     return row
 
 
@@ -398,5 +402,5 @@ def run_test_report(cfg: Config, accelerator: Accelerator) -> None:
     best = Path(cfg.train.output_dir) / "models" / BEST_PTH
     if load_shard_manifest(cfg.data.shards).split("test").samples == 0:
         accelerator.print("test split is empty: no test report (build from more images to get one)")
-    elif best.exists():
+    elif rank0_decides(accelerator, best.exists):
         evaluate_run(Path(cfg.train.output_dir), split="test", accelerator=accelerator, cfg=cfg)

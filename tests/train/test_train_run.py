@@ -216,7 +216,9 @@ def test_kill_mid_epoch_resumes_mid_epoch_to_identical_weights(tmp_path, phantom
 
 def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subprocess_env, repo_root):
     """Also early stopping across ranks: min_delta no change can meet makes epoch 1 the `patience`-th bad one;
-    both ranks must stop there together (a rank going on alone would hang in its next collective)."""
+    both ranks must stop there together (a rank going on alone would hang in its next collective).
+    With TensorBoard on, as in configs/default.yaml: ending the trackers once destroyed the process group
+    before the test report gathered over it (both ranks died, no report)."""
     out = tmp_path / "run"
     run = run_train(
         [
@@ -225,6 +227,7 @@ def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subpro
             "train.epochs=5",
             "train.patience=1",
             "train.min_delta=100",
+            "logging.tensorboard=true",
         ],
         subprocess_env,
         repo_root,
@@ -254,7 +257,9 @@ def test_two_processes_equal_steps_rank0_writes(tmp_path, phantom_shards, subpro
         "batch 8 per device × 2 processes (global batch 16), fp32 (no mixed precision)"
         in (out / "report.md").read_text()
     )
-    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    events = [p for p in (out / "tb").rglob("events.out.tfevents.*")]
+    assert len(events) == 1 and events[0].stat().st_size > 0, "rank 0 alone logs to TensorBoard"
+    files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and "tb" not in p.parts)
     assert files == sorted(
         [
             "config.yaml",
