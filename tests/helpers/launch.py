@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import socket
+import sys
 import time
 
 #: Overrides that make `configs/demo.yaml` a seconds-long run on the tiny phantom (32 px, small batches).
@@ -37,3 +38,14 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError("no free TCP port in 20000-32767")
+
+
+def train_cmd(nproc: int = 1) -> list[str]:
+    """`accelerate launch train/main.py --config configs/demo.yaml` + TINY on `nproc` CPU processes (gloo)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
+    cmd += ["--mixed_precision", "no"]
+    if nproc == 1:
+        cmd += ["--cpu", "--num_processes", "1"]
+    else:
+        cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(free_port())]
+    return cmd + ["train/main.py", "--config", "configs/demo.yaml"] + TINY

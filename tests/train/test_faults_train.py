@@ -28,31 +28,12 @@ import torch
 
 from train.checkpoint import CheckpointError, load_best_model, load_checkpoint
 
-from helpers.launch import TINY, free_port
+from helpers.launch import train_cmd as launch
 from helpers.procs import start_group
 
 pytestmark = pytest.mark.slow
 
 BEST = ("best_model.pth", "best_model.safetensors", "best_model.json")
-
-
-def launch(nproc: int = 1) -> list[str]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_machines",
-        "1",
-        "--dynamo_backend",
-        "no",
-        "--mixed_precision",
-        "no",
-    ]
-    if nproc == 1:
-        cmd += ["--cpu", "--num_processes", "1"]
-    else:
-        cmd += ["--multi_gpu", "--num_processes", str(nproc), "--main_process_port", str(free_port())]
-    return cmd + ["train/main.py", "--config", "configs/demo.yaml"] + TINY
 
 
 def temporaries(out: Path) -> list[str]:
