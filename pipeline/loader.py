@@ -32,6 +32,9 @@ the shard.
 images, x2 with masks: 22.9 MB at B=256); the global plan's table (~100 B per
 sample) over the mmapped page cache; on the stream plan one window of
 `shuffle_buffer` samples per worker (179 MB at 2000 without masks).
+`loader.shared_memory_bytes` gives the ring's size before it is built;
+`shared_memory=False` builds no ring (batches cross from the workers pickled in
+ordinary memory), for containers with a small /dev/shm.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from pipeline.read import (
     skip_or_raise,
     split_digest,
 )
-from pipeline.ring import BatchRing, from_ring
+from pipeline.ring import BatchRing, from_ring, ring_bytes
 from pipeline.streams import EpochSpan, IndexedStream, SampleTable, SequentialStream, ShardSet
 from pipeline.urls import local_path
 from sharding.manifest import Manifest
@@ -102,11 +105,12 @@ class ShardLoader:
         sha256: list[str] | None,
         pin_memory: bool,
         prefetch_factor: int,
+        shared_memory: bool = True,
     ):
         self.manifest, self.split, self.urls, self.spec = manifest, split, urls, spec
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
         self.seed, self.drop_last, self.sha256 = seed, drop_last, sha256
-        self.pin_memory, self.prefetch_factor = pin_memory, prefetch_factor
+        self.pin_memory, self.prefetch_factor, self.shared_memory = pin_memory, prefetch_factor, shared_memory
         self.counts = [s.samples for s in manifest.split(split).shards]
         self.window_steps = max(1, math.ceil(shuffle_buffer / batch_size))
         total = sum(self.counts)
@@ -192,6 +196,15 @@ class ShardLoader:
     def __len__(self) -> int:
         return self.steps_per_epoch
 
+    @property
+    def shared_memory_bytes(self) -> int:
+        """Bytes of /dev/shm this loader's batch ring takes while it iterates (0 without one)."""
+        if self.num_workers == 0 or not self.shared_memory:
+            return 0
+        return ring_bytes(
+            self.num_workers, self.prefetch_factor + 2, self.batch_size, self.spec.image_size, self.spec.masks
+        )
+
     # -- iteration
 
     def __iter__(self) -> Iterator[Batch]:
@@ -202,7 +215,7 @@ class ShardLoader:
         span = EpochSpan(list(range(self.epoch, self.epoch + count)), self._start)
         self._start, self._done = 0, span.start
         ring = None
-        if self.num_workers > 0:  # a fresh ring per iteration: a still-running earlier iterator keeps its own
+        if self.shared_memory_bytes:  # a fresh ring per iteration: a still-running earlier iterator keeps its own
             ring = BatchRing(
                 self.num_workers, self.prefetch_factor + 2, self.batch_size, self.spec.image_size, self.spec.masks
             )
@@ -330,6 +343,7 @@ def build_loader(
     verify_checksums: bool = True,
     masks: bool | None = None,
     train: bool | None = None,
+    shared_memory: bool = True,
 ) -> ShardLoader:
     """A `ShardLoader` over `split` of the shards at `shards` (folder, file:, http(s)://, gs://, s3:// prefix).
 
@@ -343,6 +357,8 @@ def build_loader(
     `train`: None gives the train split the training order (shuffled, padded to
     equal steps) and every other split the evaluation order (each sample once
     across ranks); False reads the train split in evaluation order too.
+    `shared_memory=False`: no batch ring in /dev/shm; workers send batches pickled
+    in ordinary memory (for containers with a small /dev/shm).
     """
     if batch_size < 1:
         raise LoaderError(f"batch_size must be >= 1, got {batch_size}")
@@ -384,6 +400,7 @@ def build_loader(
         sha256=[s.sha256 for s in info.shards] if verify_checksums else None,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor,
+        shared_memory=shared_memory,
     )
 
 

@@ -9,6 +9,12 @@ zero-copy `Batch` over the slot; the slot is reused only after every tensor, vie
 and `.numpy()` array over it is gone (a consumer that keeps batches makes workers
 fall back to fresh buffers, never to waiting). With `pin=True` (CUDA) the slot is
 instead copied into pinned memory, the copy pinning needs anyway, and freed at once.
+
+**Where /dev/shm is small** (Docker's and Kubernetes' default is 64 MB) the ring may
+not fit: `ring_bytes` sizes it before it is built and `shm_problem` says so in one
+line with the fixes. Without a ring (`shared_memory=False` in the loader) a worker
+sends each batch as a `HostBatch` of ordinary numpy arrays, pickled through its
+pipe: no shared memory at all, at the cost of a copy.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import math
 import multiprocessing as mp
+import shutil
 import time
 import weakref
 from collections.abc import Iterator
@@ -25,6 +32,40 @@ import numpy as np
 import torch
 
 from pipeline.batch import Batch
+
+SHM_DIR = "/dev/shm"
+
+
+def ring_bytes(workers: int, slots: int, batch_size: int, image_size: int, masks: bool) -> int:
+    """Bytes of shared memory a `BatchRing` of these dimensions takes."""
+    return workers * slots * batch_size * image_size * image_size * (2 if masks else 1)
+
+
+def shm_free(path: str = SHM_DIR) -> int | None:
+    """Free bytes in the shared-memory filesystem, or None where there is none to measure."""
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return None
+
+
+def shm_problem(need: int, free: int | None, detail: str) -> str | None:
+    """Why rings of `need` bytes (per node; `detail` says whose) do not fit in `free`; None when they do."""
+    if free is None or need <= free:
+        return None
+    mb = 1 << 20
+    return (
+        f"the batch rings need {need / mb:,.0f} MB of shared memory on this node ({detail}) but {SHM_DIR} has "
+        f"{free / mb:,.0f} MB free. Fixes: give the container more (docker run --shm-size={_suggest(need)} or "
+        "--ipc=host; on Kubernetes mount an emptyDir with medium: Memory at /dev/shm), or lower "
+        "data.num_workers, eval.batch_size or train.batch_size, or set data.shared_memory=false (batches "
+        "through pipes in ordinary memory: no /dev/shm needed, a little slower)"
+    )
+
+
+def _suggest(need: int) -> str:
+    """A --shm-size with headroom: twice the need, in whole GB."""
+    return f"{max(1, math.ceil(2 * need / (1 << 30)))}g"
 
 
 def shared_uint8(shape: tuple[int, ...]) -> torch.Tensor:
@@ -71,8 +112,31 @@ class SlotRef:
     step: int
 
 
+@dataclass
+class HostBatch:
+    """A batch in ordinary numpy memory: what a worker without a ring sends (pickled, no shared memory)."""
+
+    images: np.ndarray
+    masks: np.ndarray | None
+    labels: np.ndarray
+    keys: list[str]
+    indices: np.ndarray
+    step: int
+
+    def to_batch(self) -> Batch:
+        return Batch(
+            images=torch.from_numpy(self.images),
+            labels=torch.from_numpy(np.asarray(self.labels, np.int64)),
+            keys=self.keys,
+            masks=None if self.masks is None else torch.from_numpy(self.masks),
+            indices=torch.from_numpy(np.asarray(self.indices, np.int64)),
+            step=self.step,
+        )
+
+
 class BatchMemory:
-    """Where one batch is assembled: a ring slot inside a worker, else fresh (shared) memory."""
+    """Where one batch is assembled: a ring slot inside a worker, fresh shared memory when every slot is
+    held, else ordinary memory (no ring: no workers, or shared memory turned off)."""
 
     def __init__(self, n: int, image_size: int, masks: bool, ring: BatchRing | None, worker: int):
         shape = (n, 1, image_size, image_size)
@@ -87,11 +151,16 @@ class BatchMemory:
             self.images = torch.from_numpy(np.empty(shape, np.uint8))
             self.masks = torch.from_numpy(np.empty(shape, np.uint8)) if masks else None
 
-    def finish(self, labels: np.ndarray, keys: list[str], indices: np.ndarray, step: int) -> SlotRef | Batch:
-        """The filled batch as a SlotRef (ring slot) or a Batch (own memory)."""
+    def finish(
+        self, labels: np.ndarray, keys: list[str], indices: np.ndarray, step: int
+    ) -> SlotRef | Batch | HostBatch:
+        """The filled batch as a SlotRef (ring slot), a Batch (fresh shared memory) or a HostBatch (no ring)."""
         if self.slot is not None:
             self.ring.busy[self.slot] = 1
             return SlotRef(self.slot, len(keys), labels, keys, indices, step)
+        if self.ring is None:
+            masks = None if self.masks is None else self.masks.numpy()
+            return HostBatch(self.images.numpy(), masks, labels, keys, indices, step)
         return Batch(
             images=self.images,
             labels=torch.from_numpy(np.asarray(labels, np.int64)),
@@ -137,6 +206,8 @@ def from_ring(items, ring: BatchRing | None, pin: bool) -> Iterator[Batch]:
     to fresh buffers instead of waiting, so nothing can deadlock.
     """
     for item in items:
+        if isinstance(item, HostBatch):
+            item = item.to_batch()
         if isinstance(item, Batch):
             yield item.pin_memory() if pin else item
             continue

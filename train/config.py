@@ -36,6 +36,8 @@ class DataConfig:
     """Image side stored in the shards; null takes the manifest's (set it to refuse other shards)."""
     num_workers: int = 4
     """Loader processes per rank reading shards."""
+    shared_memory: bool = True
+    """Batch ring in /dev/shm (workers x (2 + 2) x batch x side^2 B per loader); false pickles batches instead."""
     shuffle_buffer: int = 2000
     """Streamed shards only: samples per shuffle window of a loader worker (local shards shuffle globally)."""
     drop_last: bool = False

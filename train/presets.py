@@ -69,4 +69,5 @@ def build_split_loader(
         manifest=manifest,
         masks=masks,
         train=train_order,
+        shared_memory=cfg.data.shared_memory,
     )

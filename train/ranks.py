@@ -52,6 +52,21 @@ def rank0_decides(accelerator: Accelerator, decide: Callable[[], T]) -> T:
     return value
 
 
+def every_rank_ok(accelerator: Accelerator, problem: str | None, error: type[Exception]) -> None:
+    """Share each rank's `problem` (None: fine); every rank raises `error` with the first one found.
+
+    A check whose answer depends on the node (free shared memory, a local path) must
+    stop every rank together: a rank that stopped alone leaves the others in a collective.
+    """
+    problems = [(accelerator.process_index, problem)]
+    if accelerator.num_processes > 1:
+        problems = gather_object(problems)
+    found = [(rank, p) for rank, p in problems if p]
+    if found:
+        rank, first = found[0]
+        raise error(first if rank == accelerator.process_index else f"on rank {rank}: {first}")
+
+
 def on_rank0(accelerator: Accelerator, work: Callable[[], None], what: str) -> None:
     """Run `work` on rank 0 and share how it went: a failure ends every rank now, each with the cause.
 
@@ -109,4 +124,12 @@ def check_shared_folder(accelerator: Accelerator, out: Path) -> None:
         )
 
 
-__all__ = ["FolderNotSharedError", "PeerFailedError", "TOKEN_FILE", "check_shared_folder", "on_rank0", "rank0_decides"]
+__all__ = [
+    "FolderNotSharedError",
+    "PeerFailedError",
+    "TOKEN_FILE",
+    "check_shared_folder",
+    "every_rank_ok",
+    "on_rank0",
+    "rank0_decides",
+]

@@ -18,6 +18,7 @@ from accelerate.utils import broadcast_object_list, set_seed
 
 from pipeline.loader import load_shard_manifest
 from pipeline.read import split_digest
+from pipeline.ring import shm_free, shm_problem
 from sharding.manifest import Manifest
 from train import operating
 from train.card import ModelCard, save_model_card
@@ -35,7 +36,7 @@ from train.metrics import quick_metrics
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, build_scheduler
 from train.presets import build_augment, build_split_loader, masks_used
-from train.ranks import check_shared_folder, on_rank0, rank0_decides
+from train.ranks import check_shared_folder, every_rank_ok, on_rank0, rank0_decides
 from train.state import Position, TrainState
 
 
@@ -87,6 +88,14 @@ def build_loaders(cfg: Config, manifest: Manifest, accelerator: Accelerator, spl
         )
         for split in splits
     }
+
+
+def shared_memory_problem(loaders: dict, local_ranks: int, free: int | None) -> str | None:
+    """Whether this node's batch rings fit in /dev/shm: `local_ranks` ranks, each with every loader's ring
+    (train and val can be alive at once). None when they fit or `free` is unknown."""
+    per_rank = sum(loader.shared_memory_bytes for loader in loaders.values())
+    sizes = ", ".join(f"{name} {loader.shared_memory_bytes / 2**20:,.0f} MB" for name, loader in loaders.items())
+    return shm_problem(local_ranks * per_rank, free, f"{local_ranks} rank(s) x ({sizes})")
 
 
 def model_card(cfg: Config, manifest: Manifest) -> ModelCard:
@@ -290,6 +299,8 @@ def setup_run(cfg: Config, accelerator: Accelerator) -> Run:
     check_manifest(cfg, manifest)
     cfg = resolved(cfg, manifest)
     loaders = build_loaders(cfg, manifest, accelerator)
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    every_rank_ok(accelerator, shared_memory_problem(loaders, local_ranks, shm_free()), RunError)
     out = prepare_output_dir(cfg, accelerator)
     state = build_state(cfg, accelerator, manifest, loaders["train"])
     loss_fn = build_loss(cfg.optim, manifest.split("train").class_counts, accelerator.device)

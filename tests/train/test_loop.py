@@ -62,7 +62,8 @@ def test_the_train_loader_reads_masks_only_for_mask_lungs(phantom_shards):
         loaders = build_loaders(cfg, manifest, Accelerator(cpu=True))
         train, val = (next(iter(loaders[s])) for s in ("train", "val"))
         assert (train.masks is not None) is mask_lungs
-        assert val.masks is not None  # evaluation keeps them (the report's lung share)
+        # validation neither: masks would double its shared-memory ring (the report's loaders read their own)
+        assert (val.masks is not None) is mask_lungs
     no_masks = build_loader(phantom_shards, "train", batch_size=4, num_workers=0, masks=False)
     assert next(iter(no_masks)).masks is None
     with pytest.raises(LoaderError, match="no masks"):
