@@ -17,8 +17,13 @@ variable `RADSTREAM_ALLOW_PIPE=0` (or pass `allow_pipe=False`) to refuse them
 
 **Cache.** With `cache_dir`, a remote shard (http(s), pipe:, gs:, s3:) is
 downloaded once to `cache_dir/<hash of url and manifest sha256>-<name>` (temporary name, then an atomic
-rename, so a crashed download never leaves a half shard) and read from local
-disk afterwards; local shards are never copied.
+link, so a crashed download never leaves a half shard) and read from local
+disk afterwards; local shards are never copied. Every rank of a node (and of
+nodes sharing the cache folder) goes through one lock file per shard
+(`cache_dir/.locks/`): one process downloads, the others wait and then read its
+copy. A verified copy is never replaced (a rank that indexed it by size and
+mtime would see it change), and temporary names carry host, pid and a random
+part, so writers on different hosts never share one.
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ import hashlib
 import io
 import os
 import re
+import secrets
 import shlex
+import socket
 import subprocess
 import urllib.parse
 import urllib.request
@@ -35,6 +42,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from braceexpand import braceexpand
+from filelock import FileLock
 
 from pipeline.fast_tar import ShardFormatError
 
@@ -170,25 +178,40 @@ def open_url(
     target = cache_path(url, cache_dir, sha256)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        digest = hashlib.sha256()
-        try:
-            with _open_uncached(url, allow_pipe) as src, open(tmp, "wb") as dst:
-                while block := src.read(1 << 20):
-                    digest.update(block)
-                    dst.write(block)
-                dst.flush()
-                os.fsync(dst.fileno())
-            if sha256 is not None and digest.hexdigest() != sha256:
-                raise ShardFormatError(
-                    f"download of {url} has sha256 {digest.hexdigest()[:16]}…, the manifest "
-                    f"says {sha256[:16]}… (truncated or altered in transit); not cached"
-                )
-            os.replace(tmp, target)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        locks = target.parent / ".locks"
+        locks.mkdir(exist_ok=True)
+        # flock: released by the kernel if the holder dies, so a killed download never wedges its peers
+        with FileLock(locks / f"{target.name}.lock"):
+            if not target.exists():  # else a peer fetched it while this process waited
+                _download(url, target, allow_pipe, sha256)
     return open(target, "rb")
+
+
+def _download(url: str, target: Path, allow_pipe: bool | None, sha256: str | None) -> None:
+    """Fetch `url` to a temporary name, check its digest, and link it in as `target` unless one is there."""
+    tmp = target.with_name(f".{target.name}.tmp-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}")
+    digest = hashlib.sha256()
+    try:
+        with _open_uncached(url, allow_pipe) as src, open(tmp, "wb") as dst:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                dst.write(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if sha256 is not None and digest.hexdigest() != sha256:
+            raise ShardFormatError(
+                f"download of {url} has sha256 {digest.hexdigest()[:16]}…, the manifest "
+                f"says {sha256[:16]}… (truncated or altered in transit); not cached"
+            )
+        try:
+            os.link(tmp, target)  # atomic, and never over an existing copy: the first finished one wins
+        except FileExistsError:
+            pass
+        except OSError:  # a filesystem without hard links
+            if not target.exists():
+                os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def url_opener(data, *, cache_dir: str | Path | None = None, allow_pipe: bool | None = None):

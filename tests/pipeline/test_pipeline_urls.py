@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import http.server
+import multiprocessing
+import os
 import threading
 
 import pytest
 
 from pipeline.loader import build_loader
-from pipeline.urls import ALLOW_PIPE_ENV, expand_urls, normalize_url, open_url
+from pipeline.urls import ALLOW_PIPE_ENV, cache_path, expand_urls, normalize_url, open_url
 from sharding.manifest import load_manifest
 
 from helpers.indexed_shards import key_of, split_ids
@@ -45,7 +47,8 @@ def test_http_cache_reads_local_disk_afterwards(http_base, tiny_shards, tmp_path
     cache = tmp_path / "cache"
     loader = build_loader(http_base, "test", batch_size=2, num_workers=0, cache_dir=cache)
     first = [k for b in loader for k in b.keys]
-    assert len(list(cache.iterdir())) == 1 and not list(cache.glob(".*tmp*"))
+    assert not list(cache.glob(".*tmp*"))
+    assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
     # epoch 2 reads local disk: the network is no longer touched
     import urllib.request
 
@@ -133,7 +136,7 @@ def test_altered_download_never_enters_the_cache(tiny_shards, tmp_path):
         assert not {key_of(g) for g in range(7, 12)} & set(keys)  # the altered shard's samples
         with pytest.raises(ShardFormatError, match="val-000000.tar.*sha256"):
             list(build_loader(base, "val", batch_size=2, num_workers=0, cache_dir=cache, manifest=manifest))
-        cached = sorted(p.name for p in cache.iterdir())
+        cached = sorted(p.name for p in cache.iterdir() if p.name != ".locks")
         assert len(cached) == 3 and not any(n.startswith(".") for n in cached)  # 3 intact train shards only
         unchecked = build_loader(
             base,
@@ -161,4 +164,40 @@ def test_cache_is_keyed_by_content_so_a_rebuilt_shard_is_not_served_stale(tmp_pa
     shard.write_bytes(b"new build, same name")  # the shards were rebuilt; the manifest has the new digest
     with open_url(url, cache_dir=cache, sha256=hashlib.sha256(b"new build, same name").hexdigest()) as fh:
         assert fh.read() == b"new build, same name"
-    assert len(list(cache.iterdir())) == 2
+    assert len([p for p in cache.iterdir() if p.name != ".locks"]) == 2
+
+
+def _fetch(url: str, cache: str, sha256: str) -> tuple[int, bytes]:
+    with open_url(url, cache_dir=cache, sha256=sha256) as fh:
+        return os.fstat(fh.fileno()).st_ino, fh.read()
+
+
+def test_racing_processes_download_a_shard_once_and_share_one_copy(tiny_shards, tmp_path):
+    """4 processes (ranks of one node) open the same remote shard with a cold cache while the server is slow:
+    one download, every process reads the same verified file (one inode), no temporary left."""
+    from helpers.http import serve
+
+    shard = load_manifest(tiny_shards).split("train").shards[0]
+    cache = tmp_path / "cache"
+    with serve(tiny_shards, delay_s=0.5) as (base, counts), multiprocessing.get_context("spawn").Pool(4) as pool:
+        got = pool.starmap(_fetch, [(base + shard.name, str(cache), shard.sha256)] * 4)
+    assert counts[f"/{shard.name}"] == 1, counts
+    assert len({inode for inode, _ in got}) == 1
+    assert {data for _, data in got} == {(tiny_shards / shard.name).read_bytes()}
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [
+        cache_path(base + shard.name, cache, shard.sha256).name
+    ]
+    assert not list(cache.glob(".*tmp*"))
+
+
+def test_a_cached_copy_is_never_replaced(tiny_shards, tmp_path):
+    from helpers.http import serve
+
+    shard = load_manifest(tiny_shards).split("train").shards[0]
+    with serve(tiny_shards) as (base, counts):
+        url = base + shard.name
+        first = _fetch(url, str(tmp_path), shard.sha256)
+        target = cache_path(url, tmp_path, shard.sha256)
+        os.remove(target.parent / ".locks" / f"{target.name}.lock")  # even without its lock file
+        assert _fetch(url, str(tmp_path), shard.sha256) == first
+    assert counts[f"/{shard.name}"] == 1

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import resource
 import shutil
@@ -111,3 +112,37 @@ def test_rank0_save_failure_ends_every_rank_with_its_cause(tmp_path, phantom_sha
     assert elapsed < timeout_s / 3, f"{elapsed:.0f} s"
     assert not (out / "models" / "best_model.pth").exists()
     assert not [p for p in Path(out).rglob(".*tmp*")], "a temporary was left"
+
+
+def test_cold_cache_over_http_downloads_each_shard_once(tmp_path, phantom_shards, subprocess_env, repo_root):
+    """2 ranks stream the shards from a real local HTTP server into one empty data.cache_dir: every rank
+    trains on the global plan, each shard is fetched once, and the cache holds one verified copy of each."""
+    from sharding.manifest import load_manifest
+
+    from helpers.http import serve
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    manifest = load_manifest(phantom_shards)
+    with serve(phantom_shards) as (base, counts):
+        done = run(
+            [
+                f"data.shards={base}",
+                f"data.cache_dir={cache}",
+                f"train.output_dir={out}",
+                "train.epochs=1",
+                "eval.test_at_end=false",
+            ],
+            subprocess_env,
+            repo_root,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "(global shuffle)" in done.stdout, "cached shards take the global plan"
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["rank_steps"][0] == row["rank_steps"][1] > 0
+    assert row["train_samples_seen"] == manifest.split("train").samples
+    shards = [s for split in ("train", "val") for s in manifest.split(split).shards]
+    assert {f"/{s.name}": counts[f"/{s.name}"] for s in shards} == {f"/{s.name}": 1 for s in shards}
+    cached = sorted(p for p in cache.iterdir() if not p.name.startswith("."))
+    assert len(cached) == len(shards) and not list(cache.glob(".*tmp*"))
+    digests = {s.sha256 for s in shards}
+    assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in cached} == digests
