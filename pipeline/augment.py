@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from kornia.geometry.transform import get_rotation_matrix2d, warp_affine
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -53,6 +52,19 @@ def sample_params(
     return {"flip": flip, "angle": angle.float()}
 
 
+def rotation_matrices(angle: torch.Tensor, cx: float, cy: float) -> torch.Tensor:
+    """[B,2,3] rotations by `angle` degrees (counter-clockwise on screen) about pixel (cx, cy).
+
+    OpenCV's `getRotationMatrix2D` at scale 1, which kornia's `get_rotation_matrix2d`
+    also computes; written here in torch because kornia before 0.9 builds it with a
+    blocking host-to-device copy (kornia #3937), a host sync on every training step.
+    """
+    rad = torch.deg2rad(angle.float())
+    cos, sin = torch.cos(rad), torch.sin(rad)
+    rows = [cos, sin, (1 - cos) * cx - sin * cy, -sin, cos, sin * cx + (1 - cos) * cy]
+    return torch.stack(rows, dim=-1).view(-1, 2, 3)
+
+
 def affine_matrices(flip: torch.Tensor, angle: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """[B,2,3] source->destination matrices: horizontal flip (about the centre) then rotation by `angle`.
 
@@ -60,10 +72,7 @@ def affine_matrices(flip: torch.Tensor, angle: torch.Tensor, height: int, width:
     so the flip is x -> (W-1) - x; positive angles rotate counter-clockwise.
     """
     b, device = flip.shape[0], angle.device
-    # constants filled on the device (scalar kernel arguments), not copied from a host list
-    center = torch.empty(b, 2, device=device, dtype=torch.float32)
-    center[:, 0], center[:, 1] = (width - 1) / 2, (height - 1) / 2
-    rot = get_rotation_matrix2d(center, angle.float(), torch.ones(b, 2, device=device))  # [B,2,3]
+    rot = rotation_matrices(angle, (width - 1) / 2, (height - 1) / 2)  # [B,2,3]
     f = flip.to(device)
     flip_m = torch.eye(3, device=device).repeat(b, 1, 1)
     # torch.where, not boolean-mask assignment: no device->host sync on CUDA
@@ -111,6 +120,8 @@ def warp_kornia(
     images: torch.Tensor, masks: torch.Tensor | None, matrix: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Kornia's `warp_affine` with the same matrices: images bilinear, masks nearest, zeros outside."""
+    from kornia.geometry.transform import warp_affine  # imported only when data.warp=kornia asks for it
+
     size = tuple(images.shape[-2:])
     out = warp_affine(images, matrix, dsize=size, mode="bilinear", padding_mode="zeros", align_corners=True)
     if masks is not None:
@@ -205,6 +216,7 @@ __all__ = [
     "STD_1CH",
     "WARPS",
     "affine_matrices",
+    "rotation_matrices",
     "sample_params",
     "sampling_theta",
     "warp_kornia",

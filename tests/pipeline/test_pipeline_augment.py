@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +15,7 @@ from pipeline.augment import (
     WARPS,
     DeviceAugment,
     affine_matrices,
+    rotation_matrices,
     sample_params,
     sampling_theta,
     warp_kornia,
@@ -196,3 +200,27 @@ def test_train_augment_builds_no_tensor_from_host_data(monkeypatch, warp):
 
     monkeypatch.setattr(torch, "tensor", refuse)
     aug(x, x.clamp(max=1), generator=gen)
+
+
+@pytest.mark.parametrize("size", [(299, 299), (40, 64)])
+def test_rotation_matrices_equal_kornias(size):
+    """The plain-torch rotation (no host copy) is kornia's get_rotation_matrix2d, centre x and y not swapped."""
+    from kornia.geometry.transform import get_rotation_matrix2d
+
+    h, w = size
+    angle = torch.tensor([-10.0, 0.0, 7.5, 90.0, 180.0])
+    center = torch.tensor([[(w - 1) / 2, (h - 1) / 2]]).repeat(len(angle), 1)
+    theirs = get_rotation_matrix2d(center, angle, torch.ones(len(angle), 2))
+    torch.testing.assert_close(rotation_matrices(angle, (w - 1) / 2, (h - 1) / 2), theirs, atol=1e-5, rtol=1e-6)
+
+
+def test_default_warp_does_not_import_kornia(subprocess_env):
+    """kornia (and its host-copying rotation matrix before 0.9) is loaded only for data.warp=kornia."""
+    code = (
+        "import sys, torch\n"
+        "from pipeline.augment import DeviceAugment\n"
+        "DeviceAugment(train=True)(torch.zeros(2, 1, 8, 8, dtype=torch.uint8))\n"
+        "print('kornia' in sys.modules)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
