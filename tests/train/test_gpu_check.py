@@ -125,3 +125,53 @@ def test_the_gpu_plan_has_every_stage_the_issue_names(tmp_path):
     assert "--raw" in argv["train_bench_bf16"]  # the original feed once
     assert "--mixed_precision" in argv["train"] and "bf16" in argv["train"] and "train.epochs=2" in argv["train"]
     assert argv["gpu_tests"][3:6] == ["-m", "gpu", "tests/gpu"]
+
+
+def _no_machine(monkeypatch) -> None:
+    monkeypatch.setattr(
+        gpu_check,
+        "machine",
+        lambda: {"device": "cpu", "cuda": None, "cpu_count": 1, "python": "3", "platform": "-", "versions": {}},
+    )
+
+
+def test_the_overall_deadline_stops_the_running_stage_and_skips_the_rest(tmp_path, monkeypatch):
+    stages = [_fake("quick", "pass"), _fake("slow", "import time; time.sleep(30)"), _fake("later", "pass")]
+    monkeypatch.setattr(gpu_check, "plan", lambda *a: stages)
+    _no_machine(monkeypatch)
+    began = time.monotonic()
+    rc = gpu_check.main(["--dry-run", "--deadline-s", "2", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")])
+    assert rc == 1 and time.monotonic() - began < 15
+    got = json.loads((tmp_path / "o" / "gpu_check.json").read_text())["stages"]
+    assert got["quick"]["ok"]
+    assert got["slow"]["rc"] is None and "timed out after" in got["slow"]["error"]
+    assert not got["later"]["ok"] and "overall deadline of 2 s" in got["later"]["error"]
+    assert "overall deadline" in (tmp_path / "o" / "gpu_check.md").read_text()
+
+
+def test_missing_packages_stop_the_check_before_any_stage(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(gpu_check, "DEPENDENCIES", {"json": "json", "no_such_module_for_radstream": "no-such-pkg"})
+    monkeypatch.setattr(gpu_check, "plan", lambda *a: pytest.fail("a stage ran"))
+    assert gpu_check.main(["--dry-run", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "missing packages: no-such-pkg" in err and "pip install no-such-pkg" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_every_dependency_is_here():
+    assert gpu_check.missing_dependencies(gpu_check.DEPENDENCIES) == []
+    assert gpu_check.compile_unavailable() is None  # this CPU's Python and torch support Dynamo
+
+
+def test_compile_stages_are_skipped_with_the_reason_where_compile_cannot_run(tmp_path, monkeypatch):
+    stages = [_fake("plain", "pass"), gpu_check.Stage("compiled", [sys.executable, "-c", "1", "--compile"], dict, 30)]
+    monkeypatch.setattr(gpu_check, "plan", lambda *a: stages)
+    monkeypatch.setattr(gpu_check, "compile_unavailable", lambda: "torch.compile needs Triton for CUDA")
+    _no_machine(monkeypatch)
+    assert gpu_check.main(["--dry-run", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o")]) == 0
+    got = json.loads((tmp_path / "o" / "gpu_check.json").read_text())["stages"]
+    assert got["compiled"]["ok"] and got["compiled"]["skipped"] == "skipped: torch.compile needs Triton for CUDA"
+    assert (
+        "| compiled | yes | 0 | skipped: torch.compile needs Triton for CUDA |"
+        in (tmp_path / "o" / "gpu_check.md").read_text()
+    )
