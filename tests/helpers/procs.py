@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +15,16 @@ def start_group(cmd: list[str], env: dict, cwd, stdout=subprocess.DEVNULL) -> su
     return subprocess.Popen(
         cmd, env=env, cwd=cwd, stdout=stdout, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
+
+
+def limit_file_size(limit: int):
+    """A `preexec_fn` capping the size of any file the child writes (a full disk, without filling one)."""
+
+    def preexec() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return preexec
 
 
 def children(pid: int) -> list[int]:

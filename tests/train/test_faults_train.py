@@ -16,7 +16,6 @@ import json
 import os
 import pickle
 import random
-import resource
 import signal
 import subprocess
 import sys
@@ -29,6 +28,7 @@ import torch
 from train.checkpoint import CheckpointError, load_best_model, load_checkpoint
 
 from helpers.launch import train_cmd as launch
+from helpers.procs import limit_file_size as _limit_file_size
 from helpers.procs import start_group
 
 pytestmark = pytest.mark.slow
@@ -305,14 +305,6 @@ def test_unwritable_output_dir_is_a_clear_error(tmp_path, phantom_shards, subpro
     )
     assert run.returncode != 0
     assert "is not writable" in run.stderr and 'train/main.py", line' not in run.stderr, run.stderr[-3000:]
-
-
-def _limit_file_size(limit: int):
-    def preexec() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return preexec
 
 
 def test_disk_full_while_writing_checkpoints_keeps_previous_files(tmp_path, phantom_shards, subprocess_env, repo_root):

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +19,7 @@ import pytest
 from train.checkpoint import load_checkpoint
 
 from helpers.launch import train_cmd
+from helpers.procs import limit_file_size
 
 pytestmark = pytest.mark.slow
 
@@ -84,14 +83,6 @@ def test_resume_is_rank0s_decision(tmp_path, phantom_shards, subprocess_env, rep
     assert load_checkpoint(out / "models" / "checkpoint.pth")["epoch"] == 2
 
 
-def _limit_file_size(limit: int):
-    def preexec() -> None:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-
-    return preexec
-
-
 def test_rank0_save_failure_ends_every_rank_with_its_cause(tmp_path, phantom_shards, subprocess_env, repo_root):
     """ResNet18's weights (~45 MB) cannot be written under a 4 MB file-size limit: rank 0's first best-model
     save fails. Rank 1 must stop with that cause at once, not wait in a barrier for train.timeout_s."""
@@ -102,7 +93,7 @@ def test_rank0_save_failure_ends_every_rank_with_its_cause(tmp_path, phantom_sha
         [f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=3", f"train.timeout_s={timeout_s}"],
         subprocess_env,
         repo_root,
-        preexec=_limit_file_size(4 << 20),
+        preexec=limit_file_size(4 << 20),
     )
     elapsed = time.monotonic() - began
     assert done.returncode != 0
