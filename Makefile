@@ -24,10 +24,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
-# Lint and format check (ruff, configured in pyproject.toml); `make test` runs it first, so CI enforces it.
+# Lint, format and structure (ruff; import-linter's contracts; sizes), all configured in pyproject.toml and
+# tools/structure.py; `make test` runs it first, so CI enforces it.
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
+	$(PY) -m tools.structure
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
@@ -60,7 +63,7 @@ shortcut-demo: $(STAMP)
 	$(VENV)/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no \
 	  --dynamo_backend no train/main.py --config configs/demo.yaml data.shards=shards/demo_markers \
 	  train.output_dir=runs/demo_markers $(DEMO_ARGS)
-	$(PY) -m train.evaluate --compare runs/demo runs/demo_markers
+	$(PY) -m evaluation --compare runs/demo runs/demo_markers
 
 SOAK_RAW ?= data/soak
 SOAK_SHARDS ?= shards/soak
@@ -74,8 +77,8 @@ soak: $(STAMP)
 	PYTHONPATH=tests $(PY) -m helpers.soak --shards $(SOAK_SHARDS) --out runs/soak --epochs 10 --image-size 32 \
 	  --num-workers 1 --json runs/soak/soak.json $(SOAK_ARGS)
 
-# One command on a fresh GPU machine (README "GPU"): full-size phantom -> shards -> pipeline.bench (1/4/8
-# workers) -> train.bench (299 px; bf16, fp16; compile off/on) -> two bf16 epochs -> pytest -m gpu, every
+# One command on a fresh GPU machine (README "GPU"): full-size phantom -> shards -> tools.bench_pipeline (1/4/8
+# workers) -> tools.bench_train (299 px; bf16, fp16; compile off/on) -> two bf16 epochs -> pytest -m gpu, every
 # figure in runs/gpu_check/gpu_check.{json,md}; under 8 minutes on one H100. It runs with the Python that has
 # the dependencies (the GPU image's, or .venv when present) and no setup stamp, which would reinstall torch.
 # On a CPU: make gpu-check GPU_CHECK_ARGS=--dry-run (toy sizes, about a minute).
@@ -83,7 +86,7 @@ GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 GPU_CHECK_ARGS ?=
 
 gpu-check:
-	$(GPU_PYTHON) -m train.gpu_check $(GPU_CHECK_ARGS)
+	$(GPU_PYTHON) -m tools.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf data runs shards/*/ .pytest_cache

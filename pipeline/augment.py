@@ -132,7 +132,7 @@ def warp_kornia(
 #: The warp implementations DeviceAugment can use (the same matrices, the same pixels up to float rounding).
 WARPS = {"torch": warp_torch, "kornia": warp_kornia}
 #: torch: 1.17-1.32x kornia's img/s on a 2-core CPU at 299 px and the training batch of 256 (1 or 2 threads;
-#: at batch 32 with 2 threads the two are within noise); `python -m train.bench` reports both as `augment`.
+#: at batch 32 with 2 threads the two are within noise); `python -m tools.bench_train` reports both as `augment`.
 #: The GPU measurement is pending (`make gpu-check`). `data.warp` selects per run.
 DEFAULT_WARP = "torch"
 

@@ -94,6 +94,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             strict=args.strict,
             force=args.force,
             progress=not args.quiet,
+            shard_delay_s=args.shard_delay_s,
         )
     except BuildError as exc:
         raise UsageError(str(exc)) from None
@@ -169,37 +170,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sharding", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("phantom", help="generate synthetic chest films in the Kaggle layout")
-    p.add_argument("--out", default="data/raw", help="parent folder of COVID-19_Radiography_Dataset/")
-    p.add_argument("--per-class", type=int, default=100, help="images per class (default 100)")
-    p.add_argument("--realistic-ratio", action="store_true", help="scale per-class counts to the real class ratio")
-    p.add_argument("--full-size", action="store_true", help="the real counts: 21,165 images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--markers", action="store_true", help="burn class-correlated text tags into a corner")
-    p.add_argument(
-        "--format",
-        choices=("png", "dicom"),
-        default="png",
-        help="png (default), or dicom: the same pixels as DICOM films (MONOCHROME1, 12-bit rescaled and "
-        "windowed ones among them); labels.csv beside them either way",
-    )
-    p.add_argument("--dup-fraction", type=float, default=0.02, help="share of exact duplicates within a class")
-    p.add_argument("--near-dup-fraction", type=float, default=0.005, help="share of near copies across classes")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--force", action="store_true", help="replace an existing dataset folder")
-    p.add_argument("--contact-sheet", default=None, help="also write a PNG grid of a few films per class")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=_cmd_phantom)
-
-    p = sub.add_parser("download", help="fetch the Kaggle dataset (needs Kaggle credentials)")
-    p.add_argument("--out", default="data/raw", help="parent folder of COVID-19_Radiography_Dataset/")
-    p.add_argument("--dataset", default="tawsifurrahman/covid19-radiography-database", help=argparse.SUPPRESS)
-    p.set_defaults(func=_cmd_download)
-
+def _add_build(sub) -> None:
+    """The `build` subcommand and its options."""
     p = sub.add_parser("build", help="raw dataset -> WebDataset shards per split + manifest.json")
     p.add_argument(
         "--raw",
@@ -237,7 +209,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail (exit 2) if any input would be skipped")
     p.add_argument("--force", action="store_true", help="rebuild even if inputs and options are unchanged")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    # fault tests' window to kill a build mid-way; not for users, so not in --help
+    p.add_argument("--shard-delay-s", type=float, default=0.0, help=argparse.SUPPRESS)
     p.set_defaults(func=_cmd_build)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sharding", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("phantom", help="generate synthetic chest films in the Kaggle layout")
+    p.add_argument("--out", default="data/raw", help="parent folder of COVID-19_Radiography_Dataset/")
+    p.add_argument("--per-class", type=int, default=100, help="images per class (default 100)")
+    p.add_argument("--realistic-ratio", action="store_true", help="scale per-class counts to the real class ratio")
+    p.add_argument("--full-size", action="store_true", help="the real counts: 21,165 images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--markers", action="store_true", help="burn class-correlated text tags into a corner")
+    p.add_argument(
+        "--format",
+        choices=("png", "dicom"),
+        default="png",
+        help="png (default), or dicom: the same pixels as DICOM films (MONOCHROME1, 12-bit rescaled and "
+        "windowed ones among them); labels.csv beside them either way",
+    )
+    p.add_argument("--dup-fraction", type=float, default=0.02, help="share of exact duplicates within a class")
+    p.add_argument("--near-dup-fraction", type=float, default=0.005, help="share of near copies across classes")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--force", action="store_true", help="replace an existing dataset folder")
+    p.add_argument("--contact-sheet", default=None, help="also write a PNG grid of a few films per class")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_phantom)
+
+    p = sub.add_parser("download", help="fetch the Kaggle dataset (needs Kaggle credentials)")
+    p.add_argument("--out", default="data/raw", help="parent folder of COVID-19_Radiography_Dataset/")
+    p.add_argument("--dataset", default="tawsifurrahman/covid19-radiography-database", help=argparse.SUPPRESS)
+    p.set_defaults(func=_cmd_download)
+
+    _add_build(sub)
 
     p = sub.add_parser("verify", help="re-hash shards and decode every sample against the manifest")
     p.add_argument("--shards", default="shards")

@@ -52,8 +52,6 @@ BUILD_VERSION = 2
 SPLIT_BY = ("patient", "source")
 #: Below this many images per worker a process pool costs more than it saves.
 MIN_PER_WORKER = 64
-#: Test hook: seconds to sleep after each shard is written (lets a test kill a build mid-way).
-_DELAY_ENV = "RADSTREAM_SHARD_DELAY"
 
 
 class BuildError(ValueError):
@@ -209,8 +207,10 @@ def _duplicate_report(records: list[Record], good: list[int], gids: list[int], k
     return sorted(groups, key=lambda d: d["members"][0])
 
 
-def plan(found: Scan, analysis: Analysis, options: BuildOptions, tmp: Path) -> BuildPlan:
-    """Duplicate groups -> leakage-safe splits -> a seeded write order -> shards of `shard_size`."""
+def plan(found: Scan, analysis: Analysis, options: BuildOptions, tmp: Path, delay_s: float = 0.0) -> BuildPlan:
+    """Duplicate groups -> leakage-safe splits -> a seeded write order -> shards of `shard_size`.
+
+    `delay_s`: a pause after each shard is written (fault tests kill a build mid-way in it)."""
     records, facts, good = found.records, analysis.facts, analysis.good
     phashes = [facts[i]["phash"] for i in good] if options.near_dup_distance is not None else None
     dups, kinds = group([facts[i]["sha"] for i in good], phashes, options.near_dup_distance)
@@ -221,7 +221,6 @@ def plan(found: Scan, analysis: Analysis, options: BuildOptions, tmp: Path) -> B
     result = BuildPlan(split_of, _duplicate_report(records, good, dups, kinds, split_of))
     result.split = split_report(found, good, split_of, metas, options.split_by)
     issue_of = {m["key"]: m["reason"] for m in analysis.mask_issues}
-    delay = float(os.environ.get(_DELAY_ENV, "0") or 0)
     for split in SPLITS:
         idx = [j for j in range(len(good)) if split_of[j] == split]
         order = [idx[k] for k in shuffled([records[good[j]].key for j in idx], options.seed, split)]
@@ -240,7 +239,9 @@ def plan(found: Scan, analysis: Analysis, options: BuildOptions, tmp: Path) -> B
                 )
                 for j in order[lo : lo + options.shard_size]
             )
-            result.shards.append(ShardTask(str(tmp / f"{split}-{s:06d}.tar"), tasks, len(found.classes), delay))
+            result.shards.append(
+                ShardTask(str(tmp / f"{split}-{s:06d}.tar"), split, tasks, len(found.classes), delay_s)
+            )
     return result
 
 
@@ -251,7 +252,7 @@ def write(build_plan: BuildPlan, mapper: Mapper, progress: bool) -> tuple[dict[s
     total = sum(len(t.samples) for t in build_plan.shards)
     with progress_bar(total, "write", progress) as bar:
         for task, info in zip(build_plan.shards, mapper.map_counted(write_shard_task, build_plan.shards, bar)):
-            infos[Path(task.path).name.split("-", 1)[0]].append(info)
+            infos[task.split].append(info)
     return infos, time.perf_counter() - start
 
 
@@ -267,7 +268,7 @@ def assemble_manifest(
             counts = [a + b for a, b in zip(counts, info.class_counts)]
         sources: dict[str, list[int]] = {}
         for task in build_plan.shards:
-            if Path(task.path).name.startswith(f"{split}-"):
+            if task.split == split:
                 for t in task.samples:
                     sources.setdefault((t.meta or {}).get("source") or "unknown", [0] * n_classes)[t.record.label] += 1
         splits[split] = SplitInfo(
@@ -347,8 +348,11 @@ def run_build(
     strict: bool = False,
     force: bool = False,
     progress: bool = True,
+    shard_delay_s: float = 0.0,
 ) -> BuildReport:
-    """Build (or confirm unchanged) the shard set in `out`; see the module docstring."""
+    """Build (or confirm unchanged) the shard set in `out`; see the module docstring.
+
+    `shard_delay_s` pauses after each shard (no effect on the bytes): fault tests kill a build in it."""
     start = time.perf_counter()
     options = BuildOptions(
         encoding,
@@ -383,7 +387,7 @@ def run_build(
         if not analysis.good:
             raise BuildError(f"no usable images under {found.root}: all {found.scanned} inputs were skipped")
         tmp = outdir.staging(out)
-        build_plan = plan(found, analysis, options, tmp)
+        build_plan = plan(found, analysis, options, tmp, shard_delay_s)
         infos, write_s = write(build_plan, mapper, progress)
         manifest = assemble_manifest(found, analysis, build_plan, infos, options, fp)
         write_manifest(manifest, tmp)

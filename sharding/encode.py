@@ -136,9 +136,10 @@ class ShardTask:
     """One shard to write, in a worker: no pixels cross processes."""
 
     path: str
+    split: str
     samples: tuple[SampleTask, ...]
     num_classes: int
-    delay_s: float = 0.0  # test hook (RADSTREAM_SHARD_DELAY): lets a test kill a build mid-way
+    delay_s: float = 0.0  # a pause after the shard: a fault test's window to kill a build mid-way
 
 
 def write_shard_task(task: ShardTask) -> object:

@@ -1,7 +1,7 @@
 """Image preprocessing shared by sharding and prediction.
 
 One function decides how any input image becomes the stored uint8 299x299
-grayscale array, so an image served to `train.predict` is prepared exactly
+grayscale array, so an image served to `evaluation.predict` is prepared exactly
 like a training image. Normalisation is *not* done here: it happens on the
 device at training time (pipeline.augment).
 """

@@ -14,7 +14,12 @@ stream varies with. Determinism and exact resume depend on this table:
 - `STEP_TORCH` (seed, epoch, rank, step): torch's global RNG for one training step, e.g. dropout
   (`train.loop.train_one_epoch`);
 - `STEP_AUGMENT` (seed, epoch, rank, step): the augmentation generator of one step, flips and angles
-  (`train.loop.train_one_epoch`).
+  (`train.loop.train_one_epoch`);
+- `BOOTSTRAP` (seed): the stratified resamples behind the report's intervals
+  (`evaluation.statistics.bootstrap`);
+- `OPERATING` (seed): the resamples behind the operating points' test intervals
+  (`evaluation.statistics.operating.apply`);
+- `SOURCES` (seed): the resamples behind the per-source intervals (`evaluation.audits.sources`).
 
 Model initialisation takes `accelerate.utils.set_seed(seed)` (Python, numpy, torch)
 before the model is built. The phantom generator keeps its own pinned scheme
@@ -32,6 +37,9 @@ SHARD_ORDER = 0x5A0D
 WINDOW = 0x5A3
 STEP_TORCH = 0x70C0
 STEP_AUGMENT = 0x70C1
+BOOTSTRAP = 0xB007
+OPERATING = 0x0B5E
+SOURCES = 0x50C5
 
 
 def _entropy(parts: tuple[int, ...]) -> list[int]:

@@ -54,3 +54,13 @@ def phantom_shards(phantom_raw, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards")
     build_shards(phantom_raw, out, encoding="raw", include_masks=True, shard_size=8, workers=1, seed=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Raw shards whose pixels encode each sample's index (tests/helpers/indexed_shards.py); read-only."""
+    from helpers.indexed_shards import write_shards
+
+    out = tmp_path_factory.mktemp("shards_raw")
+    write_shards(out)
+    return out

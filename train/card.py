@@ -3,7 +3,7 @@
 `ModelCard` says what a trained model is (architecture, classes, image sizes),
 how it was chosen (epoch, monitored metric) and the run's resolved config, so
 evaluation and prediction rebuild the network and its input preparation from
-the card alone. `load_trained_model` is used by `train.evaluate` and `train.predict`.
+the card alone. `load_trained_model` is used by `evaluation.run` and `evaluation.predict`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,9 @@ class ModelCard:
     monitor: str = ""  # the metric that selected them
     value: float | None = None  # its value at `epoch`
     config: dict = field(default_factory=dict)  # the run's resolved config
-    operating_points: dict = field(default_factory=dict)  # per class, chosen on validation (train.operating)
+    operating_points: dict = field(
+        default_factory=dict
+    )  # per class, chosen on validation (evaluation.statistics.operating)
     train_digest: str = ""  # the training shards' train split (names, counts, sha256): how an evaluation knows them
     precision: str = ""  # the mixed precision the run trained in, as accelerate ran it ("no", "bf16", "fp16")
     processes: int = 0  # how many processes (devices) trained it: batch_size is per device

@@ -320,8 +320,12 @@ def predict_split(
     progress: bool = False,
     desc: str = "eval",
 ) -> Predictions:
-    """Forward every batch of this rank's share, then gather all ranks' results once."""
+    """Forward every batch of this rank's share in eval mode, then gather all ranks' results once.
+
+    The model's mode is restored afterwards (train or eval, as it came): callers need not undo anything.
+    """
     net = accelerator.unwrap_model(model, keep_torch_compile=False)
+    was_training = model.training
     net.eval()
     keys: list[str] = []
     labels: list[torch.Tensor] = []
@@ -352,5 +356,5 @@ def predict_split(
     all_labels = np.concatenate([p[1] for p in parts if len(p[1])]).astype(np.int64)
     all_probs = np.concatenate([p[2] for p in parts if len(p[2])]).astype(np.float32)
     loss = float(F.nll_loss(torch.log(torch.as_tensor(all_probs).clamp_min(1e-12)), torch.as_tensor(all_labels)))
-    model.train()
+    model.train(was_training)
     return Predictions(all_keys, all_labels, all_probs, loss)

@@ -38,10 +38,10 @@ from pipeline.fast_tar import ShardFormatError
 from pipeline.loader import LoaderError
 from pipeline.read import NoReadableSamplesError
 from sharding.manifest import ManifestError
-from train.checkpoint import CheckpointError
+from train.checkpoint import BEST_PTH, CheckpointError
 from train.config import Config, ConfigError, load_config
-from train.ranks import FolderNotSharedError, PeerFailedError
-from train.trainer import RunError, fit, run_test_report
+from train.ranks import FolderNotSharedError, PeerFailedError, rank0_decides
+from train.trainer import Run, RunError, fit
 
 
 def choose_precision(requested: str, capability: tuple[int, int] | None) -> tuple[str, str | None]:
@@ -82,6 +82,20 @@ def build_accelerator(cfg: Config) -> tuple[Accelerator, str | None]:
     return Accelerator(**kwargs), notice
 
 
+def report_on_test(run: Run) -> None:
+    """Evaluate the best model on the test split and write the run's report (rank 0 writes).
+
+    The entry script runs training, then evaluation: `train` itself never imports `evaluation`.
+    """
+    from evaluation.run import evaluate_run  # plots and Grad-CAM load only when a report is written
+
+    acc = run.accelerator
+    if run.manifest.split("test").samples == 0:
+        acc.print("test split is empty: no test report (build from more images to get one)")
+    elif rank0_decides(acc, (run.out / "models" / BEST_PTH).exists):
+        evaluate_run(run.out, split="test", accelerator=acc, cfg=run.cfg)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__
@@ -102,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     if notice:
         accelerator.print(notice)
     try:
-        fit(cfg, accelerator)
+        run = fit(cfg, accelerator)
         if cfg.eval.test_at_end:
-            run_test_report(cfg, accelerator)
+            report_on_test(run)
         # last, after the report: it finishes the trackers and destroys the process group the report gathers over
         accelerator.end_training()
     except PeerFailedError as exc:

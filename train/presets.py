@@ -1,7 +1,7 @@
 """What a batch goes through before the model, for training, evaluation and prediction: one home.
 
 Like torchvision references' `presets.py` beside `train.py`: the entry script,
-`train.evaluate` and `train.predict` all take their loaders and device
+`evaluation.run` and `evaluation.predict` all take their loaders and device
 transforms from here, so an image is prepared the same way everywhere.
 """
 

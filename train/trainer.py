@@ -20,7 +20,6 @@ from pipeline.loader import load_shard_manifest
 from pipeline.read import split_digest
 from pipeline.ring import shm_free, shm_problem
 from sharding.manifest import Manifest
-from train import operating
 from train.card import ModelCard, save_model_card
 from train.checkpoint import (
     BEST_PTH,
@@ -32,12 +31,12 @@ from train.checkpoint import (
 )
 from train.config import Config, to_yaml
 from train.loop import EarlyStopping, EpochProgress, EpochSpec, predict_split, train_one_epoch
-from train.metrics import quick_metrics
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, build_scheduler
 from train.presets import build_augment, build_split_loader, masks_used
 from train.ranks import check_shared_folder, every_rank_ok, on_rank0, rank0_decides
 from train.state import Position, TrainState
+from train.validation import choose, quick_metrics
 
 
 class RunError(RuntimeError):
@@ -359,9 +358,7 @@ def record_epoch(run: Run, val, row: dict, improved: bool) -> None:
     cfg, acc = run.cfg, run.accelerator
     card = replace(model_card(cfg, run.manifest), precision=str(acc.mixed_precision), processes=acc.num_processes)
     if improved:  # thresholds frozen from this model's validation predictions, never from test
-        card = replace(
-            card, operating_points=operating.choose(val.labels, val.probs, card.classes, cfg.eval.target_sensitivity)
-        )
+        card = replace(card, operating_points=choose(val.labels, val.probs, card.classes, cfg.eval.target_sensitivity))
     save_epoch(run.state, card, run.out, row, improved)
     if cfg.logging.tensorboard:
         acc.log({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
@@ -376,8 +373,8 @@ def announce(run: Run) -> None:
     )
 
 
-def fit(cfg: Config, accelerator: Accelerator) -> dict:
-    """The whole training run; returns the last epoch's metrics row."""
+def fit(cfg: Config, accelerator: Accelerator) -> Run:
+    """The whole training run; returns it (resolved config, manifest, run folder) for what comes after."""
     run = setup_run(cfg, accelerator)
     position = resume_position(run.cfg, run.state)
     if run.cfg.logging.tensorboard:
@@ -397,21 +394,10 @@ def fit(cfg: Config, accelerator: Accelerator) -> dict:
             f"best epoch {stopper.best_epoch} ({monitor} {stopper.best:.4f})"
         )
     # no accelerator.end_training() here: it destroys the process group, which the test report still needs
-    return row
+    return run
 
 
 def to_yaml_dict(cfg: Config) -> dict:
     from omegaconf import OmegaConf
 
     return OmegaConf.to_container(OmegaConf.structured(cfg))  # type: ignore[return-value]
-
-
-def run_test_report(cfg: Config, accelerator: Accelerator) -> None:
-    """Evaluate the best model on the test split and write the report (rank 0 writes)."""
-    from train.evaluate import evaluate_run  # evaluation pulls in plots and Grad-CAM: only when it runs
-
-    best = Path(cfg.train.output_dir) / "models" / BEST_PTH
-    if load_shard_manifest(cfg.data.shards).split("test").samples == 0:
-        accelerator.print("test split is empty: no test report (build from more images to get one)")
-    elif rank0_decides(accelerator, best.exists):
-        evaluate_run(Path(cfg.train.output_dir), split="test", accelerator=accelerator, cfg=cfg)

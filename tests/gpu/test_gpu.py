@@ -24,7 +24,7 @@ from train.presets import build_augment, build_split_loader
 from train.trainer import build_state
 
 if not torch.cuda.is_available():
-    # one line in the summary; `pytest -m gpu` alone then collects nothing and exits 5 (train.gpu_check knows)
+    # one line in the summary; `pytest -m gpu` alone then collects nothing and exits 5 (tools.gpu_check knows)
     pytest.skip("needs a CUDA GPU (torch.cuda.is_available() is False)", allow_module_level=True)
 
 pytestmark = pytest.mark.gpu

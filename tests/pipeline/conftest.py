@@ -10,13 +10,6 @@ from helpers.indexed_shards import write_shards
 
 
 @pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards_raw")
-    write_shards(out)
-    return out
-
-
-@pytest.fixture(scope="session")
 def tiny_png_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shards_png")
     write_shards(out, encoding="png")

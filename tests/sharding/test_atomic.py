@@ -25,7 +25,6 @@ def tree_digest(root):
 
 
 def _start_and_kill_after_first_shard(raw, out, seed, python_exe, env, cwd, workers="1"):
-    env = dict(env, RADSTREAM_SHARD_DELAY="0.5")
     cmd = [
         python_exe,
         "-m",
@@ -43,6 +42,8 @@ def _start_and_kill_after_first_shard(raw, out, seed, python_exe, env, cwd, work
         workers,
         "--quiet",
         "--force",
+        "--shard-delay-s",
+        "0.5",
     ]
     proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60

@@ -69,7 +69,7 @@ def _kill_at(point: tuple[int, float], raw, out, env, cwd) -> bool:
     """Start a build; once `n` shards exist in its hidden folder (n=0: as soon as it runs), wait `extra`
     seconds and SIGKILL its whole process group. Returns True if it was killed (not already finished)."""
     n, extra = point
-    proc = start_group(build_cmd(raw, out), dict(env, RADSTREAM_SHARD_DELAY="0.15"), cwd)
+    proc = start_group(build_cmd(raw, out) + ["--shard-delay-s", "0.15"], env, cwd)
     deadline = time.monotonic() + 120
     try:
         while proc.poll() is None and time.monotonic() < deadline:

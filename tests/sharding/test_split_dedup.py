@@ -90,3 +90,22 @@ def test_near_duplicates_found_across_classes_and_unrelated_films_apart():
     gid, kinds = group([pixel_sha256(x) for x in images], hashes, 6)
     assert set(kinds.values()) == {"near"}
     assert hamming(hashes[0], hashes[1]) > 6
+
+
+def test_every_seed_salt_lives_in_seeds_and_is_distinct():
+    """One table of seeded streams: no module outside sharding/seeds.py defines a salt, and no two collide."""
+    import re
+    from pathlib import Path
+
+    from sharding import seeds
+
+    root = Path(__file__).resolve().parents[2]
+    salts = {k: v for k, v in vars(seeds).items() if k.isupper() and isinstance(v, int)}
+    assert len(set(salts.values())) == len(salts) >= 10
+    for name in salts:
+        assert f"`{name}`" in seeds.__doc__, f"{name} is not described in the seeds table"
+    for path in (
+        p for pkg in ("sharding", "pipeline", "train", "evaluation", "tools") for p in (root / pkg).rglob("*.py")
+    ):
+        if path.name != "seeds.py":
+            assert not re.search(r"^\w*SALT\w* = ", path.read_text(), re.M), f"a salt outside seeds.py: {path}"

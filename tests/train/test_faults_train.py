@@ -281,7 +281,7 @@ def test_pickled_object_checkpoint_refused_everywhere(tmp_path, phantom_shards, 
     )
     image = next((phantom_raw / "COVID" / "images").iterdir())
     pred = subprocess.run(
-        [sys.executable, "-m", "train.predict", "--model", str(models / "best_model.pth"), str(image)],
+        [sys.executable, "-m", "evaluation.predict", "--model", str(models / "best_model.pth"), str(image)],
         env=subprocess_env,
         cwd=repo_root,
         capture_output=True,

@@ -70,3 +70,20 @@ def test_the_train_loader_reads_masks_only_for_mask_lungs(phantom_shards):
         build_loader(
             phantom_shards, "train", batch_size=4, num_workers=0, masks=True, manifest=replace(manifest, masks=False)
         )
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_predict_split_runs_in_eval_mode_and_leaves_the_mode_as_it_came(mode):
+    from train.loop import predict_split
+
+    accelerator = Accelerator(cpu=True)
+    seen = []
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.BatchNorm1d(64), torch.nn.Linear(64, 4))
+    model.register_forward_pre_hook(lambda m, args: seen.append(m.training))
+    model.train(mode == "train")
+    before = model[1].running_mean.clone()
+    batches = [replace(b, keys=[f"{k}{i}" for k in b.keys]) for i, b in enumerate(CountingLoader(2))]
+    preds = predict_split(model, batches, lambda x, m: (x.float() / 255, m), accelerator)
+    assert seen == [False, False] and model.training is (mode == "train")
+    assert torch.equal(model[1].running_mean, before), "eval-mode BatchNorm keeps its running statistics"
+    assert len(preds.keys) == 8 and preds.probs.shape == (8, 4)

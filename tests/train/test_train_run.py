@@ -293,7 +293,7 @@ def external_evaluation_two_ranks(run: Path, env, cwd) -> None:
     trained_on = copy_training_films(run, raw)  # + 1 exact and 1 near copy of training films: 14 films
     other = run.parent / "other_hospital"
     manifest = build_shards(raw, other, classes=["Normal", "COVID"], include_masks=True, shard_size=4, progress=False)
-    cmd = launch_cmd(2)[:-3] + ["-m", "train.evaluate", "--run", str(run), "--shards", str(other), "--split", "all"]
+    cmd = launch_cmd(2)[:-3] + ["-m", "evaluation", "--run", str(run), "--shards", str(other), "--split", "all"]
     done = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-6000:-2000]
     folder = run / "external" / "other_hospital"
@@ -326,8 +326,8 @@ def external_evaluation_two_ranks(run: Path, env, cwd) -> None:
     # a copy of the run's own shards is the run's own set (train split digest in the card); another set is not
     import shutil
 
-    from train.evaluate import main as evaluate_main
-    from train.evaluate import same_shard_set
+    from evaluation.run import main as evaluate_main
+    from evaluation.run import same_shard_set
 
     own_copy = shutil.copytree(load_config_shards(run), run.parent / "moved_shards")
     assert same_shard_set(str(own_copy), run) and not same_shard_set(str(other), run)

@@ -1,0 +1,205 @@
+"""Is an external test set really external? Its films checked against the films the model was developed on.
+
+Public chest X-ray collections are stitched from one another (the COVID-19
+Radiography Database's Lung_Opacity class *is* RSNA's films; its pediatric
+films are another Kaggle set), so a set used as "external" often holds films
+the model was trained on, and its result is then partly a training result.
+Every external film is compared with every training and validation film (the
+validation films chose the model and its thresholds): identical preprocessed
+pixels (the sha256 in each sample's json) and near copies (a 256-bit DCT hash
+of the stored pixels within `distance` bits: the same film re-exported,
+resized or re-windowed; crops, flips and burned-in edits are not detected).
+The reference films must be the ones the model was trained on: their train
+split's digest is checked against the model card's. The report gives the
+copies (and whether their label differs there) and the results without them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from evaluation.statistics.metrics import classification_report
+from pipeline.fast_tar import tar_members
+from pipeline.read import load_shard_manifest, split_digest
+from pipeline.urls import open_url
+from sharding.contract import META
+from sharding.dedup import near_pairs_between, phash
+from sharding.grid import image_grid
+from sharding.manifest import ManifestError
+from sharding.verify import decode_member
+from train.config import Config
+from train.loop import Predictions
+from train.presets import build_split_loader
+
+#: The report keys repeated for the films that copy no reference film.
+HEADLINE = ("samples", "classes_evaluated", "accuracy", "balanced_accuracy", "macro_f1", "ci95")
+#: The splits an external film is checked against: what trained the model and what chose it.
+REFERENCE_SPLITS = ("train", "val")
+#: Copies listed in report.md and shown in copies.png (report.json has all), and that figure's layout.
+COPIES_SHOWN = 10
+COPY_TILE, COPY_LABEL = 160, 110
+
+
+@dataclass(frozen=True)
+class FilmHashes:
+    """Keys of a set of films with their class, pixel sha256, perceptual hash and shard, in the same order."""
+
+    keys: list[str]
+    classes: list[str]
+    sha256: list[str]
+    phash: list[int]
+    shards: list[str] = field(default_factory=list)  # the URL each film was read from
+
+
+def film_hashes(urls: Sequence[str], cache_dir: str | None = None) -> FilmHashes:
+    """One read of each shard: the json's class and pixel sha256, and the stored image's perceptual hash."""
+    meta: dict[str, dict] = {}
+    near: dict[str, int] = {}
+    where: dict[str, str] = {}
+    for url in urls:
+        with open_url(url, cache_dir=cache_dir) as stream:
+            for key, ext, payload in tar_members(stream):
+                if ext == META:
+                    meta[key] = json.loads(bytes(payload))
+                elif ext.startswith("image."):
+                    near[key], where[key] = phash(decode_member(ext, bytes(payload))[0]), url
+    keys = sorted(near)
+    facts = [meta.get(k, {}) for k in keys]
+    return FilmHashes(
+        keys,
+        [m.get("class") or "" for m in facts],
+        [m.get("sha256") or "" for m in facts],
+        [near[k] for k in keys],
+        [where[k] for k in keys],
+    )
+
+
+def film_images(films: FilmHashes, keys: Sequence[str], cache_dir: str | None = None) -> dict[str, np.ndarray]:
+    """{key: uint8 [H, W]} of the wanted films, reading only the shards that hold them."""
+    shard_of = dict(zip(films.keys, films.shards))
+    wanted = set(keys)
+    out: dict[str, np.ndarray] = {}
+    for url in sorted({shard_of[k] for k in wanted}):
+        with open_url(url, cache_dir=cache_dir) as stream:
+            for key, ext, payload in tar_members(stream):
+                if key in wanted and ext.startswith("image."):
+                    out[key] = decode_member(ext, bytes(payload))[0]
+    return out
+
+
+def copies_grid(copies: dict[str, dict], films: FilmHashes, reference: FilmHashes, cache_dir: str | None = None):
+    """The first COPIES_SHOWN copies (report order) beside the films they copy: a PIL image, or None."""
+    shown = list(sorted(copies.items()))[:COPIES_SHOWN]
+    if not shown:
+        return None
+    left = film_images(films, [k for k, _ in shown], cache_dir)
+    right = film_images(reference, [c["reference_key"] for _, c in shown], cache_dir)
+    rows = [
+        (
+            f"{i}. {c['kind']}" + (f" {c['bits']} bits" if c["kind"] == "near" else ""),
+            [left[k], right[c["reference_key"]]],
+        )
+        for i, (k, c) in enumerate(shown, 1)
+    ]
+    return image_grid(rows, tile=COPY_TILE, label_width=COPY_LABEL)
+
+
+def find_copies(films: FilmHashes, reference: FilmHashes, distance: int | None) -> dict[str, dict]:
+    """{film key: {reference_key, kind: exact|near, bits, class, reference_class}} for each film that copies a
+    reference film (the closest one).
+
+    `distance`: pHash bits within which a film is a near copy (`eval.overlap_distance`); None: exact copies only.
+    """
+    by_sha = {s: i for i, s in enumerate(reference.sha256) if s}
+    found: dict[int, tuple[int, str, int]] = {}  # film index -> (reference index, kind, bits)
+    for i, sha in enumerate(films.sha256):
+        if sha and sha in by_sha:
+            found[i] = (by_sha[sha], "exact", 0)
+    if distance is not None:
+        for i, j, bits in near_pairs_between(films.phash, reference.phash, distance):
+            if i not in found or found[i][1] == "near" and bits < found[i][2]:
+                found[i] = (j, "near", bits)
+    return {
+        films.keys[i]: {
+            "reference_key": reference.keys[j],
+            "kind": kind,
+            "bits": bits,
+            "class": films.classes[i],
+            "reference_class": reference.classes[j],
+        }
+        for i, (j, kind, bits) in sorted(found.items())
+    }
+
+
+def overlap_summary(copies: dict[str, dict], films: int, reference: FilmHashes, splits, distance: int | None) -> dict:
+    """The report's `training_overlap` entry (without the results on the remaining films)."""
+    kinds = [c["kind"] for c in copies.values()]
+    return {
+        "checked": True,
+        "films": films,
+        "reference_splits": list(splits),
+        "reference_films": len(reference.keys),
+        "near_distance": distance,
+        "exact": kinds.count("exact"),
+        "near": kinds.count("near"),
+        "different_label": sum(c["class"] != c["reference_class"] for c in copies.values()),
+        "copies": dict(sorted(copies.items())),
+    }
+
+
+def not_copied(keys: Sequence[str], copies: dict[str, dict]) -> np.ndarray:
+    """Boolean mask over `keys`: True for the films that copy no reference film."""
+    return np.array([k not in copies for k in keys], dtype=bool)
+
+
+def reference_films(
+    cfg: Config, shards: str, train_digest: str, exclude: Sequence[str] = ()
+) -> tuple[FilmHashes, tuple[str, ...]]:
+    """The training and validation films at `shards` (less the `exclude`d splits: the one evaluated), once their
+    train split is known to be the model's.
+
+    Raises ManifestError (missing, or not the model's shards), OSError, or ValueError (a damaged shard).
+    """
+    manifest = load_shard_manifest(shards)
+    if train_digest and ("train" not in manifest.splits or split_digest(manifest, "train") != train_digest):
+        raise ManifestError(
+            f"the shards at {shards} are not the ones the model was trained on (their train split differs from "
+            "best_model.json's train_digest)"
+        )
+    splits = tuple(
+        s for s in REFERENCE_SPLITS if s not in exclude and s in manifest.splits and manifest.split(s).samples
+    )
+    urls = [u for s in splits for u in build_split_loader(cfg, s, shards=shards, manifest=manifest, train=False).urls]
+    return film_hashes(urls, cfg.data.cache_dir), splits
+
+
+def training_overlap(
+    cfg: Config,
+    shards: str,
+    train_digest: str,
+    urls: list[str],
+    preds: Predictions,
+    classes: list[str],
+    exclude: Sequence[str] = (),
+) -> tuple[dict, object]:
+    """The evaluated films that copy training or validation films (the `exclude`d splits aside), the results
+    without them, and the copies beside their originals (a PIL image, None without copies); rank 0."""
+    try:
+        reference, splits = reference_films(cfg, shards, train_digest, exclude)
+    except (ManifestError, OSError, ValueError) as exc:
+        reason = f"the training films at {shards} could not be used ({exc}); if they moved, pass --train-shards PATH"
+        return {"checked": False, "reason": reason}, None
+    films = film_hashes(urls, cfg.data.cache_dir)
+    copies = find_copies(films, reference, cfg.eval.overlap_distance)
+    out = overlap_summary(copies, len(films.keys), reference, splits, cfg.eval.overlap_distance)
+    keep = not_copied(preds.keys, copies)
+    if copies and keep.any():
+        rest = classification_report(
+            preds.labels[keep], preds.probs[keep], classes, bootstrap=cfg.eval.bootstrap_resamples, seed=cfg.train.seed
+        )
+        out["without_copies"] = {k: rest[k] for k in HEADLINE}
+    return out, copies_grid(copies, films, reference, cfg.data.cache_dir)

@@ -1,0 +1,435 @@
+"""Evaluate a run's best model and write the report a practitioner (and a reviewer) reads.
+
+    python -m evaluation --run runs/demo [--split test|val]
+    python -m evaluation --run runs/demo --shards shards/other_hospital [--split test|all] [--name NAME]
+    accelerate launch --multi_gpu --num_processes 2 -m evaluation --run runs/demo
+
+Internal evaluation writes into the run folder: report.json (every number),
+report.md (laid out after CLAIM, see `evaluation.report.document`), predictions.jsonl and the
+figures (confusion_matrix, roc, training_curves, reliability, gradcam and, with
+wrong predictions, failures). `--shards OTHER` is an external test: another
+shard set (another collection, or held-out sources), its classes mapped to the
+model's by name (a subset is fine), evaluated once across ranks into
+`RUN/external/<name>/`, and listed in the run's own report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from evaluation.audits import facts, overlap, probes, sources
+from evaluation.explain.gallery import confident_failures, explain_split
+from evaluation.report import plots
+from evaluation.report.document import compare_runs, limitations, report_markdown
+from evaluation.report.external_section import EXTERNAL, external_summaries
+from evaluation.report.overlap_section import overlap_headline
+from evaluation.statistics import operating
+from evaluation.statistics.bootstrap import fmt
+from evaluation.statistics.metrics import classification_report
+from pipeline.read import load_shard_manifest, split_digest
+from sharding.manifest import Manifest, ManifestError
+from train.card import TrainedModel, load_trained_model
+from train.checkpoint import BEST_PTH, atomic_write
+from train.config import Config, load_config
+from train.loop import Predictions, predict_split
+from train.presets import build_split_loader
+
+
+class EvaluationInputError(ValueError):
+    """Nothing to evaluate: a split without films."""
+
+
+class ExternalShardsError(EvaluationInputError):
+    """An external shard set the model cannot be evaluated on (unknown class names, no films)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """What to evaluate (a shard set's splits) and where its report goes."""
+
+    shards: str
+    manifest: Manifest
+    splits: tuple[str, ...]
+    out_dir: Path
+    split_name: str  # "test", "val" or "all": names the report and its files
+    lut: np.ndarray | None = None  # the shards' label index -> the model's class index (external sets)
+    external: str | None = None  # the external set's name
+    train_shards: str | None = None  # where the model's training films are (external sets: checked for copies)
+
+
+def class_lut(model_classes: list[str], shard_classes: list[str], where: str) -> np.ndarray:
+    """int64 lookup from the shards' label indices to the model's; an unknown class name is an error."""
+    unknown = [c for c in shard_classes if c not in model_classes]
+    if unknown:
+        raise ExternalShardsError(
+            f"{where} has classes {unknown} that the model does not know (its classes: {model_classes}); "
+            "rebuild that shard set with --classes naming only the model's classes"
+        )
+    return np.array([model_classes.index(c) for c in shard_classes], dtype=np.int64)
+
+
+def predict_target(
+    trained: TrainedModel, cfg: Config, target: Target, accelerator: Accelerator, augment=None
+) -> Predictions:
+    """Every film of the target's splits once across ranks, labels in the model's class order."""
+    parts = []
+    for split in target.splits:
+        loader = build_split_loader(
+            cfg,
+            split,
+            shards=target.shards,
+            manifest=target.manifest,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            pin_memory=accelerator.device.type == "cuda",
+            train=False,
+        )
+        preds = predict_split(trained.net, loader, augment or trained.augment, accelerator)
+        expected = target.manifest.split(split).samples
+        if len(preds.keys) != expected:
+            raise RuntimeError(f"evaluation counted {len(preds.keys)} {split} films, the manifest lists {expected}")
+        parts.append(preds)
+    keys = [k for p in parts for k in p.keys]
+    if len(set(keys)) != len(keys):
+        raise RuntimeError("the same film key appears in two splits: cannot evaluate them together")
+    labels = np.concatenate([p.labels for p in parts])
+    if target.lut is not None:
+        labels = target.lut[labels]
+    probs = np.concatenate([p.probs for p in parts])
+    loss = float(np.average([p.loss for p in parts], weights=[max(len(p.keys), 1) for p in parts]))
+    return Predictions(keys, labels, probs, loss)
+
+
+def run_probes(trained: TrainedModel, cfg: Config, target: Target, accelerator: Accelerator) -> dict:
+    """Predictions with the lungs blanked and with only the lungs (all ranks); {} without masks."""
+    if not target.manifest.masks:
+        return {}
+    return {
+        name: predict_target(trained, cfg, target, accelerator, probes.probe_augment(trained.augment, name))
+        for name in probes.PROBES
+    }
+
+
+def write_report(
+    out_dir: Path,
+    split: str,
+    preds: Predictions,
+    classes,
+    extra: dict,
+    bootstrap: int = 2000,
+    seed: int = 0,
+    points: dict | None = None,
+    training_curves: bool = True,
+) -> dict:
+    """report.json, report.md, predictions and the figures; returns the report dict."""
+    report = classification_report(preds.labels, preds.probs, classes, bootstrap=bootstrap, seed=seed)
+    report["operating_points"] = operating.apply(preds.labels, preds.probs, classes, points or {}, bootstrap, seed)
+    report.update({k: v for k, v in extra.items() if not k.endswith("grid")})
+    report["split"] = split
+    report["limitations"] = limitations(report)
+    # an external folder holds one report; in the run folder the test report is the plain one
+    suffix = "" if split in ("test", "all") or "external_test" in extra else f"_{split}"
+    figures = {
+        "confusion_matrix": plots.confusion_matrix_figure(
+            report["confusion_matrix"], classes, out_dir / f"confusion_matrix{suffix}.png", split
+        ),
+        "roc": plots.roc_figure(preds.labels, preds.probs, classes, out_dir / f"roc{suffix}.png", split),
+        "reliability": plots.reliability_figure(preds.labels, preds.probs, out_dir / f"reliability{suffix}.png", split),
+    }
+    if training_curves:
+        figures["training_curves"] = plots.training_curves_figure(
+            out_dir / "metrics.jsonl", out_dir / "training_curves.png"
+        )
+    for key, name in (("grid", "gradcam"), ("failures_grid", "failures"), ("copies_grid", "copies")):
+        if key in extra:
+            extra[key].save(out_dir / f"{name}{suffix}.png")
+            figures[name] = out_dir / f"{name}{suffix}.png"
+    report["figures"] = {k: str(v.name) for k, v in figures.items() if v is not None}
+    _write_json_and_markdown(out_dir, suffix, report)
+    predictions = [
+        {"key": k, "label": int(y), "probs": [round(float(p), 6) for p in row]}
+        for k, y, row in zip(preds.keys, preds.labels, preds.probs)
+    ]
+    atomic_write(
+        out_dir / f"predictions{suffix}.jsonl",
+        lambda tmp: tmp.write_text("".join(json.dumps(p) + "\n" for p in predictions)),
+    )
+    return report
+
+
+def _write_json_and_markdown(out_dir: Path, suffix: str, report: dict) -> None:
+    atomic_write(
+        out_dir / f"report{suffix}.json", lambda tmp: tmp.write_text(json.dumps(report, indent=2, sort_keys=True))
+    )
+    text = report_markdown(report, report["split"], out_dir)
+    atomic_write(out_dir / f"report{suffix}.md", lambda tmp: tmp.write_text(text))
+
+
+def _train_manifest_at(shards: str) -> Manifest | None:
+    try:
+        return load_shard_manifest(shards)
+    except (ManifestError, OSError):
+        return None
+
+
+def report_extras(
+    run_dir: Path, trained: TrainedModel, cfg: Config, target: Target, preds: Predictions, probe_preds: dict
+) -> dict:
+    """Everything beyond the metrics (rank 0): data and training facts, sources, probes, Grad-CAM, failures."""
+    classes = list(trained.card.classes)
+    seed, resamples = cfg.train.seed, cfg.eval.bootstrap_resamples
+    extra: dict = {
+        "model_epoch": trained.card.epoch,
+        "model_path": str(run_dir / "models" / BEST_PTH),
+        "data": facts.data_facts(target.manifest, target.shards),
+        "training": facts.training_facts(run_dir, trained.card, cfg),
+        "shards": target.shards,
+        "splits": list(target.splits),
+    }
+    extra["run"] = str(run_dir)
+    if target.external:
+        extra["title"] = f"External test on {target.external} ({target.split_name})"
+        extra["external_test"] = {
+            "name": target.external,
+            "run": str(run_dir),
+            "shards": target.shards,
+            "train_shards": target.train_shards,
+        }
+    urls = [
+        u for split in target.splits for u in build_split_loader(cfg, split, shards=target.shards, train=False).urls
+    ]
+    site_of = sources.sample_sources(urls, cfg.data.cache_dir)
+    if target.external or "train" not in target.splits:
+        # internal splits too: the build groups exact duplicates, near ones only with --near-dup-distance
+        extra["training_overlap"], copies = overlap.training_overlap(
+            cfg,
+            target.train_shards or target.shards,
+            trained.card.train_digest,
+            urls,
+            preds,
+            classes,
+            exclude=() if target.external else target.splits,
+        )
+        if copies is not None:
+            extra["copies_grid"] = copies
+    if set(site_of.values()) - {sources.UNKNOWN}:
+        extra["per_source"] = sources.per_source(
+            preds.keys, preds.labels, preds.probs, site_of, classes, resamples, seed
+        )
+    train_manifest = target.manifest if not target.external else _train_manifest_at(target.train_shards)
+    extra["single_source_classes"] = sources.single_source_classes(train_manifest) if train_manifest else []
+    if probe_preds:
+        extra["probes"] = {
+            name: probes.probe_result(p.labels, p.probs, resamples, seed) for name, p in probe_preds.items()
+        }
+        extra["probe_verdict"] = probes.verdict(extra["probes"], sorted(set(preds.labels.tolist())))
+    if cfg.eval.gradcam_per_class > 0:
+        extra["failures"] = confident_failures(preds, classes, cfg.eval.gradcam_per_class, site_of)
+        loaders = [
+            build_split_loader(cfg, s, shards=target.shards, num_workers=min(cfg.data.num_workers, 2), train=False)
+            for s in target.splits
+        ]
+        extra.update(
+            explain_split(
+                trained, itertools.chain(*loaders), classes, cfg.eval.gradcam_per_class, extra["failures"], target.lut
+            )
+        )
+    if not target.external:
+        extra["external"] = external_summaries(run_dir)
+    return extra
+
+
+def evaluate_target(
+    run_dir: Path, trained: TrainedModel, cfg: Config, target: Target, accelerator: Accelerator
+) -> dict | None:
+    """Predict on every rank, then rank 0 writes the report into `target.out_dir` and returns it."""
+    preds = predict_target(trained, cfg, target, accelerator)
+    probe_preds = run_probes(trained, cfg, target, accelerator)
+    if not accelerator.is_main_process:
+        return None
+    target.out_dir.mkdir(parents=True, exist_ok=True)
+    extra = report_extras(run_dir, trained, cfg, target, preds, probe_preds)
+    report = write_report(
+        target.out_dir,
+        target.split_name,
+        preds,
+        list(trained.card.classes),
+        extra,
+        cfg.eval.bootstrap_resamples,
+        cfg.train.seed,
+        trained.card.operating_points,
+        training_curves=not target.external,
+    )
+    _print_headline(report, target)
+    return report
+
+
+def _print_headline(report: dict, target: Target) -> None:
+    ci = report["ci95"]
+    where = target.split_name if not target.external else f"{target.external} ({target.split_name})"
+    print(
+        f"{where}: accuracy {fmt(report['accuracy'], ci.get('accuracy'))}  macro-F1 "
+        f"{fmt(report['macro_f1'], ci.get('macro_f1'))}  balanced accuracy "
+        f"{fmt(report['balanced_accuracy'], ci.get('balanced_accuracy'))}  ({report['samples']} films; 95 % CI)"
+    )
+    share = (report.get("lung_share") or {}).get("all", {}).get("mean")
+    if share is not None:
+        print(f"{where}: Grad-CAM lung share (mean, all classes) {share:.3f}")
+    if report.get("probe_verdict"):
+        print(f"{where}: {report['probe_verdict']}")
+    overlap = report.get("training_overlap")
+    if overlap:
+        print(f"{where}: {overlap_headline(overlap)}")
+    suffix = "" if target.split_name in ("test", "all") or target.external else f"_{target.split_name}"
+    print(f"report: {target.out_dir / f'report{suffix}.md'}")
+
+
+def evaluate_run(
+    run_dir: Path,
+    split: str = "test",
+    accelerator: Accelerator | None = None,
+    cfg: Config | None = None,
+    shards: str | None = None,
+) -> dict | None:
+    """Evaluate best_model on the run's own `split` across all ranks; rank 0 writes and returns the report."""
+    run_dir = Path(run_dir)
+    cfg = cfg or load_config(run_dir / "config.yaml")
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    shards = shards or cfg.data.shards
+    manifest = load_shard_manifest(shards)
+    if split not in manifest.splits or not manifest.split(split).samples:
+        raise EvaluationInputError(f"{shards} has no {split} films to evaluate; rebuild the shards from more films")
+    trained = load_trained_model(run_dir / "models" / BEST_PTH, accelerator.device)
+    target = Target(shards, manifest, (split,), run_dir, split)
+    return evaluate_target(run_dir, trained, cfg, target, accelerator)
+
+
+def external_name(shards: str) -> str:
+    """A folder name for an external shard set: its last path component, made filesystem-safe."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(shards).rstrip("/").rsplit("/", 1)[-1]).strip("._")
+    return name or EXTERNAL
+
+
+def evaluate_external(
+    run_dir: Path,
+    shards: str,
+    split: str = "test",
+    name: str | None = None,
+    accelerator: Accelerator | None = None,
+    train_shards: str | None = None,
+) -> dict | None:
+    """Evaluate the run's model on another shard set into RUN/external/<name>/ and list it in the run's report.
+
+    `train_shards` (default: the run's `data.shards`) are the films the external ones are checked against."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.yaml")
+    accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    manifest = load_shard_manifest(shards)
+    trained = load_trained_model(run_dir / "models" / BEST_PTH, accelerator.device)
+    lut = class_lut(list(trained.card.classes), list(manifest.classes), str(shards))
+    splits = tuple(s for s in manifest.splits if manifest.split(s).samples) if split == "all" else (split,)
+    if not splits or split != "all" and (split not in manifest.splits or not manifest.split(split).samples):
+        raise ExternalShardsError(f"{shards} has no {split} films; use --split all to evaluate every film")
+    name = external_name(name or shards)  # a name, never a path out of RUN/external
+    train_shards = train_shards or cfg.data.shards
+    target = Target(shards, manifest, splits, run_dir / EXTERNAL / name, split, lut, name, train_shards)
+    report = evaluate_target(run_dir, trained, cfg, target, accelerator)
+    if report is not None and (run_dir / "report.json").exists():
+        update_run_report(run_dir)
+    return report
+
+
+def update_run_report(run_dir: Path) -> None:
+    """Re-render the run's report.{json,md} with the current external results (and their limitations)."""
+    report = json.loads((run_dir / "report.json").read_text())
+    report["external"] = external_summaries(run_dir)
+    report["limitations"] = limitations(report)
+    _write_json_and_markdown(run_dir, "", report)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation", description="Evaluate a run's best model and write its report."
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="print a side-by-side table of finished runs' reports instead of evaluating",
+    )
+    parser.add_argument("--run", help="run folder (holds config.yaml and models/)")
+    parser.add_argument(
+        "--split", default="test", choices=("val", "test", "all"), help="all: every film (external shards only)"
+    )
+    parser.add_argument(
+        "--shards",
+        default=None,
+        help="another shard set for an external test, into RUN/external/NAME/ (the run's own shards, e.g. "
+        "moved, are evaluated as usual)",
+    )
+    parser.add_argument("--name", default=None, help="the external set's name (default: the --shards folder name)")
+    parser.add_argument(
+        "--train-shards",
+        default=None,
+        help="where the run's training shards are now, if moved (external films are checked against them)",
+    )
+    args = parser.parse_args(argv)
+    if args.compare:
+        missing = [d for d in args.compare if not (Path(d) / "report.json").exists()]
+        if missing:
+            print(f"error: no report.json in {missing}; evaluate those runs first", file=sys.stderr)
+            return 2
+        print(compare_runs([Path(d) for d in args.compare], args.split), end="")
+        return 0
+    if not args.run:
+        parser.error("--run is required (or --compare RUN RUN ...)")
+    if args.train_shards and not args.shards:
+        parser.error("--train-shards goes with an external test (--shards OTHER)")
+    run_dir = Path(args.run)
+    if not (run_dir / "config.yaml").exists() or not (run_dir / "models" / BEST_PTH).exists():
+        print(f"error: {run_dir} is not a finished run (needs config.yaml and models/{BEST_PTH})", file=sys.stderr)
+        return 2
+    try:
+        if args.shards and not same_shard_set(args.shards, run_dir):
+            evaluate_external(run_dir, args.shards, args.split, args.name, train_shards=args.train_shards)
+        elif args.split == "all":
+            parser.error("--split all is for an external shard set (--shards OTHER)")
+        else:
+            evaluate_run(run_dir, args.split, shards=args.shards)
+    except (EvaluationInputError, ManifestError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def same_shard_set(shards: str, run_dir: Path) -> bool:
+    """Whether `shards` are the run's own: the same path, or a copy whose train split is the one the model trained on
+    (its digest in best_model.json; cards without one fall back to the build fingerprint of the run's shards)."""
+    run_shards = load_config(run_dir / "config.yaml").data.shards
+    if Path(shards).resolve() == Path(run_shards).resolve():
+        return True
+    other = load_shard_manifest(shards)
+    card = json.loads((run_dir / "models" / BEST_PTH).with_suffix(".json").read_text())
+    if card.get("train_digest"):
+        return "train" in other.splits and split_digest(other, "train") == card["train_digest"]
+    run_manifest = _train_manifest_at(run_shards)
+    fingerprint = run_manifest.build.get("fingerprint") if run_manifest is not None else None
+    return bool(fingerprint) and other.build.get("fingerprint") == fingerprint
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Bootstrap intervals: ~95 % coverage of the truth, replay with a seed, match sklearn, skip absent classes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from evaluation.statistics.bootstrap import auc_resamples, bootstrap_ci, fmt, resample_indices
+from evaluation.statistics.metrics import classification_report
+from train.validation import quick_metrics
+
+
+def _predictions(rng, n: int, accuracy: float, n_classes: int = 3):
+    labels = rng.integers(0, n_classes, n)
+    right = rng.random(n) < accuracy
+    preds = np.where(right, labels, (labels + rng.integers(1, n_classes, n)) % n_classes)
+    probs = np.full((n, n_classes), 0.1)
+    probs[np.arange(n), preds] = 0.8
+    return labels, probs / probs.sum(1, keepdims=True)
+
+
+def test_accuracy_interval_covers_the_true_accuracy_about_95_percent_of_the_time():
+    """Repeated test sets drawn from a model of known accuracy 0.85: the interval must contain 0.85 in
+    roughly 95 % of them (binomial sd of the hit rate over 200 draws is 1.5 points)."""
+    rng = np.random.default_rng(123)
+    hits = 0
+    for i in range(200):
+        labels, probs = _predictions(rng, 150, 0.85)
+        lo, hi = bootstrap_ci(labels, probs, [0, 1, 2], n_resamples=400, seed=i)["accuracy"]
+        hits += lo <= 0.85 <= hi
+    assert 0.90 <= hits / 200 <= 0.99, hits
+
+
+def test_seeded_intervals_replay_and_another_seed_differs():
+    labels, probs = _predictions(np.random.default_rng(0), 120, 0.8)
+    a = bootstrap_ci(labels, probs, [0, 1, 2], 300, seed=7)
+    assert a == bootstrap_ci(labels, probs, [0, 1, 2], 300, seed=7)
+    assert a != bootstrap_ci(labels, probs, [0, 1, 2], 300, seed=8)
+
+
+def test_resamples_keep_each_class_count():
+    labels = np.array([0] * 5 + [1] * 3 + [2] * 7)
+    idx = resample_indices(labels, 50, np.random.default_rng(0))
+    assert all(np.bincount(labels[row], minlength=3).tolist() == [5, 3, 7] for row in idx)
+
+
+def test_vectorised_auc_equals_sklearn_with_ties_on_resamples():
+    rng = np.random.default_rng(1)
+    labels, probs = _predictions(rng, 90, 0.7)
+    scores = np.round(probs[:, 0] + rng.random(90) * 0.05, 2)  # ties
+    idx = resample_indices(labels, 5, rng)
+    got = auc_resamples(scores, labels == 0, idx)
+    want = [roc_auc_score((labels == 0)[row], scores[row]) for row in idx]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_absent_classes_are_reported_as_such_and_left_out_of_the_macro_averages():
+    """A COVID/Normal-only test set of a 4-class model: macro-F1 over the 2 classes present, not 4."""
+    classes = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
+    labels = np.array([0] * 30 + [2] * 30)
+    probs = np.full((60, 4), 0.05)
+    probs[np.arange(60), labels] = 0.85
+    probs[:6, 1] = 0.9  # 6 COVID films predicted Lung_Opacity
+    r = classification_report(labels, probs / probs.sum(1, keepdims=True), classes, bootstrap=200)
+    assert r["classes_evaluated"] == ["COVID", "Normal"]
+    assert r["per_class"]["Lung_Opacity"]["note"] == "no test samples"
+    assert r["per_class"]["Lung_Opacity"]["f1"] is None
+    f1_covid = 2 * 24 / (2 * 24 + 6)  # tp 24, fn 6, fp 0
+    assert r["macro_f1"] == pytest.approx((f1_covid + 1.0) / 2)
+    assert r["balanced_accuracy"] == pytest.approx((24 / 30 + 1.0) / 2)
+    lo, hi = r["ci95"]["accuracy"]
+    assert lo <= r["accuracy"] <= hi and set(r["per_class"]["COVID"]) >= {"sensitivity_ci95", "roc_auc_ci95"}
+    assert quick_metrics(labels, probs, 4)["macro_f1"] == pytest.approx((f1_covid + 1.0) / 2)
+
+
+def test_format():
+    assert fmt(0.9, [0.8012, 0.9634]) == "0.90 (0.80–0.96)" and fmt(None, None) == "n/a"
+
+
+def test_wilson_interval_by_hand_and_where_it_replaces_a_zero_width_bootstrap():
+    from evaluation.statistics.bootstrap import widen, wilson
+
+    lo, hi = wilson(30, 30)
+    assert lo == pytest.approx(30 / (30 + 1.959964**2)) and hi == 1.0  # p = 1: lower bound n / (n + z^2)
+    assert wilson(0, 30)[0] == 0.0 and wilson(0, 30)[1] == pytest.approx(1 - lo)
+    assert wilson(5, 0) is None
+    assert widen(1.0, [1.0, 1.0], 30) == wilson(30, 30)
+    assert widen(0.9, [0.8, 0.97], 30) == [0.8, 0.97], "a bootstrap interval with width stays"
+    # in a report: a class that is always right gets a Wilson interval, a class never predicted has no PPV
+    labels = np.array([0] * 30 + [1] * 30 + [2] * 10)
+    probs = np.zeros((70, 4))
+    probs[np.arange(70), np.where(labels == 2, 1, labels)] = 1.0  # class 2 always called class 1
+    report = classification_report(labels, probs, ["a", "b", "c", "d"], bootstrap=200, seed=0)
+    assert report["per_class"]["a"]["sensitivity_ci95"] == pytest.approx(wilson(30, 30))
+    assert report["per_class"]["c"]["ppv"] is None and report["per_class"]["c"]["sensitivity"] == 0.0
+    assert report["per_class"]["c"]["sensitivity_ci95"] == pytest.approx(wilson(0, 10))
+
+
+def test_a_model_calling_every_film_one_class_gets_intervals_with_width():
+    """Each class's sensitivity is 0 or 1 in every stratified resample: the bootstrap alone says 0.43 (0.43-0.43)."""
+    from evaluation.statistics.bootstrap import wilson
+
+    labels = np.array([0] * 6 + [2] * 8)
+    probs = np.zeros((14, 4))
+    probs[:, 2] = 1.0
+    report = classification_report(labels, probs, ["a", "b", "c", "d"], bootstrap=200, seed=0)
+    assert report["accuracy"] == pytest.approx(8 / 14)
+    assert report["ci95"]["accuracy"] == pytest.approx(wilson(8, 14))
+    # balanced accuracy 0.5 = (0/6 + 8/8) / 2 has the variance of a proportion over 1 / (1/(4*6) + 1/(4*8)) films
+    n_eff = 1 / (1 / 24 + 1 / 32)
+    assert report["ci95"]["balanced_accuracy"] == pytest.approx(wilson(0.5 * n_eff, n_eff))
+    lo, hi = report["ci95"]["balanced_accuracy"]
+    assert lo < report["balanced_accuracy"] == 0.5 < hi
+    # one rule for both: with equal classes, all right, balanced accuracy and accuracy get the same interval
+    labels = np.repeat(np.arange(4), 5)
+    report = classification_report(labels, np.eye(4)[labels], ["a", "b", "c", "d"], bootstrap=200, seed=0)
+    assert report["ci95"]["balanced_accuracy"] == pytest.approx(report["ci95"]["accuracy"])
+    assert report["ci95"]["accuracy"] == pytest.approx(wilson(20, 20))
+
+
+def test_a_single_class_set_has_no_specificity():
+    labels = np.zeros(20, np.int64)
+    probs = np.tile([0.7, 0.1, 0.1, 0.1], (20, 1))
+    report = classification_report(labels, probs, ["a", "b", "c", "d"], bootstrap=100, seed=0)
+    assert report["per_class"]["a"]["specificity"] is None and report["per_class"]["a"]["sensitivity"] == 1.0

@@ -1,0 +1,138 @@
+"""External films checked against training films: exact and near copies (evaluation/audits/overlap.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from evaluation.audits.overlap import FilmHashes, film_hashes, find_copies, not_copied, overlap_summary, reference_films
+from evaluation.report.overlap_section import internal_overlap_section, overlap_limitation, overlap_lines
+from pipeline.read import split_digest
+from sharding.dedup import hamming, near_pairs, near_pairs_between, phash
+from sharding.manifest import ManifestError, load_manifest
+from sharding.verify import decode_member, iter_samples
+from train.config import Config
+
+
+def test_near_pairs_between_equals_brute_force():
+    rng = np.random.default_rng(0)
+    base = [int(x) for x in rng.integers(0, 2**63, size=40)]
+    hashes = [b << 192 | b << 128 | b << 64 | b for b in base]
+    others = [h ^ (1 << int(rng.integers(0, 256))) for h in hashes[:15]] + [hashes[3], hashes[3] ^ 0b111]
+    got = sorted(near_pairs_between(hashes, others, distance=3))
+    want = sorted(
+        (i, j, hamming(a, b)) for i, a in enumerate(hashes) for j, b in enumerate(others) if hamming(a, b) <= 3
+    )
+    assert got == want and len(want) >= 17
+    assert near_pairs_between([], others, 3) == [] and near_pairs_between(hashes, [], 3) == []
+    # the within-set version still gives each pair once, i < j
+    assert sorted(near_pairs(hashes[:5] + [hashes[0]], 0)) == [(0, 5)]
+
+
+def test_exact_copies_win_and_the_closest_near_copy_is_kept():
+    ref = FilmHashes(["t0", "t1", "t2"], ["A", "B", "B"], ["s0", "s1", "s2"], [0b0, 0b1111, 0b111])
+    films = FilmHashes(["a", "b", "c", "d"], ["B", "B", "A", "B"], ["s1", "x", "y", "z"], [0b1111, 0b11111, FAR, 0])
+    copies = find_copies(films, ref, distance=2)
+    assert {k: (c["reference_key"], c["kind"], c["bits"]) for k, c in copies.items()} == {
+        "a": ("t1", "exact", 0),  # same pixels, even though near t2 as well
+        "b": ("t1", "near", 1),  # 1 bit from t1, 2 from t2: the closest
+        "d": ("t0", "near", 0),  # same hash, different pixels: near, 0 bits
+    }
+    assert (copies["d"]["class"], copies["d"]["reference_class"]) == ("B", "A"), "a copy labelled differently"
+    assert find_copies(films, ref, distance=None) == {"a": copies["a"]}, "None: exact copies only"
+    assert not_copied(["a", "b", "c", "d"], copies).tolist() == [False, False, True, False]
+    summary = overlap_summary(copies, 4, ref, ("train", "val"), 2)
+    assert (summary["exact"], summary["near"], summary["different_label"], summary["reference_films"]) == (1, 2, 1, 3)
+
+
+FAR = (2**64 - 1) << 192  # 64 bits from 0 and from the small hashes above
+
+
+def _external(overlap: dict, rest: dict | None = None) -> dict:
+    ci = {"accuracy": [0.5, 0.9], "balanced_accuracy": [0.5, 0.9], "macro_f1": [0.5, 0.9]}
+    head = {"samples": 10, "classes_evaluated": ["A", "B"], "accuracy": 0.8, "balanced_accuracy": 0.8}
+    report = {**head, "macro_f1": 0.8, "ci95": ci, "training_overlap": overlap, "external_test": {"name": "x"}}
+    if rest is not None:
+        overlap["without_copies"] = {**head, **rest, "macro_f1": 0.7, "ci95": ci}
+    return report
+
+
+def test_the_report_says_what_was_found_and_what_was_not():
+    base = {"checked": True, "films": 10, "reference_films": 50, "reference_splits": ["train", "val"]}
+    base |= {"near_distance": 6, "exact": 0, "near": 0, "different_label": 0, "copies": {}}
+    none = "\n".join(overlap_lines(_external(dict(base))))
+    assert "no copy of the 50 train and val films found among the 10 films" in none and "not detected" in none
+    assert overlap_limitation(_external(dict(base))) is None
+    copy = {"reference_key": "t1", "kind": "near", "bits": 2, "class": "A", "reference_class": "B"}
+    two = base | {"exact": 1, "near": 1, "different_label": 1, "copies": {"a": copy, "b": copy}}
+    report = _external(dict(two), {"samples": 8, "classes_evaluated": ["A"], "accuracy": 0.75})
+    text = "\n".join(overlap_lines(report))
+    assert "**2 of 10 films (20%) copy training or validation films**" in text and "1 of them labelled" in text
+    assert "| without the copies | 8 | A | 0.75 (0.50–0.90) |" in text, "a class gone without the copies shows"
+    assert "| 1 | `a` | A | `t1` | B | near | 2 |" in text and "![copies]" not in text, "no figure, no link"
+    with_figure = {**report, "figures": {"copies": "copies.png"}}
+    assert "![copies](copies.png)" in "\n".join(overlap_lines(with_figure))
+    assert "2 external films copy training or validation films" in overlap_limitation(report)
+    every = _external(dict(two, films=2))
+    assert "this is no independent test" in "\n".join(overlap_lines(every))
+    expected = "Every one of the external films copies a training or validation film: this is no independent test."
+    assert overlap_limitation(every) == expected
+    # an internal report on the val split, checked against the train split alone
+    one = base | {"near": 1, "reference_splits": ["train"], "copies": {"a": copy}}
+    internal = _external(dict(one), {"samples": 9, "classes_evaluated": ["A"], "accuracy": 0.75})
+    internal = {k: v for k, v in internal.items() if k != "external_test"} | {"split": "val"}
+    assert overlap_limitation(internal).startswith("1 val film copies a training film:")
+    assert "section 1 gives them" in overlap_limitation(internal) and "--near-dup-distance" in overlap_limitation(
+        internal
+    )
+    section = internal_overlap_section(internal)
+    assert section[0] == "### Val films against the training films" and "copies a training film**" in section[2]
+    assert internal_overlap_section(report) == [], "an external report shows it in section 5 instead"
+    unchecked = _external({"checked": False, "reason": "gone"})
+    assert "**not checked**: gone" in "\n".join(overlap_lines(unchecked)) and "not checked" in overlap_limitation(
+        unchecked
+    )
+
+
+def test_film_hashes_read_sha_and_phash_from_real_shards(phantom_shards):
+    tars = sorted(phantom_shards.glob("val-*.tar"))
+    got = film_hashes([str(t) for t in tars])
+    want = {}
+    for tar in tars:
+        for s in iter_samples(tar):
+            pixels = decode_member("image.npy", s["image.npy"])[0]
+            want[s["__key__"]] = (json.loads(s["json"])["sha256"], phash(pixels))
+    assert got.keys == sorted(want) and len(got.keys) > 0
+    assert [(s, p) for s, p in zip(got.sha256, got.phash)] == [want[k] for k in got.keys]
+    assert set(got.classes) <= {"COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"} and all(got.classes)
+    # a set against itself: every film is its own exact copy
+    assert {c["kind"] for c in find_copies(got, got, 6).values()} == {"exact"}
+
+
+def test_reference_films_are_the_models_training_and_validation_films(phantom_shards, tmp_path):
+    manifest = load_manifest(phantom_shards)
+    films, splits = reference_films(Config(), str(phantom_shards), split_digest(manifest, "train"))
+    assert (
+        splits == ("train", "val")
+        and len(films.keys) == manifest.split("train").samples + manifest.split("val").samples
+    )
+    with pytest.raises(ManifestError, match="not the ones the model was trained on"):
+        reference_films(Config(), str(phantom_shards), "0123456789abcdef")
+    with pytest.raises((ManifestError, OSError)):
+        reference_films(Config(), str(tmp_path / "gone"), "")
+
+
+def test_copies_grid_shows_each_copy_beside_the_film_it_copies(phantom_shards):
+    from evaluation.audits.overlap import COPY_LABEL, COPY_TILE, copies_grid
+
+    films = film_hashes([str(t) for t in sorted(phantom_shards.glob("val-*.tar"))])
+    copies = find_copies(films, films, 6)  # every film its own exact copy
+    grid = np.asarray(copies_grid(copies, films, films).convert("L"))
+    rows = min(len(copies), 10)
+    assert grid.shape == (rows * (COPY_TILE + 4) + 4, COPY_LABEL + 2 * (COPY_TILE + 4))
+    left = grid[4 : 4 + COPY_TILE, COPY_LABEL : COPY_LABEL + COPY_TILE]
+    right = grid[4 : 4 + COPY_TILE, COPY_LABEL + COPY_TILE + 4 : COPY_LABEL + 2 * COPY_TILE + 4]
+    assert left.std() > 10 and np.array_equal(left, right), "the same film on both sides"
+    assert copies_grid({}, films, films) is None

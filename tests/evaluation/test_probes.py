@@ -1,0 +1,97 @@
+"""Shortcut probes: which pixels each probe keeps, the fill, chance levels and when a probe flags a shortcut."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from evaluation.audits.probes import PROBES, SHORTCUT_MARGIN, chance_levels, probe_augment, probe_result, verdict
+from pipeline.augment import DeviceAugment
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (3, 1, 8, 8), generator=g, dtype=torch.uint8)
+    masks = torch.zeros(3, 1, 8, 8, dtype=torch.uint8)
+    masks[:, :, 2:6, 1:4] = 1  # "lungs": a 4x3 block
+    return images, masks
+
+
+@pytest.mark.parametrize("probe", sorted(PROBES))
+def test_probe_keeps_its_region_and_fills_the_rest_with_the_kept_mean(probe):
+    augment = DeviceAugment(train=False, channels_last=False)
+    images, masks = _batch()
+    full, _ = augment(images, masks)
+    x, _ = probe_augment(augment, probe)(images, masks)
+    lungs = masks.bool()
+    keep = lungs if probe == "lungs_only" else ~lungs
+    assert torch.equal(x[keep], full[keep]), "kept pixels are untouched"
+    for i in range(3):
+        kept, blanked = full[i][keep[i]], x[i][~keep[i]]
+        # the fill is one value per film: the mean of that film's kept pixels (nothing of the blanked region)
+        torch.testing.assert_close(blanked, torch.full_like(blanked, float(kept.mean())))
+
+
+def test_lungs_blanked_input_does_not_depend_on_the_lungs():
+    augment = DeviceAugment(train=False)
+    images, masks = _batch()
+    other = images.clone()
+    other[masks.bool()] = 255 - other[masks.bool()]  # different lungs, same surroundings
+    probe = probe_augment(augment, "lungs_blanked")
+    assert torch.equal(probe(images, masks)[0], probe(other, masks)[0])
+
+
+def test_probe_needs_masks_and_a_known_name():
+    augment = DeviceAugment(train=False)
+    images, _ = _batch()
+    with pytest.raises(ValueError, match="--include-masks"):
+        probe_augment(augment, "lungs_only")(images, None)
+    with pytest.raises(ValueError, match="unknown probe"):
+        probe_augment(augment, "heart_only")
+
+
+def test_chance_levels_by_hand():
+    assert chance_levels(np.array([0, 0, 0, 1, 2, 2])) == {"accuracy": 0.5, "balanced_accuracy": pytest.approx(1 / 3)}
+    # a class absent from the labels does not count
+    assert chance_levels(np.array([0, 3, 3, 3]))["balanced_accuracy"] == 0.5
+
+
+def _probs(labels, preds, n_classes=4):
+    probs = np.full((len(labels), n_classes), 0.1 / (n_classes - 1), np.float32)
+    probs[np.arange(len(labels)), preds] = 0.9
+    return probs
+
+
+def test_a_probe_far_above_chance_flags_and_one_at_chance_does_not():
+    labels = np.repeat(np.arange(4), 50)
+    rng = np.random.default_rng(0)
+    reading = np.where(rng.random(200) < 0.8, labels, (labels + 1) % 4)  # 80 % right with the lungs gone
+    blind = np.zeros(200, np.int64)  # one class for everything: exactly chance
+    flagged = probe_result(labels, _probs(labels, reading), 500, seed=0)
+    calm = probe_result(labels, _probs(labels, blind), 500, seed=0)
+    assert flagged["shortcut"] and not calm["shortcut"]
+    assert (flagged["outcome"], calm["outcome"]) == ("shortcut", "near chance")
+    assert calm["balanced_accuracy"] == pytest.approx(0.25) and calm["accuracy"] == pytest.approx(0.25)
+    assert calm["chance"] == {"accuracy": 0.25, "balanced_accuracy": 0.25}
+    lo, hi = flagged["ci95"]["balanced_accuracy"]
+    assert lo <= flagged["balanced_accuracy"] <= hi and lo > 0.25 + SHORTCUT_MARGIN
+    assert "Shortcut" in verdict({"lungs_blanked": flagged}, ["a", "b", "c", "d"])
+    assert "No shortcut" in verdict({"lungs_blanked": calm}, ["a", "b", "c", "d"])
+
+
+def test_the_flag_is_judged_on_the_interval_not_the_point():
+    # 8 films, one of two right in every class: 0.50 balanced accuracy, but the interval reaches chance
+    labels = np.repeat(np.arange(4), 2)
+    preds = np.array([0, 1, 1, 2, 2, 3, 3, 0])
+    result = probe_result(labels, _probs(labels, preds), 1000, seed=0)
+    assert result["balanced_accuracy"] > 0.25 + SHORTCUT_MARGIN and not result["shortcut"]
+    assert result["outcome"] == "inconclusive"
+    assert "inconclusive" in verdict({"lungs_blanked": result}, ["a", "b", "c", "d"])
+
+
+def test_without_intervals_the_probe_is_not_judged():
+    labels = np.repeat(np.arange(4), 50)
+    result = probe_result(labels, _probs(labels, labels), 0, seed=0)  # perfect, but no bootstrap
+    assert result["outcome"] == "not judged" and not result["shortcut"]
+    assert verdict({"lungs_blanked": result}, ["a", "b", "c", "d"]).startswith("Shortcut probe not judged")
