@@ -77,7 +77,7 @@ soak: $(STAMP)
 	PYTHONPATH=tests $(PY) -m helpers.soak --shards $(SOAK_SHARDS) --out runs/soak --epochs 10 --image-size 32 \
 	  --num-workers 1 --json runs/soak/soak.json $(SOAK_ARGS)
 
-# One command on a fresh GPU machine (README "GPU"): full-size phantom -> shards -> tools.bench_pipeline (1/4/8
+# One command on a fresh GPU machine (docs/gpu.md): full-size phantom -> shards -> tools.bench_pipeline (1/4/8
 # workers) -> tools.bench_train (299 px; bf16, fp16; compile off/on) -> two bf16 epochs -> pytest -m gpu, every
 # figure in runs/gpu_check/gpu_check.{json,md}; under 8 minutes on one H100. It runs with the Python that has
 # the dependencies (the GPU image's, or .venv when present) and no setup stamp, which would reinstall torch.

@@ -1,8 +1,8 @@
 """Typed run configuration: nested dataclasses, YAML files, `key.sub=value` overrides.
 
-Each field carries a one-line docstring (the string right under it); the
-README's configuration reference is generated from them
-(`python -m train.config --markdown`), and a test keeps it current.
+Each field carries a one-line docstring (the string right under it);
+docs/configuration.md is generated from them (`python -m train.config --markdown`),
+and a test keeps it current.
 OmegaConf structured configs do the merging and type checking; `validate`
 then checks values and ties between fields, before any work starts.
 """
@@ -299,7 +299,7 @@ def field_docs(cls: type) -> dict[str, str]:
 
 
 def reference_markdown() -> str:
-    """Markdown table of every key, default and docstring, for the README."""
+    """Markdown table of every key, default and docstring, for docs/configuration.md."""
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     defaults = Config()
     for section in fields(Config):

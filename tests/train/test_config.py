@@ -1,4 +1,4 @@
-"""Typed config: every shipped file loads, bad values are refused by key, README reference is current."""
+"""Typed config: every shipped file loads, bad values are refused by key, docs/configuration.md is current."""
 
 from __future__ import annotations
 
@@ -76,8 +76,8 @@ def test_every_field_has_a_docstring():
 
 
 def test_readme_configuration_reference_is_current():
-    readme = (ROOT / "README.md").read_text()
-    assert reference_markdown() in readme, "README config reference is stale: run `python -m train.config --markdown`"
+    readme = (ROOT / "docs" / "configuration.md").read_text()
+    assert reference_markdown() in readme, "docs/configuration.md is stale: run `python -m train.config --markdown`"
 
 
 def test_the_config_default_warp_is_device_augments():
