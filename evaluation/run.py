@@ -39,7 +39,7 @@ from evaluation.report.overlap_section import overlap_headline
 from evaluation.statistics import operating
 from evaluation.statistics.bootstrap import fmt
 from evaluation.statistics.metrics import classification_report
-from pipeline.read import load_shard_manifest, split_digest
+from pipeline.read import load_shard_manifest, split_digest, split_shards
 from sharding.manifest import Manifest, ManifestError
 from train.card import TrainedModel, load_trained_model
 from train.checkpoint import BEST_PTH, atomic_write
@@ -208,17 +208,22 @@ def report_extras(
             "shards": target.shards,
             "train_shards": target.train_shards,
         }
-    urls = [
-        u for split in target.splits for u in build_split_loader(cfg, split, shards=target.shards, train=False).urls
+    refs = [
+        ref
+        for split in target.splits
+        for ref in split_shards(target.manifest, target.shards, split, cfg.data.verify_checksums)
     ]
-    site_of = sources.sample_sources(urls, cfg.data.cache_dir)
-    if target.external or "train" not in target.splits:
+    check_overlap = bool(target.external) or "train" not in target.splits
+    # the one metadata read of the evaluated films: source, class, pixel sha256 (+ pHash for the overlap check)
+    films = overlap.film_hashes(refs, cfg.data.cache_dir, perceptual=check_overlap)
+    site_of = dict(zip(films.keys, films.sources))
+    if check_overlap:
         # internal splits too: the build groups exact duplicates, near ones only with --near-dup-distance
         extra["training_overlap"], copies = overlap.training_overlap(
             cfg,
             target.train_shards or target.shards,
             trained.card.train_digest,
-            urls,
+            films,
             preds,
             classes,
             exclude=() if target.external else target.splits,

@@ -43,6 +43,29 @@ def load_shard_manifest(shards: str | Path) -> Manifest:
     return Manifest.from_dict(data)
 
 
+@dataclass(frozen=True)
+class ShardRef:
+    """A shard's location and the sha256 its bytes must have: one cache key per shard, whoever reads it.
+
+    Every reader of a remote shard (the loader, and evaluation's metadata reads) opens it with the
+    same (url, sha256), so `data.cache_dir` holds one copy of it, verified once.
+    """
+
+    url: str
+    sha256: str | None = None
+
+    def open(self, cache_dir: str | None = None, allow_pipe: bool | None = None):
+        return open_url(self.url, cache_dir=cache_dir, allow_pipe=allow_pipe, sha256=self.sha256)
+
+
+def split_shards(manifest: Manifest, shards: str | Path, split: str, verify: bool = True) -> list[ShardRef]:
+    """The shards of `split` under `shards` (folder or URL prefix), with their digests when `verify` (as the
+    loader's `verify_checksums`, so both use the same cache key)."""
+    base = local_path(str(shards))
+    urls = manifest.shard_urls(split, str(base) if base is not None else str(shards))
+    return [ShardRef(u, s.sha256 if verify else None) for u, s in zip(urls, manifest.split(split).shards)]
+
+
 def split_digest(manifest: Manifest, split: str) -> str:
     """A short digest of one split's shards (names, counts, sha256): what a loader state belongs to."""
     info = manifest.split(split)

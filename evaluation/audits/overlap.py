@@ -24,8 +24,7 @@ import numpy as np
 
 from evaluation.statistics.metrics import classification_report
 from pipeline.fast_tar import tar_members
-from pipeline.read import load_shard_manifest, split_digest
-from pipeline.urls import open_url
+from pipeline.read import ShardRef, load_shard_manifest, split_digest, split_shards
 from sharding.contract import META
 from sharding.dedup import near_pairs_between, phash
 from sharding.grid import image_grid
@@ -33,7 +32,6 @@ from sharding.manifest import ManifestError
 from sharding.verify import decode_member
 from train.config import Config
 from train.loop import Predictions
-from train.presets import build_split_loader
 
 #: The report keys repeated for the films that copy no reference film.
 HEADLINE = ("samples", "classes_evaluated", "accuracy", "balanced_accuracy", "macro_f1", "ci95")
@@ -52,29 +50,41 @@ class FilmHashes:
     classes: list[str]
     sha256: list[str]
     phash: list[int]
-    shards: list[str] = field(default_factory=list)  # the URL each film was read from
+    shards: list = field(default_factory=list)  # the shard (ShardRef or URL) each film was read from
+    sources: list[str] = field(default_factory=list)  # each film's source (site), from its json
 
 
-def film_hashes(urls: Sequence[str], cache_dir: str | None = None) -> FilmHashes:
-    """One read of each shard: the json's class and pixel sha256, and the stored image's perceptual hash."""
+def _ref(shard: ShardRef | str) -> ShardRef:
+    return shard if isinstance(shard, ShardRef) else ShardRef(str(shard))
+
+
+def film_hashes(shards: Sequence[ShardRef | str], cache_dir: str | None = None, perceptual: bool = True) -> FilmHashes:
+    """One read of each shard: the json's class, source and pixel sha256, and (`perceptual`) the stored
+    image's perceptual hash; without it no image is decoded and `phash` stays empty.
+
+    Shards are opened with their manifest sha256 (ShardRef), the loader's cache key: one cached copy each.
+    """
     meta: dict[str, dict] = {}
     near: dict[str, int] = {}
-    where: dict[str, str] = {}
-    for url in urls:
-        with open_url(url, cache_dir=cache_dir) as stream:
+    where: dict[str, ShardRef] = {}
+    for ref in map(_ref, shards):
+        with ref.open(cache_dir) as stream:
             for key, ext, payload in tar_members(stream):
                 if ext == META:
-                    meta[key] = json.loads(bytes(payload))
+                    meta[key], where[key] = json.loads(bytes(payload)), ref
                 elif ext.startswith("image."):
-                    near[key], where[key] = phash(decode_member(ext, bytes(payload))[0]), url
-    keys = sorted(near)
+                    where[key] = ref
+                    if perceptual:
+                        near[key] = phash(decode_member(ext, bytes(payload))[0])
+    keys = sorted(near) if perceptual else sorted(meta)
     facts = [meta.get(k, {}) for k in keys]
     return FilmHashes(
         keys,
         [m.get("class") or "" for m in facts],
         [m.get("sha256") or "" for m in facts],
-        [near[k] for k in keys],
+        [near[k] for k in keys] if perceptual else [],
         [where[k] for k in keys],
+        [m.get("source") or "unknown" for m in facts],
     )
 
 
@@ -83,8 +93,8 @@ def film_images(films: FilmHashes, keys: Sequence[str], cache_dir: str | None = 
     shard_of = dict(zip(films.keys, films.shards))
     wanted = set(keys)
     out: dict[str, np.ndarray] = {}
-    for url in sorted({shard_of[k] for k in wanted}):
-        with open_url(url, cache_dir=cache_dir) as stream:
+    for ref in sorted({_ref(shard_of[k]) for k in wanted}, key=lambda r: r.url):
+        with ref.open(cache_dir) as stream:
             for key, ext, payload in tar_members(stream):
                 if key in wanted and ext.startswith("image."):
                     out[key] = decode_member(ext, bytes(payload))[0]
@@ -173,27 +183,27 @@ def reference_films(
     splits = tuple(
         s for s in REFERENCE_SPLITS if s not in exclude and s in manifest.splits and manifest.split(s).samples
     )
-    urls = [u for s in splits for u in build_split_loader(cfg, s, shards=shards, manifest=manifest, train=False).urls]
-    return film_hashes(urls, cfg.data.cache_dir), splits
+    refs = [r for s in splits for r in split_shards(manifest, shards, s, cfg.data.verify_checksums)]
+    return film_hashes(refs, cfg.data.cache_dir), splits
 
 
 def training_overlap(
     cfg: Config,
     shards: str,
     train_digest: str,
-    urls: list[str],
+    films: FilmHashes,
     preds: Predictions,
     classes: list[str],
     exclude: Sequence[str] = (),
 ) -> tuple[dict, object]:
-    """The evaluated films that copy training or validation films (the `exclude`d splits aside), the results
-    without them, and the copies beside their originals (a PIL image, None without copies); rank 0."""
+    """The evaluated `films` (read once by the caller) that copy training or validation films (the `exclude`d
+    splits aside), the results without them, and the copies beside their originals (a PIL image, None without
+    copies); rank 0."""
     try:
         reference, splits = reference_films(cfg, shards, train_digest, exclude)
     except (ManifestError, OSError, ValueError) as exc:
         reason = f"the training films at {shards} could not be used ({exc}); if they moved, pass --train-shards PATH"
         return {"checked": False, "reason": reason}, None
-    films = film_hashes(urls, cfg.data.cache_dir)
     copies = find_copies(films, reference, cfg.eval.overlap_distance)
     out = overlap_summary(copies, len(films.keys), reference, splits, cfg.eval.overlap_distance)
     keep = not_copied(preds.keys, copies)

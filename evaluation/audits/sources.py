@@ -16,7 +16,7 @@ import numpy as np
 
 from evaluation.statistics.bootstrap import interval, resample_indices, widen
 from pipeline.fast_tar import tar_members
-from pipeline.urls import open_url
+from pipeline.read import ShardRef
 from sharding import seeds
 from sharding.contract import META
 from sharding.manifest import Manifest
@@ -24,11 +24,12 @@ from sharding.manifest import Manifest
 UNKNOWN = "unknown"
 
 
-def sample_sources(urls: Sequence[str], cache_dir: str | None = None) -> dict[str, str]:
-    """{key: source} from the json members of a split's shards (one read of each shard)."""
+def sample_sources(shards: Sequence[ShardRef | str], cache_dir: str | None = None) -> dict[str, str]:
+    """{key: source} from the json members of a split's shards (one read of each shard, with its digest)."""
     out = {}
-    for url in urls:
-        with open_url(url, cache_dir=cache_dir) as stream:
+    for shard in shards:
+        ref = shard if isinstance(shard, ShardRef) else ShardRef(str(shard))
+        with ref.open(cache_dir) as stream:
             for key, ext, payload in tar_members(stream):
                 if ext == META:
                     out[key] = json.loads(bytes(payload)).get("source") or UNKNOWN

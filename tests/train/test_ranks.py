@@ -107,7 +107,9 @@ def test_rank0_save_failure_ends_every_rank_with_its_cause(tmp_path, phantom_sha
 
 def test_cold_cache_over_http_downloads_each_shard_once(tmp_path, phantom_shards, subprocess_env, repo_root):
     """2 ranks stream the shards from a real local HTTP server into one empty data.cache_dir: every rank
-    trains on the global plan, each shard is fetched once, and the cache holds one verified copy of each."""
+    trains on the global plan, each shard is fetched once, and the cache holds one verified copy of each,
+    the test report's metadata reads (sources, copies of training films) included: they use the loader's
+    cache key (before, they cached a second, unverified copy of every shard they read)."""
     from sharding.manifest import load_manifest
 
     from helpers.http import serve
@@ -121,17 +123,16 @@ def test_cold_cache_over_http_downloads_each_shard_once(tmp_path, phantom_shards
                 f"data.cache_dir={cache}",
                 f"train.output_dir={out}",
                 "train.epochs=1",
-                "eval.test_at_end=false",
             ],
             subprocess_env,
             repo_root,
         )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "(global shuffle)" in done.stdout, "cached shards take the global plan"
+    assert (out / "report.json").exists() and "(global shuffle)" in done.stdout, "cached shards take the global plan"
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert row["rank_steps"][0] == row["rank_steps"][1] > 0
     assert row["train_samples_seen"] == manifest.split("train").samples
-    shards = [s for split in ("train", "val") for s in manifest.split(split).shards]
+    shards = [s for split in ("train", "val", "test") for s in manifest.split(split).shards]
     assert {f"/{s.name}": counts[f"/{s.name}"] for s in shards} == {f"/{s.name}": 1 for s in shards}
     cached = sorted(p for p in cache.iterdir() if not p.name.startswith("."))
     assert len(cached) == len(shards) and not list(cache.glob(".*tmp*"))
