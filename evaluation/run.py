@@ -23,6 +23,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from evaluation.statistics.registry import SUMMARY
+
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -285,11 +287,8 @@ def evaluate_target(
 def _print_headline(report: dict, target: Target) -> None:
     ci = report["ci95"]
     where = target.split_name if not target.external else f"{target.external} ({target.split_name})"
-    print(
-        f"{where}: accuracy {fmt(report['accuracy'], ci.get('accuracy'))}  macro-F1 "
-        f"{fmt(report['macro_f1'], ci.get('macro_f1'))}  balanced accuracy "
-        f"{fmt(report['balanced_accuracy'], ci.get('balanced_accuracy'))}  ({report['samples']} films; 95 % CI)"
-    )
+    figures = "  ".join(f"{m.label} {fmt(report[m.name], ci.get(m.name))}" for m in SUMMARY)
+    print(f"{where}: {figures}  ({report['samples']} films; 95 % CI)")
     share = (report.get("lung_share") or {}).get("all", {}).get("mean")
     if share is not None:
         print(f"{where}: Grad-CAM lung share (mean, all classes) {share:.3f}")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from evaluation.statistics.metrics import classification_report
+from evaluation.statistics.registry import SUMMARY_NAMES
 from pipeline.fast_tar import tar_members
 from pipeline.read import ShardRef, load_shard_manifest, split_digest, split_shards
 from sharding.contract import META
@@ -34,7 +35,7 @@ from train.config import Config
 from train.loop import Predictions
 
 #: The report keys repeated for the films that copy no reference film.
-HEADLINE = ("samples", "classes_evaluated", "accuracy", "balanced_accuracy", "macro_f1", "ci95")
+HEADLINE = ("samples", "classes_evaluated", *SUMMARY_NAMES, "ci95")
 #: The splits an external film is checked against: what trained the model and what chose it.
 REFERENCE_SPLITS = ("train", "val")
 #: Copies listed in report.md and shown in copies.png (report.json has all), and that figure's layout.

@@ -20,6 +20,7 @@ from evaluation.report.external_section import external_section
 from evaluation.report.markdown import table as _table
 from evaluation.report.overlap_section import internal_overlap_section, overlap_limitation
 from evaluation.statistics.bootstrap import fmt
+from evaluation.statistics.registry import NAMES, SUMMARY_NAMES
 
 #: Sources whose names mark a pediatric collection (the Kaggle release's Normal and Viral Pneumonia films).
 PEDIATRIC_HINTS = ("pediatric", "paediatric", "chest-xray-pneumonia", "paultimothymooney", "guangzhou")
@@ -102,7 +103,7 @@ def headline_section(report: dict, split: str) -> list[str]:
         f"{', '.join(report.get('classes_evaluated', report['classes']))}.",
         "",
     ]
-    rows = [[k, fmt(report.get(k), ci.get(k))] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc")]
+    rows = [[k, fmt(report.get(k), ci.get(k))] for k in NAMES]
     rows.append(["ece (calibration, 15 bins)", fmt(report.get("ece"), None, 3)])
     lines += _table(["metric", "value (95 % CI)"], rows) + [""]
     rows = []
@@ -338,7 +339,7 @@ def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
     suffix = "" if split == "test" else f"_{split}"
     reports = {str(d): json.loads((Path(d) / f"report{suffix}.json").read_text()) for d in run_dirs}
     classes = next(iter(reports.values()))["classes"]
-    rows = ["accuracy", "macro_f1", "balanced_accuracy"]
+    rows = list(SUMMARY_NAMES)
     rows += [f"{p} balanced_accuracy" for p in PROBES] + [f"lung share {c}" for c in classes + ["all"]]
     lines = ["| metric | " + " | ".join(f"`{d}`" for d in reports) + " |", "| --- |" + " --- |" * len(reports)]
     for row in rows:

@@ -13,6 +13,7 @@ from pathlib import Path
 from evaluation.report.markdown import table as _table
 from evaluation.report.overlap_section import copies_of_training, overlap_lines
 from evaluation.statistics.bootstrap import fmt
+from evaluation.statistics.registry import SUMMARY, SUMMARY_NAMES
 
 EXTERNAL = "external"  # RUN/external/<name>/: external tests
 
@@ -40,13 +41,12 @@ def external_section(report: dict) -> list[str]:
             f"[{name}](external/{name}/report.md)",
             e["samples"],
             ", ".join(e["classes_evaluated"]),
-            fmt(e["accuracy"], e["ci95"].get("accuracy")),
-            fmt(e["balanced_accuracy"], e["ci95"].get("balanced_accuracy")),
+            *(fmt(e[m.name], e["ci95"].get(m.name)) for m in SUMMARY),
             "not checked" if e.get("copies") is None else e["copies"],
         ]
         for name, e in external.items()
     ]
-    header = ["shard set", "films", "classes", "accuracy", "balanced accuracy", "copies of training films"]
+    header = ["shard set", "films", "classes", *(m.label for m in SUMMARY), "copies of training films"]
     return lines + ["", *_table(header, rows)]
 
 
@@ -56,8 +56,7 @@ def external_summaries(run_dir: Path) -> dict:
     for path in sorted((Path(run_dir) / EXTERNAL).glob("*/report.json")):
         r = json.loads(path.read_text())
         out[path.parent.name] = {
-            key: r.get(key)
-            for key in ("samples", "classes_evaluated", "accuracy", "balanced_accuracy", "macro_f1", "ci95", "split")
+            key: r.get(key) for key in ("samples", "classes_evaluated", *SUMMARY_NAMES, "ci95", "split")
         }
         out[path.parent.name]["shards"] = r.get("shards")
         out[path.parent.name]["copies"] = copies_of_training(r)

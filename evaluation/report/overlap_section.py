@@ -12,6 +12,7 @@ from __future__ import annotations
 from evaluation.audits.overlap import COPIES_SHOWN
 from evaluation.report.markdown import table as _table
 from evaluation.statistics.bootstrap import fmt
+from evaluation.statistics.registry import SUMMARY
 
 _SPLIT_WORDS = {"train": "training", "val": "validation", "test": "test"}
 
@@ -107,10 +108,10 @@ def overlap_lines(report: dict) -> list[str]:
         return lines + ["", "**No film is left without a copy: this is no independent test.**", *shown]
     rows = [
         [label, r["samples"], ", ".join(r["classes_evaluated"])]
-        + [fmt(r[m], r["ci95"].get(m)) for m in ("accuracy", "balanced_accuracy", "macro_f1")]
+        + [fmt(r[m.name], r["ci95"].get(m.name)) for m in SUMMARY]
         for label, r in (("all films", report), ("without the copies", rest))
     ]
-    return lines + ["", *_table(["films", "n", "classes", "accuracy", "balanced accuracy", "macro-F1"], rows), *shown]
+    return lines + ["", *_table(["films", "n", "classes", *(m.label for m in SUMMARY)], rows), *shown]
 
 
 def _near(o: dict) -> str:

@@ -16,6 +16,7 @@ from sklearn import metrics as skm
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from evaluation.statistics.bootstrap import bootstrap_ci
+from evaluation.statistics.registry import NAMES
 
 #: The per-class rates a class without test samples has none of.
 _RATES = ("precision", "ppv", "sensitivity", "specificity", "f1", "roc_auc")
@@ -92,7 +93,7 @@ def classification_report(
         "balanced_accuracy": float(np.mean([recall[c] for c in present])) if present else 0.0,
         "macro_f1": float(np.mean([f1[c] for c in present])) if present else 0.0,
         "macro_roc_auc": float(np.mean(list(aucs.values()))) if aucs else None,
-        "ci95": {**{k: ci[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc")}} if ci else {},
+        "ci95": {k: ci[k] for k in NAMES} if ci else {},
         "bootstrap": {"resamples": int(bootstrap), "seed": int(seed), "stratified": True},
         "ece": float(ece),
         "per_class": per_class,

@@ -63,3 +63,25 @@ def test_early_stopping_max_mode_and_min_delta():
     assert not stop.step(0.505, 1)  # within min_delta: not an improvement
     assert stop.step(0.6, 2)
     assert stop.bad_epochs == 0
+
+
+def test_the_registry_drives_the_reports_intervals_tables_and_docs():
+    from pathlib import Path
+
+    import numpy as np
+
+    from evaluation.report.external_section import external_section
+    from evaluation.statistics import registry
+    from evaluation.statistics.metrics import classification_report
+
+    labels = np.array([0, 0, 1, 1, 2, 2, 3, 3])
+    probs = np.eye(4)[[0, 1, 1, 1, 2, 3, 3, 3]] * 0.7 + 0.075
+    report = classification_report(labels, probs, ["a", "b", "c", "d"], bootstrap=50, seed=0)
+    assert set(registry.NAMES) <= set(report) and list(report["ci95"]) == list(registry.NAMES)
+    row = {"samples": 8, "classes_evaluated": ["a"], "ci95": report["ci95"], "copies": 0, "split": "all"}
+    row.update({m: report[m] for m in registry.SUMMARY_NAMES})
+    text = "\n".join(external_section({"external": {"x": row}}))
+    header = next(line for line in text.splitlines() if line.startswith("| shard set"))
+    assert [m.label for m in registry.SUMMARY] == header.split(" | ")[3 : 3 + len(registry.SUMMARY)]
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text()
+    assert registry.markdown() in docs, "docs/evaluation.md is stale: python -m evaluation.statistics.registry"

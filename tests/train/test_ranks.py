@@ -118,12 +118,7 @@ def test_cold_cache_over_http_downloads_each_shard_once(tmp_path, phantom_shards
     manifest = load_manifest(phantom_shards)
     with serve(phantom_shards) as (base, counts):
         done = run(
-            [
-                f"data.shards={base}",
-                f"data.cache_dir={cache}",
-                f"train.output_dir={out}",
-                "train.epochs=1",
-            ],
+            [f"data.shards={base}", f"data.cache_dir={cache}", f"train.output_dir={out}", "train.epochs=1"],
             subprocess_env,
             repo_root,
         )
