@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from evaluation.report.schema import report_suffix, validate
 from evaluation.statistics.registry import SUMMARY
 
 if __package__ in (None, ""):
@@ -135,15 +136,16 @@ def write_report(
     seed: int = 0,
     points: dict | None = None,
     training_curves: bool = True,
+    images: dict | None = None,
 ) -> dict:
-    """report.json, report.md, predictions and the figures; returns the report dict."""
+    """report.json (checked against evaluation.report.schema), report.md, predictions and the figures
+    (`images`: name -> PIL image, e.g. gradcam, failures, copies); returns the report dict."""
     report = classification_report(preds.labels, preds.probs, classes, bootstrap=bootstrap, seed=seed)
     report["operating_points"] = operating.apply(preds.labels, preds.probs, classes, points or {}, bootstrap, seed)
-    report.update({k: v for k, v in extra.items() if not k.endswith("grid")})
+    report.update(extra)
     report["split"] = split
     report["limitations"] = limitations(report)
-    # an external folder holds one report; in the run folder the test report is the plain one
-    suffix = "" if split in ("test", "all") or "external_test" in extra else f"_{split}"
+    suffix = report_suffix(split, "external_test" in extra)
     figures = {
         "confusion_matrix": plots.confusion_matrix_figure(
             report["confusion_matrix"], classes, out_dir / f"confusion_matrix{suffix}.png", split
@@ -155,12 +157,11 @@ def write_report(
         figures["training_curves"] = plots.training_curves_figure(
             out_dir / "metrics.jsonl", out_dir / "training_curves.png"
         )
-    for key, name in (("grid", "gradcam"), ("failures_grid", "failures"), ("copies_grid", "copies")):
-        if key in extra:
-            extra[key].save(out_dir / f"{name}{suffix}.png")
-            figures[name] = out_dir / f"{name}{suffix}.png"
+    for name in (n for n in ("gradcam", "failures", "copies") if n in (images or {})):
+        images[name].save(out_dir / f"{name}{suffix}.png")
+        figures[name] = out_dir / f"{name}{suffix}.png"
     report["figures"] = {k: str(v.name) for k, v in figures.items() if v is not None}
-    _write_json_and_markdown(out_dir, suffix, report)
+    _write_json_and_markdown(out_dir, suffix, validate(report))
     predictions = [
         {"key": k, "label": int(y), "probs": [round(float(p), 6) for p in row]}
         for k, y, row in zip(preds.keys, preds.labels, preds.probs)
@@ -189,9 +190,10 @@ def _train_manifest_at(shards: str) -> Manifest | None:
 
 def report_extras(
     run_dir: Path, trained: TrainedModel, cfg: Config, target: Target, preds: Predictions, probe_preds: dict
-) -> dict:
-    """Everything beyond the metrics (rank 0): data and training facts, sources, probes, Grad-CAM, failures."""
-    classes = list(trained.card.classes)
+) -> tuple[dict, dict]:
+    """Everything beyond the metrics (rank 0): (report entries: data and training facts, sources, probes,
+    failures, lung share; images: the Grad-CAM, failure and copies galleries)."""
+    classes, images = list(trained.card.classes), {}
     seed, resamples = cfg.train.seed, cfg.eval.bootstrap_resamples
     extra: dict = {
         "model_epoch": trained.card.epoch,
@@ -231,7 +233,7 @@ def report_extras(
             exclude=() if target.external else target.splits,
         )
         if copies is not None:
-            extra["copies_grid"] = copies
+            images["copies"] = copies
     if set(site_of.values()) - {sources.UNKNOWN}:
         extra["per_source"] = sources.per_source(
             preds.keys, preds.labels, preds.probs, site_of, classes, resamples, seed
@@ -249,14 +251,16 @@ def report_extras(
             build_split_loader(cfg, s, shards=target.shards, num_workers=min(cfg.data.num_workers, 2), train=False)
             for s in target.splits
         ]
-        extra.update(
-            explain_split(
-                trained, itertools.chain(*loaders), classes, cfg.eval.gradcam_per_class, extra["failures"], target.lut
-            )
+        explained = explain_split(
+            trained, itertools.chain(*loaders), classes, cfg.eval.gradcam_per_class, extra["failures"], target.lut
         )
+        images["gradcam"] = explained.pop("grid")
+        if "failures_grid" in explained:
+            images["failures"] = explained.pop("failures_grid")
+        extra.update(explained)
     if not target.external:
         extra["external"] = external_summaries(run_dir)
-    return extra
+    return extra, images
 
 
 def evaluate_target(
@@ -268,7 +272,7 @@ def evaluate_target(
     if not accelerator.is_main_process:
         return None
     target.out_dir.mkdir(parents=True, exist_ok=True)
-    extra = report_extras(run_dir, trained, cfg, target, preds, probe_preds)
+    extra, images = report_extras(run_dir, trained, cfg, target, preds, probe_preds)
     report = write_report(
         target.out_dir,
         target.split_name,
@@ -279,6 +283,7 @@ def evaluate_target(
         cfg.train.seed,
         trained.card.operating_points,
         training_curves=not target.external,
+        images=images,
     )
     _print_headline(report, target)
     return report
@@ -297,7 +302,7 @@ def _print_headline(report: dict, target: Target) -> None:
     overlap = report.get("training_overlap")
     if overlap:
         print(f"{where}: {overlap_headline(overlap)}")
-    suffix = "" if target.split_name in ("test", "all") or target.external else f"_{target.split_name}"
+    suffix = report_suffix(target.split_name, bool(target.external))
     print(f"report: {target.out_dir / f'report{suffix}.md'}")
 
 

@@ -19,6 +19,7 @@ from evaluation.audits.probes import PROBES
 from evaluation.report.external_section import external_section
 from evaluation.report.markdown import table as _table
 from evaluation.report.overlap_section import internal_overlap_section, overlap_limitation
+from evaluation.report.schema import report_suffix
 from evaluation.statistics.bootstrap import fmt
 from evaluation.statistics.registry import NAMES, SUMMARY_NAMES
 
@@ -336,7 +337,7 @@ def report_markdown(report: dict, split: str, run_dir: Path) -> str:
 
 def compare_runs(run_dirs: list[Path], split: str = "test") -> str:
     """Markdown table of headline metrics, shortcut probes and Grad-CAM lung share of finished runs, side by side."""
-    suffix = "" if split == "test" else f"_{split}"
+    suffix = report_suffix(split, external=False)
     reports = {str(d): json.loads((Path(d) / f"report{suffix}.json").read_text()) for d in run_dirs}
     classes = next(iter(reports.values()))["classes"]
     rows = list(SUMMARY_NAMES)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -242,3 +243,33 @@ def test_the_old_commands_still_work_and_say_where_they_moved(old, new, subproce
     assert done.returncode == 0, done.stderr
     assert f"`python -m {old}` moved to `python -m {new}`" in done.stderr
     assert done.stdout.startswith(f"usage: python -m {new} ")
+
+
+def test_the_report_schema_refuses_unknown_missing_and_mistyped_keys_and_its_docs_are_current():
+    from evaluation.report import schema
+
+    good = {f.name: None for f in schema.fields(schema.Report)}
+    good.update(
+        samples=3, classes=["a"], classes_evaluated=["a"], accuracy=1.0, balanced_accuracy=1.0, macro_f1=1,
+        macro_roc_auc=None, ci95={}, bootstrap={}, ece=0.0, per_class={}, confusion_matrix=[],
+        confusion_matrix_normalized=[], operating_points={}, split="test", limitations=[], figures={},
+    )  # fmt: skip
+    assert schema.validate(good) is good
+    bad = dict(good, samples="3", accuracy=True, gradcam_grid=object())
+    del bad["ece"]
+    with pytest.raises(schema.ReportSchemaError) as err:
+        schema.validate(bad)
+    for problem in ("unknown key 'gradcam_grid'", "missing 'ece'", "'samples' is str", "'accuracy' is bool"):
+        assert problem in str(err.value)
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "evaluation.md").read_text()
+    assert schema.markdown() in docs, "docs/evaluation.md is stale: python -m evaluation.report.schema"
+
+
+@pytest.mark.parametrize(
+    ("split", "external", "suffix"),
+    [("test", False, ""), ("val", False, "_val"), ("all", True, ""), ("test", True, "")],
+)
+def test_one_rule_names_the_report_files(split, external, suffix):
+    from evaluation.report.schema import report_suffix
+
+    assert report_suffix(split, external) == suffix
