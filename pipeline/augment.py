@@ -32,6 +32,8 @@ of their stds; with R = G = B that correlation is exactly 1).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -55,14 +57,21 @@ def sample_params(
 def rotation_matrices(angle: torch.Tensor, cx: float, cy: float) -> torch.Tensor:
     """[B,2,3] rotations by `angle` degrees (counter-clockwise on screen) about pixel (cx, cy).
 
-    OpenCV's `getRotationMatrix2D` at scale 1, which kornia's `get_rotation_matrix2d`
-    also computes; written here in torch because kornia before 0.9 builds it with a
-    blocking host-to-device copy (kornia #3937), a host sync on every training step.
+    Kornia's `get_rotation_matrix2d` at scale 1, bit for bit (the same operations in the
+    same order: shift @ rotation @ scale @ inverse shift), so a run gives the same weights
+    as with kornia's; written here because kornia before 0.9 builds it with a blocking
+    host-to-device copy (kornia #3937), a host sync on every training step. Everything is
+    filled on the device from Python scalars.
     """
-    rad = torch.deg2rad(angle.float())
+    b = angle.shape[0]
+    eye = torch.eye(3, device=angle.device, dtype=torch.float32).repeat(b, 1, 1)
+    shift, shift_back, rot = eye.clone(), eye.clone(), eye.clone()
+    shift[:, 0, 2], shift[:, 1, 2] = cx, cy
+    shift_back[:, 0, 2], shift_back[:, 1, 2] = -cx, -cy
+    rad = angle.float() * (math.pi / 180.0)
     cos, sin = torch.cos(rad), torch.sin(rad)
-    rows = [cos, sin, (1 - cos) * cx - sin * cy, -sin, cos, sin * cx + (1 - cos) * cy]
-    return torch.stack(rows, dim=-1).view(-1, 2, 3)
+    rot[:, :2, :2] = torch.stack([cos, sin, -sin, cos], dim=-1).view(b, 2, 2)
+    return (shift @ rot @ eye @ shift_back)[:, :2, :]
 
 
 def affine_matrices(flip: torch.Tensor, angle: torch.Tensor, height: int, width: int) -> torch.Tensor:

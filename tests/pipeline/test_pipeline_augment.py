@@ -204,14 +204,20 @@ def test_train_augment_builds_no_tensor_from_host_data(monkeypatch, warp):
 
 @pytest.mark.parametrize("size", [(299, 299), (40, 64)])
 def test_rotation_matrices_equal_kornias(size):
-    """The plain-torch rotation (no host copy) is kornia's get_rotation_matrix2d, centre x and y not swapped."""
+    """The plain-torch rotation (no host copy) is kornia's get_rotation_matrix2d bit for bit (the same weights
+    as before it replaced kornia's), centre x and y not swapped."""
     from kornia.geometry.transform import get_rotation_matrix2d
 
     h, w = size
-    angle = torch.tensor([-10.0, 0.0, 7.5, 90.0, 180.0])
+    angle = torch.cat(
+        [
+            torch.tensor([-10.0, 0.0, 7.5, 90.0, 180.0]),
+            (torch.rand(251, generator=torch.Generator().manual_seed(0)) * 2 - 1) * 10,
+        ]
+    )
     center = torch.tensor([[(w - 1) / 2, (h - 1) / 2]]).repeat(len(angle), 1)
     theirs = get_rotation_matrix2d(center, angle, torch.ones(len(angle), 2))
-    torch.testing.assert_close(rotation_matrices(angle, (w - 1) / 2, (h - 1) / 2), theirs, atol=1e-5, rtol=1e-6)
+    assert torch.equal(rotation_matrices(angle, (w - 1) / 2, (h - 1) / 2), theirs)
 
 
 def test_default_warp_does_not_import_kornia(subprocess_env):
