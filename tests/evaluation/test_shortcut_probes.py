@@ -1,8 +1,9 @@
 """The shortcut probe on real trained models: a marker phantom must flag, the clean phantom must not.
 
-Two real `accelerate launch` runs of the demo recipe at 32 px on 80 films per class, one on the clean
+Two real `accelerate launch` runs of the demo recipe at 32 px on 120 films per class, one on the clean
 phantom and one whose films carry a class-correlated corner tag (`--markers`). Flips are off so a tag
-stays in its class's corner. Measured: lungs-blanked balanced accuracy 0.25 (clean) vs 0.59 (markers).
+stays in its class's corner. Measured: lungs-blanked balanced accuracy 0.25 (0.15-0.39) clean vs
+0.75 (0.65-0.85) markers; the bar is chance + 0.1 = 0.35 on the interval's lower end.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from sharding.build import build_shards
 from sharding.phantom import PhantomSpec, generate
 
 pytestmark = pytest.mark.slow
+
+#: Films per class: 120 gives a test split of ~48 films, enough for the marker model's probe interval to clear
+#: chance + 0.1 (at 80, 32 test films, it sat on the bar: 0.47 (0.34-0.59), flagged or not by float rounding
+#: and library versions).
+PER_CLASS = 120
 
 RECIPE = [
     "data.image_size=32",
@@ -33,7 +39,7 @@ RECIPE = [
 
 def _train(tmp_path, markers: bool, env, cwd) -> dict:
     name = "markers" if markers else "clean"
-    raw = generate(tmp_path / f"raw_{name}", PhantomSpec(counts=(80,) * 4, seed=0, markers=markers))
+    raw = generate(tmp_path / f"raw_{name}", PhantomSpec(counts=(PER_CLASS,) * 4, seed=0, markers=markers))
     shards = tmp_path / f"shards_{name}"
     build_shards(raw, shards, include_masks=True, shard_size=100, workers=1, progress=False)
     out = tmp_path / f"run_{name}"
