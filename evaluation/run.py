@@ -47,7 +47,7 @@ from sharding.manifest import Manifest, ManifestError
 from train.card import TrainedModel, load_trained_model
 from train.checkpoint import BEST_PTH, atomic_write
 from train.config import Config, load_config
-from train.loop import Predictions, predict_split
+from train.predictions import Predictions, predict_split
 from train.presets import build_split_loader
 
 
@@ -105,15 +105,12 @@ def predict_target(
         if len(preds.keys) != expected:
             raise RuntimeError(f"evaluation counted {len(preds.keys)} {split} films, the manifest lists {expected}")
         parts.append(preds)
-    keys = [k for p in parts for k in p.keys]
-    if len(set(keys)) != len(keys):
+    preds = Predictions.concat(parts)
+    if len(set(preds.keys)) != len(preds.keys):
         raise RuntimeError("the same film key appears in two splits: cannot evaluate them together")
-    labels = np.concatenate([p.labels for p in parts])
     if target.lut is not None:
-        labels = target.lut[labels]
-    probs = np.concatenate([p.probs for p in parts])
-    loss = float(np.average([p.loss for p in parts], weights=[max(len(p.keys), 1) for p in parts]))
-    return Predictions(keys, labels, probs, loss)
+        preds.labels = target.lut[preds.labels]
+    return preds
 
 
 def run_probes(trained: TrainedModel, cfg: Config, target: Target, accelerator: Accelerator) -> dict:
@@ -212,15 +209,12 @@ def report_extras(
             "shards": target.shards,
             "train_shards": target.train_shards,
         }
-    refs = [
-        ref
-        for split in target.splits
-        for ref in split_shards(target.manifest, target.shards, split, cfg.data.verify_checksums)
-    ]
     check_overlap = bool(target.external) or "train" not in target.splits
-    # the one metadata read of the evaluated films: source, class, pixel sha256 (+ pHash for the overlap check)
-    films = overlap.film_hashes(refs, cfg.data.cache_dir, perceptual=check_overlap)
-    site_of = dict(zip(films.keys, films.sources))
+    refs = [split_shards(target.manifest, target.shards, s, cfg.data.verify_checksums) for s in target.splits]
+    # the films' provenance came with their pixels; shards built before build version 3 store no pHash
+    films = overlap.predicted_films(preds, classes, refs)
+    if films is None and check_overlap:
+        films = overlap.film_hashes([r for split in refs for r in split], cfg.data.cache_dir)
     if check_overlap:
         # internal splits too: the build groups exact duplicates, near ones only with --near-dup-distance
         extra["training_overlap"], copies = overlap.training_overlap(
@@ -234,6 +228,7 @@ def report_extras(
         )
         if copies is not None:
             images["copies"] = copies
+    site_of = dict(zip(preds.keys, preds.sources))
     if set(site_of.values()) - {sources.UNKNOWN}:
         extra["per_source"] = sources.per_source(
             preds.keys, preds.labels, preds.probs, site_of, classes, resamples, seed

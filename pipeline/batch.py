@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from pipeline.provenance import Provenance
+
 
 def _move(t: torch.Tensor | None, fn) -> torch.Tensor | None:
     return None if t is None else fn(t)
@@ -20,6 +22,8 @@ class Batch:
     in {0, 1} when the shards carry masks, else None. `indices` are the samples'
     positions in the split (manifest order: shard by shard), what coverage checks
     count; `step` is the batch's step in its epoch (-1 when not from a loader).
+    `provenance` is each sample's origin from its json (source, pixel sha256, pHash,
+    path), read with the pixels; `sources` lists the sources alone.
     """
 
     images: torch.Tensor
@@ -28,6 +32,12 @@ class Batch:
     masks: torch.Tensor | None = None
     indices: torch.Tensor | None = None  # int64 [B]
     step: int = -1
+    provenance: list[Provenance] | None = None
+
+    @property
+    def sources(self) -> list[str]:
+        """Each sample's source (site or collection), "unknown" where the shard's json names none."""
+        return [p.source for p in self.provenance] if self.provenance is not None else ["unknown"] * len(self)
 
     def __len__(self) -> int:
         return len(self.keys)

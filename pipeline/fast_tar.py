@@ -1,7 +1,7 @@
 """The fast raw-shard reader: a tar walk of its own, zero-copy samples, and the offset index.
 
 It turns one open shard stream (or mmapped buffer) into validated `Sample` tuples
-`(key, label, image uint8 [1,H,W], mask uint8 [1,H,W] | None)`; `pipeline.samples`
+`(key, label, image uint8 [1,H,W], mask uint8 [1,H,W] | None, provenance)`; `pipeline.samples`
 picks it or the generic path.
 
 **Fast path** (`encoding == "raw"`): parses the 512-byte tar headers itself
@@ -33,7 +33,9 @@ from typing import BinaryIO, NamedTuple
 
 import numpy as np
 
-from sharding.contract import IMAGE_RAW, LABEL, MASK_RAW
+from pipeline import provenance
+from pipeline.provenance import Provenance
+from sharding.contract import IMAGE_RAW, LABEL, MASK_RAW, META
 
 BLOCK = 512
 #: Members other than image/mask (json, cls, unknown) larger than this are refused.
@@ -50,6 +52,7 @@ class Sample(NamedTuple):
     label: int
     image: np.ndarray  # uint8 [1, H, W] (may be a read-only view of the read buffer)
     mask: np.ndarray | None
+    provenance: Provenance = provenance.NONE  # from the sample's json member
 
 
 def npy_header(image_size: int) -> bytes:
@@ -327,7 +330,8 @@ def raw_samples(
         if masks and mask_ext not in fields:
             raise ShardFormatError(f"sample {key!r} lacks {mask_ext} (manifest says masks)")
         mask = fields.get(mask_ext) if masks else None
-        return Sample(key, fields[label_ext], fields[image_ext], mask)  # type: ignore[arg-type]
+        origin = fields.get(META) or provenance.NONE
+        return Sample(key, fields[label_ext], fields[image_ext], mask, origin)  # type: ignore[arg-type]
 
     members = (
         tar_members_buffer(stream, sizes)
@@ -349,14 +353,18 @@ def raw_samples(
             fields[ext] = np.frombuffer(payload, np.uint8, count=pixels, offset=hlen).reshape(shape)
         elif ext == label_ext:
             fields[ext] = _label(payload, key, num_classes)
+        elif ext == META:
+            fields[ext] = provenance.from_json(payload)
         else:
-            fields[ext] = None  # json and unknown members: not needed for training
+            fields[ext] = None  # unknown members: not needed
     if key is not None:
         yield finish()
 
 
-def index_samples(buf, *, image_size: int, num_classes: int, masks: bool) -> list[tuple[str, int, int, int]]:
-    """Validate a whole raw shard buffer once: [(key, label, image offset, mask offset or -1)].
+def index_samples(
+    buf, *, image_size: int, num_classes: int, masks: bool
+) -> list[tuple[str, int, int, int, Provenance]]:
+    """Validate a whole raw shard buffer once: [(key, label, image offset, mask offset or -1, provenance)].
 
     Raises ShardFormatError like `raw_samples` (it is `raw_samples`, keeping offsets).
     """
@@ -365,7 +373,7 @@ def index_samples(buf, *, image_size: int, num_classes: int, masks: bool) -> lis
     for s in raw_samples(buf, image_size=image_size, num_classes=num_classes, masks=masks):
         image = s.image.__array_interface__["data"][0] - base
         mask = s.mask.__array_interface__["data"][0] - base if s.mask is not None else -1
-        out.append((s.key, s.label, image, mask))
+        out.append((s.key, s.label, image, mask, s.provenance))
     return out
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.fast_tar import Sample, ShardFormatError, index_samples, map_file
+from pipeline.provenance import Provenance
 from pipeline.samples import read_samples
 from pipeline.urls import cache_path, is_remote, join_url, local_path, open_url
 from sharding.manifest import Manifest, ManifestError, load_manifest
@@ -53,6 +54,7 @@ class ShardRef:
 
     url: str
     sha256: str | None = None
+    samples: int = 0  # how many samples the manifest lists in it
 
     def open(self, cache_dir: str | None = None, allow_pipe: bool | None = None):
         return open_url(self.url, cache_dir=cache_dir, allow_pipe=allow_pipe, sha256=self.sha256)
@@ -63,7 +65,7 @@ def split_shards(manifest: Manifest, shards: str | Path, split: str, verify: boo
     loader's `verify_checksums`, so both use the same cache key)."""
     base = local_path(str(shards))
     urls = manifest.shard_urls(split, str(base) if base is not None else str(shards))
-    return [ShardRef(u, s.sha256 if verify else None) for u, s in zip(urls, manifest.split(split).shards)]
+    return [ShardRef(u, s.sha256 if verify else None, s.samples) for u, s in zip(urls, manifest.split(split).shards)]
 
 
 def split_digest(manifest: Manifest, split: str) -> str:
@@ -161,6 +163,7 @@ class ShardIndex:
     labels: np.ndarray | None = None  # int64 [n]
     image_offsets: np.ndarray | None = None  # int64 [n], byte offset of each image's pixels
     mask_offsets: np.ndarray | None = None  # int64 [n], -1 without masks
+    provenance: list[Provenance] | None = None  # each sample's json: source, pixel sha256, pHash, path
     error: str | None = None
 
     def stale(self) -> bool:
@@ -195,7 +198,7 @@ def index_shard(path: str, spec: ReadSpec, count: int, sha256: str | None) -> Sh
             raise ShardFormatError(f"holds {len(entries)} samples, the manifest says {count}")
     except (ShardFormatError, OSError) as exc:
         return ShardIndex(path, st.st_size, st.st_mtime_ns, error=f"{type(exc).__name__}: {exc}")
-    keys, labels, images, masks = zip(*entries) if entries else ((), (), (), ())
+    keys, labels, images, masks, origins = zip(*entries) if entries else ((), (), (), (), ())
     return ShardIndex(
         path,
         st.st_size,
@@ -204,6 +207,7 @@ def index_shard(path: str, spec: ReadSpec, count: int, sha256: str | None) -> Sh
         np.array(labels, np.int64),
         np.array(images, np.int64),
         np.array(masks, np.int64),
+        list(origins),
     )
 
 

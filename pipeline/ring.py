@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from pipeline.batch import Batch
+from pipeline.provenance import Provenance
 
 SHM_DIR = "/dev/shm"
 
@@ -110,6 +111,7 @@ class SlotRef:
     keys: list[str]
     indices: np.ndarray
     step: int
+    provenance: list[Provenance]
 
 
 @dataclass
@@ -122,6 +124,7 @@ class HostBatch:
     keys: list[str]
     indices: np.ndarray
     step: int
+    provenance: list[Provenance]
 
     def to_batch(self) -> Batch:
         return Batch(
@@ -131,6 +134,7 @@ class HostBatch:
             masks=None if self.masks is None else torch.from_numpy(self.masks),
             indices=torch.from_numpy(np.asarray(self.indices, np.int64)),
             step=self.step,
+            provenance=self.provenance,
         )
 
 
@@ -152,15 +156,15 @@ class BatchMemory:
             self.masks = torch.from_numpy(np.empty(shape, np.uint8)) if masks else None
 
     def finish(
-        self, labels: np.ndarray, keys: list[str], indices: np.ndarray, step: int
+        self, labels: np.ndarray, keys: list[str], indices: np.ndarray, step: int, origins: list[Provenance]
     ) -> SlotRef | Batch | HostBatch:
         """The filled batch as a SlotRef (ring slot), a Batch (fresh shared memory) or a HostBatch (no ring)."""
         if self.slot is not None:
             self.ring.busy[self.slot] = 1
-            return SlotRef(self.slot, len(keys), labels, keys, indices, step)
+            return SlotRef(self.slot, len(keys), labels, keys, indices, step, origins)
         if self.ring is None:
             masks = None if self.masks is None else self.masks.numpy()
-            return HostBatch(self.images.numpy(), masks, labels, keys, indices, step)
+            return HostBatch(self.images.numpy(), masks, labels, keys, indices, step, origins)
         return Batch(
             images=self.images,
             labels=torch.from_numpy(np.asarray(labels, np.int64)),
@@ -168,6 +172,7 @@ class BatchMemory:
             masks=self.masks,
             indices=torch.from_numpy(np.asarray(indices, np.int64)),
             step=step,
+            provenance=origins,
         )
 
 
@@ -223,4 +228,12 @@ def from_ring(items, ring: BatchRing | None, pin: bool) -> Iterator[Batch]:
             release = _SlotRelease(ring, slot, 1 if ring.masks is None else 2)
             images = _slot_tensor(ring.images[slot, :n], release)
             masks = _slot_tensor(ring.masks[slot, :n], release) if ring.masks is not None else None
-        yield Batch(images=images, labels=labels, keys=item.keys, masks=masks, indices=indices, step=item.step)
+        yield Batch(
+            images=images,
+            labels=labels,
+            keys=item.keys,
+            masks=masks,
+            indices=indices,
+            step=item.step,
+            provenance=item.provenance,
+        )

@@ -13,8 +13,9 @@ from typing import BinaryIO
 
 import numpy as np
 
+from pipeline import provenance
 from pipeline.fast_tar import Sample, ShardFormatError, _label, map_file, raw_samples
-from sharding.contract import IMAGE_PNG, IMAGE_RAW, LABEL, MASK_PNG, MASK_RAW
+from sharding.contract import IMAGE_PNG, IMAGE_RAW, LABEL, MASK_PNG, MASK_RAW, META
 
 
 def _decode_image(data: bytes, ext: str, key: str, image_size: int) -> np.ndarray:
@@ -60,7 +61,8 @@ def generic_samples(
                 raise ShardFormatError(f"sample {key!r} lacks {mask_ext} (manifest says masks)")
             image = _decode_image(raw[image_ext], image_ext, key, image_size)
             mask = _decode_image(raw[mask_ext], mask_ext, key, image_size) if masks else None
-            yield Sample(key, _label(raw[LABEL], key, num_classes), image, mask)
+            origin = provenance.from_json(raw[META]) if META in raw else provenance.NONE
+            yield Sample(key, _label(raw[LABEL], key, num_classes), image, mask, origin)
     except ShardFormatError:
         raise
     except (tarfile.TarError, ValueError, KeyError, OSError, EOFError) as exc:

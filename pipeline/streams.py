@@ -22,8 +22,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline import plan
+from pipeline import plan, provenance
 from pipeline.fast_tar import Sample, ShardFormatError, map_file
+from pipeline.provenance import Provenance
 from pipeline.read import CorruptCounter, ReadSpec, ShardIndex, no_readable_samples, read_segment, skip_or_raise
 from pipeline.ring import BatchMemory, BatchRing
 
@@ -57,7 +58,7 @@ class EpochSpan:
 
 @dataclass
 class SampleTable:
-    """Every train sample's shard, byte offsets, label and key, from the offset index (flat arrays)."""
+    """Every train sample's shard, byte offsets, label, key and provenance, from the offset index (flat arrays)."""
 
     paths: list[str]
     stats: list[tuple[int, int]]  # (size, mtime_ns) per shard when indexed
@@ -66,6 +67,7 @@ class SampleTable:
     mask_offsets: np.ndarray  # int64 [N]
     labels: np.ndarray  # int64 [N]
     keys: list[str]
+    provenance: list[Provenance]
 
     @classmethod
     def from_index(cls, index: list[ShardIndex], counts: list[int]) -> SampleTable:
@@ -73,6 +75,7 @@ class SampleTable:
         shard_of = np.repeat(np.arange(len(counts), dtype=np.int64), counts)
         image, mask, labels = np.zeros(n, np.int64), np.full(n, -1, np.int64), np.full(n, -1, np.int64)
         keys = [""] * n
+        origins = [provenance.NONE] * n
         start = 0
         for ix, count in zip(index, counts):
             if ix.error is None:
@@ -80,10 +83,10 @@ class SampleTable:
                 mask[start : start + count] = ix.mask_offsets
                 labels[start : start + count] = ix.labels
                 keys[start : start + count] = ix.keys
+                origins[start : start + count] = ix.provenance
             start += count
-        return cls(
-            [ix.path for ix in index], [(ix.size, ix.mtime_ns) for ix in index], shard_of, image, mask, labels, keys
-        )
+        stats = [(ix.size, ix.mtime_ns) for ix in index]
+        return cls([ix.path for ix in index], stats, shard_of, image, mask, labels, keys, origins)
 
 
 class _ShardMaps:
@@ -162,7 +165,7 @@ class IndexedStream(IterableDataset):
                 maps.gather(idx, mem.images, t.image_offsets)
                 if mem.masks is not None:
                     maps.gather(idx, mem.masks, t.mask_offsets)
-                yield mem.finish(t.labels[idx], [t.keys[i] for i in idx], idx, step)
+                yield mem.finish(t.labels[idx], [t.keys[i] for i in idx], idx, step, [t.provenance[i] for i in idx])
 
 
 # --------------------------------------------------------------------------- stream plan and eval
@@ -241,7 +244,7 @@ class SequentialStream(IterableDataset):
                 np.copyto(mout[i], s.mask)
         labels = np.fromiter((s.label for _, s in items), np.int64, len(items))
         indices = np.fromiter((g for g, _ in items), np.int64, len(items))
-        return mem.finish(labels, [s.key for _, s in items], indices, step)
+        return mem.finish(labels, [s.key for _, s in items], indices, step, [s.provenance for _, s in items])
 
     # -- eval: each sample once
 
@@ -320,4 +323,5 @@ def _indexed_samples(ix: ShardIndex, lo: int, hi: int, image_size: int) -> Itera
             int(ix.labels[i]),
             arr[image : image + pixels].reshape(shape),
             arr[mask : mask + pixels].reshape(shape) if mask >= 0 else None,
+            ix.provenance[i],
         )

@@ -48,7 +48,8 @@ from sharding.split import FRACTIONS, assign, compose_groups, shuffled, split_re
 
 #: Bump when a code change alters shard bytes, so old fingerprints stop matching.
 #: 2: classes from the data, sample json `path` (was `source`) + `source` (site) + `patient_id`.
-BUILD_VERSION = 2
+#: 3: sample json `phash` (the stored pixels' 256-bit DCT hash, 64 hex digits), so the overlap check decodes nothing.
+BUILD_VERSION = 3
 SPLIT_BY = ("patient", "source")
 #: Below this many images per worker a process pool costs more than it saves.
 MIN_PER_WORKER = 64

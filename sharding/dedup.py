@@ -56,6 +56,11 @@ def phash(pixels: np.ndarray) -> int:
     return int.from_bytes(np.packbits(bits).tobytes(), "big")
 
 
+def phash_hex(value: int) -> str:
+    """A perceptual hash as the sample json stores it: 64 lowercase hex digits."""
+    return f"{value:0{HASH_BITS // 4}x}"
+
+
 class UnionFind:
     """Disjoint sets over 0..n-1 with path halving; roots are the smallest member."""
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sharding.contract import IMAGE_SIZE
-from sharding.dedup import phash, pixel_sha256
+from sharding.dedup import phash, phash_hex, pixel_sha256
 from sharding.pool import tick
 from sharding.preprocess import PreprocessError, load_image, load_mask, open_image
 from sharding.source import Record
@@ -114,6 +114,7 @@ def _encode(task: SampleTask) -> dict:
         "orig_size": task.orig_size,
         "orig_mode": task.orig_mode,
         "sha256": sha,
+        "phash": phash_hex(phash(pixels)),
         "split": task.split,
     }
     mask = None

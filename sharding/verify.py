@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from sharding.contract import LABEL, META, image_member, mask_member
+from sharding.dedup import phash, phash_hex
 from sharding.manifest import Manifest, ShardInfo, load_manifest, shards_root
 
 
@@ -123,6 +124,8 @@ def _check_shard(root: Path, split: str, shard: ShardInfo, manifest: Manifest, k
                     problems.append(f"{where}: sample {key} mask has values above 1")
                 elif ext == img_ext and hashlib.sha256(arr.tobytes()).hexdigest() != meta.get("sha256"):
                     problems.append(f"{where}: sample {key} pixels do not match their sha256")
+                elif ext == img_ext and "phash" in meta and meta["phash"] != phash_hex(phash(arr[0])):
+                    problems.append(f"{where}: sample {key} pixels do not match their phash")
     except Exception as exc:  # noqa: BLE001 - any decoding failure is a bad shard
         problems.append(f"{where}: cannot read: {type(exc).__name__}: {exc}")
         return problems

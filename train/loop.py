@@ -1,10 +1,9 @@
-"""One training epoch, one evaluation pass, early stopping.
+"""One training epoch and early stopping (the prediction pass over a split is `train.predictions`).
 
 Multi-rank rules kept here:
 - every rank runs exactly `steps` training steps (the loader guarantees full
   batches; `steps` comes from the manifest, never from a stream's length);
-- evaluation uses the unwrapped model (no collective per batch: ranks may
-  hold different batch counts) and gathers predictions once at the end, so
+- validation gathers predictions once at the end (`train.predictions`), so
   every rank computes the same metrics and takes the same decisions.
 """
 
@@ -16,11 +15,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import gather_object
 from tqdm import tqdm
 
 from pipeline.batch import Batch
@@ -299,62 +295,3 @@ def _log_step(sums: _Sums, images: int, wait_s: float, began: float, bar, log, g
             {"train/step_loss": current, "train/img_per_s": rate, "train/data_wait_frac": wait_s / max(elapsed, 1e-9)},
             global_step,
         )
-
-
-@dataclass
-class Predictions:
-    """Predictions over a whole split, gathered from every rank (each sample once)."""
-
-    keys: list[str]
-    labels: np.ndarray  # int64 [N]
-    probs: np.ndarray  # float32 [N, C]
-    loss: float  # mean cross-entropy
-
-
-@torch.no_grad()
-def predict_split(
-    model: torch.nn.Module,
-    loader: Iterable[Batch],
-    augment: Callable,
-    accelerator: Accelerator,
-    progress: bool = False,
-    desc: str = "eval",
-) -> Predictions:
-    """Forward every batch of this rank's share in eval mode, then gather all ranks' results once.
-
-    The model's mode is restored afterwards (train or eval, as it came): callers need not undo anything.
-    """
-    net = accelerator.unwrap_model(model, keep_torch_compile=False)
-    was_training = model.training
-    net.eval()
-    keys: list[str] = []
-    labels: list[torch.Tensor] = []
-    probs: list[torch.Tensor] = []
-    waits = [0.0]
-    for batch in tqdm(
-        device_batches(loader, accelerator.device, waits),
-        desc=desc,
-        leave=False,
-        disable=not (progress and accelerator.is_main_process),
-    ):
-        images, _ = augment(batch.images, batch.masks)
-        with accelerator.autocast():
-            logits = net(images)
-        # kept on the device: one copy to the host after the last batch, not a host sync per batch
-        probs.append(torch.softmax(logits.float(), dim=1))
-        labels.append(batch.labels)
-        keys.extend(batch.keys)
-    local = (
-        keys,
-        torch.cat(labels).cpu().numpy() if labels else np.zeros(0, np.int64),
-        torch.cat(probs).cpu().numpy() if probs else np.zeros((0, 0), np.float32),
-    )
-    parts = gather_object([local]) if accelerator.num_processes > 1 else [local]
-    all_keys = [k for part in parts for k in part[0]]
-    if len(set(all_keys)) != len(all_keys):
-        raise RuntimeError("evaluation saw a sample twice across ranks: the eval stream is not exact-once")
-    all_labels = np.concatenate([p[1] for p in parts if len(p[1])]).astype(np.int64)
-    all_probs = np.concatenate([p[2] for p in parts if len(p[2])]).astype(np.float32)
-    loss = float(F.nll_loss(torch.log(torch.as_tensor(all_probs).clamp_min(1e-12)), torch.as_tensor(all_labels)))
-    model.train(was_training)
-    return Predictions(all_keys, all_labels, all_probs, loss)

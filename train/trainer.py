@@ -30,9 +30,10 @@ from train.checkpoint import (
     save_checkpoint,
 )
 from train.config import Config, to_yaml
-from train.loop import EarlyStopping, EpochProgress, EpochSpec, predict_split, train_one_epoch
+from train.loop import EarlyStopping, EpochProgress, EpochSpec, train_one_epoch
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, build_scheduler
+from train.predictions import predict_split
 from train.presets import build_augment, build_split_loader, masks_used
 from train.ranks import check_shared_folder, every_rank_ok, on_rank0, rank0_decides
 from train.state import Position, TrainState

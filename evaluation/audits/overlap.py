@@ -17,7 +17,7 @@ copies (and whether their label differs there) and the results without them.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -25,6 +25,7 @@ import numpy as np
 from evaluation.statistics.metrics import classification_report
 from evaluation.statistics.registry import SUMMARY_NAMES
 from pipeline.fast_tar import tar_members
+from pipeline.provenance import UNKNOWN, from_meta
 from pipeline.read import ShardRef, load_shard_manifest, split_digest, split_shards
 from sharding.contract import META
 from sharding.dedup import near_pairs_between, phash
@@ -32,7 +33,7 @@ from sharding.grid import image_grid
 from sharding.manifest import ManifestError
 from sharding.verify import decode_member
 from train.config import Config
-from train.loop import Predictions
+from train.predictions import Predictions
 
 #: The report keys repeated for the films that copy no reference film.
 HEADLINE = ("samples", "classes_evaluated", *SUMMARY_NAMES, "ci95")
@@ -59,33 +60,75 @@ def _ref(shard: ShardRef | str) -> ShardRef:
     return shard if isinstance(shard, ShardRef) else ShardRef(str(shard))
 
 
+def _samples(stream) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: payload}) per sample: a sample's members are consecutive in a shard."""
+    key, members = None, {}
+    for k, ext, payload in tar_members(stream):
+        if k != key and key is not None:
+            yield key, members
+            members = {}
+        key = k
+        members[ext] = payload
+    if key is not None:
+        yield key, members
+
+
 def film_hashes(shards: Sequence[ShardRef | str], cache_dir: str | None = None, perceptual: bool = True) -> FilmHashes:
-    """One read of each shard: the json's class, source and pixel sha256, and (`perceptual`) the stored
-    image's perceptual hash; without it no image is decoded and `phash` stays empty.
+    """One read of each shard: each film's class, source, pixel sha256 and (`perceptual`) its perceptual hash,
+    from its json. Only films whose json lacks the hash (shards built before build version 3) have their image
+    decoded to compute it; without `perceptual` `phash` stays empty.
 
     Shards are opened with their manifest sha256 (ShardRef), the loader's cache key: one cached copy each.
     """
-    meta: dict[str, dict] = {}
-    near: dict[str, int] = {}
-    where: dict[str, ShardRef] = {}
+    keys, facts, near, where = [], [], [], []
     for ref in map(_ref, shards):
         with ref.open(cache_dir) as stream:
-            for key, ext, payload in tar_members(stream):
-                if ext == META:
-                    meta[key], where[key] = json.loads(bytes(payload)), ref
-                elif ext.startswith("image."):
-                    where[key] = ref
-                    if perceptual:
-                        near[key] = phash(decode_member(ext, bytes(payload))[0])
-    keys = sorted(near) if perceptual else sorted(meta)
-    facts = [meta.get(k, {}) for k in keys]
+            for key, members in _samples(stream):
+                meta = json.loads(bytes(members[META])) if META in members else {}
+                image = next((ext for ext in members if ext.startswith("image.")), None)
+                if image is None:
+                    continue
+                keys.append(key)
+                facts.append(meta)
+                where.append(ref)
+                if perceptual:
+                    stored = from_meta(meta).phash
+                    near.append(stored if stored is not None else phash(decode_member(image, bytes(members[image]))[0]))
+    order = sorted(range(len(keys)), key=keys.__getitem__)
     return FilmHashes(
-        keys,
-        [m.get("class") or "" for m in facts],
-        [m.get("sha256") or "" for m in facts],
-        [near[k] for k in keys] if perceptual else [],
-        [where[k] for k in keys],
-        [m.get("source") or "unknown" for m in facts],
+        [keys[i] for i in order],
+        [facts[i].get("class") or "" for i in order],
+        [facts[i].get("sha256") or "" for i in order],
+        [near[i] for i in order] if perceptual else [],
+        [where[i] for i in order],
+        [facts[i].get("source") or UNKNOWN for i in order],
+    )
+
+
+def predicted_films(preds: Predictions, classes: Sequence[str], splits: Sequence[list[ShardRef]]) -> FilmHashes | None:
+    """The evaluated films as the prediction pass read them (their json came with their pixels): no shard is
+    read again. `splits` are the shards of each evaluated split, in the order the predictions concatenate them.
+    None when a film's json has no pHash (shards built before build version 3): read them with `film_hashes`.
+    """
+    if any(p.phash is None for p in preds.provenance) or (preds.indices < 0).any():
+        return None
+    shard_of: list[ShardRef] = []
+    start = 0
+    for refs in splits:
+        ends = np.cumsum([r.samples for r in refs])
+        n = int(ends[-1]) if len(ends) else 0
+        shard_of += [refs[int(j)] for j in np.searchsorted(ends, preds.indices[start : start + n], side="right")]
+        start += n
+    if start != len(preds.keys):
+        raise RuntimeError(f"{len(preds.keys)} predictions for {start} films in the evaluated splits")
+    order = sorted(range(len(preds.keys)), key=preds.keys.__getitem__)
+    return FilmHashes(
+        [preds.keys[i] for i in order],
+        [classes[int(preds.labels[i])] for i in order],
+        [preds.provenance[i].sha256 for i in order],
+        [preds.provenance[i].phash for i in order],
+        [shard_of[i] for i in order],
+        [preds.provenance[i].source for i in order],
     )
 
 

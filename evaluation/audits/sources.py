@@ -2,38 +2,22 @@
 
 Each class of the COVID-19 Radiography Database comes almost entirely from one
 collection, and models trained on it are known to recognise the collection
-rather than the disease. The sample json's `source` (metadata sheet, label CSV)
-lets the report break results down by site and say plainly when a class has a
-single source in training.
+rather than the disease. The sample json's `source` (metadata sheet, label CSV),
+which reaches evaluation with each prediction (`train.predictions`), lets the
+report break results down by site and say plainly when a class has a single
+source in training.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import numpy as np
 
 from evaluation.statistics.bootstrap import interval, resample_indices, widen
-from pipeline.fast_tar import tar_members
-from pipeline.read import ShardRef
+from pipeline.provenance import UNKNOWN
 from sharding import seeds
-from sharding.contract import META
 from sharding.manifest import Manifest
-
-UNKNOWN = "unknown"
-
-
-def sample_sources(shards: Sequence[ShardRef | str], cache_dir: str | None = None) -> dict[str, str]:
-    """{key: source} from the json members of a split's shards (one read of each shard, with its digest)."""
-    out = {}
-    for shard in shards:
-        ref = shard if isinstance(shard, ShardRef) else ShardRef(str(shard))
-        with ref.open(cache_dir) as stream:
-            for key, ext, payload in tar_members(stream):
-                if ext == META:
-                    out[key] = json.loads(bytes(payload)).get("source") or UNKNOWN
-    return out
 
 
 def single_source_classes(manifest: Manifest) -> list[str]:

@@ -18,7 +18,7 @@ from evaluation.explain import gradcam as explain
 from pipeline.batch import Batch
 from sharding.grid import image_grid
 from train.card import TrainedModel
-from train.loop import Predictions
+from train.predictions import Predictions
 
 TILE, LABEL_WIDTH = 150, 150
 

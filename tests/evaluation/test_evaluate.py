@@ -13,7 +13,7 @@ from evaluation.explain.gradcam import lung_share, summarize_shares
 from evaluation.report.document import compare_runs
 from evaluation.run import main as evaluate_main
 from evaluation.run import write_report
-from train.loop import Predictions
+from train.predictions import Predictions
 
 CLASSES = ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]
 

@@ -136,3 +136,54 @@ def test_copies_grid_shows_each_copy_beside_the_film_it_copies(phantom_shards):
     right = grid[4 : 4 + COPY_TILE, COPY_LABEL + COPY_TILE + 4 : COPY_LABEL + 2 * COPY_TILE + 4]
     assert left.std() > 10 and np.array_equal(left, right), "the same film on both sides"
     assert copies_grid({}, films, films) is None
+
+
+def _loader_predictions(shards, split: str):
+    """The films of `split` as the eval loader delivers them (keys, labels, provenance, positions)."""
+    from pipeline.loader import build_loader
+    from train.predictions import Predictions
+
+    batches = list(build_loader(shards, split, batch_size=5, num_workers=2, train=False))
+    labels = np.concatenate([b.labels.numpy() for b in batches])
+    return Predictions(
+        [k for b in batches for k in b.keys],
+        labels,
+        np.eye(4, dtype=np.float32)[labels],
+        0.0,
+        [p for b in batches for p in b.provenance],
+        np.concatenate([b.indices.numpy() for b in batches]),
+    )
+
+
+def test_predicted_films_are_what_a_read_of_the_shards_gives(phantom_shards):
+    """The prediction pass's provenance replaces a second read: same keys, classes, hashes, sources, shards."""
+    from evaluation.audits.overlap import predicted_films
+    from pipeline.read import split_shards
+
+    manifest = load_manifest(phantom_shards)
+    refs = {s: split_shards(manifest, phantom_shards, s) for s in ("train", "val")}
+    preds = [_loader_predictions(phantom_shards, s) for s in ("train", "val")]
+    from train.predictions import Predictions
+
+    got = predicted_films(Predictions.concat(preds), list(manifest.classes), [refs["train"], refs["val"]])
+    want = film_hashes(refs["train"] + refs["val"])
+    assert got == want and len(got.keys) == sum(manifest.split(s).samples for s in ("train", "val"))
+    assert len(set(got.shards)) == len(refs["train"]) + len(refs["val"]) > 2
+    old = Predictions.concat(preds)
+    old.provenance[3] = old.provenance[3]._replace(phash=None)  # a film from shards built before version 3
+    assert predicted_films(old, list(manifest.classes), [refs["train"], refs["val"]]) is None
+
+
+def test_film_hashes_decode_the_image_when_the_json_has_no_phash(phantom_shards, tmp_path):
+    import shutil
+
+    from helpers.shard_edits import rewrite_json
+
+    copy = tmp_path / "s"
+    shutil.copytree(phantom_shards, copy)
+    rewrite_json(copy, "train", lambda meta: {k: v for k, v in meta.items() if k != "phash"})
+    tars = sorted(copy.glob("train-*.tar"))
+    assert '"phash"' not in tars[0].read_bytes().decode("latin-1") and '"phash"' in tars[1].read_bytes().decode(
+        "latin-1"
+    )
+    assert film_hashes([str(t) for t in tars]).phash == film_hashes(sorted(phantom_shards.glob("train-*.tar"))).phash

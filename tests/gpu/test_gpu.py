@@ -198,7 +198,7 @@ def test_compiled_model_trains_and_saves_clean_state_dict_keys(phantom_shards, t
 
 def test_evaluation_copies_predictions_to_the_host_once(phantom_shards):
     """predict_split keeps probabilities on the device: 2 and 8 batches make the same number of host syncs."""
-    from train.loop import predict_split
+    from train.predictions import predict_split
 
     with fresh_accelerator(mixed_precision="bf16") as acc:
         state, _, _, manifest = run_state(phantom_shards, acc)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.provenance import Provenance
 from sharding.contract import CLASSES
 from sharding.manifest import Manifest, SplitInfo, write_manifest
 from sharding.writer import encode_sample, write_shard
@@ -46,6 +47,23 @@ def label_of(g: int) -> int:
     return g % len(CLASSES)
 
 
+def provenance_of(g: int) -> Provenance:
+    """What sample g's json says about its origin (three sources; made-up hashes that name g)."""
+    return Provenance(f"site-{g % 3}", f"{g:064x}", g * 7919, f"in/{key_of(g)}.png")
+
+
+def meta_of(g: int, split: str) -> dict:
+    origin = provenance_of(g)
+    return {
+        "g": g,
+        "split": split,
+        "source": origin.source,
+        "sha256": origin.sha256,
+        "phash": f"{origin.phash:064x}",
+        "path": origin.path,
+    }
+
+
 def write_shards(
     out: Path, layout: dict[str, list[int]] = LAYOUT, *, encoding: str = "raw", masks: bool = True, size: int = SIZE
 ) -> Manifest:
@@ -63,7 +81,7 @@ def write_shards(
                         key_of(g),
                         make_image(g, size),
                         label_of(g),
-                        {"g": g, "split": split},
+                        meta_of(g, split),
                         encoding=encoding,
                         mask=make_mask(g, size) if masks else None,
                     )

@@ -13,17 +13,27 @@ import torch
 from pipeline.fast_tar import ShardFormatError
 from pipeline.loader import build_loader
 
-from helpers.indexed_shards import LAYOUT, image_index, key_of, label_of, make_mask, split_ids, write_shards
+from helpers.indexed_shards import (
+    LAYOUT,
+    image_index,
+    key_of,
+    label_of,
+    make_mask,
+    provenance_of,
+    split_ids,
+    write_shards,
+)
 
 
 def check_batch(batch, masks=True):
-    """Every sample's key, label, pixels and mask belong together."""
+    """Every sample's key, label, pixels, mask and provenance (from its json) belong together."""
     assert batch.images.dtype == torch.uint8 and batch.images.ndim == 4 and batch.images.shape[1] == 1
     assert batch.labels.dtype == torch.int64 and len(batch.keys) == batch.images.shape[0] == batch.labels.shape[0]
     ids = []
     for i, key in enumerate(batch.keys):
         g = image_index(batch.images[i].numpy())
         assert key == key_of(g) and int(batch.labels[i]) == label_of(g)
+        assert batch.provenance[i] == provenance_of(g) and batch.sources[i] == provenance_of(g).source
         if masks:
             assert np.array_equal(batch.masks[i].numpy(), make_mask(g, batch.images.shape[-1]))
         ids.append(g)

@@ -12,6 +12,8 @@ from PIL import Image
 from sharding.manifest import load_manifest
 from sharding.verify import verify
 
+from helpers.shard_edits import rewrite_json
+
 
 def _run(args, python_exe, env, cwd):
     return subprocess.run([python_exe, "-m", "sharding", *args], capture_output=True, text=True, env=env, cwd=cwd)
@@ -102,3 +104,21 @@ def test_inspect_prints_summary_and_writes_grid(built_png_masks, tmp_path, pytho
     )
     assert by_file.returncode == 0, by_file.stderr  # the manifest file itself names the set, as for verify
     assert (tmp_path / "g2.png").read_bytes() == out.read_bytes()
+
+
+def test_build_stores_each_films_phash_and_verify_checks_it(built_raw, tmp_path):
+    import json
+
+    from sharding.dedup import phash, phash_hex
+    from sharding.verify import decode_member, iter_samples
+
+    m = load_manifest(built_raw)
+    samples = list(iter_samples(built_raw / m.split("test").shards[0].name))
+    for s in samples:
+        assert json.loads(s["json"])["phash"] == phash_hex(phash(decode_member("image.npy", s["image.npy"])[0]))
+    copy = tmp_path / "s"
+    shutil.copytree(built_raw, copy)
+    rewrite_json(copy, "test", lambda meta: {**meta, "phash": phash_hex(int(meta["phash"], 16) ^ 1)})
+    result = verify(copy)
+    assert not result.ok and len(result.problems) == len(samples)
+    assert all("test-000000.tar" in p and "do not match their phash" in p for p in result.problems)

@@ -74,7 +74,7 @@ def test_the_train_loader_reads_masks_only_for_mask_lungs(phantom_shards):
 
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_predict_split_runs_in_eval_mode_and_leaves_the_mode_as_it_came(mode):
-    from train.loop import predict_split
+    from train.predictions import predict_split
 
     accelerator = Accelerator(cpu=True)
     seen = []
