@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, set_seed
+from accelerate.utils import set_seed
 
 from pipeline.loader import load_shard_manifest
 from pipeline.read import split_digest
@@ -148,21 +148,22 @@ def earlier_run(out: Path, cfg: Config) -> str | None:
 def prepare_output_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """Rank 0 creates the run folder and writes config.yaml; every rank learns if that failed."""
     out = Path(cfg.train.output_dir)
-    problem = [None]
-    if accelerator.is_main_process:
-        problem[0] = earlier_run(out, cfg)
-    if accelerator.is_main_process and not problem[0]:
+
+    def prepare() -> None:
+        problem = earlier_run(out, cfg)
+        if problem:
+            raise RunError(problem)
         try:
             (out / "models").mkdir(parents=True, exist_ok=True)
             for folder in (out, out / "models"):  # of a run killed mid-write; the real files are intact
                 clean_stale_temporaries(folder)
             atomic_write(out / "config.yaml", lambda tmp: tmp.write_text(to_yaml(cfg)))
         except OSError as exc:
-            problem[0] = f"train.output_dir={out} is not writable ({exc.strerror or exc}); choose another folder"
-    if accelerator.num_processes > 1:
-        broadcast_object_list(problem, from_process=0)
-    if problem[0]:
-        raise RunError(problem[0])
+            raise RunError(
+                f"train.output_dir={out} is not writable ({exc.strerror or exc}); choose another folder"
+            ) from None
+
+    rank0_decides(accelerator, prepare)
     check_shared_folder(accelerator, out)
     return out
 

@@ -230,3 +230,27 @@ def test_default_warp_does_not_import_kornia(subprocess_env):
     )
     done = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("height,width", [(5, 9), (9, 5), (1, 4), (299, 128)])
+def test_affine_matrices_rotate_about_the_centre_of_non_square_images(height, width):
+    """A hand-built oracle: flip x -> (W-1) - x, then rotate about ((W-1)/2, (H-1)/2), counter-clockwise on
+    screen (y down) for positive angles. Non-square sizes tell the centre's x from its y."""
+    import math
+
+    import numpy as np
+
+    angles = torch.tensor([0.0, 17.0, -90.0, 33.5])
+    flips = torch.tensor([False, True, False, True])
+    got = affine_matrices(flips, angles, height, width).double().numpy()
+    cx, cy = (width - 1) / 2, (height - 1) / 2
+    for i, (deg, flip) in enumerate(zip(angles.tolist(), flips.tolist())):
+        a = math.radians(deg)
+        rotate = np.array([[math.cos(a), math.sin(a), 0], [-math.sin(a), math.cos(a), 0], [0, 0, 1]])
+        to_centre = np.array([[1, 0, -cx], [0, 1, -cy], [0, 0, 1]])
+        back = np.array([[1, 0, cx], [0, 1, cy], [0, 0, 1]])
+        mirror = np.array([[-1, 0, width - 1], [0, 1, 0], [0, 0, 1]]) if flip else np.eye(3)
+        want = (back @ rotate @ to_centre @ mirror)[:2]
+        np.testing.assert_allclose(got[i], want, atol=1e-4)
+        # the centre stays put
+        np.testing.assert_allclose(got[i] @ [cx, cy, 1], [cx, cy], atol=1e-4)

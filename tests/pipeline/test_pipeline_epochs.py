@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import re
 import tempfile
 import threading
 import uuid
@@ -220,6 +221,31 @@ def test_mismatched_state_is_refused(tiny_shards, mixed_shards):
         build_loader(tiny_shards, "train", batch_size=4, num_workers=0, seed=2).load_state_dict(state)
     # same global batch from another rank layout is fine on the global plan
     build_loader(tiny_shards, "train", batch_size=2, rank=1, world_size=2, num_workers=0, seed=1).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "key,other",
+    [
+        ("version", 0),
+        ("split", "val"),
+        ("seed", 2),
+        ("global_batch", 8),
+        ("drop_last", True),
+        ("shards", "0123456789abcdef"),
+        ("plan", "stream"),
+        ("layout", [1, 3]),
+    ],
+)
+def test_each_compared_key_of_a_state_is_refused_alone(tiny_shards, key, other):
+    """One key changed at a time: the loader refuses the state and names that key (and no other)."""
+    fast = key != "layout"  # the worker layout is compared on the stream plan only
+    loader = build_loader(tiny_shards, "train", batch_size=4, num_workers=1, seed=1, fast=fast)
+    state = loader.state_dict()
+    assert state["plan"] == ("global" if fast else "stream") and state.get(key, other) != other
+    with pytest.raises(LoaderStateError, match=re.escape(f": {key}: state has {other!r}, this loader has")) as err:
+        loader.load_state_dict({**state, key: other})
+    assert str(err.value).count("state has") == 1
+    loader.load_state_dict(state)  # the unchanged state is accepted
 
 
 def test_corrupt_train_shard_keeps_steps_and_counts_its_samples(mixed_shards, tmp_path):

@@ -20,6 +20,30 @@ def test_targets_within_one_of_80_10_10(n):
         assert abs(got - frac * n) <= 1
 
 
+# (n, (train, val, test)) worked by hand: train = n * 0.8 rounded half up; of the rest, test gets the smaller half.
+TARGETS_BY_HAND = [
+    (0, (0, 0, 0)),
+    (1, (1, 0, 0)),
+    (2, (2, 0, 0)),
+    (3, (2, 1, 0)),
+    (4, (3, 1, 0)),
+    (5, (4, 1, 0)),
+    (7, (6, 1, 0)),
+    (9, (7, 1, 1)),
+    (10, (8, 1, 1)),
+    (12, (10, 1, 1)),
+    (13, (10, 2, 1)),
+    (17, (14, 2, 1)),
+    (1345, (1076, 135, 134)),
+    (3616, (2893, 362, 361)),
+]
+
+
+@pytest.mark.parametrize("n,want", TARGETS_BY_HAND)
+def test_targets_exact_for_small_and_real_class_sizes(n, want):
+    assert targets(n) == want
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     sizes=st.lists(st.integers(1, 3), min_size=20, max_size=200),

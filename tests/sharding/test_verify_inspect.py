@@ -122,3 +122,19 @@ def test_build_stores_each_films_phash_and_verify_checks_it(built_raw, tmp_path)
     result = verify(copy)
     assert not result.ok and len(result.problems) == len(samples)
     assert all("test-000000.tar" in p and "do not match their phash" in p for p in result.problems)
+
+
+def test_verify_catches_a_flipped_byte_that_only_the_shard_digest_sees(built_raw, tmp_path):
+    """A byte in the tar's end-of-archive padding: every sample still decodes and matches its own sha256, so
+    only the whole-file sha256 against the manifest can tell this shard from the one that was built."""
+    copy = tmp_path / "s"
+    shutil.copytree(built_raw, copy)
+    shard = copy / load_manifest(copy).split("val").shards[0].name
+    data = bytearray(shard.read_bytes())
+    assert data[-1] == 0
+    data[-1] = 1
+    shard.write_bytes(bytes(data))
+    result = verify(copy)
+    assert not result.ok and len(result.problems) == 1
+    assert shard.name in result.problems[0] and "sha256" in result.problems[0]
+    assert "sample" not in result.problems[0], "no sample is damaged"
