@@ -61,13 +61,15 @@ def classification_report(
     """
     labels = np.asarray(labels, dtype=np.int64)
     probs = np.asarray(probs, dtype=np.float64)
+    if not len(labels):
+        raise ValueError("classification_report needs at least one film (an evaluation refuses empty splits first)")
     n_classes = len(class_names)
     preds = probs.argmax(axis=1)
     idx = list(range(n_classes))
     present = [c for c in idx if (labels == c).any()]
     cm = skm.confusion_matrix(labels, preds, labels=idx)
     _, recall, f1, _ = skm.precision_recall_fscore_support(labels, preds, labels=idx, zero_division=0)
-    ci = bootstrap_ci(labels, probs, present, bootstrap, seed) if bootstrap and len(labels) else None
+    ci = bootstrap_ci(labels, probs, present, bootstrap, seed) if bootstrap else None
     per_class = {}
     aucs = {}
     for c, name in enumerate(class_names):
@@ -78,7 +80,6 @@ def classification_report(
         if per_class[name]["roc_auc"] is not None:
             aucs[name] = per_class[name]["roc_auc"]
     row_sums = cm.sum(axis=1, keepdims=True)
-    accuracy = float(skm.accuracy_score(labels, preds)) if len(labels) else 0.0
     ece = multiclass_calibration_error(
         torch.as_tensor(probs, dtype=torch.float32),
         torch.as_tensor(labels),
@@ -89,9 +90,9 @@ def classification_report(
     return {
         "samples": int(len(labels)),
         "classes_evaluated": [class_names[c] for c in present],
-        "accuracy": accuracy,
-        "balanced_accuracy": float(np.mean([recall[c] for c in present])) if present else 0.0,
-        "macro_f1": float(np.mean([f1[c] for c in present])) if present else 0.0,
+        "accuracy": float(skm.accuracy_score(labels, preds)),
+        "balanced_accuracy": float(np.mean([recall[c] for c in present])),
+        "macro_f1": float(np.mean([f1[c] for c in present])),
         "macro_roc_auc": float(np.mean(list(aucs.values()))) if aucs else None,
         "ci95": {k: ci[k] for k in NAMES} if ci else {},
         "bootstrap": {"resamples": int(bootstrap), "seed": int(seed), "stratified": True},

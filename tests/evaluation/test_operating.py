@@ -71,3 +71,60 @@ def test_points_survive_the_card_and_change_predictions(tmp_path):
     assert operating.flags(probs, CLASSES, points, "youden") == [["A"], []]
     assert operating.flags(probs, CLASSES, points, "target_sensitivity") == [["A", "B"], ["A", "B"]]
     assert probs.argmax(1).tolist() == [0, 2]  # argmax alone says something else again
+
+
+def _reference_rates(labels, probs, c, threshold, n_resamples, seed):
+    """Test sensitivity and specificity intervals at `threshold`, computed resample by resample in a loop from the
+    operating-point stream (seeds.OPERATING): an independent computation of what `apply` vectorises."""
+    from evaluation.statistics.bootstrap import interval, resample_indices, widen
+    from sharding import seeds
+
+    idx = resample_indices(labels, n_resamples, seeds.rng(seed, seeds.OPERATING))
+    sens, spec = [], []
+    for row in idx:
+        y, hit = labels[row], probs[row, c] >= threshold
+        sens.append(sum(h and t == c for h, t in zip(hit, y)) / sum(t == c for t in y))
+        spec.append(sum(not h and t != c for h, t in zip(hit, y)) / sum(t != c for t in y))
+    positive = labels == c
+    point_sens = float((probs[positive, c] >= threshold).mean())
+    point_spec = float((probs[~positive, c] < threshold).mean())
+    return (
+        widen(point_sens, interval(np.array(sens)), int(positive.sum())),
+        widen(point_spec, interval(np.array(spec)), int((~positive).sum())),
+    )
+
+
+def test_apply_against_a_resample_by_resample_reference():
+    """Thresholds equal to some scores (a film at the threshold is flagged), a class without positives and
+    a class that is all of a split skipped without stopping the others, intervals for both rates."""
+    rng = np.random.default_rng(3)
+    labels = np.array([1] * 9 + [2] * 11)
+    probs = rng.dirichlet([1, 1, 1], size=20)
+    probs[:, 1] = np.round(probs[:, 1], 2)
+    at = float(probs[4, 1])  # a positive film's score exactly at the threshold
+    points = {
+        name: {"youden": {"threshold": t, "sensitivity": 0.9}, "target_sensitivity": {"threshold": t, "target": 0.95}}
+        for name, t in (("A", 0.5), ("B", at), ("C", 0.3))
+    }
+    got = operating.apply(labels, probs, CLASSES, points, n_resamples=300, seed=7)
+    assert list(got) == ["B", "C"], "A has no positives: skipped, and the classes after it still evaluated"
+    b = got["B"]["youden"]
+    assert b["sensitivity"] == float((probs[labels == 1, 1] >= at).mean()) and probs[4, 1] == at
+    assert (b["sensitivity_ci95"], b["specificity_ci95"]) == _reference_rates(labels, probs, 1, at, 300, 7)
+    c = got["C"]["target_sensitivity"]
+    assert (c["sensitivity_ci95"], c["specificity_ci95"]) == _reference_rates(labels, probs, 2, 0.3, 300, 7)
+    assert c["validation"] == {"target": 0.95} and b["validation"] == {"sensitivity": 0.9}
+    # another seed, other resamples; the defaults are 2000 resamples and seed 0
+    assert operating.apply(labels, probs, CLASSES, points, 300, 8)["B"] != got["B"]
+    assert operating.apply(labels, probs, CLASSES, points) == operating.apply(labels, probs, CLASSES, points, 2000, 0)
+    # no resamples: point estimates only; a split holding one class only: nothing to report
+    plain = operating.apply(labels, probs, CLASSES, points, n_resamples=0)["B"]["youden"]
+    assert not [k for k in plain if k.endswith("_ci95")]
+    assert operating.apply(np.ones(5, int), probs[:5], CLASSES, points) == {}
+    assert operating.apply(np.zeros(0, int), np.zeros((0, 3)), CLASSES, points) == {}
+
+
+def test_flags_include_a_score_exactly_at_the_threshold():
+    points = {"A": {"youden": {"threshold": 0.5}}, "B": {"youden": {"threshold": 0.25}}}
+    probs = np.array([[0.5, 0.25, 0.25], [0.49, 0.26, 0.25]])
+    assert operating.flags(probs, CLASSES, points, "youden") == [["A", "B"], ["B"]]

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from sharding.dedup import group, hamming, near_pairs, phash, pixel_sha256
 from sharding.phantom import PhantomSpec, _source_of, render_sample
-from sharding.split import assign, shuffled, targets
+from sharding.split import assign, shuffled, split_report, targets
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 9, 10, 12, 1345, 3616, 6012, 10192])
@@ -133,3 +133,42 @@ def test_every_seed_salt_lives_in_seeds_and_is_distinct():
     ):
         if path.name != "seeds.py":
             assert not re.search(r"^\w*SALT\w* = ", path.read_text(), re.M), f"a salt outside seeds.py: {path}"
+
+
+def test_the_split_and_write_order_of_a_fixed_input_are_pinned():
+    """Same seed and inputs, same shards, across versions: these values are part of the shard contract (a change
+    needs a BUILD_VERSION bump). They also pin each seeded stream's salt (seeds.SPLIT_GROUPS, WRITE_ORDER)."""
+    labels = [0, 1, 2, 0, 1, 2, 0, 0, 2, 2, 1, 0, 3, 3, 0, 2, 2, 2, 1, 0]
+    groups = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 0, 2, 14, 15, 16, 17]
+    t, v = "train", "val"
+    assert assign(labels, groups, 0) == [t, t, t, v, v, t, t, t, t, t, t, t, t, t, t, t, v, t, t, t]
+    assert assign(labels, groups, 1) == [t, t, t, t, t, t, v, t, t, v, v, t, t, t, t, t, t, t, t, t]
+    keys = [f"k{i}" for i in range(8)]
+    assert shuffled(keys, 0, "train") == [6, 5, 3, 7, 2, 4, 1, 0]
+    assert shuffled(keys, 0, "val") == [1, 3, 2, 0, 5, 7, 4, 6]
+
+
+def test_assign_edge_inputs():
+    assert assign([], [], 0) == []
+    # the last class absent: the per-class targets still cover every class
+    got = assign([0, 1, 2] * 4, list(range(12)), 0, n_classes=4)
+    assert len(got) == 12 and set(got) <= {"train", "val", "test"}
+    with pytest.raises(ValueError, match="labels and groups must have the same length"):
+        assign([0, 1], [0], 0)
+
+
+def test_split_report_names_the_level_and_the_largest_class_deviation():
+    from types import SimpleNamespace
+
+    labels = [0] * 10 + [1] * 5
+    found = SimpleNamespace(records=[SimpleNamespace(label=y) for y in labels], classes=["a", "b"])
+    # class 0: (6, 3, 1) against targets(10) = (8, 1, 1): 2 off; class 1: (4, 1, 0) = targets(5): exact
+    split_of = ["train"] * 6 + ["val"] * 3 + ["test"] + ["train"] * 4 + ["val"]
+    good = list(range(15))
+    plain = [{}] * 15
+    assert split_report(found, good, split_of, plain, "patient") == {"by": "sample", "max_class_deviation": 2}
+    with_patient = [{"patient_id": "p1"}] + [{}] * 14
+    assert split_report(found, good, split_of, with_patient, "patient") == {"by": "patient", "max_class_deviation": 2}
+    assert split_report(found, good, split_of, plain, "source")["by"] == "source"
+    exact = ["train"] * 8 + ["val", "test"] + ["train"] * 4 + ["val"]
+    assert split_report(found, good, exact, plain, "patient")["max_class_deviation"] == 0
