@@ -141,3 +141,47 @@ def test_eval_ranges_partition(total, world, workers):
     assert sum(plan.eval_steps(total, r, world, workers, 3) for r in range(world)) == sum(
         math.ceil((hi - lo) / 3) for lo, hi in ranges
     )
+
+
+def test_epoch_and_shard_orders_of_a_fixed_input_are_pinned():
+    """Same seed, same batches, across versions: these orders are part of the loader contract (a resumed run
+    from an older checkpoint relies on them). They also pin each stream's salt (seeds.EPOCH_PERMUTATION,
+    seeds.SHARD_ORDER). Without drop_last the order is padded from its start to whole global batches."""
+    assert plan.epoch_order(10, 0, 0, 4).tolist() == [9, 2, 1, 6, 0, 8, 5, 3, 7, 4, 9, 2]
+    assert plan.epoch_order(10, 0, 1, 4).tolist() == [6, 0, 8, 9, 5, 7, 2, 1, 3, 4, 6, 0]
+    assert plan.epoch_order(10, 0, 0, 4, drop_last=True).tolist() == [9, 2, 1, 6, 0, 8, 5, 3]
+    assert plan.stream_shard_order(6, 0, 0).tolist() == [3, 5, 2, 1, 4, 0]
+    assert plan.stream_shard_order(6, 0, 1).tolist() == [4, 2, 1, 0, 3, 5]
+    assert plan.stream_shard_order(6, 1, 0).tolist() == [1, 3, 5, 4, 0, 2]
+
+
+def test_every_shuffle_window_has_a_seed_of_its_own():
+    """A window's shuffle seed depends on the seed, epoch, rank, worker and window: no two windows of any of
+    these share one (two that did would shuffle alike), and it is the registered WINDOW stream."""
+    from sharding import seeds
+
+    def window_seeds(seed=0, epoch=0, rank=0, worker=0, **kw):
+        args = dict(batch_size=2, world_size=2, num_workers=2, window_steps=1) | kw
+        out = plan.stream_windows([5, 7, 4, 6], seed, epoch, rank=rank, worker=worker, **args)
+        return [w.seed for w in out]
+
+    base = window_seeds()
+    assert len(base) > 2 and len(set(base)) == len(base)
+    for change in ({"seed": 1}, {"epoch": 1}, {"rank": 1}, {"worker": 1}):
+        assert set(window_seeds(**change)).isdisjoint(base), change
+    assert base[0] == seeds.derive(0, 0, 0, 0, 0, seeds.WINDOW)
+
+
+def test_stream_windows_pad_by_default():
+    def steps(**kw):
+        out = plan.stream_windows([5, 7, 4, 6], 0, 0, 2, 0, 2, 0, 1, 2, **kw)
+        return [s for w in out for s in w.steps]
+
+    # 22 samples, global batch 4: 6 steps padded, 5 with drop_last
+    assert steps() == steps(drop_last=False) == list(range(6)) and steps(drop_last=True) == list(range(5))
+
+
+def test_pad_or_cut_refuses_an_empty_sequence_by_name():
+    with pytest.raises(ValueError, match="cannot pad an empty sequence"):
+        plan.pad_or_cut(np.zeros(0, np.int64), 3)
+    assert plan.pad_or_cut(np.arange(3), 7).tolist() == [0, 1, 2, 0, 1, 2, 0]
