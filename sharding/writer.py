@@ -72,9 +72,8 @@ def write_shard(path: str | Path, samples: Iterable[dict], num_classes: int = le
                     n += 1
                 writer.close()
             except BaseException:
-                # Abandon the tar (it is deleted below): without this, tarfile's __del__ would try to
-                # write the end-of-archive blocks again into the closed file and print a traceback.
-                writer.tarstream.closed = True
+                # Abandon the tar (it is deleted below): without this, the "w|" stream's __del__ would try to
+                # write the end-of-archive blocks into the closed file and print a traceback (tested).
                 if hasattr(writer.tarstream.fileobj, "closed"):  # the "w|" stream object
                     writer.tarstream.fileobj.closed = True
                 raise

@@ -58,3 +58,33 @@ def test_encode_sample_members_and_refusals():
     assert sample["json"] == b'{"a":2,"b":1}', "keys sorted, no spaces"
     with pytest.raises(TypeError, match="image must be uint8, got float32"):
         encode_sample("k", image.astype(np.float32), 0, {})
+
+
+def test_a_failed_write_leaves_nothing_and_prints_nothing(tmp_path, python_exe, subprocess_env, repo_root):
+    """A sample that fails mid-shard: the error reaches the caller, no file or temporary is left, and the
+    abandoned tar does not try to finish itself later (tarfile's finaliser would print a traceback into the
+    log of every build that skipped a bad shard)."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import gc
+        import numpy as np
+        from sharding.writer import encode_sample, write_shard
+
+        def samples():
+            yield encode_sample("a", np.zeros((4, 4), np.uint8), 0, {{}})
+            raise RuntimeError("bad sample")
+
+        try:
+            write_shard({str(tmp_path / "s.tar")!r}, samples())
+        except RuntimeError as exc:
+            print("caught", exc)
+        gc.collect()
+        """
+    )
+    done = subprocess.run([python_exe, "-c", script], capture_output=True, text=True, env=subprocess_env, cwd=repo_root)
+    assert done.returncode == 0 and done.stdout == "caught bad sample\n"
+    assert done.stderr == "", done.stderr
+    assert list(tmp_path.iterdir()) == []
