@@ -114,14 +114,39 @@ def test_apply_against_a_resample_by_resample_reference():
     c = got["C"]["target_sensitivity"]
     assert (c["sensitivity_ci95"], c["specificity_ci95"]) == _reference_rates(labels, probs, 2, 0.3, 300, 7)
     assert c["validation"] == {"target": 0.95} and b["validation"] == {"sensitivity": 0.9}
-    # another seed, other resamples; the defaults are 2000 resamples and seed 0
+    # another seed, other resamples
     assert operating.apply(labels, probs, CLASSES, points, 300, 8)["B"] != got["B"]
-    assert operating.apply(labels, probs, CLASSES, points) == operating.apply(labels, probs, CLASSES, points, 2000, 0)
+    # a threshold of 0 flags every film: the bootstrap has no width, the Wilson interval of 9/9 and 0/11 replaces it
+    everything = {"B": {"youden": {"threshold": 0.0}, "target_sensitivity": {"threshold": 0.0}}}
+    zero = operating.apply(labels, probs, CLASSES, everything, n_resamples=300, seed=7)["B"]["youden"]
+    assert (zero["sensitivity"], zero["specificity"]) == (1.0, 0.0)
+    assert (zero["sensitivity_ci95"], zero["specificity_ci95"]) == _reference_rates(labels, probs, 1, 0.0, 300, 7)
+    assert zero["sensitivity_ci95"] == pytest.approx([_wilson(9, 9)[0], 1.0])
+    assert zero["specificity_ci95"] == pytest.approx([0.0, _wilson(0, 11)[1]])
     # no resamples: point estimates only; a split holding one class only: nothing to report
     plain = operating.apply(labels, probs, CLASSES, points, n_resamples=0)["B"]["youden"]
     assert not [k for k in plain if k.endswith("_ci95")]
     assert operating.apply(np.ones(5, int), probs[:5], CLASSES, points) == {}
     assert operating.apply(np.zeros(0, int), np.zeros((0, 3)), CLASSES, points) == {}
+
+
+def _wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval by its formula."""
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
+
+
+def test_apply_defaults_to_2000_resamples_and_seed_0():
+    """300 films, so the interval endpoints move with the number of resamples (on a handful they do not)."""
+    rng = np.random.default_rng(4)
+    labels, probs = rng.integers(1, 3, 300), rng.dirichlet([1, 1, 1], size=300)
+    points = {n: {"youden": {"threshold": 0.3}, "target_sensitivity": {"threshold": 0.4}} for n in CLASSES}
+    default = operating.apply(labels, probs, CLASSES, points)
+    assert default == operating.apply(labels, probs, CLASSES, points, 2000, 0)
+    assert default != operating.apply(labels, probs, CLASSES, points, 2001, 0)
+    assert default != operating.apply(labels, probs, CLASSES, points, 2000, 1)
 
 
 def test_flags_include_a_score_exactly_at_the_threshold():

@@ -182,6 +182,9 @@ def test_stream_windows_pad_by_default():
 
 
 def test_pad_or_cut_refuses_an_empty_sequence_by_name():
-    with pytest.raises(ValueError, match="cannot pad an empty sequence"):
+    with pytest.raises(ValueError, match="^cannot pad an empty sequence$"):
         plan.pad_or_cut(np.zeros(0, np.int64), 3)
+    with pytest.raises(ValueError, match="^global batch must be >= 1, got 0$"):
+        plan.steps_per_epoch(10, 0)
+    assert (plan.steps_per_epoch(10, 4), plan.steps_per_epoch(10, 4, drop_last=True)) == (3, 2), "pads by default"
     assert plan.pad_or_cut(np.arange(3), 7).tolist() == [0, 1, 2, 0, 1, 2, 0]

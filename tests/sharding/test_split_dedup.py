@@ -153,22 +153,23 @@ def test_assign_edge_inputs():
     # the last class absent: the per-class targets still cover every class
     got = assign([0, 1, 2] * 4, list(range(12)), 0, n_classes=4)
     assert len(got) == 12 and set(got) <= {"train", "val", "test"}
-    with pytest.raises(ValueError, match="labels and groups must have the same length"):
+    with pytest.raises(ValueError, match="^labels and groups must have the same length$"):
         assign([0, 1], [0], 0)
 
 
 def test_split_report_names_the_level_and_the_largest_class_deviation():
     from types import SimpleNamespace
 
-    labels = [0] * 10 + [1] * 5
-    found = SimpleNamespace(records=[SimpleNamespace(label=y) for y in labels], classes=["a", "b"])
-    # class 0: (6, 3, 1) against targets(10) = (8, 1, 1): 2 off; class 1: (4, 1, 0) = targets(5): exact
-    split_of = ["train"] * 6 + ["val"] * 3 + ["test"] + ["train"] * 4 + ["val"]
-    good = list(range(15))
-    plain = [{}] * 15
+    labels = [0] * 10 + [1] * 5 + [2] * 3
+    found = SimpleNamespace(records=[SimpleNamespace(label=y) for y in labels], classes=["a", "b", "c"])
+    # class 0: (6, 3, 1) against targets(10) = (8, 1, 1): 2 off; classes 1 and 2: (4, 1, 0) and (2, 1, 0), exact
+    split_of = ["train"] * 6 + ["val"] * 3 + ["test"] + ["train"] * 4 + ["val"] + ["train"] * 2 + ["val"]
+    good = list(range(18))
+    plain = [{}] * 18
     assert split_report(found, good, split_of, plain, "patient") == {"by": "sample", "max_class_deviation": 2}
-    with_patient = [{"patient_id": "p1"}] + [{}] * 14
+    with_patient = [{"patient_id": "p1"}] + [{}] * 17
     assert split_report(found, good, split_of, with_patient, "patient") == {"by": "patient", "max_class_deviation": 2}
     assert split_report(found, good, split_of, plain, "source")["by"] == "source"
-    exact = ["train"] * 8 + ["val", "test"] + ["train"] * 4 + ["val"]
+    # every class exact; counted over the wrong classes (e.g. lab != c) class 0 would read 8 films as (6, 2, 0)
+    exact = ["train"] * 8 + ["val", "test"] + ["train"] * 4 + ["val"] + ["train"] * 2 + ["val"]
     assert split_report(found, good, exact, plain, "patient")["max_class_deviation"] == 0
