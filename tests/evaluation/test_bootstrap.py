@@ -124,3 +124,93 @@ def test_a_single_class_set_has_no_specificity():
     probs = np.tile([0.7, 0.1, 0.1, 0.1], (20, 1))
     report = classification_report(labels, probs, ["a", "b", "c", "d"], bootstrap=100, seed=0)
     assert report["per_class"]["a"]["specificity"] is None and report["per_class"]["a"]["sensitivity"] == 1.0
+
+
+def _reference_intervals(labels, probs, present, n_resamples, seed):
+    """bootstrap_ci computed resample by resample with scikit-learn (the same resamples: the BOOTSTRAP stream,
+    drawn in blocks of CHUNK), then the 2.5 and 97.5 percentiles of the finite values: an independent
+    computation of what bootstrap_ci vectorises, before any Wilson widening."""
+    from sklearn.metrics import confusion_matrix
+
+    from evaluation.statistics.bootstrap import CHUNK
+    from sharding import seeds
+
+    rng = seeds.rng(seed, seeds.BOOTSTRAP)
+    rows = []
+    for start in range(0, n_resamples, CHUNK):
+        rows += list(resample_indices(labels, min(CHUNK, n_resamples - start), rng))
+    k = probs.shape[1]
+    out = {"accuracy": [], "balanced_accuracy": [], "macro_f1": [], "macro_roc_auc": []}
+    per = {c: {"sensitivity": [], "specificity": [], "ppv": [], "roc_auc": []} for c in present}
+    for row in rows:
+        y, p = labels[row], probs[row].argmax(1)
+        cm = confusion_matrix(y, p, labels=list(range(k)))
+        out["accuracy"].append(np.trace(cm) / len(y))
+        sens, f1s, aucs = [], [], []
+        for c in present:
+            tp, fp, fn = cm[c, c], cm[:, c].sum() - cm[c, c], cm[c].sum() - cm[c, c]
+            tn = len(y) - tp - fp - fn
+            sens.append(tp / (tp + fn))
+            f1s.append(2 * tp / (2 * tp + fp + fn))
+            per[c]["sensitivity"].append(tp / (tp + fn))
+            per[c]["specificity"].append(tn / (tn + fp) if tn + fp else np.nan)
+            per[c]["ppv"].append(tp / (tp + fp) if tp + fp else np.nan)
+            aucs.append(roc_auc_score(y == c, probs[row, c]))
+            per[c]["roc_auc"].append(aucs[-1])
+        out["balanced_accuracy"].append(np.mean(sens))
+        out["macro_f1"].append(np.mean(f1s))
+        out["macro_roc_auc"].append(np.mean(aucs))
+
+    def pct(values):
+        values = np.asarray(values, dtype=np.float64)
+        values = values[np.isfinite(values)]
+        return [float(v) for v in np.percentile(values, [2.5, 97.5])] if len(values) else None
+
+    return {k: pct(v) for k, v in out.items()} | {
+        "per_class": {c: {k: pct(v) for k, v in d.items()} for c, d in per.items()}
+    }
+
+
+def test_bootstrap_ci_equals_a_resample_by_resample_sklearn_reference():
+    """Three of four classes present, scores with ties, more resamples than one block (CHUNK = 100)."""
+    rng = np.random.default_rng(11)
+    labels = rng.choice([0, 1, 3], size=60, p=[0.5, 0.3, 0.2])
+    probs = rng.dirichlet([1, 1, 1, 1], size=60).round(1) + 1e-3
+    probs /= probs.sum(1, keepdims=True)
+    got = bootstrap_ci(labels, probs, [0, 1, 3], n_resamples=137, seed=4)
+    want = _reference_intervals(labels, probs, [0, 1, 3], 137, 4)
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "macro_roc_auc"):
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+    assert set(got["per_class"]) == {0, 1, 3}
+    for c in (0, 1, 3):
+        for key, value in want["per_class"][c].items():
+            assert got["per_class"][c][key] == pytest.approx(value, abs=1e-12), (c, key)
+    assert bootstrap_ci(labels, probs, [0, 1, 3], n_resamples=137) == bootstrap_ci(labels, probs, [0, 1, 3], 137, 0)
+
+
+def test_wilson_bounds_stay_inside_0_1_where_rounding_would_leave_them():
+    """20 of 20 computes an upper bound of 1.0000000000000002 and 0 of 7 a lower one of -3e-17: clipped."""
+    from evaluation.statistics.bootstrap import wilson
+
+    assert wilson(20, 20)[1] == 1.0 and wilson(0, 7)[0] == 0.0
+    # 1 of 1 by hand: centre (1 + z²/2) / (1 + z²) = 0.603275, half z √(z²/4) / (1 + z²) = 0.396725
+    assert wilson(1, 1) == pytest.approx([0.206549, 1.0], abs=1e-6), "one film still has an interval"
+    assert wilson(0, 0) is None
+
+
+def test_bootstrap_ci_defaults_two_classes_and_no_warnings():
+    """Defaults 2000 resamples and seed 0; with exactly two classes present ROC-AUC intervals exist; a class
+    never predicted (undefined PPV in every resample) raises no NumPy warning into the user's log."""
+    import warnings
+
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 2, 80)
+    probs = np.column_stack([rng.random(80), rng.random(80), np.zeros(80)])
+    probs /= probs.sum(1, keepdims=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        default = bootstrap_ci(labels, probs, [0, 1])
+        never = bootstrap_ci(np.r_[labels, 2], np.r_[probs, [[0.5, 0.5, 0.0]]], [0, 1, 2], 100, 0)
+    assert default == bootstrap_ci(labels, probs, [0, 1], 2000, 0) != bootstrap_ci(labels, probs, [0, 1], 2001, 0)
+    assert default["macro_roc_auc"] is not None and default["per_class"][0]["roc_auc"] is not None
+    assert never["per_class"][2]["ppv"] is None, "class 2 is never predicted: no PPV in any resample"

@@ -173,3 +173,14 @@ def test_split_report_names_the_level_and_the_largest_class_deviation():
     # every class exact; counted over the wrong classes (e.g. lab != c) class 0 would read 8 films as (6, 2, 0)
     exact = ["train"] * 8 + ["val", "test"] + ["train"] * 4 + ["val"] + ["train"] * 2 + ["val"]
     assert split_report(found, good, exact, plain, "patient")["max_class_deviation"] == 0
+
+
+def test_the_perceptual_hash_uses_the_orthonormal_dct_ii():
+    """The DCT matrix against scipy's orthonormal DCT-II of the identity (an independent implementation); it is
+    built once at import, so only a direct call can catch a wrong term."""
+    import scipy.fft
+
+    from sharding.dedup import _dct_matrix
+
+    for n in (8, 64):
+        np.testing.assert_allclose(_dct_matrix(n), scipy.fft.dct(np.eye(n), norm="ortho", axis=0), atol=1e-12)
