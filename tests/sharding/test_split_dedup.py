@@ -184,3 +184,24 @@ def test_the_perceptual_hash_uses_the_orthonormal_dct_ii():
 
     for n in (8, 64):
         np.testing.assert_allclose(_dct_matrix(n), scipy.fft.dct(np.eye(n), norm="ortho", axis=0), atol=1e-12)
+
+
+def test_the_stored_perceptual_hash_of_a_fixed_image_is_pinned():
+    """Shards store this hash (build version 3) and the overlap check compares stored with computed ones, so its
+    value is part of the shard contract: a change (another resampling filter, another DCT) needs a
+    BUILD_VERSION bump. Written with all 64 hex digits, leading zeros included."""
+    from sharding.dedup import phash_hex
+
+    image = (np.arange(299 * 299).reshape(299, 299) * 7919 % 251).astype(np.uint8)
+    assert phash_hex(phash(image)) == "6a56b4acc944ba2fe157baade157a28ce3d7b28de882b52d6a93b44c1933428c"
+    assert phash_hex(1) == "0" * 63 + "1" and len(phash_hex(2**256 - 1)) == 64
+
+
+def test_group_without_a_distance_groups_exact_copies_only():
+    sha = ["a", "b", "a", "c"]
+    near = [0, 1, 0, 1]  # b and c would be near copies (identical hashes)
+    gids, kinds = group(sha, near, None)
+    assert gids[0] == gids[2] and len({gids[1], gids[3], gids[0]}) == 3
+    assert list(kinds.values()) == ["exact"]
+    gids, kinds = group(sha, near, 0)
+    assert gids[1] == gids[3] and sorted(kinds.values()) == ["exact", "near"]
