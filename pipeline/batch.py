@@ -6,7 +6,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from pipeline.provenance import Provenance
+from pipeline.provenance import UNKNOWN, Provenance
 
 
 def _move(t: torch.Tensor | None, fn) -> torch.Tensor | None:
@@ -23,7 +23,8 @@ class Batch:
     positions in the split (manifest order: shard by shard), what coverage checks
     count; `step` is the batch's step in its epoch (-1 when not from a loader).
     `provenance` is each sample's origin from its json (source, pixel sha256, pHash,
-    path), read with the pixels; `sources` lists the sources alone.
+    path), read with the pixels; `sources` lists the sources alone. `collections` names
+    each sample's collection (`pipeline.collection`) when it comes from a loader.
     """
 
     images: torch.Tensor
@@ -33,11 +34,12 @@ class Batch:
     indices: torch.Tensor | None = None  # int64 [B]
     step: int = -1
     provenance: list[Provenance] | None = None
+    collections: list[str] | None = None
 
     @property
     def sources(self) -> list[str]:
-        """Each sample's source (site or collection), "unknown" where the shard's json names none."""
-        return [p.source for p in self.provenance] if self.provenance is not None else ["unknown"] * len(self)
+        """Each sample's source (its site), "unknown" where the shard's json names none."""
+        return [p.source for p in self.provenance] if self.provenance is not None else [UNKNOWN] * len(self)
 
     def __len__(self) -> int:
         return len(self.keys)

@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import math
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,9 @@ import webdataset as wds
 
 from pipeline import plan
 from pipeline.batch import Batch
+from pipeline.collection import Collection, CollectionSet, open_collections
 from pipeline.fast_tar import ShardFormatError
+from pipeline.mix import Mix, StreamMix, composition
 from pipeline.read import (
     CorruptCounter,
     CorruptReport,
@@ -62,7 +65,6 @@ from pipeline.read import (
     no_readable_samples,
     random_access,
     skip_or_raise,
-    split_digest,
 )
 from pipeline.ring import BatchRing, from_ring, ring_bytes
 from pipeline.streams import EpochSpan, IndexedStream, SampleTable, SequentialStream, ShardSet
@@ -90,9 +92,8 @@ class ShardLoader:
 
     def __init__(
         self,
-        manifest: Manifest,
+        collections: CollectionSet,
         split: str,
-        urls: list[str],
         spec: ReadSpec,
         *,
         batch_size: int,
@@ -102,25 +103,39 @@ class ShardLoader:
         seed: int,
         shuffle_buffer: int,
         drop_last: bool,
-        sha256: list[str] | None,
+        verify_checksums: bool,
         pin_memory: bool,
         prefetch_factor: int,
         shared_memory: bool = True,
+        balance: str = "none",
+        epoch_samples: int | None = None,
     ):
-        self.manifest, self.split, self.urls, self.spec = manifest, split, urls, spec
+        self.collections, self.split, self.spec = collections, split, spec
+        self.manifest = collections.manifest
+        self.urls = collections.urls(split)
         self.batch_size, self.rank, self.world_size, self.num_workers = batch_size, rank, world_size, num_workers
-        self.seed, self.drop_last, self.sha256 = seed, drop_last, sha256
+        self.seed, self.drop_last = seed, drop_last
+        self.sha256 = collections.sha256(split) if verify_checksums else None
         self.pin_memory, self.prefetch_factor, self.shared_memory = pin_memory, prefetch_factor, shared_memory
-        self.counts = [s.samples for s in manifest.split(split).shards]
+        self.balance, self.epoch_samples = balance, epoch_samples
+        self.counts = [c for counts in collections.counts(split) for c in counts]
+        self.sizes = collections.sizes(split)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.luts = collections.luts()
         self.window_steps = max(1, math.ceil(shuffle_buffer / batch_size))
         total = sum(self.counts)
         if spec.train:
-            self.plan = "global" if random_access(urls, spec) else "stream"
-            self.steps_per_epoch = plan.steps_per_epoch(total, batch_size * world_size, drop_last)
+            self.plan = "global" if random_access(self.urls, spec) else "stream"
+            if self.plan == "stream" and balance != "none":
+                raise LoaderError(
+                    f"balance={balance!r} needs every train shard's class and source before the epoch starts: "
+                    "streamed shards give them only as they are read. Use local shards, or set a cache_dir"
+                )
+            self.steps_per_epoch = plan.steps_per_epoch(epoch_samples or total, batch_size * world_size, drop_last)
             if self.steps_per_epoch == 0:
                 raise LoaderError(
-                    f"drop_last with {total} train samples < global batch {batch_size * world_size}: "
-                    "an epoch would have no step"
+                    f"drop_last with {epoch_samples or total} train samples per epoch < global batch "
+                    f"{batch_size * world_size}: an epoch would have no step"
                 )
             self.num_samples = self.steps_per_epoch * batch_size
         else:
@@ -132,12 +147,15 @@ class ShardLoader:
                     plan.eval_range(total, rank, world_size, w, max(1, num_workers)) for w in range(max(1, num_workers))
                 )
             )
+        # one collection, unbalanced, one pass per epoch: the seed's plan (`pipeline.plan`); else `pipeline.mix`
+        self.mixed = spec.train and (collections.mixed or balance != "none" or epoch_samples is not None)
         self.epoch = 0
         self.counter = CorruptCounter() if spec.train else None
         self._start = 0  # first step of the next iteration (mid-epoch resume)
         self._done = 0  # global batches of the current epoch handed out
         self._index: list[ShardIndex] | None = None
         self._table: tuple[list[ShardIndex], SampleTable] | None = None
+        self._strata: Strata | None = None
 
     # -- epochs and resume
 
@@ -157,11 +175,18 @@ class ShardLoader:
             "seed": self.seed,
             "global_batch": self.batch_size * self.world_size,
             "drop_last": self.drop_last,
-            "shards": split_digest(self.manifest, self.split),
+            "shards": self.collections.digest(self.split),
             "plan": self.plan,
         }
         if self.plan == "stream":  # its order depends on the rank and worker layout
             state["layout"] = [self.world_size, max(1, self.num_workers)]
+        if self.mixed:  # the mix's sequences continue across epochs: where each stands when this epoch began
+            state["mix"] = {
+                "collections": [[c.name, c.weight] for c in self.collections.collections],
+                "balance": self.balance,
+                "epoch_samples": self.epoch_samples,
+            }
+            state["cursors"] = dict(zip(self.collections.names, self.nominal_mix().cursors(self.epoch, *self._g())))
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -169,8 +194,11 @@ class ShardLoader:
         mine = self.state_dict()
         keys = ["version", "split", "seed", "global_batch", "drop_last", "shards", "plan"]
         keys += ["layout"] if self.plan == "stream" else []
+        keys += ["mix"] if self.mixed or "mix" in state else []
         diffs = [
-            f"{k}: state has {state.get(k)!r}, this loader has {mine[k]!r}" for k in keys if state.get(k) != mine[k]
+            f"{k}: state has {state.get(k)!r}, this loader has {mine.get(k)!r}"
+            for k in keys
+            if state.get(k) != mine.get(k)
         ]
         if diffs:
             hint = (
@@ -183,6 +211,14 @@ class ShardLoader:
         if not 0 <= int(state["step"]) <= self.steps_per_epoch:
             raise LoaderStateError(f"state step {state['step']} is outside 0..{self.steps_per_epoch}")
         self.epoch, self._start, self._done = int(state["epoch"]), int(state["step"]), int(state["step"])
+
+    def _g(self) -> tuple[int, bool]:
+        return self.batch_size * self.world_size, self.drop_last
+
+    def nominal_mix(self) -> Mix:
+        """The mix by sizes and weights alone (no strata, every shard readable): its draws and cursors."""
+        weights = [c.weight for c in self.collections.collections]
+        return Mix.unbalanced(self.sizes, weights, self.epoch_samples)
 
     @property
     def start_step(self) -> int:
@@ -231,7 +267,24 @@ class ShardLoader:
             **kwargs,
         )
         pin = self.pin_memory and torch.cuda.is_available()
-        return _release_on_error(self._in_order(from_ring(loader, ring, pin), span))
+        return _release_on_error(self._in_order(self._labelled(from_ring(loader, ring, pin), pin), span))
+
+    def _labelled(self, batches: Iterator[Batch], pin: bool) -> Iterator[Batch]:
+        """Each batch's labels in the shared label space, and its samples' collection names."""
+        names = self.collections.names
+        identity = not self.collections.mixed and bool((self.luts[0] == np.arange(self.luts.shape[1])).all())
+        for batch in batches:
+            if identity:
+                batch.collections = [names[0]] * len(batch)
+                yield batch
+                continue
+            which = np.searchsorted(self.offsets, batch.indices.numpy(), side="right") - 1
+            labels = torch.from_numpy(self.luts[which, batch.labels.numpy()])
+            if (labels < 0).any():
+                raise ShardFormatError(f"a label past its collection's classes in {batch.keys}")
+            batch.labels = labels.pin_memory() if pin else labels
+            batch.collections = [names[i] for i in which.tolist()]
+            yield batch
 
     def _in_order(self, batches: Iterator[Batch], span: EpochSpan) -> Iterator[Batch]:
         """Train: check each batch is the next step (the plan's promise) and track progress for state_dict."""
@@ -262,6 +315,7 @@ class ShardLoader:
                 masks=self.spec.masks,
                 span=span,
                 ring=ring,
+                mix=self.strata().mix if self.mixed else None,
             )
         index = None
         if self.spec.fast and self.spec.encoding == "raw" and all(local_path(u) is not None for u in self.urls):
@@ -270,6 +324,9 @@ class ShardLoader:
             )
             index = self._index
         shards = ShardSet(self.urls, self.counts, self.sha256, index)
+        mix = None
+        if self.mixed and self.spec.train:
+            mix = StreamMix(self.collections.counts(self.split), self.nominal_mix().draws(*self._g()))
         return SequentialStream(
             shards,
             self.spec,
@@ -282,7 +339,36 @@ class ShardLoader:
             drop_last=self.drop_last,
             span=span,
             ring=ring,
+            mix=mix,
         )
+
+    def strata(self) -> Strata:
+        """Each train sample's collection and stratum (`balance`), and the mix built on them (global plan).
+
+        Streamed shards have no strata before they are read: there every collection is one stratum.
+        """
+        if self._strata is not None:
+            return self._strata
+        which = np.repeat(np.arange(len(self.sizes)), self.sizes)
+        if self.plan != "global":
+            self._strata = Strata(["all"], which, np.zeros(len(which), np.int64), self.nominal_mix())
+            return self._strata
+        table, valid = self._global_table()
+        keys = np.array(
+            [
+                stratum_key(self.balance, self.collections.classes[self.luts[c, label]] if label >= 0 else "", p.source)
+                for c, label, p in zip(which.tolist(), table.labels.tolist(), table.provenance)
+            ],
+            dtype=object,
+        )
+        readable = keys if valid is None else keys[valid]
+        names = sorted(set(readable.tolist()))
+        lookup = {k: i for i, k in enumerate(names)}
+        ids = np.array([lookup.get(k, -1) for k in keys.tolist()], np.int64)
+        weights = [c.weight for c in self.collections.collections]
+        parts = tuple(ids[self.offsets[i] : self.offsets[i + 1]] for i in range(len(self.sizes)))
+        self._strata = Strata(names, which, ids, Mix(tuple(self.sizes), tuple(weights), parts, self.epoch_samples))
+        return self._strata
 
     def _global_table(self) -> tuple[SampleTable, np.ndarray | None]:
         """Index (and cache) every train shard; corrupt ones are skipped (counted) or raised (strict)."""
@@ -307,6 +393,25 @@ class ShardLoader:
         return self._table[1], valid
 
 
+def stratum_key(balance: str, cls: str, source: str) -> str:
+    """The stratum a sample balances in: its class, its source, both, or "all" (no balancing)."""
+    return {"none": "all", "class": cls, "source": source, "source_class": f"{source}/{cls}"}[balance]
+
+
+@dataclass(frozen=True)
+class Strata:
+    """Train samples by collection and stratum: what the mix balances and what each epoch's counts report."""
+
+    names: list[str]  # stratum names, sorted
+    collection: np.ndarray  # int64 [N]: each sample's collection
+    stratum: np.ndarray  # int64 [N]: each sample's stratum (index into names; -1 when unreadable)
+    mix: Mix
+
+    def composition(self, indices: np.ndarray, num_collections: int) -> dict[str, np.ndarray]:
+        """Draws and distinct samples per collection and stratum among `indices` (`pipeline.mix.composition`)."""
+        return composition(indices, self.collection, self.stratum, num_collections, len(self.names))
+
+
 def _release_on_error(batches: Iterator[Batch]) -> Iterator[Batch]:
     """Re-raise a loader error without keeping the failed DataLoader alive.
 
@@ -322,8 +427,11 @@ def _release_on_error(batches: Iterator[Batch]) -> Iterator[Batch]:
         raise
 
 
+BALANCE = ("none", "class", "source", "source_class")
+
+
 def build_loader(
-    shards: str | Path,
+    shards: str | Path | Sequence | CollectionSet,
     split: str,
     *,
     batch_size: int,
@@ -344,9 +452,17 @@ def build_loader(
     masks: bool | None = None,
     train: bool | None = None,
     shared_memory: bool = True,
+    balance: str = "none",
+    epoch_samples: int | None = None,
+    classes: Sequence[str] | None = None,
 ) -> ShardLoader:
     """A `ShardLoader` over `split` of the shards at `shards` (folder, file:, http(s)://, gs://, s3:// prefix).
 
+    `shards` may also be several collections (`pipeline.collection`): a list of paths or of dicts with
+    `path`, `weight` and `name`, or an opened `CollectionSet`; `classes` pins their shared label order.
+    `balance` (none, class, source, source_class) gives each stratum of a collection an equal share
+    of its draws, and `epoch_samples` sets a train epoch's length (default: every sample once); either,
+    or several collections, switch the train split to the mixing plan (`pipeline.mix`).
     `shuffle_buffer` sizes the stream plan's shuffle windows (samples per worker);
     `drop_last` cuts each train epoch to whole global batches instead of padding.
     `fast=False` forces webdataset's generic decode path; `allow_pipe=False` (or env
@@ -366,19 +482,30 @@ def build_loader(
         raise LoaderError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     if num_workers < 0:
         raise LoaderError(f"num_workers must be >= 0, got {num_workers}")
-    manifest = manifest if manifest is not None else load_shard_manifest(shards)
-    if masks and not manifest.masks:
-        raise LoaderError("masks=True but the shards carry no masks (rebuild with --include-masks)")
-    info = manifest.split(split)
+    if balance not in BALANCE:
+        raise LoaderError(f"balance must be one of {list(BALANCE)}, got {balance!r}")
+    if epoch_samples is not None and epoch_samples < 1:
+        raise LoaderError(f"epoch_samples must be >= 1 (or None: every sample once), got {epoch_samples}")
+    collections = (
+        shards
+        if isinstance(shards, CollectionSet)
+        else open_collections(shards, classes, None if manifest is None else [manifest])
+    )
     train = split == TRAIN if train is None else train
-    if train and info.samples == 0:
-        raise LoaderError(f"split {split!r} has no samples: rebuild the shards from more images")
-    base = local_path(str(shards))
+    for c, m in zip(collections.collections, collections.manifests):
+        if masks and not m.masks:
+            raise LoaderError(f"masks=True but collection {c.name!r} has no masks (rebuild with --include-masks)")
+        if train and m.split(split).samples == 0:
+            raise LoaderError(
+                f"split {split!r} of collection {c.name!r} ({c.shards}) has no samples: rebuild its shards from more "
+                "images" + (", or leave it out of the mix" if collections.mixed else "")
+            )
+    first = collections.manifest
     spec = ReadSpec(
-        encoding=manifest.encoding,
-        image_size=manifest.image_size,
-        num_classes=len(manifest.classes),
-        masks=manifest.masks and masks is not False,
+        encoding=first.encoding,
+        image_size=first.image_size,
+        num_classes=max(len(m.classes) for m in collections.manifests),
+        masks=collections.masks and masks is not False,
         train=train,
         strict=strict,
         fast=fast,
@@ -386,9 +513,8 @@ def build_loader(
         allow_pipe=allow_pipe,
     )
     return ShardLoader(
-        manifest,
+        collections,
         split,
-        manifest.shard_urls(split, str(base) if base is not None else str(shards)),
         spec,
         batch_size=batch_size,
         rank=rank,
@@ -397,11 +523,23 @@ def build_loader(
         seed=seed,
         shuffle_buffer=shuffle_buffer,
         drop_last=drop_last,
-        sha256=[s.sha256 for s in info.shards] if verify_checksums else None,
+        verify_checksums=verify_checksums,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor,
         shared_memory=shared_memory,
+        balance=balance,
+        epoch_samples=epoch_samples,
     )
 
 
-__all__ = ["LoaderError", "LoaderStateError", "ShardLoader", "build_loader", "load_shard_manifest"]
+__all__ = [
+    "BALANCE",
+    "Collection",
+    "CollectionSet",
+    "LoaderError",
+    "LoaderStateError",
+    "ShardLoader",
+    "Strata",
+    "build_loader",
+    "load_shard_manifest",
+]

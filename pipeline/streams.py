@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from pipeline import mix as mixing
 from pipeline import plan, provenance
 from pipeline.fast_tar import Sample, ShardFormatError, map_file
 from pipeline.provenance import Provenance
@@ -142,12 +143,21 @@ class IndexedStream(IterableDataset):
         masks: bool,
         span: EpochSpan,
         ring: BatchRing | None = None,
+        mix: mixing.Mix | None = None,
     ):
         super().__init__()
         self.table, self.valid, self.n, self.seed = table, valid, n, seed
         self.batch_size, self.rank, self.world_size, self.drop_last = batch_size, rank, world_size, drop_last
-        self.image_size, self.masks, self.span, self.ring = image_size, masks, span, ring
-        self.steps = plan.steps_per_epoch(n, batch_size * world_size, drop_last)
+        self.image_size, self.masks, self.span, self.ring, self.mix = image_size, masks, span, ring, mix
+        g = batch_size * world_size
+        self.steps = plan.steps_per_epoch(n, g, drop_last) if mix is None else mix.steps(g, drop_last)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The epoch's global order: `pipeline.plan.epoch_order`, or the mix's (`pipeline.mix`)."""
+        g = self.batch_size * self.world_size
+        if self.mix is not None:
+            return self.mix.epoch_order(self.seed, epoch, g, self.drop_last, self.valid)
+        return plan.epoch_order(self.n, self.seed, epoch, g, self.drop_last, self.valid)
 
     def __iter__(self):
         worker, num_workers = _worker()
@@ -155,10 +165,7 @@ class IndexedStream(IterableDataset):
         maps = _ShardMaps(self.table)
         t = self.table
         for epoch, first, role in self.span.roles(worker, num_workers, self.steps):
-            order = plan.epoch_order(
-                self.n, self.seed, epoch, self.batch_size * self.world_size, self.drop_last, self.valid
-            )
-            mine = plan.rank_batches(order, self.rank, self.batch_size, self.world_size)
+            mine = plan.rank_batches(self.order(epoch), self.rank, self.batch_size, self.world_size)
             for step in plan.worker_steps(self.steps, role, num_workers, first):
                 idx = mine[step]
                 mem = BatchMemory(len(idx), self.image_size, self.masks, ring, worker)
@@ -198,17 +205,23 @@ class SequentialStream(IterableDataset):
         drop_last: bool,
         span: EpochSpan,
         ring: BatchRing | None = None,
+        mix: mixing.StreamMix | None = None,
     ):
         super().__init__()
         self.shards, self.spec, self.counter, self.seed = shards, spec, counter, seed
         self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-        self.window_steps, self.drop_last, self.span, self.ring = window_steps, drop_last, span, ring
+        self.window_steps, self.drop_last, self.span, self.ring, self.mix = window_steps, drop_last, span, ring, mix
 
     def __iter__(self):
         worker, num_workers = _worker()
         ring = self.ring if get_worker_info() is not None else None
         if self.spec.train:
-            steps = plan.steps_per_epoch(sum(self.shards.counts), self.batch_size * self.world_size, self.drop_last)
+            g = self.batch_size * self.world_size
+            steps = (
+                plan.steps_per_epoch(sum(self.shards.counts), g, self.drop_last)
+                if self.mix is None
+                else self.mix.steps_draws // g
+            )
             for epoch, first, role in self.span.roles(worker, num_workers, steps):
                 yield from self._train_epoch(epoch, first, role, num_workers, ring, worker)
         else:
@@ -264,8 +277,22 @@ class SequentialStream(IterableDataset):
 
     # -- train: windows of the stream plan
 
-    def _train_epoch(self, epoch: int, start: int, role: int, num_workers: int, ring: BatchRing | None, worker: int):
-        windows = plan.stream_windows(
+    def _windows(self, epoch: int, start: int, role: int, num_workers: int) -> list[plan.Window]:
+        if self.mix is not None:
+            return mixing.stream_windows(
+                self.mix.collections,
+                self.mix.draws,
+                self.seed,
+                epoch,
+                self.batch_size,
+                self.rank,
+                self.world_size,
+                role,
+                num_workers,
+                self.window_steps,
+                start,
+            )
+        return plan.stream_windows(
             self.shards.counts,
             self.seed,
             epoch,
@@ -278,6 +305,9 @@ class SequentialStream(IterableDataset):
             self.drop_last,
             start,
         )
+
+    def _train_epoch(self, epoch: int, start: int, role: int, num_workers: int, ring: BatchRing | None, worker: int):
+        windows = self._windows(epoch, start, role, num_workers)
         spare: list[tuple[int, Sample]] = []  # samples of an earlier window, for a window that read nothing
         for window in windows:
             items = [item for seg in window.segments for item in self._segment(seg)]

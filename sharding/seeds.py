@@ -11,6 +11,11 @@ stream varies with. Determinism and exact resume depend on this table:
 - `SHARD_ORDER` (seed, epoch): the shard order of a streamed train epoch (`pipeline.plan.stream_shard_order`);
 - `WINDOW` (seed, epoch, rank, worker, window): the permutation inside a streamed shuffle window
   (`pipeline.plan.stream_windows`);
+- `MIX_DRAWS` (seed, collection, stratum, pass): the permutation of a stratum's samples for one pass through
+  them, in a mixed epoch plan (`pipeline.mix`): the draws continue across epochs, so no epoch varies it;
+- `MIX_SHARD_ORDER` (seed, collection, pass): a streamed collection's shard order for one pass through it
+  (`pipeline.mix.stream_windows`);
+- `MIX_ORDER` (seed, epoch): how a mixed epoch interleaves its collections' draws (`pipeline.mix`);
 - `STEP_TORCH` (seed, epoch, rank, step): torch's global RNG for one training step, e.g. dropout
   (`train.loop.train_one_epoch`);
 - `STEP_AUGMENT` (seed, epoch, rank, step): the augmentation generator of one step, flips and angles
@@ -40,6 +45,9 @@ STEP_AUGMENT = 0x70C1
 BOOTSTRAP = 0xB007
 OPERATING = 0x0B5E
 SOURCES = 0x50C5
+MIX_DRAWS = 0x3D1
+MIX_SHARD_ORDER = 0x3D2
+MIX_ORDER = 0x3D3
 
 
 def _entropy(parts: tuple[int, ...]) -> list[int]:

@@ -65,11 +65,21 @@ def meta_of(g: int, split: str) -> dict:
 
 
 def write_shards(
-    out: Path, layout: dict[str, list[int]] = LAYOUT, *, encoding: str = "raw", masks: bool = True, size: int = SIZE
+    out: Path,
+    layout: dict[str, list[int]] = LAYOUT,
+    *,
+    encoding: str = "raw",
+    masks: bool = True,
+    size: int = SIZE,
+    start: int = 0,
+    classes: tuple[str, ...] = CLASSES,
 ) -> Manifest:
-    """Write `<split>-NNNNNN.tar` shards + manifest.json; sample ids run 0.. across splits in order."""
+    """Write `<split>-NNNNNN.tar` shards + manifest.json; sample ids run `start`.. across splits in order.
+
+    Sample g has label g % len(classes), so another collection can have other classes in another order.
+    """
     out.mkdir(parents=True, exist_ok=True)
-    g = 0
+    g = start
     splits = {}
     for split, counts in layout.items():
         infos = []
@@ -80,7 +90,7 @@ def write_shards(
                     encode_sample(
                         key_of(g),
                         make_image(g, size),
-                        label_of(g),
+                        g % len(classes),
                         meta_of(g, split),
                         encoding=encoding,
                         mask=make_mask(g, size) if masks else None,
@@ -88,9 +98,9 @@ def write_shards(
                 )
                 g += 1
             infos.append(write_shard(out / f"{split}-{i:06d}.tar", samples))
-        class_counts = tuple(sum(s.class_counts[c] for s in infos) for c in range(len(CLASSES)))
+        class_counts = tuple(sum(s.class_counts[c] for s in infos) for c in range(len(classes)))
         splits[split] = SplitInfo(shards=tuple(infos), class_counts=class_counts)
-    manifest = Manifest(classes=CLASSES, image_size=size, encoding=encoding, masks=masks, seed=0, splits=splits)
+    manifest = Manifest(classes=tuple(classes), image_size=size, encoding=encoding, masks=masks, seed=0, splits=splits)
     write_manifest(manifest, out)
     return manifest
 

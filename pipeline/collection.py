@@ -1,0 +1,195 @@
+"""Shard collections: one or several shard sets read as one split, with one label space.
+
+A collection is a shard set (a folder or URL prefix with its manifest.json), a name (default: the
+folder's name) and a weight (its share of each training epoch, `pipeline.mix`). `data.shards` in a
+run config and `build_loader(shards=...)` take either one path or a list such as
+
+    [{path: shards/covid19, weight: 1.0}, {path: shards/hospital_a, weight: 0.5, name: site_a}]
+
+Classes are matched by name: the label space is `classes` when given, else the first collection's
+classes; a collection may lack classes, and a class no name matches is an error naming it. Samples
+are numbered collection by collection in list order, each collection in its manifest's order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.read import load_shard_manifest, split_digest
+from pipeline.urls import local_path
+from sharding.manifest import Manifest
+
+
+class CollectionError(ValueError):
+    """The collections cannot be read together (names, weights, classes, formats); the message says why."""
+
+
+@dataclass(frozen=True)
+class Collection:
+    """One shard set of a run and its share of each training epoch."""
+
+    name: str  # how metrics, reports and loader states name it
+    shards: str  # folder or URL prefix holding manifest.json
+    weight: float = 1.0  # relative share of each training epoch's draws (> 0)
+
+
+def default_name(shards: str) -> str:
+    """A collection's name from its folder or URL: the last path part, in safe characters."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(shards).rstrip("/").rsplit("/", 1)[-1]).strip("._")
+    return name or "shards"
+
+
+def parse(spec: str | Path | Collection | Sequence) -> list[Collection]:
+    """Collections from a path, or a list of paths, dicts (`path`, `weight`, `name`) or `Collection`s."""
+    items = [spec] if isinstance(spec, (str, Path, Collection)) else list(spec)
+    if not items:
+        raise CollectionError("no collection given: name at least one shard folder or URL")
+    out = [_one(item, i) for i, item in enumerate(items)]
+    names = [c.name for c in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise CollectionError(f"collection names must differ; {twice} appear more than once: give each a `name`")
+    return out
+
+
+def _one(item, i: int) -> Collection:
+    if isinstance(item, Collection):
+        return _checked(item, i)
+    if isinstance(item, (str, Path)):
+        return Collection(default_name(str(item)), str(item))
+    if not hasattr(item, "get") or not item.get("path"):
+        raise CollectionError(f"collection {i}: {item!r} needs a `path` (a shard folder or URL)")
+    unknown = sorted(set(item) - {"path", "weight", "name"})
+    if unknown:
+        raise CollectionError(f"collection {i}: unknown keys {unknown} (known: path, weight, name)")
+    try:
+        weight = float(item.get("weight", 1.0))
+    except (TypeError, ValueError):
+        raise CollectionError(f"collection {i}: weight {item.get('weight')!r} is not a number") from None
+    path = str(item["path"])
+    return _checked(Collection(str(item.get("name") or default_name(path)), path, weight), i)
+
+
+def _checked(c: Collection, i: int) -> Collection:
+    if not (math.isfinite(c.weight) and c.weight > 0):
+        raise CollectionError(f"collection {c.name!r}: weight must be a finite number > 0, got {c.weight}")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", c.name):
+        raise CollectionError(f"collection {i}: name {c.name!r} may hold only letters, digits, '.', '_' and '-'")
+    return c
+
+
+@dataclass
+class CollectionSet:
+    """Several shard sets read as one: their manifests, the shared label space, and each one's place."""
+
+    collections: list[Collection]
+    manifests: list[Manifest]
+    classes: list[str]
+
+    @property
+    def names(self) -> list[str]:
+        return [c.name for c in self.collections]
+
+    @property
+    def mixed(self) -> bool:
+        return len(self.collections) > 1
+
+    @property
+    def manifest(self) -> Manifest:
+        """The first collection's manifest (image size, encoding and masks are the same in all)."""
+        return self.manifests[0]
+
+    @property
+    def masks(self) -> bool:
+        return all(m.masks for m in self.manifests)
+
+    def luts(self) -> np.ndarray:
+        """int64 [collections, max classes]: a collection's label index -> the shared one (-1 past its classes)."""
+        width = max(len(m.classes) for m in self.manifests)
+        out = np.full((len(self.manifests), width), -1, np.int64)
+        for i, m in enumerate(self.manifests):
+            out[i, : len(m.classes)] = [self.classes.index(c) for c in m.classes]
+        return out
+
+    def counts(self, split: str) -> list[list[int]]:
+        """Per collection, its shards' sample counts in `split`."""
+        return [[s.samples for s in m.split(split).shards] for m in self.manifests]
+
+    def sizes(self, split: str) -> list[int]:
+        return [m.split(split).samples for m in self.manifests]
+
+    def urls(self, split: str) -> list[str]:
+        """Every shard of `split`, collection by collection."""
+        out = []
+        for c, m in zip(self.collections, self.manifests):
+            base = local_path(c.shards)
+            out += m.shard_urls(split, str(base) if base is not None else c.shards)
+        return out
+
+    def sha256(self, split: str) -> list[str]:
+        return [s.sha256 for m in self.manifests for s in m.split(split).shards]
+
+    def shard_collection(self, split: str) -> np.ndarray:
+        """int64 [shards]: the collection of each shard of `split`."""
+        return np.repeat(np.arange(len(self.manifests)), [len(m.split(split).shards) for m in self.manifests])
+
+    def digest(self, split: str) -> str:
+        """What a loader state belongs to: one collection's split digest, or all of them with names and weights."""
+        if not self.mixed:
+            return split_digest(self.manifest, split)
+        parts = [[c.name, c.weight, split_digest(m, split)] for c, m in zip(self.collections, self.manifests)]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+    def describe(self) -> list[dict]:
+        """The resolved mix, for config.yaml and the model card."""
+        return [
+            {"name": c.name, "path": c.shards, "weight": c.weight, "train": m.split("train").samples}
+            for c, m in zip(self.collections, self.manifests)
+        ]
+
+
+def open_collections(
+    spec: str | Path | Collection | Sequence,
+    classes: Sequence[str] | None = None,
+    manifests: Sequence[Manifest] | None = None,
+) -> CollectionSet:
+    """Read each collection's manifest and check that they can be read as one (see the module docstring)."""
+    collections = parse(spec)
+    if manifests is None:
+        manifests = [load_shard_manifest(c.shards) for c in collections]
+    manifests = list(manifests)
+    if len(manifests) != len(collections):
+        raise CollectionError(f"{len(manifests)} manifests given for {len(collections)} collections")
+    label_space = list(classes) if classes else list(manifests[0].classes)
+    problems = []
+    for c, m in zip(collections, manifests):
+        unmatched = [k for k in m.classes if k not in label_space]
+        if unmatched:
+            problems.append(
+                f"collection {c.name!r} ({c.shards}) has classes {unmatched} that match none of {label_space}: "
+                "rename them in its build, or list every class in data.classes"
+            )
+    first = manifests[0]
+    for c, m in zip(collections[1:], manifests[1:]):
+        for what in ("image_size", "encoding"):
+            if getattr(m, what) != getattr(first, what):
+                problems.append(
+                    f"collection {c.name!r} has {what} {getattr(m, what)!r} but {collections[0].name!r} has "
+                    f"{getattr(first, what)!r}: rebuild one so they match (`python -m sharding build`)"
+                )
+    if len(set(label_space)) != len(label_space):
+        problems.append(f"classes {label_space} name a class twice")
+    if problems:
+        raise CollectionError("; ".join(problems))
+    return CollectionSet(collections, manifests, label_space)
+
+
+__all__ = ["Collection", "CollectionError", "CollectionSet", "default_name", "open_collections", "parse"]
