@@ -8,11 +8,8 @@ resume from a state dict.
 
 from __future__ import annotations
 
-import functools
-import http.server
 import re
 import tempfile
-import threading
 import uuid
 from collections import Counter
 from pathlib import Path
@@ -86,20 +83,6 @@ def test_exact_epoch_streamed_over_http(http_root, layout, world, workers, batch
     write_shards(root / name, {"train": layout}, masks=True)
     per_rank = epoch_ids(f"{base}{name}/", world, workers, batch, shuffle_buffer=buffer)
     assert_exact_epoch(per_rank, layout, batch)
-
-
-@pytest.fixture(scope="module")
-def http_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("served")
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    handler.log_message = lambda *a, **k: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield root, f"http://127.0.0.1:{server.server_address[1]}/"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.fixture(scope="module")
