@@ -20,7 +20,6 @@ import itertools
 import json
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from evaluation.report.schema import report_suffix, validate
@@ -29,7 +28,6 @@ from evaluation.statistics.registry import SUMMARY
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 
@@ -42,85 +40,23 @@ from evaluation.report.overlap_section import overlap_headline
 from evaluation.statistics import operating
 from evaluation.statistics.bootstrap import fmt
 from evaluation.statistics.metrics import classification_report
-from pipeline.read import load_shard_manifest, split_digest, split_shards
-from sharding.manifest import Manifest, ManifestError
+from evaluation.target import (
+    EvaluationInputError,
+    ExternalShardsError,
+    Target,
+    class_lut,
+    open_run_data,
+    predict_target,
+    run_probes,
+)
+from pipeline.collection import open_collections
+from pipeline.read import load_shard_manifest, split_digest
+from sharding.manifest import ManifestError
 from train.card import TrainedModel, load_trained_model
 from train.checkpoint import BEST_PTH, atomic_write
 from train.config import Config, load_config
-from train.predictions import Predictions, predict_split
+from train.predictions import Predictions
 from train.presets import build_split_loader
-
-
-class EvaluationInputError(ValueError):
-    """Nothing to evaluate: a split without films."""
-
-
-class ExternalShardsError(EvaluationInputError):
-    """An external shard set the model cannot be evaluated on (unknown class names, no films)."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """What to evaluate (a shard set's splits) and where its report goes."""
-
-    shards: str
-    manifest: Manifest
-    splits: tuple[str, ...]
-    out_dir: Path
-    split_name: str  # "test", "val" or "all": names the report and its files
-    lut: np.ndarray | None = None  # the shards' label index -> the model's class index (external sets)
-    external: str | None = None  # the external set's name
-    train_shards: str | None = None  # where the model's training films are (external sets: checked for copies)
-
-
-def class_lut(model_classes: list[str], shard_classes: list[str], where: str) -> np.ndarray:
-    """int64 lookup from the shards' label indices to the model's; an unknown class name is an error."""
-    unknown = [c for c in shard_classes if c not in model_classes]
-    if unknown:
-        raise ExternalShardsError(
-            f"{where} has classes {unknown} that the model does not know (its classes: {model_classes}); "
-            "rebuild that shard set with --classes naming only the model's classes"
-        )
-    return np.array([model_classes.index(c) for c in shard_classes], dtype=np.int64)
-
-
-def predict_target(
-    trained: TrainedModel, cfg: Config, target: Target, accelerator: Accelerator, augment=None
-) -> Predictions:
-    """Every film of the target's splits once across ranks, labels in the model's class order."""
-    parts = []
-    for split in target.splits:
-        loader = build_split_loader(
-            cfg,
-            split,
-            shards=target.shards,
-            manifest=target.manifest,
-            rank=accelerator.process_index,
-            world_size=accelerator.num_processes,
-            pin_memory=accelerator.device.type == "cuda",
-            train=False,
-        )
-        preds = predict_split(trained.net, loader, augment or trained.augment, accelerator)
-        expected = target.manifest.split(split).samples
-        if len(preds.keys) != expected:
-            raise RuntimeError(f"evaluation counted {len(preds.keys)} {split} films, the manifest lists {expected}")
-        parts.append(preds)
-    preds = Predictions.concat(parts)
-    if len(set(preds.keys)) != len(preds.keys):
-        raise RuntimeError("the same film key appears in two splits: cannot evaluate them together")
-    if target.lut is not None:
-        preds.labels = target.lut[preds.labels]
-    return preds
-
-
-def run_probes(trained: TrainedModel, cfg: Config, target: Target, accelerator: Accelerator) -> dict:
-    """Predictions with the lungs blanked and with only the lungs (all ranks); {} without masks."""
-    if not target.manifest.masks:
-        return {}
-    return {
-        name: predict_target(trained, cfg, target, accelerator, probes.probe_augment(trained.augment, name))
-        for name in probes.PROBES
-    }
 
 
 def write_report(
@@ -178,10 +114,11 @@ def _write_json_and_markdown(out_dir: Path, suffix: str, report: dict) -> None:
     atomic_write(out_dir / f"report{suffix}.md", lambda tmp: tmp.write_text(text))
 
 
-def _train_manifest_at(shards: str) -> Manifest | None:
+def _train_data_at(shards, classes):
+    """The model's training collections, or None where they cannot be read (moved, deleted)."""
     try:
-        return load_shard_manifest(shards)
-    except (ManifestError, OSError):
+        return open_collections(shards, classes)
+    except (ValueError, OSError):  # ManifestError and CollectionError are ValueErrors
         return None
 
 
@@ -195,7 +132,7 @@ def report_extras(
     extra: dict = {
         "model_epoch": trained.card.epoch,
         "model_path": str(run_dir / "models" / BEST_PTH),
-        "data": facts.data_facts(target.manifest, target.shards),
+        "data": facts.data_facts(target.data),
         "training": facts.training_facts(run_dir, trained.card, cfg),
         "shards": target.shards,
         "splits": list(target.splits),
@@ -210,7 +147,7 @@ def report_extras(
             "train_shards": target.train_shards,
         }
     check_overlap = bool(target.external) or "train" not in target.splits
-    refs = [split_shards(target.manifest, target.shards, s, cfg.data.verify_checksums) for s in target.splits]
+    refs = [target.data.split_shards(s, cfg.data.verify_checksums) for s in target.splits]
     # the films' provenance came with their pixels; shards built before build version 3 store no pHash
     films = overlap.predicted_films(preds, classes, refs)
     if films is None and check_overlap:
@@ -219,7 +156,7 @@ def report_extras(
         # internal splits too: the build groups exact duplicates, near ones only with --near-dup-distance
         extra["training_overlap"], copies = overlap.training_overlap(
             cfg,
-            target.train_shards or target.shards,
+            target.train_shards or cfg.data.shards,
             trained.card.train_digest,
             films,
             preds,
@@ -228,13 +165,17 @@ def report_extras(
         )
         if copies is not None:
             images["copies"] = copies
-    site_of = dict(zip(preds.keys, preds.sources))
+    site_of = dict(zip(preds.keys, sources.qualified_sources(preds)))
+    if target.data.mixed:  # each collection's results, then its sources within it
+        extra["per_collection"] = sources.per_source(
+            preds.keys, preds.labels, preds.probs, dict(zip(preds.keys, preds.collections)), classes, resamples, seed
+        )
     if set(site_of.values()) - {sources.UNKNOWN}:
         extra["per_source"] = sources.per_source(
             preds.keys, preds.labels, preds.probs, site_of, classes, resamples, seed
         )
-    train_manifest = target.manifest if not target.external else _train_manifest_at(target.train_shards)
-    extra["single_source_classes"] = sources.single_source_classes(train_manifest) if train_manifest else []
+    train_data = target.data if not target.external else _train_data_at(target.train_shards, classes)
+    extra["single_source_classes"] = sources.single_source_classes(train_data) if train_data else []
     if probe_preds:
         extra["probes"] = {
             name: probes.probe_result(p.labels, p.probs, resamples, seed) for name, p in probe_preds.items()
@@ -243,7 +184,7 @@ def report_extras(
     if cfg.eval.gradcam_per_class > 0:
         extra["failures"] = confident_failures(preds, classes, cfg.eval.gradcam_per_class, site_of)
         loaders = [
-            build_split_loader(cfg, s, shards=target.shards, num_workers=min(cfg.data.num_workers, 2), train=False)
+            build_split_loader(cfg, s, collections=target.data, num_workers=min(cfg.data.num_workers, 2), train=False)
             for s in target.splits
         ]
         explained = explain_split(
@@ -313,11 +254,11 @@ def evaluate_run(
     cfg = cfg or load_config(run_dir / "config.yaml")
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
     shards = shards or cfg.data.shards
-    manifest = load_shard_manifest(shards)
-    if split not in manifest.splits or not manifest.split(split).samples:
+    data = open_run_data(shards, cfg.data.classes)
+    if not data.samples(split):
         raise EvaluationInputError(f"{shards} has no {split} films to evaluate; rebuild the shards from more films")
     trained = load_trained_model(run_dir / "models" / BEST_PTH, accelerator.device)
-    target = Target(shards, manifest, (split,), run_dir, split)
+    target = Target(data, (split,), run_dir, split)
     return evaluate_target(run_dir, trained, cfg, target, accelerator)
 
 
@@ -341,7 +282,8 @@ def evaluate_external(
     run_dir = Path(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     accelerator = accelerator or Accelerator(cpu=not torch.cuda.is_available())
-    manifest = load_shard_manifest(shards)
+    data = open_collections(shards)
+    manifest = data.manifest
     trained = load_trained_model(run_dir / "models" / BEST_PTH, accelerator.device)
     lut = class_lut(list(trained.card.classes), list(manifest.classes), str(shards))
     splits = tuple(s for s in manifest.splits if manifest.split(s).samples) if split == "all" else (split,)
@@ -349,7 +291,7 @@ def evaluate_external(
         raise ExternalShardsError(f"{shards} has no {split} films; use --split all to evaluate every film")
     name = external_name(name or shards)  # a name, never a path out of RUN/external
     train_shards = train_shards or cfg.data.shards
-    target = Target(shards, manifest, splits, run_dir / EXTERNAL / name, split, lut, name, train_shards)
+    target = Target(data, splits, run_dir / EXTERNAL / name, split, lut, name, train_shards)
     report = evaluate_target(run_dir, trained, cfg, target, accelerator)
     if report is not None and (run_dir / "report.json").exists():
         update_run_report(run_dir)
@@ -424,14 +366,16 @@ def same_shard_set(shards: str, run_dir: Path) -> bool:
     """Whether `shards` are the run's own: the same path, or a copy whose train split is the one the model trained on
     (its digest in best_model.json; cards without one fall back to the build fingerprint of the run's shards)."""
     run_shards = load_config(run_dir / "config.yaml").data.shards
+    if not isinstance(run_shards, str):  # several collections: one other shard set is never all of them
+        return False
     if Path(shards).resolve() == Path(run_shards).resolve():
         return True
     other = load_shard_manifest(shards)
     card = json.loads((run_dir / "models" / BEST_PTH).with_suffix(".json").read_text())
     if card.get("train_digest"):
         return "train" in other.splits and split_digest(other, "train") == card["train_digest"]
-    run_manifest = _train_manifest_at(run_shards)
-    fingerprint = run_manifest.build.get("fingerprint") if run_manifest is not None else None
+    run_data = _train_data_at(run_shards, None)
+    fingerprint = run_data.manifest.build.get("fingerprint") if run_data is not None else None
     return bool(fingerprint) and other.build.get("fingerprint") == fingerprint
 
 

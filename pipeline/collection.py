@@ -6,6 +6,7 @@ run config and `build_loader(shards=...)` take either one path or a list such as
 
     [{path: shards/covid19, weight: 1.0}, {path: shards/hospital_a, weight: 0.5, name: site_a}]
 
+In a mixed set a sample's key is `collection/key` (names are unique, keys only within a collection).
 Classes are matched by name: the label space is `classes` when given, else the first collection's
 classes; a collection may lack classes, and a class no name matches is an error naming it. Samples
 are numbered collection by collection in list order, each collection in its manifest's order.
@@ -18,12 +19,12 @@ import json
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.read import load_shard_manifest, split_digest
+from pipeline.read import ShardRef, load_shard_manifest, split_digest, split_shards
 from pipeline.urls import local_path
 from sharding.manifest import Manifest
 
@@ -126,12 +127,31 @@ class CollectionSet:
     def sizes(self, split: str) -> list[int]:
         return [m.split(split).samples for m in self.manifests]
 
+    def samples(self, split: str) -> int:
+        return sum(self.sizes(split))
+
+    def class_counts(self, split: str) -> tuple[int, ...]:
+        """Films per class of the shared label space in `split`, all collections together."""
+        out = [0] * len(self.classes)
+        for m in self.manifests:
+            for name, count in zip(m.classes, m.split(split).class_counts):
+                out[self.classes.index(name)] += int(count)
+        return tuple(out)
+
     def urls(self, split: str) -> list[str]:
         """Every shard of `split`, collection by collection."""
         out = []
         for c, m in zip(self.collections, self.manifests):
             base = local_path(c.shards)
             out += m.shard_urls(split, str(base) if base is not None else c.shards)
+        return out
+
+    def split_shards(self, split: str, verify: bool = True) -> list[ShardRef]:
+        """`pipeline.read.split_shards` of every collection; in a mixed set each names its collection."""
+        out = []
+        for c, m in zip(self.collections, self.manifests):
+            refs = split_shards(m, c.shards, split, verify) if split in m.splits else []
+            out += [replace(r, collection=c.name) for r in refs] if self.mixed else refs
         return out
 
     def sha256(self, split: str) -> list[str]:

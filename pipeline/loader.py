@@ -270,7 +270,8 @@ class ShardLoader:
         return _release_on_error(self._in_order(self._labelled(from_ring(loader, ring, pin), pin), span))
 
     def _labelled(self, batches: Iterator[Batch], pin: bool) -> Iterator[Batch]:
-        """Each batch's labels in the shared label space, and its samples' collection names."""
+        """Each batch's labels in the shared label space, its samples' collection names, and in a mixed set
+        their keys as `collection/key`."""
         names = self.collections.names
         identity = not self.collections.mixed and bool((self.luts[0] == np.arange(self.luts.shape[1])).all())
         for batch in batches:
@@ -284,6 +285,8 @@ class ShardLoader:
                 raise ShardFormatError(f"a label past its collection's classes in {batch.keys}")
             batch.labels = labels.pin_memory() if pin else labels
             batch.collections = [names[i] for i in which.tolist()]
+            if self.collections.mixed:  # keys are unique within a collection only
+                batch.keys = [f"{c}/{k}" for c, k in zip(batch.collections, batch.keys)]
             yield batch
 
     def _in_order(self, batches: Iterator[Batch], span: EpochSpan) -> Iterator[Batch]:

@@ -55,6 +55,15 @@ class ShardRef:
     url: str
     sha256: str | None = None
     samples: int = 0  # how many samples the manifest lists in it
+    collection: str = ""  # in a mixed set, the collection whose name qualifies its films' keys (`name/key`)
+
+    def film_key(self, key: str) -> str:
+        """A film's key as a mixed set names it (`pipeline.collection.qualified`)."""
+        return f"{self.collection}/{key}" if self.collection else key
+
+    def shard_key(self, film_key: str) -> str:
+        """The key inside the shard of a film named `film_key`."""
+        return film_key[len(self.collection) + 1 :] if self.collection else film_key
 
     def open(self, cache_dir: str | None = None, allow_pipe: bool | None = None):
         return open_url(self.url, cache_dir=cache_dir, allow_pipe=allow_pipe, sha256=self.sha256)

@@ -40,6 +40,7 @@ class ModelCard:
     train_digest: str = ""  # the training shards' train split (names, counts, sha256): how an evaluation knows them
     precision: str = ""  # the mixed precision the run trained in, as accelerate ran it ("no", "bf16", "fp16")
     processes: int = 0  # how many processes (devices) trained it: batch_size is per device
+    collections: list = field(default_factory=list)  # several collections: each one's name, path, weight, train films
 
     def identity(self) -> dict:
         """What a resumed checkpoint must share with this model (train.state adds batch and seed)."""

@@ -12,12 +12,15 @@ from __future__ import annotations
 import ast
 import inspect
 import sys
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.collection import CollectionError
+from pipeline.collection import parse as parse_collections
 
 
 class ConfigError(ValueError):
@@ -26,12 +29,16 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    shards: str = "shards/covid19"
-    """Shard folder or URL prefix (http(s)://, s3://, gs://, pipe:) holding manifest.json."""
+    shards: Any = "shards/covid19"
+    """Shard folder or URL prefix holding manifest.json, or a list `[{path, weight, name}]` to mix (docs/pipeline)."""
+    balance: str = "none"
+    """Equal draws per stratum within each collection: none, class, source (from the json) or source_class."""
+    epoch_samples: int | None = None
+    """Draws per train epoch, shared by collection weight; null: as many as the collections hold."""
     image_size: int = 299
     """Training resolution; images are resized on the device when it differs from the shards'."""
     classes: list[str] | None = None
-    """Class names in label order; null takes the manifest's (set them to refuse shards with other classes)."""
+    """Class names in label order (null: the first collection's); collections match them by name, or are refused."""
     stored_size: int | None = None
     """Image side stored in the shards; null takes the manifest's (set it to refuse other shards)."""
     num_workers: int = 4
@@ -178,10 +185,12 @@ _CHOICES = {
     "train.monitor": ("val_loss", "val_accuracy", "val_macro_f1"),
     "train.mixed_precision": ("", "no", "fp16", "bf16"),
     "data.warp": ("torch", "kornia"),
+    "data.balance": ("none", "class", "source", "source_class"),
 }
 _POSITIVE = (
     "data.image_size",
     "data.stored_size",
+    "data.epoch_samples",
     "model.num_classes",
     "optim.lr",
     "train.epochs",
@@ -240,7 +249,19 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"model.pretrained={pretrained!r} is neither true/false nor an existing weights file")
     if not cfg.train.output_dir:
         raise ConfigError("train.output_dir must not be empty")
-    return cfg
+    return _with_collections(cfg)
+
+
+def _with_collections(cfg: Config) -> Config:
+    """`data.shards` checked (names, weights, keys) and, for several collections, written out in full."""
+    try:
+        collections = parse_collections(cfg.data.shards)
+    except CollectionError as exc:
+        raise ConfigError(f"data.shards: {exc}") from None
+    if isinstance(cfg.data.shards, str):
+        return cfg
+    shards = [{"name": c.name, "path": c.shards, "weight": c.weight} for c in collections]
+    return replace(cfg, data=replace(cfg.data, shards=shards))
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:

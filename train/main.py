@@ -90,7 +90,7 @@ def report_on_test(run: Run) -> None:
     from evaluation.run import evaluate_run  # plots and Grad-CAM load only when a report is written
 
     acc = run.accelerator
-    if run.manifest.split("test").samples == 0:
+    if run.data.samples("test") == 0:
         acc.print("test split is empty: no test report (build from more images to get one)")
     elif rank0_decides(acc, (run.out / "models" / BEST_PTH).exists):
         evaluate_run(run.out, split="test", accelerator=acc, cfg=run.cfg)

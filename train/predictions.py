@@ -37,6 +37,7 @@ class Predictions:
     loss: float  # mean cross-entropy
     provenance: list[Provenance] = field(default_factory=list)  # per sample, from its json (empty: unknown)
     indices: np.ndarray | None = None  # int64 [N]: each sample's position in its split (manifest order; -1 unknown)
+    collections: list[str] = field(default_factory=list)  # per sample, its collection's name (empty: unknown)
 
     def __post_init__(self) -> None:
         n = len(self.keys)
@@ -44,12 +45,16 @@ class Predictions:
             self.provenance = [provenance.NONE] * n
         if self.indices is None:
             self.indices = np.full(n, -1, np.int64)
+        if not self.collections:
+            self.collections = [""] * n
         if not len(self.labels) == len(self.probs) == len(self.provenance) == len(self.indices) == n:
             raise ValueError("Predictions: keys, labels, probs, provenance and indices differ in length")
+        if len(self.collections) != n:
+            raise ValueError("Predictions: keys and collections differ in length")
 
     @property
     def sources(self) -> list[str]:
-        """Each sample's source (site or collection)."""
+        """Each sample's source (its site, from its json)."""
         return [p.source for p in self.provenance]
 
     @classmethod
@@ -63,10 +68,11 @@ class Predictions:
             loss,
             [o for p in parts for o in p.provenance],
             np.concatenate([p.indices for p in parts]).astype(np.int64),
+            [c for p in parts for c in p.collections],
         )
 
 
-def _local(keys, labels, probs, origins, indices) -> tuple:
+def _local(keys, labels, probs, origins, indices, collections) -> tuple:
     """This rank's share as host arrays: one device-to-host copy after the last batch."""
     return (
         keys,
@@ -74,6 +80,7 @@ def _local(keys, labels, probs, origins, indices) -> tuple:
         torch.cat(probs).cpu().numpy() if probs else np.zeros((0, 0), np.float32),
         origins,
         torch.cat(indices).cpu().numpy() if indices else np.zeros(0, np.int64),
+        collections,
     )
 
 
@@ -85,8 +92,9 @@ def _gathered(parts: list[tuple]) -> Predictions:
     probs = np.concatenate([p[2] for p in parts if len(p[2])]).astype(np.float32)
     origins = [o for p in parts for o in p[3]]
     indices = np.concatenate([p[4] for p in parts if len(p[4])]).astype(np.int64)
+    collections = [c for p in parts for c in p[5]]
     loss = float(F.nll_loss(torch.log(torch.as_tensor(probs).clamp_min(1e-12)), torch.as_tensor(labels)))
-    return Predictions(keys, labels, probs, loss, origins, indices)
+    return Predictions(keys, labels, probs, loss, origins, indices, collections)
 
 
 @torch.no_grad()
@@ -111,6 +119,7 @@ def predict_split(
     probs: list[torch.Tensor] = []
     indices: list[torch.Tensor] = []
     origins: list[Provenance] = []
+    collections: list[str] = []
     waits = [0.0]
     for batch in tqdm(
         device_batches(loader, accelerator.device, waits),
@@ -126,11 +135,12 @@ def predict_split(
         labels.append(batch.labels)
         keys.extend(batch.keys)
         origins.extend(batch.provenance if batch.provenance is not None else [provenance.NONE] * len(batch))
+        collections.extend(batch.collections if batch.collections is not None else [""] * len(batch))
         if batch.indices is not None:
             indices.append(batch.indices)
         else:
             indices.append(torch.full((len(batch),), -1, dtype=torch.int64, device=batch.labels.device))
-    local = _local(keys, labels, probs, origins, indices)
+    local = _local(keys, labels, probs, origins, indices, collections)
     parts = gather_object([local]) if accelerator.num_processes > 1 else [local]
     model.train(was_training)
     return _gathered(parts)

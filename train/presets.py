@@ -8,6 +8,7 @@ transforms from here, so an image is prepared the same way everywhere.
 from __future__ import annotations
 
 from pipeline.augment import DeviceAugment
+from pipeline.collection import CollectionSet
 from pipeline.loader import ShardLoader, build_loader
 from sharding.manifest import Manifest
 from train.config import Config
@@ -41,7 +42,8 @@ def build_split_loader(
     world_size: int = 1,
     pin_memory: bool = False,
     manifest: Manifest | None = None,
-    shards: str | None = None,
+    shards: str | list | None = None,
+    collections: CollectionSet | None = None,
     num_workers: int | None = None,
     masks: bool | None = None,
     train: bool | None = None,
@@ -50,10 +52,11 @@ def build_split_loader(
 
     `masks=False` leaves the shards' masks unread (`build_loader`); None yields them when present.
     `train=False` reads the train split once in evaluation order (external tests over every film).
+    `collections` (opened once by the caller) or `shards` override the config's `data.shards`.
     """
     train_order = split == "train" if train is None else train
     return build_loader(
-        shards or cfg.data.shards,
+        collections or shards or cfg.data.shards,
         split,
         batch_size=cfg.train.batch_size if train_order else cfg.eval.batch_size,
         rank=rank,
@@ -70,4 +73,7 @@ def build_split_loader(
         masks=masks,
         train=train_order,
         shared_memory=cfg.data.shared_memory,
+        balance=cfg.data.balance,
+        epoch_samples=cfg.data.epoch_samples,
+        classes=cfg.data.classes,
     )

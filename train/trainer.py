@@ -16,10 +16,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from pipeline.loader import load_shard_manifest
-from pipeline.read import split_digest
+from pipeline.collection import CollectionError, CollectionSet, open_collections
 from pipeline.ring import shm_free, shm_problem
-from sharding.manifest import Manifest
 from train.card import ModelCard, save_model_card
 from train.checkpoint import (
     BEST_PTH,
@@ -44,37 +42,48 @@ class RunError(RuntimeError):
     """A run cannot start or continue; the message says why and how to fix it."""
 
 
-def check_manifest(cfg: Config, manifest: Manifest) -> None:
+def open_data(cfg: Config) -> CollectionSet:
+    """The run's shard collections (one, or several mixed: `pipeline.collection`), checked against the config."""
+    try:
+        data = open_collections(cfg.data.shards, cfg.data.classes)
+    except CollectionError as exc:
+        raise RunError(f"the shards do not match the config: {exc}") from None
+    check_data(cfg, data)
+    return data
+
+
+def check_data(cfg: Config, data: CollectionSet) -> None:
     """Refuse shards whose classes or stored image size differ from what the config pins (null pins nothing)."""
     problems = []
-    if cfg.data.classes is not None and list(manifest.classes) != list(cfg.data.classes):
-        problems.append(f"classes: manifest {list(manifest.classes)} vs config data.classes {cfg.data.classes}")
-    if cfg.model.num_classes is not None and len(manifest.classes) != cfg.model.num_classes:
+    absent = [c for c, n in zip(data.classes, data.class_counts("train")) if n == 0]
+    if cfg.data.classes is not None and absent:
+        problems.append(f"config data.classes names {absent}, which no train split holds")
+    if cfg.model.num_classes is not None and len(data.classes) != cfg.model.num_classes:
+        problems.append(f"class count: shards {len(data.classes)} vs config model.num_classes {cfg.model.num_classes}")
+    if cfg.data.stored_size is not None and data.manifest.image_size != cfg.data.stored_size:
         problems.append(
-            f"class count: manifest {len(manifest.classes)} vs config model.num_classes {cfg.model.num_classes}"
+            f"image size: manifest {data.manifest.image_size} vs config data.stored_size {cfg.data.stored_size}"
         )
-    if cfg.data.stored_size is not None and manifest.image_size != cfg.data.stored_size:
-        problems.append(f"image size: manifest {manifest.image_size} vs config data.stored_size {cfg.data.stored_size}")
-    if cfg.data.mask_lungs and not manifest.masks:
+    if cfg.data.mask_lungs and not data.masks:
         problems.append("data.mask_lungs=true but the shards carry no masks (rebuild with --include-masks)")
     for split in ("train", "val"):
-        if manifest.split(split).samples == 0:
+        if data.samples(split) == 0:
             problems.append(
-                f"the {split} split is empty (train {manifest.split('train').samples}, val "
-                f"{manifest.split('val').samples}): build from more images; patient or source groups larger "
-                "than a split's share leave it empty (see the build summary's split line)"
+                f"the {split} split is empty (train {data.samples('train')}, val {data.samples('val')}): build from "
+                "more images; patient or source groups larger than a split's share leave it empty (see the build "
+                "summary's split line)"
             )
     if problems:
         raise RunError("the shards do not match the config: " + "; ".join(problems))
 
 
-def resolved(cfg: Config, manifest: Manifest) -> Config:
-    """The config with what the manifest knows filled in (classes, class count, stored size)."""
-    data = replace(cfg.data, classes=list(manifest.classes), stored_size=manifest.image_size)
-    return replace(cfg, data=data, model=replace(cfg.model, num_classes=len(manifest.classes)))
+def resolved(cfg: Config, data: CollectionSet) -> Config:
+    """The config with what the manifests know filled in (classes, class count, stored size)."""
+    config = replace(cfg.data, classes=list(data.classes), stored_size=data.manifest.image_size)
+    return replace(cfg, data=config, model=replace(cfg.model, num_classes=len(data.classes)))
 
 
-def build_loaders(cfg: Config, manifest: Manifest, accelerator: Accelerator, splits=("train", "val")) -> dict:
+def build_loaders(cfg: Config, data: CollectionSet, accelerator: Accelerator, splits=("train", "val")) -> dict:
     """This rank's loaders (train/presets.py), pinned on CUDA; masks are read only when the step uses them."""
     return {
         split: build_split_loader(
@@ -83,7 +92,7 @@ def build_loaders(cfg: Config, manifest: Manifest, accelerator: Accelerator, spl
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
             pin_memory=accelerator.device.type == "cuda",
-            manifest=manifest,
+            collections=data,
             masks=masks_used(cfg),
         )
         for split in splits
@@ -98,22 +107,23 @@ def shared_memory_problem(loaders: dict, local_ranks: int, free: int | None) -> 
     return shm_problem(local_ranks * per_rank, free, f"{local_ranks} rank(s) x ({sizes})")
 
 
-def model_card(cfg: Config, manifest: Manifest) -> ModelCard:
+def model_card(cfg: Config, data: CollectionSet) -> ModelCard:
     """The card of this run's model (epoch and metric are filled in when a best model is saved)."""
     return ModelCard(
         model=cfg.model.name,
-        classes=tuple(manifest.classes),
+        classes=tuple(data.classes),
         image_size=cfg.data.image_size,
-        stored_size=manifest.image_size,
+        stored_size=data.manifest.image_size,
         monitor=cfg.train.monitor,
         config=to_yaml_dict(cfg),
-        train_digest=split_digest(manifest, "train"),
+        train_digest=data.digest("train"),
+        collections=data.describe() if data.mixed else [],
     )
 
 
-def model_identity(cfg: Config, manifest: Manifest) -> dict:
+def model_identity(cfg: Config, data: CollectionSet) -> dict:
     """What a checkpoint must share with this run to be resumed."""
-    return {**model_card(cfg, manifest).identity(), "batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
+    return {**model_card(cfg, data).identity(), "batch_size": cfg.train.batch_size, "seed": cfg.train.seed}
 
 
 def resolve_resume(cfg: Config) -> Path | None:
@@ -178,10 +188,10 @@ def append_metrics(path: Path, row: dict, keep_through_epoch: int | None = None)
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def build_state(cfg: Config, accelerator: Accelerator, manifest: Manifest, train_loader) -> TrainState:
+def build_state(cfg: Config, accelerator: Accelerator, data: CollectionSet, train_loader) -> TrainState:
     """Model, optimizer and schedule prepared for this process, with early stopping and the train loader."""
     set_seed(cfg.train.seed)
-    model = build_model(cfg.model, num_classes=len(manifest.classes))
+    model = build_model(cfg.model, num_classes=len(data.classes))
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
@@ -192,7 +202,7 @@ def build_state(cfg: Config, accelerator: Accelerator, manifest: Manifest, train
         model = torch.compile(model)
     stopper = EarlyStopping(cfg.train.patience, monitor_mode, cfg.train.min_delta)
     return TrainState(
-        model, optimizer, scheduler, stopper, train_loader, accelerator, model_identity(cfg, manifest), to_yaml(cfg)
+        model, optimizer, scheduler, stopper, train_loader, accelerator, model_identity(cfg, data), to_yaml(cfg)
     )
 
 
@@ -262,10 +272,10 @@ def report_epoch(
 
 @dataclass
 class Run:
-    """What a training run holds once set up: config (resolved against the manifest), data, state, outputs."""
+    """What a training run holds once set up: config (resolved against the manifests), data, state, outputs."""
 
     cfg: Config
-    manifest: Manifest
+    data: CollectionSet  # the shard collections (one, or several mixed)
     accelerator: Accelerator
     loaders: dict
     state: TrainState
@@ -296,19 +306,18 @@ def use_deterministic_kernels(enabled: bool) -> None:
 def setup_run(cfg: Config, accelerator: Accelerator) -> Run:
     """Manifest -> resolved config -> loaders -> run folder -> model state; checks before any work."""
     use_deterministic_kernels(cfg.train.deterministic)
-    manifest = load_shard_manifest(cfg.data.shards)
-    check_manifest(cfg, manifest)
-    cfg = resolved(cfg, manifest)
-    loaders = build_loaders(cfg, manifest, accelerator)
+    data = open_data(cfg)
+    cfg = resolved(cfg, data)
+    loaders = build_loaders(cfg, data, accelerator)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
     every_rank_ok(accelerator, shared_memory_problem(loaders, local_ranks, shm_free()), RunError)
     out = prepare_output_dir(cfg, accelerator)
-    state = build_state(cfg, accelerator, manifest, loaders["train"])
-    loss_fn = build_loss(cfg.optim, manifest.split("train").class_counts, accelerator.device)
+    state = build_state(cfg, accelerator, data, loaders["train"])
+    loss_fn = build_loss(cfg.optim, data.class_counts("train"), accelerator.device)
     augment = {name: build_augment(cfg, name == "train").to(accelerator.device) for name in ("train", "eval")}
     steps, cap = loaders["train"].steps_per_epoch, cfg.train.max_steps_per_epoch
     capped = bool(cap) and cap < steps
-    return Run(cfg, manifest, accelerator, loaders, state, loss_fn, augment, out, cap if capped else steps, capped)
+    return Run(cfg, data, accelerator, loaders, state, loss_fn, augment, out, cap if capped else steps, capped)
 
 
 def run_epoch(run: Run, epoch: int, position: Position) -> tuple[dict, bool]:
@@ -321,7 +330,7 @@ def run_epoch(run: Run, epoch: int, position: Position) -> tuple[dict, bool]:
         run.steps,
         cfg.train.seed,
         start,
-        run.manifest.split("train").samples,
+        run.data.samples("train"),
         cfg.train.grad_accum,
         cfg.train.log_every,
         cfg.train.checkpoint_every_steps,
@@ -347,7 +356,7 @@ def run_epoch(run: Run, epoch: int, position: Position) -> tuple[dict, bool]:
     val = predict_split(
         state.model, run.loaders["val"], run.augment["eval"], acc, progress=cfg.logging.progress, desc="val"
     )
-    scores = quick_metrics(val.labels, val.probs, len(run.manifest.classes))
+    scores = quick_metrics(val.labels, val.probs, len(run.data.classes))
     row = epoch_row(epoch, result, val, scores, state.optimizer.param_groups[0]["lr"])
     improved = state.stopper.step(row[cfg.train.monitor], epoch)
     step_scheduler(state.scheduler, row[cfg.train.monitor])
@@ -358,7 +367,7 @@ def run_epoch(run: Run, epoch: int, position: Position) -> tuple[dict, bool]:
 def record_epoch(run: Run, val, row: dict, improved: bool) -> None:
     """Rank 0: the epoch's files (best model with its operating points when it improved) and TensorBoard."""
     cfg, acc = run.cfg, run.accelerator
-    card = replace(model_card(cfg, run.manifest), precision=str(acc.mixed_precision), processes=acc.num_processes)
+    card = replace(model_card(cfg, run.data), precision=str(acc.mixed_precision), processes=acc.num_processes)
     if improved:  # thresholds frozen from this model's validation predictions, never from test
         card = replace(card, operating_points=choose(val.labels, val.probs, card.classes, cfg.eval.target_sensitivity))
     save_epoch(run.state, card, run.out, row, improved)
@@ -369,7 +378,7 @@ def record_epoch(run: Run, val, row: dict, improved: bool) -> None:
 def announce(run: Run) -> None:
     cfg, acc = run.cfg, run.accelerator
     acc.print(
-        f"training {cfg.model.name} on {run.manifest.split('train').samples} images, {acc.num_processes} "
+        f"training {cfg.model.name} on {run.data.samples('train')} images, {acc.num_processes} "
         f"process(es) on {acc.device}, {run.steps} steps/epoch of {cfg.train.batch_size}/device "
         f"({run.loaders['train'].plan} shuffle), mixed precision {acc.mixed_precision}"
     )
@@ -388,7 +397,7 @@ def fit(cfg: Config, accelerator: Accelerator) -> Run:
         if stopper.should_stop:
             break
         row, improved = run_epoch(run, epoch, position)
-        report_epoch(accelerator, run.cfg, row, stopper, improved, run.manifest.split("train").samples, run.capped)
+        report_epoch(accelerator, run.cfg, row, stopper, improved, run.data.samples("train"), run.capped)
     if stopper.should_stop:
         monitor = run.cfg.train.monitor
         accelerator.print(

@@ -10,13 +10,42 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pipeline.collection import CollectionSet
 from sharding.manifest import Manifest
 from train.card import ModelCard
 from train.config import Config
 
 
-def data_facts(manifest: Manifest, shards: str) -> dict:
-    """Counts per split and class, films per source and split, duplicates, and how the split was made."""
+def data_facts(data: CollectionSet) -> dict:
+    """Counts per split and class, films per source and split, duplicates, and how the split was made; with
+    several collections the counts add up in the run's label space, sources read `collection/source`, and
+    `collections` holds each one's own facts."""
+    facts = [manifest_facts(m, c.shards) for c, m in zip(data.collections, data.manifests)]
+    if not data.mixed:
+        return facts[0]
+    merged = dict(facts[0], shards=[c.shards for c in data.collections], classes=list(data.classes))
+    merged["input"] = [f["input"] for f in facts]
+    merged["dataset"] = [f["dataset"] for f in facts]
+    splits = sorted({split for m in data.manifests for split in m.splits})
+    merged["class_counts"] = {split: list(data.class_counts(split)) for split in splits}
+    sources: dict[str, dict[str, list[int]]] = {}
+    for c, m, f in zip(data.collections, data.manifests, facts):
+        to_shared = [data.classes.index(name) for name in m.classes]
+        for src, per_split in f["sources"].items():
+            for split, counts in per_split.items():
+                row = [0] * len(data.classes)
+                for i, n in zip(to_shared, counts):
+                    row[i] += int(n)
+                sources.setdefault(f"{c.name}/{src}", {})[split] = row
+    merged["sources"] = dict(sorted(sources.items()))
+    for key in ("duplicate_groups", "duplicate_images", "mixed_label_groups"):
+        merged[key] = sum(f[key] for f in facts)
+    merged["collections"] = {c.name: dict(f, weight=c.weight) for c, f in zip(data.collections, facts)}
+    return merged
+
+
+def manifest_facts(manifest: Manifest, shards: str) -> dict:
+    """`data_facts` of one shard set."""
     build = manifest.build or {}
     sources: dict[str, dict[str, list[int]]] = {}
     for split, info in manifest.splits.items():

@@ -24,9 +24,10 @@ import numpy as np
 
 from evaluation.statistics.metrics import classification_report
 from evaluation.statistics.registry import SUMMARY_NAMES
+from pipeline.collection import open_collections
 from pipeline.fast_tar import tar_members
 from pipeline.provenance import UNKNOWN, from_meta
-from pipeline.read import ShardRef, load_shard_manifest, split_digest, split_shards
+from pipeline.read import ShardRef
 from sharding.contract import META
 from sharding.dedup import near_pairs_between, phash
 from sharding.grid import image_grid
@@ -88,7 +89,7 @@ def film_hashes(shards: Sequence[ShardRef | str], cache_dir: str | None = None, 
                 image = next((ext for ext in members if ext.startswith("image.")), None)
                 if image is None:
                     continue
-                keys.append(key)
+                keys.append(ref.film_key(key))
                 facts.append(meta)
                 where.append(ref)
                 if perceptual:
@@ -134,14 +135,15 @@ def predicted_films(preds: Predictions, classes: Sequence[str], splits: Sequence
 
 def film_images(films: FilmHashes, keys: Sequence[str], cache_dir: str | None = None) -> dict[str, np.ndarray]:
     """{key: uint8 [H, W]} of the wanted films, reading only the shards that hold them."""
-    shard_of = dict(zip(films.keys, films.shards))
+    shard_of = {k: _ref(ref) for k, ref in zip(films.keys, films.shards)}
     wanted = set(keys)
     out: dict[str, np.ndarray] = {}
-    for ref in sorted({_ref(shard_of[k]) for k in wanted}, key=lambda r: r.url):
+    for ref in sorted({shard_of[k] for k in wanted}, key=lambda r: r.url):
+        mine = {ref.shard_key(k): k for k in wanted if shard_of[k] == ref}  # the key inside the shard -> the film's
         with ref.open(cache_dir) as stream:
             for key, ext, payload in tar_members(stream):
-                if key in wanted and ext.startswith("image."):
-                    out[key] = decode_member(ext, bytes(payload))[0]
+                if key in mine and ext.startswith("image."):
+                    out[mine[key]] = decode_member(ext, bytes(payload))[0]
     return out
 
 
@@ -211,29 +213,27 @@ def not_copied(keys: Sequence[str], copies: dict[str, dict]) -> np.ndarray:
 
 
 def reference_films(
-    cfg: Config, shards: str, train_digest: str, exclude: Sequence[str] = ()
+    cfg: Config, shards, train_digest: str, exclude: Sequence[str] = ()
 ) -> tuple[FilmHashes, tuple[str, ...]]:
-    """The training and validation films at `shards` (less the `exclude`d splits: the one evaluated), once their
-    train split is known to be the model's.
+    """The training and validation films of the collections at `shards` (a path, or a run's list; less the
+    `exclude`d splits: the one evaluated), once their train split is known to be the model's.
 
     Raises ManifestError (missing, or not the model's shards), OSError, or ValueError (a damaged shard).
     """
-    manifest = load_shard_manifest(shards)
-    if train_digest and ("train" not in manifest.splits or split_digest(manifest, "train") != train_digest):
+    data = open_collections(shards, cfg.data.classes)
+    if train_digest and data.digest("train") != train_digest:
         raise ManifestError(
             f"the shards at {shards} are not the ones the model was trained on (their train split differs from "
             "best_model.json's train_digest)"
         )
-    splits = tuple(
-        s for s in REFERENCE_SPLITS if s not in exclude and s in manifest.splits and manifest.split(s).samples
-    )
-    refs = [r for s in splits for r in split_shards(manifest, shards, s, cfg.data.verify_checksums)]
+    splits = tuple(s for s in REFERENCE_SPLITS if s not in exclude and data.samples(s))
+    refs = [r for s in splits for r in data.split_shards(s, cfg.data.verify_checksums)]
     return film_hashes(refs, cfg.data.cache_dir), splits
 
 
 def training_overlap(
     cfg: Config,
-    shards: str,
+    shards,
     train_digest: str,
     films: FilmHashes,
     preds: Predictions,

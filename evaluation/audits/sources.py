@@ -15,20 +15,29 @@ from collections.abc import Sequence
 import numpy as np
 
 from evaluation.statistics.bootstrap import interval, resample_indices, widen
+from pipeline.collection import CollectionSet
 from pipeline.provenance import UNKNOWN
 from sharding import seeds
-from sharding.manifest import Manifest
 
 
-def single_source_classes(manifest: Manifest) -> list[str]:
-    """Classes whose train films all come from one known source (the shortcut risk)."""
-    table = manifest.split("train").sources
-    out = []
-    for c, name in enumerate(manifest.classes):
-        having = [s for s, counts in table.items() if counts[c] > 0]
-        if len(having) == 1 and having[0] != UNKNOWN:
-            out.append(name)
-    return out
+def single_source_classes(data: CollectionSet) -> list[str]:
+    """Classes whose train films all come from one known source (the shortcut risk); with several
+    collections a source is `collection/source`, and a collection without sources is one source."""
+    having: dict[str, set[str]] = {name: set() for name in data.classes}
+    for c, m in zip(data.collections, data.manifests):
+        for source, counts in (m.split("train").sources or {}).items():
+            site = f"{c.name}/{source}" if data.mixed else source
+            for cls, count in zip(m.classes, counts):
+                if count > 0:
+                    having[cls].add(site)
+    return [name for name, sites in having.items() if len(sites) == 1 and UNKNOWN not in sites]
+
+
+def qualified_sources(preds) -> list[str]:
+    """Each prediction's source; `collection/source` when the predictions span several collections."""
+    if len(set(preds.collections)) < 2:
+        return preds.sources
+    return [f"{c}/{s}" for c, s in zip(preds.collections, preds.sources)]
 
 
 def per_source(

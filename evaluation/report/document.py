@@ -38,11 +38,18 @@ def data_section(data: dict) -> list[str]:
     requested = ""
     if asked not in (None, data["split_level"]):
         requested = f" ({asked} asked for; the input has no {asked} identifiers)"
+    if data.get("collections"):
+        where = "Collections, mixed in every training epoch by weight: " + "; ".join(
+            f"**{name}** `{c['shards']}` (weight {c['weight']:g}, input: {c.get('input')}, "
+            f"{c.get('dataset') or 'unnamed collection'})"
+            for name, c in data["collections"].items()
+        )
+    else:
+        where = f"Shards `{data['shards']}` (input: {data.get('input')}, {data.get('dataset') or 'unnamed collection'})"
     lines = [
         "## 1. Data",
         "",
-        f"Shards `{data['shards']}` (input: {data.get('input')}, {data.get('dataset') or 'unnamed collection'}). "
-        f"Split {data.get('fractions')} by **{data['split_level']}**{requested}; "
+        f"{where}. Split {data.get('fractions')} by **{data['split_level']}**{requested}; "
         f"largest class deviation from the target fractions: {data.get('max_class_deviation')} films. "
         f"Duplicate groups: {data['duplicate_groups']} ({data['duplicate_images']} films, "
         f"{data['mixed_label_groups']} with different labels), each kept inside one split.",
@@ -173,12 +180,17 @@ def source_section(report: dict, split: str) -> list[str]:
             "recognise the source (scanner, hospital, markers, borders), not the disease; test it on a source "
             "it never saw before trusting these numbers.",
         ]
-    per = report.get("per_source")
-    if not per:
-        return lines
+    for key, what in (("per_collection", "collection"), ("per_source", "source")):
+        if report.get(key):
+            lines += ["", f"### Results per {what} ({split})", "", *_table(*group_table(report, key, what))]
+    return lines
+
+
+def group_table(report: dict, key: str, what: str) -> tuple[list, list]:
+    """(header, rows) of a per-collection or per-source table: films, accuracy, sensitivity per class."""
     classes = report["classes"]
     rows = []
-    for name, m in per.items():
+    for name, m in report[key].items():
         cells = [
             fmt(m["per_class"][c]["sensitivity"], m["per_class"][c]["sensitivity_ci95"])
             + f" (n={m['per_class'][c]['support']})"
@@ -187,8 +199,7 @@ def source_section(report: dict, split: str) -> list[str]:
             for c in classes
         ]
         rows.append([name, m["support"], fmt(m["accuracy"], m["accuracy_ci95"]), *cells])
-    header = ["source", "films", "accuracy (95 % CI)", *(f"sensitivity {c}" for c in classes)]
-    return lines + ["", f"### Results per source ({split})", "", *_table(header, rows)]
+    return [what, "films", "accuracy (95 % CI)", *(f"sensitivity {c}" for c in classes)], rows
 
 
 def confusion_section(report: dict) -> list[str]:

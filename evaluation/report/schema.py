@@ -65,8 +65,8 @@ class Report:
     """Facts about the shards: counts per split and class, sources, duplicates, split method."""
     training: dict | None = None
     """Facts about the training: model, precision, processes, batch, epochs, early stopping."""
-    shards: str | None = None
-    """The evaluated shard set."""
+    shards: str | list | None = None
+    """The evaluated shard set (a run's several collections: each one's `name` and `path`)."""
     splits: list | None = None
     """The splits of `shards` read (`all`: every split)."""
     run: str | None = None
@@ -77,8 +77,12 @@ class Report:
     """External reports: `name`, `run`, `shards`, `train_shards`."""
     training_overlap: dict | None = None
     """Evaluated films that copy training or validation films (exact and near), and the results without them."""
+    per_collection: dict | None = None
+    """Several collections: per collection, support, accuracy and per-class sensitivity with intervals (the
+    headline pools them)."""
     per_source: dict | None = None
-    """Per source (site): support, accuracy and per-class sensitivity with intervals."""
+    """Per source (site; `collection/source` with several collections): support, accuracy and per-class
+    sensitivity with intervals."""
     single_source_classes: list | None = None
     """Classes whose training films all come from one known source (the shortcut risk)."""
     probes: dict | None = None

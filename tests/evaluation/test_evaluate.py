@@ -100,6 +100,7 @@ def test_compare_runs_table(tmp_path, capsys):
 def test_report_has_every_claim_section_and_fills_the_limitations(tmp_path, phantom_shards):
     from evaluation.audits.facts import data_facts
     from evaluation.audits.probes import probe_result
+    from pipeline.collection import open_collections
     from sharding.manifest import load_manifest
 
     preds = _predictions()
@@ -107,7 +108,7 @@ def test_report_has_every_claim_section_and_fills_the_limitations(tmp_path, phan
     blind[:, 2] = 1.0
     extra = {
         "model_epoch": 2,
-        "data": data_facts(load_manifest(phantom_shards), str(phantom_shards)),
+        "data": data_facts(open_collections(str(phantom_shards))),
         "training": {
             "model": "resnet18",
             "weights": "weights from imagenet.safetensors",

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from evaluation.audits.sources import UNKNOWN, per_source, single_source_classes
+from pipeline.collection import open_collections
 
 from helpers.indexed_shards import write_shards
 
@@ -28,14 +29,13 @@ def test_per_source_accuracy_and_sensitivity():
 
 
 def test_single_source_classes_from_the_manifest(phantom_shards):
-    from sharding.manifest import load_manifest
+    from pipeline.collection import open_collections
 
-    manifest = load_manifest(phantom_shards)
-    single = single_source_classes(manifest)
+    single = single_source_classes(open_collections(str(phantom_shards)))
     # the phantom's Lung_Opacity and Viral Pneumonia films each come from one collection, COVID from three
     assert {"Lung_Opacity", "Viral Pneumonia"} <= set(single) and "COVID" not in single
 
 
 def test_no_source_information_means_no_single_source_claim(tmp_path):
-    manifest = write_shards(tmp_path, {"train": [4], "val": [2], "test": [2]}, masks=False)
-    assert single_source_classes(manifest) == []
+    write_shards(tmp_path, {"train": [4], "val": [2], "test": [2]}, masks=False)
+    assert single_source_classes(open_collections(str(tmp_path))) == []

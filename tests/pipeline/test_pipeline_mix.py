@@ -12,6 +12,7 @@ import math
 import tempfile
 import uuid
 from collections import Counter
+from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from pipeline.collection import CollectionError
 from pipeline.loader import LoaderError, LoaderStateError, build_loader
 from pipeline.mix import Mix, allocate
 
-from helpers.indexed_shards import image_index, write_shards
+from helpers.indexed_shards import image_index, key_of, write_shards
 from test_pipeline_stream import check_batch
 
 PROPERTY = settings(max_examples=150, derandomize=True, deadline=None)
@@ -163,13 +164,20 @@ def collection_of(g: int) -> str:
     return "abc"[g // 1000]
 
 
+def check_mixed(b, mixed: bool = True) -> list[int]:
+    """check_batch for a batch of a mixed set: its keys are `collection/key`, its collections each sample's."""
+    ids = check_batch(replace(b, keys=[k.split("/", 1)[-1] for k in b.keys]), masks=True)
+    assert b.collections == [collection_of(g) for g in ids]
+    assert b.keys == [f"{collection_of(g)}/{key_of(g)}" if mixed else key_of(g) for g in ids]
+    return ids
+
+
 def epoch(loader, epoch: int = 0) -> list[list[int]]:
     """One epoch's batches as sample ids, each batch checked against its samples (pixels, key, label, json)."""
     loader.set_epoch(epoch)
     out = []
     for b in loader:
-        ids = check_batch(b, masks=True)
-        assert b.collections == [collection_of(g) for g in ids]
+        ids = check_mixed(b, loader.collections.mixed)
         out.append(ids)
     assert len(out) == loader.steps_per_epoch
     return out
@@ -271,9 +279,7 @@ def test_eval_splits_read_every_collection_once(three):
         for rank in range(world):
             loader = build_loader(mix_of(three), "val", batch_size=2, rank=rank, world_size=world, num_workers=workers)
             for b in loader:
-                mine = check_batch(b, masks=True)
-                assert b.collections == [collection_of(g) for g in mine]
-                ids += mine
+                ids += check_mixed(b)
         assert sorted(ids) == sorted([21, 22, 23, 24] + [1008, 1009, 1010] + [2003])
 
 

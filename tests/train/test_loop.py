@@ -47,19 +47,20 @@ def test_a_capped_epoch_pulls_and_counts_exactly_the_cap():
 
 def test_the_train_loader_reads_masks_only_for_mask_lungs(phantom_shards):
     """Masks the step does not use are neither read, copied to the device, nor warped (half the bytes)."""
-    from pipeline.loader import LoaderError, build_loader, load_shard_manifest
+    from pipeline.collection import open_collections
+    from pipeline.loader import LoaderError, build_loader
     from train.config import load_config
     from train.trainer import build_loaders
 
-    manifest = load_shard_manifest(str(phantom_shards))
-    assert manifest.masks
+    data = open_collections(str(phantom_shards))
+    assert data.masks
     for mask_lungs in (False, True):
         cfg = load_config(
             None,
             [f"data.shards={phantom_shards}", "data.num_workers=0", "train.batch_size=4", "eval.batch_size=4"]
             + [f"data.mask_lungs={str(mask_lungs).lower()}"],
         )
-        loaders = build_loaders(cfg, manifest, Accelerator(cpu=True))
+        loaders = build_loaders(cfg, data, Accelerator(cpu=True))
         train, val = (next(iter(loaders[s])) for s in ("train", "val"))
         assert (train.masks is not None) is mask_lungs
         # validation neither: masks would double its shared-memory ring (the report's loaders read their own)
@@ -68,7 +69,12 @@ def test_the_train_loader_reads_masks_only_for_mask_lungs(phantom_shards):
     assert next(iter(no_masks)).masks is None
     with pytest.raises(LoaderError, match="no masks"):
         build_loader(
-            phantom_shards, "train", batch_size=4, num_workers=0, masks=True, manifest=replace(manifest, masks=False)
+            phantom_shards,
+            "train",
+            batch_size=4,
+            num_workers=0,
+            masks=True,
+            manifest=replace(data.manifest, masks=False),
         )
 
 

@@ -174,12 +174,13 @@ def test_deterministic_switches_torch_to_deterministic_kernels(monkeypatch):
 
 
 def test_an_empty_val_split_is_refused_before_training(tmp_path):
-    from train.config import Config
-    from train.trainer import RunError, check_manifest
+    from train.config import Config, DataConfig
+    from train.trainer import RunError, open_data
 
     from helpers.indexed_shards import write_shards
 
-    manifest = write_shards(tmp_path, {"train": [6], "val": [], "test": [2]}, masks=False)
+    write_shards(tmp_path / "empty", {"train": [6], "val": [], "test": [2]}, masks=False)
     with pytest.raises(RunError, match="the val split is empty"):
-        check_manifest(Config(), manifest)
-    check_manifest(Config(), write_shards(tmp_path / "ok", {"train": [6], "val": [1], "test": []}, masks=False))
+        open_data(Config(data=DataConfig(shards=str(tmp_path / "empty"))))
+    write_shards(tmp_path / "ok", {"train": [6], "val": [1], "test": []}, masks=False)
+    assert open_data(Config(data=DataConfig(shards=str(tmp_path / "ok")))).samples("val") == 1
