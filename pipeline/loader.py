@@ -410,9 +410,29 @@ class Strata:
     stratum: np.ndarray  # int64 [N]: each sample's stratum (index into names; -1 when unreadable)
     mix: Mix
 
-    def composition(self, indices: np.ndarray, num_collections: int) -> dict[str, np.ndarray]:
-        """Draws and distinct samples per collection and stratum among `indices` (`pipeline.mix.composition`)."""
-        return composition(indices, self.collection, self.stratum, num_collections, len(self.names))
+    def composition(self, counts: np.ndarray, names: Sequence[str]) -> dict:
+        """{collection: {drawn, distinct, size, strata: {stratum: {drawn, distinct, size}}}} from how often each
+        train sample was drawn (`counts`, int [N]): what an epoch's metrics line reports."""
+        c, s = len(names), len(self.names)
+        got = composition(counts, self.collection, self.stratum, c, s)
+        size = composition(np.ones(len(self.collection), np.int64), self.collection, self.stratum, c, s)
+        return {
+            name: {
+                "drawn": int(got["drawn"][i]),
+                "distinct": int(got["distinct"][i]),
+                "size": int(size["drawn"][i]),
+                "strata": {
+                    stratum: {
+                        "drawn": int(got["drawn_strata"][i, j]),
+                        "distinct": int(got["distinct_strata"][i, j]),
+                        "size": int(size["drawn_strata"][i, j]),
+                    }
+                    for j, stratum in enumerate(self.names)
+                    if size["drawn_strata"][i, j]
+                },
+            }
+            for i, name in enumerate(names)
+        }
 
 
 def _release_on_error(batches: Iterator[Batch]) -> Iterator[Batch]:

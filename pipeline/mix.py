@@ -140,24 +140,24 @@ class Mix:
 
 
 def composition(
-    indices: np.ndarray, collection: np.ndarray, stratum: np.ndarray, num_collections: int, num_strata: int
+    counts: np.ndarray, collection: np.ndarray, stratum: np.ndarray, num_collections: int, num_strata: int
 ) -> dict[str, np.ndarray]:
-    """Draws and distinct samples per collection and per (collection, stratum) among `indices`.
+    """Draws and distinct samples per collection and per (collection, stratum), from how often each sample was
+    drawn (`counts`, int [N]). `collection` and `stratum` give each sample its collection and its stratum
+    (an index into the strata's names; -1 for an unreadable sample, never drawn).
 
-    `collection` and `stratum` give each sample index its collection and its stratum (indices into
-    `num_strata` names). Returns int64 arrays: drawn [C], distinct [C], drawn [C, S], distinct [C, S].
+    Returns int64 arrays: drawn [C], distinct [C], drawn_strata [C, S], distinct_strata [C, S].
     """
-    indices = np.asarray(indices, np.int64)
-    seen = np.unique(indices)
+    counts = np.asarray(counts, np.int64)
+    keep = stratum >= 0
+    flat = collection[keep] * num_strata + stratum[keep]
+    cells = num_collections * num_strata
 
-    def count(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        flat = collection[idx] * num_strata + stratum[idx]
-        cells = np.bincount(flat, minlength=num_collections * num_strata).reshape(num_collections, num_strata)
-        return cells.sum(1), cells
+    def table(weights: np.ndarray) -> np.ndarray:
+        return np.bincount(flat, weights=weights[keep], minlength=cells).astype(np.int64).reshape(-1, num_strata)
 
-    drawn, drawn_strata = count(indices)
-    distinct, distinct_strata = count(seen)
-    return {"drawn": drawn, "distinct": distinct, "drawn_strata": drawn_strata, "distinct_strata": distinct_strata}
+    drawn, distinct = table(counts), table((counts > 0).astype(np.int64))
+    return {"drawn": drawn.sum(1), "distinct": distinct.sum(1), "drawn_strata": drawn, "distinct_strata": distinct}
 
 
 # --------------------------------------------------------------------------- streamed collections

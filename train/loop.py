@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from tqdm import tqdm
@@ -96,6 +97,7 @@ class EpochResult:
     rank_steps: list[int]  # steps taken by each rank in this process (must all be equal)
     samples_seen: int = 0  # distinct train samples that went into a step, all ranks
     samples_repeated: int = 0  # steps' samples beyond the first sight of each
+    coverage: np.ndarray | None = None  # int64 [N]: how often each train sample went into a step, all ranks
 
     @property
     def images_per_s(self) -> float:
@@ -274,13 +276,14 @@ def _epoch_result(sums: _Sums, accelerator: Accelerator, made: int, seconds: flo
     """The epoch's figures over all ranks (collectives: every rank calls it once, after its last step)."""
     total = sums.reduced(accelerator)
     rank_steps = accelerator.gather(torch.tensor([made], device=accelerator.device)).tolist()
-    seen, repeated = 0, 0
+    seen, repeated, coverage = 0, 0, None
     if total.coverage is not None:
-        seen = int((total.coverage > 0).sum())
-        repeated = int(total.coverage.sum()) - seen
+        coverage = total.coverage.cpu().numpy().astype(np.int64)
+        seen = int((coverage > 0).sum())
+        repeated = int(coverage.sum()) - seen
     avg = max(total.seen, 1)
     return EpochResult(
-        total.loss_sum / avg, total.correct / avg, total.seen, seconds, wait_s, rank_steps, seen, repeated
+        total.loss_sum / avg, total.correct / avg, total.seen, seconds, wait_s, rank_steps, seen, repeated, coverage
     )
 
 

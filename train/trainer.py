@@ -35,7 +35,7 @@ from train.predictions import predict_split
 from train.presets import build_augment, build_split_loader, masks_used
 from train.ranks import check_shared_folder, every_rank_ok, on_rank0, rank0_decides
 from train.state import Position, TrainState
-from train.validation import choose, quick_metrics
+from train.validation import choose, per_collection, quick_metrics
 
 
 class RunError(RuntimeError):
@@ -253,8 +253,15 @@ def save_epoch(state: TrainState, card: ModelCard, out: Path, row: dict, improve
 
 
 def report_epoch(
-    accelerator: Accelerator, cfg: Config, row: dict, stopper: EarlyStopping, improved: bool, n_train: int, capped: bool
+    accelerator: Accelerator,
+    cfg: Config,
+    row: dict,
+    stopper: EarlyStopping,
+    improved: bool,
+    n_train: int,
+    partial: bool,
 ) -> None:
+    """The epoch's line (and the mix's); `partial`: an epoch not meant to see every sample (capped, or a mix)."""
     accelerator.print(
         f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
         f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f} f1 {row['val_macro_f1']:.3f} | "
@@ -262,12 +269,25 @@ def report_epoch(
         f"{row['train_samples_seen']}/{n_train} train samples"
         + ("  *best*" if improved else f"  ({stopper.bad_epochs}/{stopper.patience} without improvement)")
     )
-    if row["train_samples_seen"] < n_train and not capped:
+    if len(row.get("collections") or {}) > 1 or cfg.data.balance != "none":
+        accelerator.print("          " + mix_summary(row["collections"], row.get("val_collections")))
+    if row["train_samples_seen"] < n_train and not partial:
         accelerator.print(
             f"warning: epoch {row['epoch']} trained on {row['train_samples_seen']} of {n_train} train "
             "samples (corrupt shards were skipped: see the warnings above and "
             "`python -m sharding verify`)"
         )
+
+
+def mix_summary(collections: dict, val: dict | None) -> str:
+    """One line per epoch: each collection's draws, distinct films of its size, strata draws, val accuracy."""
+    parts = []
+    for name, c in collections.items():
+        strata = c["strata"]
+        shown = "" if list(strata) == ["all"] else " [" + " ".join(f"{k} {v['drawn']}" for k, v in strata.items()) + "]"
+        acc = f", val acc {val[name]['accuracy']:.3f}" if val and name in val else ""
+        parts.append(f"{name}: {c['drawn']} drawn, {c['distinct']}/{c['size']} distinct{shown}{acc}")
+    return " | ".join(parts)
 
 
 @dataclass
@@ -358,6 +378,11 @@ def run_epoch(run: Run, epoch: int, position: Position) -> tuple[dict, bool]:
     )
     scores = quick_metrics(val.labels, val.probs, len(run.data.classes))
     row = epoch_row(epoch, result, val, scores, state.optimizer.param_groups[0]["lr"])
+    train_loader = run.loaders["train"]
+    if result.coverage is not None:  # what each collection and stratum gave this epoch: the mix's proof
+        row["collections"] = train_loader.strata().composition(result.coverage, run.data.names)
+    if run.data.mixed:
+        row["val_collections"] = per_collection(val.labels, val.probs, val.collections, len(run.data.classes))
     improved = state.stopper.step(row[cfg.train.monitor], epoch)
     step_scheduler(state.scheduler, row[cfg.train.monitor])
     on_rank0(acc, lambda: record_epoch(run, val, row, improved), f"saving epoch {epoch} in {run.out}")
@@ -397,7 +422,8 @@ def fit(cfg: Config, accelerator: Accelerator) -> Run:
         if stopper.should_stop:
             break
         row, improved = run_epoch(run, epoch, position)
-        report_epoch(accelerator, run.cfg, row, stopper, improved, run.data.samples("train"), run.capped)
+        partial = run.capped or run.loaders["train"].mixed
+        report_epoch(accelerator, run.cfg, row, stopper, improved, run.data.samples("train"), partial)
     if stopper.should_stop:
         monitor = run.cfg.train.monitor
         accelerator.print(

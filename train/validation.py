@@ -37,6 +37,18 @@ def quick_metrics(labels: np.ndarray, probs: np.ndarray, n_classes: int) -> dict
     }
 
 
+def per_collection(labels: np.ndarray, probs: np.ndarray, collections: Sequence[str], n_classes: int) -> dict:
+    """`quick_metrics` of each collection's validation films, with their count."""
+    which = np.asarray(collections)
+    return {
+        name: {
+            "films": int((which == name).sum()),
+            **quick_metrics(labels[which == name], probs[which == name], n_classes),
+        }
+        for name in sorted(set(which.tolist()))
+    }
+
+
 def choose(labels: Sequence[int], probs: np.ndarray, classes: Sequence[str], target: float = 0.95) -> dict:
     """{class: {"youden": {threshold, sensitivity, specificity}, "target_sensitivity": {..., "target"}}}
     from validation predictions; classes without both positives and negatives are left out."""
