@@ -18,18 +18,22 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from pipeline.batch import Batch
+from pipeline.fast_tar import ShardFormatError
 from pipeline.read import ShardRef, load_shard_manifest, split_digest, split_shards
+from pipeline.resume import LoaderError
 from pipeline.urls import local_path
 from sharding.manifest import Manifest
 
 
-class CollectionError(ValueError):
+class CollectionError(LoaderError):
     """The collections cannot be read together (names, weights, classes, formats); the message says why."""
 
 
@@ -119,6 +123,46 @@ class CollectionSet:
         for i, m in enumerate(self.manifests):
             out[i, : len(m.classes)] = [self.classes.index(c) for c in m.classes]
         return out
+
+    def shared_labels(self, collection: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        """Labels of samples from the given collections, in the shared label space (-1 stays -1)."""
+        labels = np.asarray(labels, np.int64)
+        out = self.luts()[np.asarray(collection, np.int64), np.maximum(labels, 0)]
+        return np.where(labels < 0, -1, out)
+
+    def label(self, batches: Iterator[Batch], offsets: np.ndarray, pin: bool) -> Iterator[Batch]:
+        """Loader batches with their labels in the shared label space, each sample's collection name and, in a
+        mixed set, keys as `collection/key` (keys are unique within a collection only). `offsets`: the first
+        split index of each collection."""
+        luts, names = self.luts(), self.names
+        identity = not self.mixed and bool((luts[0] == np.arange(luts.shape[1])).all())
+        for batch in batches:
+            if identity:
+                batch.collections = [names[0]] * len(batch)
+                yield batch
+                continue
+            which = np.searchsorted(offsets, batch.indices.numpy(), side="right") - 1
+            labels = torch.from_numpy(luts[which, batch.labels.numpy()])
+            if (labels < 0).any():
+                raise ShardFormatError(f"a label past its collection's classes in {batch.keys}")
+            batch.labels = labels.pin_memory() if pin else labels
+            batch.collections = [names[i] for i in which.tolist()]
+            if self.mixed:
+                batch.keys = [f"{c}/{k}" for c, k in zip(batch.collections, batch.keys)]
+            yield batch
+
+    def check_split(self, split: str, train: bool, masks: bool | None) -> None:
+        """Refuse `masks=True` where a collection has none, and a training split some collection lacks."""
+        for c, m in zip(self.collections, self.manifests):
+            if masks and not m.masks:
+                raise CollectionError(
+                    f"masks=True but collection {c.name!r} has no masks (rebuild with --include-masks)"
+                )
+            if train and m.split(split).samples == 0:
+                raise CollectionError(
+                    f"split {split!r} of collection {c.name!r} ({c.shards}) has no samples: rebuild its shards from "
+                    "more images" + (", or leave it out of the mix" if self.mixed else "")
+                )
 
     def counts(self, split: str) -> list[list[int]]:
         """Per collection, its shards' sample counts in `split`."""

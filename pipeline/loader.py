@@ -1,48 +1,40 @@
 """`build_loader(...)` -> `ShardLoader`: host batches of one split for one rank, exact epochs, resumable.
 
-**Train** (see `pipeline.plan` for the exact contract): every epoch is a
-permutation of all N train samples padded to whole global batches (G = batch_size
-x world_size; fewer than G repeats, or `drop_last`), and every rank yields exactly
-`steps_per_epoch = ceil(N / G)` full batches.
-- Local or cached raw shards: a true global shuffle by (seed, epoch), the same
-  for any `num_workers`, and the same global batches for 2 x 16 as for 4 x 8.
-- Streamed shards (http, pipe, s3/gs without `cache_dir`, png, `fast=False`):
-  shard order permuted per epoch, contiguous pieces per (rank, worker), each
-  shuffled in windows of `shuffle_buffer` samples (a block shuffle).
-`set_epoch(e)` picks the epoch; `state_dict()` / `load_state_dict()` resume the
-same epoch at the next global batch (with any `num_workers` on the global plan).
+The contracts have their page in docs/pipeline.md; in short:
 
-**Val/test**: each sample exactly once across ranks (contiguous ranges, shards
-opened only where they overlap); the last batch of a worker may be partial, so
-ranks may differ in batch count: evaluation must not run a collective per batch.
+**Train**: every rank yields exactly `steps_per_epoch` full batches of each epoch.
+- One collection: a permutation of all N samples padded to whole global batches (G = batch_size x
+  world_size; fewer than G repeats, or `drop_last`) (`pipeline.plan`). Local or cached raw shards
+  shuffle globally by (seed, epoch), the same for any `num_workers` and for 2 x 16 as for 4 x 8;
+  streamed shards (http, pipe, s3/gs without `cache_dir`, png, `fast=False`) take contiguous pieces
+  per (rank, worker), shuffled in windows of `shuffle_buffer` samples (a block shuffle).
+- Several collections, `balance` or `epoch_samples`: the mixing plan (`pipeline.mix`), exact shares per
+  collection and stratum, draws continuing across epochs.
+`set_epoch(e)` picks the epoch; `state_dict()` / `load_state_dict()` resume it at the next global batch
+(with any `num_workers` on the global plan; `pipeline.resume` says what a state must share).
 
-**Rank splitting and devices are this package's job.** Pass `rank` and
-`world_size` (e.g. `accelerator.process_index`, `accelerator.num_processes`); do
-*not* hand the loader to `accelerate.prepare()`. Move batches with
-`batch.to(device, non_blocking=True)`; `pin_memory=True` pins them on CUDA.
+**Val/test**: each sample exactly once across ranks; ranks may differ in batch count, so evaluation
+must not run a collective per batch.
 
-**Corrupt shards.** Train: a shard that fails its checksum, its index walk or its
-read is skipped with a `RuntimeWarning` and counted (`loader.corrupt_shards`: a
-`CorruptReport`); steps per epoch do not change (other samples fill the batches).
-`strict=True` raises `ShardFormatError` instead. Val/test always raise it, naming
-the shard.
+**Rank splitting and devices are this package's job.** Pass `rank` and `world_size`; do *not* hand
+the loader to `accelerate.prepare()`. Move batches with `batch.to(device, non_blocking=True)`;
+`pin_memory=True` pins them on CUDA.
 
-**Memory** per rank, independent of the dataset size: the batch ring, workers x
-(prefetch_factor + 2) x batch bytes of shared memory (B x 89,401 B for 299^2
-images, x2 with masks: 22.9 MB at B=256); the global plan's table (~100 B per
-sample) over the mmapped page cache; on the stream plan one window of
-`shuffle_buffer` samples per worker (179 MB at 2000 without masks).
-`loader.shared_memory_bytes` gives the ring's size before it is built;
-`shared_memory=False` builds no ring (batches cross from the workers pickled in
-ordinary memory), for containers with a small /dev/shm.
+**Corrupt shards.** Train: a shard that fails its checksum, index walk or read is skipped with a
+`RuntimeWarning` and counted (`loader.corrupt_shards`); steps per epoch do not change. `strict=True`
+raises `ShardFormatError` instead. Val/test always raise it, naming the shard.
+
+**Memory** per rank, independent of the dataset size: the batch ring, workers x (prefetch_factor + 2)
+x batch bytes of /dev/shm (B x 89,401 B for 299^2 images, x2 with masks: 22.9 MB at B=256;
+`loader.shared_memory_bytes`, or `shared_memory=False` for none); the global plan's table (~100 B per
+sample) over the mmapped page cache; on the stream plan one window of `shuffle_buffer` samples per
+worker (179 MB at 2000 without masks).
 """
 
 from __future__ import annotations
 
 import math
-import traceback
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +45,7 @@ from pipeline import plan
 from pipeline.batch import Batch
 from pipeline.collection import Collection, CollectionSet, open_collections
 from pipeline.fast_tar import ShardFormatError
-from pipeline.mix import Mix, StreamMix, composition
+from pipeline.mix import Mix, StreamMix
 from pipeline.read import (
     CorruptCounter,
     CorruptReport,
@@ -66,21 +58,14 @@ from pipeline.read import (
     random_access,
     skip_or_raise,
 )
-from pipeline.ring import BatchRing, from_ring, ring_bytes
+from pipeline.resume import STATE_VERSION, LoaderError, LoaderStateError, check_resumable
+from pipeline.ring import BatchRing, from_ring, release_on_error, ring_bytes
+from pipeline.strata import BALANCE, Strata, strata_of
 from pipeline.streams import EpochSpan, IndexedStream, SampleTable, SequentialStream, ShardSet
 from pipeline.urls import local_path
 from sharding.manifest import Manifest
 
 TRAIN = "train"
-STATE_VERSION = 1
-
-
-class LoaderError(ValueError):
-    """A loader cannot be built as asked (arguments, an empty split); the message says why."""
-
-
-class LoaderStateError(LoaderError):
-    """A loader state (mid-epoch resume) belongs to another shard set, seed, batch or layout."""
 
 
 class ShardLoader:
@@ -191,25 +176,7 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue epoch `state['epoch']` at global batch `state['step']` on the next iteration."""
-        mine = self.state_dict()
-        keys = ["version", "split", "seed", "global_batch", "drop_last", "shards", "plan"]
-        keys += ["layout"] if self.plan == "stream" else []
-        keys += ["mix"] if self.mixed or "mix" in state else []
-        diffs = [
-            f"{k}: state has {state.get(k)!r}, this loader has {mine.get(k)!r}"
-            for k in keys
-            if state.get(k) != mine.get(k)
-        ]
-        if diffs:
-            hint = (
-                " (streamed shards: resume with the same ranks and data workers, or set a cache_dir for the "
-                "worker-independent global shuffle)"
-                if "layout" in " ".join(diffs)
-                else ""
-            )
-            raise LoaderStateError("cannot resume this loader from that state: " + "; ".join(diffs) + hint)
-        if not 0 <= int(state["step"]) <= self.steps_per_epoch:
-            raise LoaderStateError(f"state step {state['step']} is outside 0..{self.steps_per_epoch}")
+        check_resumable(state, self.state_dict(), self.steps_per_epoch)
         self.epoch, self._start, self._done = int(state["epoch"]), int(state["step"]), int(state["step"])
 
     def _g(self) -> tuple[int, bool]:
@@ -267,27 +234,9 @@ class ShardLoader:
             **kwargs,
         )
         pin = self.pin_memory and torch.cuda.is_available()
-        return _release_on_error(self._in_order(self._labelled(from_ring(loader, ring, pin), pin), span))
-
-    def _labelled(self, batches: Iterator[Batch], pin: bool) -> Iterator[Batch]:
-        """Each batch's labels in the shared label space, its samples' collection names, and in a mixed set
-        their keys as `collection/key`."""
-        names = self.collections.names
-        identity = not self.collections.mixed and bool((self.luts[0] == np.arange(self.luts.shape[1])).all())
-        for batch in batches:
-            if identity:
-                batch.collections = [names[0]] * len(batch)
-                yield batch
-                continue
-            which = np.searchsorted(self.offsets, batch.indices.numpy(), side="right") - 1
-            labels = torch.from_numpy(self.luts[which, batch.labels.numpy()])
-            if (labels < 0).any():
-                raise ShardFormatError(f"a label past its collection's classes in {batch.keys}")
-            batch.labels = labels.pin_memory() if pin else labels
-            batch.collections = [names[i] for i in which.tolist()]
-            if self.collections.mixed:  # keys are unique within a collection only
-                batch.keys = [f"{c}/{k}" for c, k in zip(batch.collections, batch.keys)]
-            yield batch
+        return release_on_error(
+            self._in_order(self.collections.label(from_ring(loader, ring, pin), self.offsets, pin), span)
+        )
 
     def _in_order(self, batches: Iterator[Batch], span: EpochSpan) -> Iterator[Batch]:
         """Train: check each batch is the next step (the plan's promise) and track progress for state_dict."""
@@ -350,27 +299,17 @@ class ShardLoader:
 
         Streamed shards have no strata before they are read: there every collection is one stratum.
         """
-        if self._strata is not None:
-            return self._strata
-        which = np.repeat(np.arange(len(self.sizes)), self.sizes)
-        if self.plan != "global":
-            self._strata = Strata(["all"], which, np.zeros(len(which), np.int64), self.nominal_mix())
-            return self._strata
-        table, valid = self._global_table()
-        keys = np.array(
-            [
-                stratum_key(self.balance, self.collections.classes[self.luts[c, label]] if label >= 0 else "", p.source)
-                for c, label, p in zip(which.tolist(), table.labels.tolist(), table.provenance)
-            ],
-            dtype=object,
-        )
-        readable = keys if valid is None else keys[valid]
-        names = sorted(set(readable.tolist()))
-        lookup = {k: i for i, k in enumerate(names)}
-        ids = np.array([lookup.get(k, -1) for k in keys.tolist()], np.int64)
-        weights = [c.weight for c in self.collections.collections]
-        parts = tuple(ids[self.offsets[i] : self.offsets[i + 1]] for i in range(len(self.sizes)))
-        self._strata = Strata(names, which, ids, Mix(tuple(self.sizes), tuple(weights), parts, self.epoch_samples))
+        if self._strata is None:
+            weights = [c.weight for c in self.collections.collections]
+            if self.plan != "global":
+                self._strata = Strata.unbalanced(self.sizes, weights, self.epoch_samples)
+            else:
+                table, valid = self._global_table()
+                which = np.repeat(np.arange(len(self.sizes)), self.sizes)
+                labels = self.collections.shared_labels(which, table.labels)
+                sources = [p.source for p in table.provenance]
+                names = [self.collections.classes[i] if i >= 0 else "" for i in labels.tolist()]
+                self._strata = strata_of(self.balance, self.sizes, weights, self.epoch_samples, names, sources, valid)
         return self._strata
 
     def _global_table(self) -> tuple[SampleTable, np.ndarray | None]:
@@ -396,61 +335,20 @@ class ShardLoader:
         return self._table[1], valid
 
 
-def stratum_key(balance: str, cls: str, source: str) -> str:
-    """The stratum a sample balances in: its class, its source, both, or "all" (no balancing)."""
-    return {"none": "all", "class": cls, "source": source, "source_class": f"{source}/{cls}"}[balance]
-
-
-@dataclass(frozen=True)
-class Strata:
-    """Train samples by collection and stratum: what the mix balances and what each epoch's counts report."""
-
-    names: list[str]  # stratum names, sorted
-    collection: np.ndarray  # int64 [N]: each sample's collection
-    stratum: np.ndarray  # int64 [N]: each sample's stratum (index into names; -1 when unreadable)
-    mix: Mix
-
-    def composition(self, counts: np.ndarray, names: Sequence[str]) -> dict:
-        """{collection: {drawn, distinct, size, strata: {stratum: {drawn, distinct, size}}}} from how often each
-        train sample was drawn (`counts`, int [N]): what an epoch's metrics line reports."""
-        c, s = len(names), len(self.names)
-        got = composition(counts, self.collection, self.stratum, c, s)
-        size = composition(np.ones(len(self.collection), np.int64), self.collection, self.stratum, c, s)
-        return {
-            name: {
-                "drawn": int(got["drawn"][i]),
-                "distinct": int(got["distinct"][i]),
-                "size": int(size["drawn"][i]),
-                "strata": {
-                    stratum: {
-                        "drawn": int(got["drawn_strata"][i, j]),
-                        "distinct": int(got["distinct_strata"][i, j]),
-                        "size": int(size["drawn_strata"][i, j]),
-                    }
-                    for j, stratum in enumerate(self.names)
-                    if size["drawn_strata"][i, j]
-                },
-            }
-            for i, name in enumerate(names)
-        }
-
-
-def _release_on_error(batches: Iterator[Batch]) -> Iterator[Batch]:
-    """Re-raise a loader error without keeping the failed DataLoader alive.
-
-    The traceback's finished frames hold the DataLoader iterator. Left there, it
-    dies in a later gc pass, after multiprocessing has finalized its queues, so
-    the "stop" message never reaches the workers and each one costs the 5 s join
-    timeout. Clearing those frames' locals shuts the workers down now.
-    """
-    try:
-        yield from batches
-    except Exception as exc:
-        traceback.clear_frames(exc.__traceback__)
-        raise
-
-
-BALANCE = ("none", "class", "source", "source_class")
+def check_arguments(
+    batch_size: int, rank: int, world_size: int, num_workers: int, balance: str, epoch_samples: int | None
+) -> None:
+    """`build_loader`'s numbers and choices, before any shard is opened (LoaderError naming the argument)."""
+    if batch_size < 1:
+        raise LoaderError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise LoaderError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    if num_workers < 0:
+        raise LoaderError(f"num_workers must be >= 0, got {num_workers}")
+    if balance not in BALANCE:
+        raise LoaderError(f"balance must be one of {list(BALANCE)}, got {balance!r}")  # strata.BALANCE
+    if epoch_samples is not None and epoch_samples < 1:
+        raise LoaderError(f"epoch_samples must be >= 1 (or None: every sample once), got {epoch_samples}")
 
 
 def build_loader(
@@ -481,48 +379,26 @@ def build_loader(
 ) -> ShardLoader:
     """A `ShardLoader` over `split` of the shards at `shards` (folder, file:, http(s)://, gs://, s3:// prefix).
 
-    `shards` may also be several collections (`pipeline.collection`): a list of paths or of dicts with
-    `path`, `weight` and `name`, or an opened `CollectionSet`; `classes` pins their shared label order.
-    `balance` (none, class, source, source_class) gives each stratum of a collection an equal share
-    of its draws, and `epoch_samples` sets a train epoch's length (default: every sample once); either,
-    or several collections, switch the train split to the mixing plan (`pipeline.mix`).
-    `shuffle_buffer` sizes the stream plan's shuffle windows (samples per worker);
-    `drop_last` cuts each train epoch to whole global batches instead of padding.
-    `fast=False` forces webdataset's generic decode path; `allow_pipe=False` (or env
-    RADSTREAM_ALLOW_PIPE=0) refuses pipe:/gs:/s3 URLs. `verify_checksums` hashes each
-    local (or cached) raw shard once against the manifest before reading it.
-    `masks`: None yields the shards' masks when they have them; False leaves them
-    unread (half the bytes to copy and move to the device when nothing uses them).
-    `train`: None gives the train split the training order (shuffled, padded to
-    equal steps) and every other split the evaluation order (each sample once
-    across ranks); False reads the train split in evaluation order too.
-    `shared_memory=False`: no batch ring in /dev/shm; workers send batches pickled
-    in ordinary memory (for containers with a small /dev/shm).
+    `shards` may also be several collections (a list of paths or of dicts with `path`, `weight`, `name`, or a
+    `CollectionSet`; `classes` pins their label order). `balance` (none, class, source, source_class) gives
+    each stratum of a collection an equal share of its draws and `epoch_samples` sets a train epoch's
+    length; either, or several collections, select the mixing plan (`pipeline.mix`).
+    `shuffle_buffer`: the stream plan's shuffle window (samples per worker). `drop_last` cuts each train
+    epoch to whole global batches instead of padding. `fast=False` forces webdataset's generic decode;
+    `allow_pipe=False` (or RADSTREAM_ALLOW_PIPE=0) refuses pipe:/gs:/s3 URLs. `verify_checksums` hashes
+    each local (or cached) raw shard once against its manifest. `masks`: None yields them when the shards
+    have them, False leaves them unread. `train`: None gives the train split the training order and the
+    others the evaluation order (each sample once across ranks); False reads train in evaluation order.
+    `shared_memory=False`: no batch ring in /dev/shm (batches pickled in ordinary memory).
     """
-    if batch_size < 1:
-        raise LoaderError(f"batch_size must be >= 1, got {batch_size}")
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise LoaderError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    if num_workers < 0:
-        raise LoaderError(f"num_workers must be >= 0, got {num_workers}")
-    if balance not in BALANCE:
-        raise LoaderError(f"balance must be one of {list(BALANCE)}, got {balance!r}")
-    if epoch_samples is not None and epoch_samples < 1:
-        raise LoaderError(f"epoch_samples must be >= 1 (or None: every sample once), got {epoch_samples}")
+    check_arguments(batch_size, rank, world_size, num_workers, balance, epoch_samples)
     collections = (
         shards
         if isinstance(shards, CollectionSet)
         else open_collections(shards, classes, None if manifest is None else [manifest])
     )
     train = split == TRAIN if train is None else train
-    for c, m in zip(collections.collections, collections.manifests):
-        if masks and not m.masks:
-            raise LoaderError(f"masks=True but collection {c.name!r} has no masks (rebuild with --include-masks)")
-        if train and m.split(split).samples == 0:
-            raise LoaderError(
-                f"split {split!r} of collection {c.name!r} ({c.shards}) has no samples: rebuild its shards from more "
-                "images" + (", or leave it out of the mix" if collections.mixed else "")
-            )
+    collections.check_split(split, train, masks)
     first = collections.manifest
     spec = ReadSpec(
         encoding=first.encoding,

@@ -24,6 +24,7 @@ import math
 import multiprocessing as mp
 import shutil
 import time
+import traceback
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -237,3 +238,18 @@ def from_ring(items, ring: BatchRing | None, pin: bool) -> Iterator[Batch]:
             step=item.step,
             provenance=item.provenance,
         )
+
+
+def release_on_error(batches: Iterator[Batch]) -> Iterator[Batch]:
+    """Re-raise a loader error without keeping the failed DataLoader alive.
+
+    The traceback's finished frames hold the DataLoader iterator. Left there, it
+    dies in a later gc pass, after multiprocessing has finalized its queues, so
+    the "stop" message never reaches the workers and each one costs the 5 s join
+    timeout. Clearing those frames' locals shuts the workers down now.
+    """
+    try:
+        yield from batches
+    except Exception as exc:
+        traceback.clear_frames(exc.__traceback__)
+        raise
