@@ -124,31 +124,38 @@ class CollectionSet:
             out[i, : len(m.classes)] = [self.classes.index(c) for c in m.classes]
         return out
 
-    def shared_labels(self, collection: np.ndarray, labels: np.ndarray) -> np.ndarray:
-        """Labels of samples from the given collections, in the shared label space (-1 stays -1)."""
-        labels = np.asarray(labels, np.int64)
-        out = self.luts()[np.asarray(collection, np.int64), np.maximum(labels, 0)]
-        return np.where(labels < 0, -1, out)
+    def in_shared_space(self, table, sizes: Sequence[int]):
+        """A global-plan `SampleTable` (samples numbered collection by collection) with its labels in the shared
+        label space and, in a mixed set, its keys as `collection/key`: mapped once, not per batch."""
+        which = np.repeat(np.arange(len(sizes)), sizes)
+        labels = np.asarray(table.labels, np.int64)
+        mapped = np.where(labels < 0, -1, self.luts()[which, np.maximum(labels, 0)])  # -1: an unreadable shard
+        if ((mapped < 0) & (labels >= 0)).any():
+            raise ShardFormatError("a label past its collection's classes in the train shards")
+        keys = [f"{self.names[c]}/{k}" for c, k in zip(which.tolist(), table.keys)] if self.mixed else table.keys
+        return replace(table, labels=mapped, keys=keys)
 
-    def label(self, batches: Iterator[Batch], offsets: np.ndarray, pin: bool) -> Iterator[Batch]:
+    def label(self, batches: Iterator[Batch], offsets: np.ndarray, pin: bool, mapped: bool = False) -> Iterator[Batch]:
         """Loader batches with their labels in the shared label space, each sample's collection name and, in a
         mixed set, keys as `collection/key` (keys are unique within a collection only). `offsets`: the first
-        split index of each collection."""
-        luts, names = self.luts(), self.names
+        split index of each collection; `mapped`: labels and keys are already (`in_shared_space`)."""
+        luts, names = self.luts(), np.array(self.names, dtype=object)
+        prefixes = np.array([f"{n}/" for n in self.names], dtype=object)
         identity = not self.mixed and bool((luts[0] == np.arange(luts.shape[1])).all())
-        for batch in batches:
-            if identity:
-                batch.collections = [names[0]] * len(batch)
-                yield batch
-                continue
-            which = np.searchsorted(offsets, batch.indices.numpy(), side="right") - 1
-            labels = torch.from_numpy(luts[which, batch.labels.numpy()])
-            if (labels < 0).any():
-                raise ShardFormatError(f"a label past its collection's classes in {batch.keys}")
-            batch.labels = labels.pin_memory() if pin else labels
-            batch.collections = [names[i] for i in which.tolist()]
-            if self.mixed:
-                batch.keys = [f"{c}/{k}" for c, k in zip(batch.collections, batch.keys)]
+        for batch in batches:  # vectorised: this runs in the main process, once per batch
+            if not self.mixed:
+                batch.collections = [self.names[0]] * len(batch)
+            else:
+                which = np.searchsorted(offsets, batch.indices.numpy(), side="right") - 1
+                batch.collections = names[which].tolist()
+            if not (mapped or identity):
+                which = np.searchsorted(offsets, batch.indices.numpy(), side="right") - 1
+                labels = luts[which, batch.labels.numpy()]
+                if (labels < 0).any():
+                    raise ShardFormatError(f"a label past its collection's classes in {batch.keys}")
+                batch.labels = torch.from_numpy(labels).pin_memory() if pin else torch.from_numpy(labels)
+                if self.mixed:
+                    batch.keys = (prefixes[which] + np.array(batch.keys, dtype=object)).tolist()
             yield batch
 
     def check_split(self, split: str, train: bool, masks: bool | None) -> None:

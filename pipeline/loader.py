@@ -235,7 +235,10 @@ class ShardLoader:
         )
         pin = self.pin_memory and torch.cuda.is_available()
         return release_on_error(
-            self._in_order(self.collections.label(from_ring(loader, ring, pin), self.offsets, pin), span)
+            self._in_order(
+                self.collections.label(from_ring(loader, ring, pin), self.offsets, pin, mapped=self.plan == "global"),
+                span,
+            )
         )
 
     def _in_order(self, batches: Iterator[Batch], span: EpochSpan) -> Iterator[Batch]:
@@ -305,8 +308,7 @@ class ShardLoader:
                 self._strata = Strata.unbalanced(self.sizes, weights, self.epoch_samples)
             else:
                 table, valid = self._global_table()
-                which = np.repeat(np.arange(len(self.sizes)), self.sizes)
-                labels = self.collections.shared_labels(which, table.labels)
+                labels = table.labels  # already in the shared label space
                 sources = [p.source for p in table.provenance]
                 names = [self.collections.classes[i] if i >= 0 else "" for i in labels.tolist()]
                 self._strata = strata_of(self.balance, self.sizes, weights, self.epoch_samples, names, sources, valid)
@@ -322,7 +324,8 @@ class ShardLoader:
         for i in bad:
             skip_or_raise(self.spec, self.counter, self.urls[i], self.counts[i], ShardFormatError(self._index[i].error))
         if self._table is None or any(a is not b for a, b in zip(self._table[0], self._index)):
-            self._table = (list(self._index), SampleTable.from_index(self._index, self.counts))
+            table = self.collections.in_shared_space(SampleTable.from_index(self._index, self.counts), self.sizes)
+            self._table = (list(self._index), table)
         if not bad:
             return self._table[1], None
         ends = np.cumsum(self.counts)

@@ -117,18 +117,19 @@ class Mix:
 
     def draws(self, global_batch: int, drop_last: bool = False, valid: np.ndarray | None = None) -> np.ndarray:
         """n_i: each collection's draws per epoch (a collection with nothing readable gets none)."""
-        weights = [w if any(len(p) for p in pools) else 0.0 for w, pools in zip(self.weights, self.pools(valid))]
-        return allocate(self.steps(global_batch, drop_last) * global_batch, weights)
+        return self.sampler(global_batch, drop_last, valid).draws
+
+    def sampler(self, global_batch: int, drop_last: bool = False, valid: np.ndarray | None = None) -> MixSampler:
+        """What every epoch of this mix shares (pools, draws), computed once: `MixSampler.order(seed, epoch)`."""
+        pools = self.pools(valid)
+        weights = [w if any(len(p) for p in strata) else 0.0 for w, strata in zip(self.weights, pools)]
+        return MixSampler(pools, allocate(self.steps(global_batch, drop_last) * global_batch, weights))
 
     def epoch_order(
         self, seed: int, epoch: int, global_batch: int, drop_last: bool = False, valid: np.ndarray | None = None
     ) -> np.ndarray:
         """int64 [steps * G]: the sample of every slot of every global batch of `epoch`."""
-        pools = self.pools(valid)
-        n = self.draws(global_batch, drop_last, valid)
-        parts = [collection_draws(pools[i], epoch * int(n[i]), int(n[i]), (seed, i)) for i in range(len(pools))]
-        order = np.concatenate(parts)
-        return order[seeds.rng(seed, epoch, seeds.MIX_ORDER).permutation(len(order))]
+        return self.sampler(global_batch, drop_last, valid).order(seed, epoch)
 
     def cursors(self, epoch: int, global_batch: int, drop_last: bool = False) -> list[int]:
         """Each collection's draws before `epoch`: where its sequence stands when the epoch starts."""
@@ -137,6 +138,21 @@ class Mix:
     def collection_of(self, indices: np.ndarray) -> np.ndarray:
         """The collection of each sample index."""
         return np.searchsorted(self.offsets, np.asarray(indices, np.int64), side="right") - 1
+
+
+@dataclass(frozen=True)
+class MixSampler:
+    """A mix's per-collection strata (readable samples) and draws per epoch: each epoch's order from them."""
+
+    pools: list[list[np.ndarray]]
+    draws: np.ndarray
+
+    def order(self, seed: int, epoch: int) -> np.ndarray:
+        """int64 [steps * G]: the sample of every slot of every global batch of `epoch`."""
+        n = self.draws
+        parts = [collection_draws(p, epoch * int(n[i]), int(n[i]), (seed, i)) for i, p in enumerate(self.pools)]
+        order = np.concatenate(parts)
+        return order[seeds.rng(seed, epoch, seeds.MIX_ORDER).permutation(len(order))]
 
 
 def composition(
@@ -244,6 +260,7 @@ def stream_windows(
 
 __all__ = [
     "Mix",
+    "MixSampler",
     "StreamMix",
     "allocate",
     "collection_draws",

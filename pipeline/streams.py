@@ -151,21 +151,21 @@ class IndexedStream(IterableDataset):
         self.image_size, self.masks, self.span, self.ring, self.mix = image_size, masks, span, ring, mix
         g = batch_size * world_size
         self.steps = plan.steps_per_epoch(n, g, drop_last) if mix is None else mix.steps(g, drop_last)
-
-    def order(self, epoch: int) -> np.ndarray:
-        """The epoch's global order: `pipeline.plan.epoch_order`, or the mix's (`pipeline.mix`)."""
-        g = self.batch_size * self.world_size
-        if self.mix is not None:
-            return self.mix.epoch_order(self.seed, epoch, g, self.drop_last, self.valid)
-        return plan.epoch_order(self.n, self.seed, epoch, g, self.drop_last, self.valid)
+        # each epoch's global order (`pipeline.plan.epoch_order`, or the mix's), worked out once here in the
+        # main process rather than once per worker
+        mixer = mix.sampler(g, drop_last, valid) if mix is not None else None
+        self.orders = [
+            mixer.order(seed, epoch) if mixer is not None else plan.epoch_order(n, seed, epoch, g, drop_last, valid)
+            for epoch in span.epochs
+        ]
 
     def __iter__(self):
         worker, num_workers = _worker()
         ring = self.ring if get_worker_info() is not None else None
         maps = _ShardMaps(self.table)
         t = self.table
-        for epoch, first, role in self.span.roles(worker, num_workers, self.steps):
-            mine = plan.rank_batches(self.order(epoch), self.rank, self.batch_size, self.world_size)
+        for (_, first, role), order in zip(self.span.roles(worker, num_workers, self.steps), self.orders):
+            mine = plan.rank_batches(order, self.rank, self.batch_size, self.world_size)
             for step in plan.worker_steps(self.steps, role, num_workers, first):
                 idx = mine[step]
                 mem = BatchMemory(len(idx), self.image_size, self.masks, ring, worker)

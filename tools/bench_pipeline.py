@@ -9,6 +9,11 @@ Measures images/s on the same train samples, with shuffling on (as in training):
   decode + to_tuple + batched, WebLoader);
 - `radstream`: this package's host path (`build_loader(...)`, train split: exact
   epochs with the global shuffle, consecutive epochs through the same workers);
+- `radstream_mixed`: the same train shards as three collections (a third of the
+  shards each, equal weights) through the mixing plan (`pipeline.mix`): what exact
+  weighted mixing costs against one collection of the same total size (needs at
+  least three train shards; build with a smaller `--shard-size` otherwise); it
+  alternates with `radstream`, best of `--repeats` each;
 - `memmap_bound`: batched copy of the same bytes out of one `.npy` memmap in
   shuffled index order (in-process; the copy a loader cannot avoid), measured
   before and after the other figures of a row, the larger kept;
@@ -39,6 +44,7 @@ import platform
 import shutil
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -48,10 +54,18 @@ from pipeline.augment import DEFAULT_WARP, DeviceAugment
 from pipeline.loader import build_loader
 from pipeline.samples import read_samples
 from pipeline.urls import open_url
-from sharding.manifest import load_manifest
+from sharding.manifest import SplitInfo, load_manifest, write_manifest
 from tools.bench_peers import bench_litdata, bench_mosaic, cycle, rate
 
-METHODS = ("original", "webdataset_generic", "radstream", "memmap_bound", "litdata", "mosaic_streaming")
+METHODS = (
+    "original",
+    "webdataset_generic",
+    "radstream",
+    "radstream_mixed",
+    "memmap_bound",
+    "litdata",
+    "mosaic_streaming",
+)
 
 
 # --- (a) the original project's approach -------------------------------------------------------
@@ -142,6 +156,35 @@ def bench_webdataset(urls: list[str], batch_size: int, workers: int, batches: in
 def bench_radstream(shards: Path, batch_size: int, workers: int, batches: int, warmup: int, shuffle: int) -> float:
     loader = build_loader(shards, "train", batch_size=batch_size, num_workers=workers, shuffle_buffer=shuffle)
     # consecutive exact epochs through the same workers: a steady-state figure with the global shuffle on
+    return rate(loader.iter_epochs(math.ceil((batches + warmup) / loader.steps_per_epoch) + 1), batches, warmup)
+
+
+def split_collections(shards: Path, manifest, work: Path, parts: int = 3) -> list[dict] | None:
+    """The train shards as `parts` collections (symlinked folders, each with its manifest); None with fewer shards."""
+    train = manifest.split("train").shards
+    if len(train) < parts:
+        return None
+    out = []
+    for k in range(parts):
+        mine = train[k::parts]
+        folder = work / f"collection_{k}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for info in mine:
+            link = folder / info.name
+            if not link.exists():
+                link.symlink_to((shards / info.name).resolve())
+        counts = tuple(sum(i.class_counts[c] for i in mine) for c in range(len(manifest.classes)))
+        empty = SplitInfo((), (0,) * len(manifest.classes))
+        splits = {"train": SplitInfo(tuple(mine), counts), "val": empty, "test": empty}
+        write_manifest(replace(manifest, splits=splits), folder)
+        out.append({"path": str(folder), "name": f"part{k}"})
+    return out
+
+
+def bench_radstream_mixed(
+    collections: list[dict], batch_size: int, workers: int, batches: int, warmup: int, shuffle: int
+) -> float:
+    loader = build_loader(collections, "train", batch_size=batch_size, num_workers=workers, shuffle_buffer=shuffle)
     return rate(loader.iter_epochs(math.ceil((batches + warmup) / loader.steps_per_epoch) + 1), batches, warmup)
 
 
@@ -265,8 +308,19 @@ def measure_row(args, manifest, images, labels, npy: Path, work: Path, workers: 
     urls = manifest.shard_urls("train", shards)
     row["webdataset_generic"] = bench_webdataset(urls, b, workers, n, warm, args.shuffle)
     print(f"webdataset_generic  {row['webdataset_generic']:10.0f} img/s")
-    row["radstream"] = bench_radstream(shards, b, workers, n, warm, args.shuffle)
+    # radstream and radstream_mixed alternate, best of --repeats each: their ratio is what the mix costs
+    parts = split_collections(shards, manifest, work)
+    single, mixed = [], []
+    for _ in range(args.repeats):
+        single.append(bench_radstream(shards, b, workers, n, warm, args.shuffle))
+        if parts:
+            mixed.append(bench_radstream_mixed(parts, b, workers, n, warm, args.shuffle))
+    row["radstream"], row["radstream_mixed"] = max(single), max(mixed) if mixed else None
     print(f"radstream           {row['radstream']:10.0f} img/s")
+    if parts:
+        print(f"radstream_mixed     {row['radstream_mixed']:10.0f} img/s (3 collections)")
+    else:
+        print("radstream_mixed     skipped: fewer than 3 train shards (build with a smaller --shard-size)")
     # the bound is taken twice (before and after) and the larger kept: a conservative ratio on a busy machine
     row["memmap_bound"] = max(bound_before, bench_memmap(npy, b, n, warm))
     print(f"memmap_bound        {row['memmap_bound']:10.0f} img/s")
@@ -283,6 +337,7 @@ def ratios(img_per_s: dict) -> dict:
             "radstream_vs_memmap_bound": r / row["memmap_bound"],
             "radstream_vs_original": r / row["original"],
             "radstream_vs_webdataset_generic": r / row["webdataset_generic"],
+            **({"mixed_vs_radstream": row["radstream_mixed"] / r} if row.get("radstream_mixed") else {}),
             **{f"radstream_vs_{p}": r / row[p] for p in ("litdata", "mosaic_streaming") if row.get(p)},
         }
     if "workers_1" in img_per_s and "workers_2" in img_per_s:
@@ -310,6 +365,7 @@ def run(args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "batches": args.batches,
         "warmup": args.warmup,
+        "repeats": args.repeats,
         "shuffle_buffer": args.shuffle,
         "train_samples": int(len(labels)),
         "shards": str(shards),
@@ -349,7 +405,9 @@ def table(results: dict) -> str:
         lines.append(
             f"\n{c}: radstream = {r['radstream_vs_memmap_bound']:.0%} of the memmap bound, "
             f"{r['radstream_vs_original']:.0f}x original, {r['radstream_vs_webdataset_generic']:.1f}x "
-            "webdataset generic" + "".join(f", {r[k]:.1f}x {k[13:]}" for k in r if k.endswith(("litdata", "streaming")))
+            "webdataset generic"
+            + "".join(f", {r[k]:.1f}x {k[13:]}" for k in r if k.endswith(("litdata", "streaming")))
+            + (f"; 3 mixed collections = {r['mixed_vs_radstream']:.1%} of one" if "mixed_vs_radstream" in r else "")
         )
     if "radstream_2_vs_1_workers" in results["ratios"]:
         lines.append(f"radstream 2 workers / 1 worker: {results['ratios']['radstream_2_vs_1_workers']:.2f}x")
@@ -370,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--batches", type=int, default=40, help="timed batches per figure")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="radstream and radstream_mixed: best of this many")
     parser.add_argument("--shuffle", type=int, default=2000, help="shuffle buffer (samples)")
     parser.add_argument("--work", default=None, help="scratch folder for peer formats (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")

@@ -40,5 +40,7 @@ def test_bench_smoke(tiny_shards, phantom_raw, tmp_path, capsys):
     row = data["img_per_s"]["workers_0"]
     assert set(row) == set(bench.METHODS)
     assert row["radstream"] > 0 and row["memmap_bound"] > 0 and row["litdata"] is None
+    assert row["radstream_mixed"] > 0  # the 4 train shards as 3 collections, in the same run
+    assert data["ratios"]["workers_0"]["mixed_vs_radstream"] == row["radstream_mixed"] / row["radstream"]
     assert data["augment"]["batch_per_s"] > 0 and data["machine"]["cpu_count"]
     assert "| radstream |" in capsys.readouterr().out
