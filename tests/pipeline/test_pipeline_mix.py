@@ -124,6 +124,22 @@ def test_balanced_strata_share_each_collection_equally(m, strata):
             assert set(seen[members].tolist()) <= floor_ceil(drawn, len(members))
 
 
+def test_the_worked_example_of_docs_pipeline():
+    """docs/pipeline.md's arithmetic: A 1,000 films and B 200, weight 1 each, G = 64."""
+    mix = Mix.unbalanced([1000, 200], [1, 1])
+    assert mix.steps(64) == 19 and mix.draws(64).tolist() == [608, 608]
+    first = counts_of([mix.epoch_order(0, 0, 64)], 1200)
+    assert Counter(first[:1000].tolist()) == {1: 608, 0: 392}
+    assert Counter(first[1000:].tolist()) == {4: 8, 3: 192}
+    five = counts_of([mix.epoch_order(0, e, 64) for e in range(5)], 1200)
+    assert Counter(five[:1000].tolist()) == {4: 40, 3: 960}
+    assert Counter(five[1000:].tolist()) == {16: 40, 15: 160}
+    classes = np.repeat(np.arange(4), [50, 150, 200, 600])  # A's classes; B one stratum
+    balanced = Mix((1000, 200), (1, 1), (classes, np.zeros(200, np.int64)))
+    drawn = counts_of([balanced.epoch_order(0, 0, 64)], 1200)[:1000]
+    assert [int(drawn[classes == c].sum()) for c in range(4)] == [152] * 4
+
+
 def test_the_order_depends_on_seed_and_epoch_only():
     mix = Mix.unbalanced([30, 10, 5], [1, 1, 2])
     a = mix.epoch_order(0, 2, 8)
