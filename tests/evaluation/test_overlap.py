@@ -187,3 +187,28 @@ def test_film_hashes_decode_the_image_when_the_json_has_no_phash(phantom_shards,
         "latin-1"
     )
     assert film_hashes([str(t) for t in tars]).phash == film_hashes(sorted(phantom_shards.glob("train-*.tar"))).phash
+
+
+def test_a_mixed_sets_films_are_named_collection_slash_key_and_read_back(tmp_path):
+    """Two collections whose keys collide: their films stay apart (`collection/key`), and reading a film's
+    image finds it under its key inside its own shard; the reference films of a mixed run are every
+    collection's train and val films, once the run's train digest matches."""
+    from evaluation.audits.overlap import film_images
+    from pipeline.collection import open_collections
+
+    from helpers.indexed_shards import image_index, write_shards
+
+    layout = {"train": [3], "val": [2], "test": [2]}
+    write_shards(tmp_path / "a", layout)
+    write_shards(tmp_path / "b", layout, start=0)  # the same keys s00000.. as a
+    spec = [str(tmp_path / "a"), {"path": str(tmp_path / "b"), "weight": 0.5}]
+    data = open_collections(spec)
+    films = film_hashes(data.split_shards("test"))
+    assert films.keys == ["a/s00005", "a/s00006", "b/s00005", "b/s00006"]
+    images = film_images(films, ["b/s00006", "a/s00005"])
+    assert {k: image_index(v) for k, v in images.items()} == {"b/s00006": 6, "a/s00005": 5}
+    config = Config()
+    reference, splits = reference_films(config, spec, data.digest("train"), exclude=("test",))
+    assert splits == ("train", "val") and len(reference.keys) == 10 and reference.keys[0] == "a/s00000"
+    with pytest.raises(ManifestError, match="not the ones the model was trained on"):
+        reference_films(config, [str(tmp_path / "a"), str(tmp_path / "b")], data.digest("train"))  # other weight
