@@ -366,6 +366,36 @@ def test_mixed_loaders_match_the_plan_for_any_layout(sizes, weights, world, work
             assert [drawn[i] for i in range(len(sizes))] == share
 
 
+@pytest.mark.slow
+@LOADER_PROPERTY
+@given(
+    sizes=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=3), min_size=2, max_size=3),
+    weights=st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=3, max_size=3),
+    world=st.integers(1, 8),
+    workers=st.sampled_from([0, 1, 2, 4]),
+    batch=st.integers(1, 6),
+    buffer=st.integers(1, 20),
+)
+def test_streamed_mixes_are_exact_for_any_layout(http_root, sizes, weights, world, workers, batch, buffer):
+    """Over HTTP the order depends on the layout, the shares and the coverage do not."""
+    root, base = http_root
+    name = uuid.uuid4().hex
+    spec = []
+    for i, layout in enumerate(sizes):
+        write_shards(root / name / "abc"[i], {"train": layout}, start=1000 * i)
+        spec.append({"path": f"{base}{name}/{'abc'[i]}/", "weight": weights[i]})
+    epochs = rank_epochs(spec, world, workers, batch, epochs=3, shuffle_buffer=buffer)
+    g, n = batch * world, sum(map(sum, sizes))
+    share = allocate(-(-n // g) * g, weights[: len(sizes)]).tolist()
+    for batches in epochs:
+        drawn = Counter(x // 1000 for b in batches for x in b)
+        assert [drawn[i] for i in range(len(sizes))] == share
+    seen = Counter(x for ep in epochs for b in ep for x in b)
+    for i, layout in enumerate(sizes):
+        size = sum(layout)
+        assert {seen[1000 * i + j] for j in range(size)} <= {3 * share[i] // size, -(-3 * share[i] // size)}
+
+
 # --------------------------------------------------------------------------- classes and refusals
 
 
