@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.provenance import Provenance
 from sharding.contract import CLASSES
+from sharding.dedup import phash, phash_hex, pixel_sha256
 from sharding.manifest import Manifest, SplitInfo, write_manifest
 from sharding.writer import encode_sample, write_shard
 
@@ -64,6 +65,12 @@ def meta_of(g: int, split: str) -> dict:
     }
 
 
+def true_meta(g: int, split: str, size: int = SIZE) -> dict:
+    """`meta_of` with the real sha256 and pHash of sample g's pixels."""
+    image = make_image(g, size)
+    return {**meta_of(g, split), "sha256": pixel_sha256(image), "phash": phash_hex(phash(image[0]))}
+
+
 def write_shards(
     out: Path,
     layout: dict[str, list[int]] = LAYOUT,
@@ -73,10 +80,13 @@ def write_shards(
     size: int = SIZE,
     start: int = 0,
     classes: tuple[str, ...] = CLASSES,
+    true_hashes: bool = False,
 ) -> Manifest:
     """Write `<split>-NNNNNN.tar` shards + manifest.json; sample ids run `start`.. across splits in order.
 
     Sample g has label g % len(classes), so another collection can have other classes in another order.
+    `true_hashes`: each json holds its pixels' real sha256 and pHash (what `sharding verify` checks) instead
+    of the made-up ones of `provenance_of`.
     """
     out.mkdir(parents=True, exist_ok=True)
     g = start
@@ -91,7 +101,7 @@ def write_shards(
                         key_of(g),
                         make_image(g, size),
                         g % len(classes),
-                        meta_of(g, split),
+                        true_meta(g, split, size) if true_hashes else meta_of(g, split),
                         encoding=encoding,
                         mask=make_mask(g, size) if masks else None,
                     )
