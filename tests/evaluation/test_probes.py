@@ -95,3 +95,88 @@ def test_without_intervals_the_probe_is_not_judged():
     result = probe_result(labels, _probs(labels, labels), 0, seed=0)  # perfect, but no bootstrap
     assert result["outcome"] == "not judged" and not result["shortcut"]
     assert verdict({"lungs_blanked": result}, ["a", "b", "c", "d"]).startswith("Shortcut probe not judged")
+
+
+def _identity(images, masks):
+    """A device transform that changes nothing (so the tests below choose the mask values exactly)."""
+    return images.float(), masks.float()
+
+
+def test_the_needs_masks_message_is_whole():
+    images, _ = _batch()
+    with pytest.raises(ValueError, match=r"^shortcut probes need lung masks: build the shards with --include-masks$"):
+        probe_augment(DeviceAugment(train=False), "lungs_only")(images, None)
+
+
+def test_a_pixel_at_exactly_half_a_mask_is_outside_the_lungs_and_one_kept_pixel_is_its_own_fill():
+    images = torch.arange(16, dtype=torch.float32).reshape(1, 1, 4, 4)
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[0, 0, 1, 1] = 1.0  # the only lung pixel: value 5
+    masks[0, 0, 2, 2] = 0.5  # a resized edge exactly at half: not lung
+    x, _ = probe_augment(_identity, "lungs_only")(images, masks)
+    assert torch.equal(x, torch.full_like(x, 5.0))  # one kept pixel: the fill is its value, nothing halves it
+
+
+def test_balanced_accuracy_and_the_boundary_of_near_chance_by_hand():
+    # two classes of 10 films, 6 right in each: balanced accuracy 0.6 = chance 0.5 + the 0.10 margin exactly
+    labels = np.repeat([0, 1], 10)
+    preds = np.array([0] * 6 + [1] * 4 + [1] * 6 + [0] * 4)
+    result = probe_result(labels, _probs(labels, preds, 2), 400, seed=0)
+    assert result["balanced_accuracy"] == 0.6 and result["samples"] == 20
+    assert result["outcome"] == "near chance"  # at the margin is near chance; above it would be inconclusive
+    # uneven classes: 3 of 4 right in class 0, 1 of 2 in class 1 -> (0.75 + 0.5) / 2, accuracy 4/6
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    result = probe_result(labels, _probs(labels, np.array([0, 0, 0, 1, 1, 0]), 2), 0, seed=0)
+    assert result["balanced_accuracy"] == 0.625 and result["accuracy"] == pytest.approx(4 / 6)
+
+
+def test_the_intervals_follow_the_seed():
+    labels = np.repeat(np.arange(4), 10)
+    rng = np.random.default_rng(1)
+    preds = np.where(rng.random(40) < 0.6, labels, (labels + 1) % 4)
+    a, b = (probe_result(labels, _probs(labels, preds), 200, seed=s)["ci95"] for s in (0, 1))
+    assert a == probe_result(labels, _probs(labels, preds), 200, seed=0)["ci95"] and a != b
+
+
+def _blanked(bal, ci, **extra):
+    return {
+        "lungs_blanked": {
+            "balanced_accuracy": bal,
+            "ci95": {"balanced_accuracy": ci},
+            "chance": {"balanced_accuracy": 0.25},
+            **extra,
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    "probe, sentence",
+    [
+        (
+            {"outcome": "shortcut", "shortcut": True},
+            "Shortcut: with the lungs blanked balanced accuracy is 0.62 (0.50–0.74) against a chance level of 0.25 "
+            "over 4 classes: the model reads something outside the lungs.",
+        ),
+        (
+            {"shortcut": True},  # a report written before `outcome` existed
+            "Shortcut: with the lungs blanked balanced accuracy is 0.62 (0.50–0.74) against a chance level of 0.25 "
+            "over 4 classes: the model reads something outside the lungs.",
+        ),
+        (
+            {"shortcut": False},
+            "No shortcut found by the probe: with the lungs blanked balanced accuracy is 0.62 (0.50–0.74) against a "
+            "chance level of 0.25, within 0.10 of chance.",
+        ),
+        (
+            {"outcome": "inconclusive", "shortcut": False},
+            "Shortcut probe inconclusive: with the lungs blanked balanced accuracy is 0.62 (0.50–0.74) against a "
+            "chance level of 0.25; the interval is too wide to tell (more films needed).",
+        ),
+    ],
+)
+def test_verdict_sentences_whole(probe, sentence):
+    assert verdict(_blanked(0.62, [0.5, 0.74], **probe), ["a", "b", "c", "d"]) == sentence
+
+
+def test_no_blanked_probe_no_verdict():
+    assert verdict({}, ["a"]) == "" and verdict({"lungs_only": {}}, ["a"]) == ""
