@@ -40,6 +40,8 @@ def test_linear_window_by_the_standard():
 
 def test_a_window_of_width_one_is_a_threshold_and_narrower_is_refused():
     np.testing.assert_array_equal(voi(np.array([99.0, 99.5, 100.0]), window(100, 1)), [0.0, 0.0, 1.0])
+    # width 2 is already linear: (x - 99.5) / 1 + 0.5
+    np.testing.assert_array_equal(voi(np.array([99.0, 99.5, 100.0]), window(100, 2)), [0.0, 0.5, 1.0])
     with pytest.raises(DicomError, match=r"^WindowWidth 0.5 < 1$"):
         voi(X, window(100, 0.5))
 
