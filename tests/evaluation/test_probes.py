@@ -180,3 +180,13 @@ def test_verdict_sentences_whole(probe, sentence):
 
 def test_no_blanked_probe_no_verdict():
     assert verdict({}, ["a"]) == "" and verdict({"lungs_only": {}}, ["a"]) == ""
+
+
+def test_a_lower_bound_exactly_at_the_margin_is_not_a_shortcut():
+    # 5 films per class, 2 and 5 right: balanced accuracy 0.7; with 40 resamples (seed 10) the interval's
+    # lower bound lands exactly on chance + margin = 0.6, which does not clear it
+    labels = np.repeat([0, 1], 5)
+    preds = np.array([0, 0, 1, 1, 1, 1, 1, 1, 1, 1])
+    result = probe_result(labels, _probs(labels, preds, 2), 40, seed=10)
+    assert result["ci95"]["balanced_accuracy"][0] == 0.5 + SHORTCUT_MARGIN
+    assert result["outcome"] == "inconclusive" and not result["shortcut"]
