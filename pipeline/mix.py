@@ -241,15 +241,8 @@ def stream_windows(
         before[i, 1:] = np.cumsum(slots == i)
     shard_base = np.concatenate([[0], np.cumsum([len(c) for c in collections])])
     index_base = np.concatenate([[0], np.cumsum([sum(c) for c in collections])])
-    mine = list(plan.worker_steps(steps, worker, num_workers))
-    earlier = sum(len(plan.worker_steps(steps, w, num_workers)) for w in range(worker))
-    base = (rank * steps + earlier) * batch_size
     windows = []
-    for k in range(0, len(mine), window_steps):
-        chunk = tuple(mine[k : k + window_steps])
-        if chunk[-1] < start:
-            continue
-        a, b = base + k * batch_size, base + (k + len(chunk)) * batch_size
+    for k, chunk, (a, b) in plan.worker_windows(steps, batch_size, rank, worker, num_workers, window_steps, start):
         segs = []
         for i, counts in enumerate(collections):
             lo, hi = epoch * int(draws[i]) + before[i, a], epoch * int(draws[i]) + before[i, b]

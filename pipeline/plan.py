@@ -31,6 +31,7 @@ range, so each sample is read exactly once for any counts.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -161,19 +162,25 @@ def stream_windows(
     Windows before `start` are left out; the first window kept may hold steps
     before `start`, which the reader makes and drops (at most `window_steps`).
     """
-    n = sum(counts)
-    steps = steps_per_epoch(n, batch_size * world_size, drop_last)
+    steps = steps_per_epoch(sum(counts), batch_size * world_size, drop_last)
     order = stream_shard_order(len(counts), seed, epoch)
+    return [
+        Window(chunk, tuple(segments(span, order, counts)), seeds.derive(seed, epoch, rank, worker, i, seeds.WINDOW))
+        for i, chunk, span in worker_windows(steps, batch_size, rank, worker, num_workers, window_steps, start)
+    ]
+
+
+def worker_windows(
+    steps: int, batch_size: int, rank: int, worker: int, num_workers: int, window_steps: int, start: int = 0
+) -> Iterator[tuple[int, tuple[int, ...], tuple[int, int]]]:
+    """(index, steps, positions [a, b) in the epoch's sequence) of each window plan worker `worker` of a rank
+    reads on the stream plan: the rank's piece is contiguous, the worker's sub-piece follows the sub-pieces of
+    the workers before it, and windows ending before `start` are left out."""
     mine = list(worker_steps(steps, worker, num_workers))
-    # this worker's sub-piece: after the sub-pieces of the workers before it in this rank's piece
     before = sum(len(worker_steps(steps, w, num_workers)) for w in range(worker))
     base = (rank * steps + before) * batch_size
-    windows = []
     for i in range(0, len(mine), window_steps):
         chunk = tuple(mine[i : i + window_steps])
-        if chunk[-1] < start:
-            continue
-        a = base + i * batch_size
-        segs = segments((a, a + len(chunk) * batch_size), order, counts)
-        windows.append(Window(chunk, tuple(segs), seeds.derive(seed, epoch, rank, worker, i, seeds.WINDOW)))
-    return windows
+        if chunk[-1] >= start:
+            a = base + i * batch_size
+            yield i, chunk, (a, a + len(chunk) * batch_size)
