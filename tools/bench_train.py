@@ -41,6 +41,7 @@ from accelerate import Accelerator
 
 from pipeline.augment import DEFAULT_WARP, WARPS, DeviceAugment
 from pipeline.batch import Batch
+from pipeline.collection import open_collections
 from pipeline.loader import load_shard_manifest
 from sharding.manifest import Manifest
 from tools.bench_peers import cycle
@@ -187,7 +188,8 @@ def run(s: Settings) -> dict:
     device = accelerator.device
     cfg = run_config(s)
     manifest = load_shard_manifest(s.shards)
-    state = build_state(cfg, accelerator, manifest, build_split_loader(cfg, "train", manifest=manifest))
+    data = open_collections(s.shards)
+    state = build_state(cfg, accelerator, data, build_split_loader(cfg, "train", collections=data))
     loss_fn = build_loss(cfg.optim, manifest.split("train").class_counts, device)
     augment = build_augment(cfg, train=True).to(device)
     generator = torch.Generator(device=device).manual_seed(s.seed)

@@ -28,6 +28,7 @@ from train.checkpoint import (
     save_checkpoint,
 )
 from train.config import Config, to_yaml
+from train.epoch_log import epoch_row, report_epoch, scalars
 from train.loop import EarlyStopping, EpochProgress, EpochSpec, train_one_epoch
 from train.model import build_model
 from train.optim import build_loss, build_optimizer, build_scheduler
@@ -217,25 +218,6 @@ def resume_position(cfg: Config, state: TrainState) -> Position:
     return position
 
 
-def epoch_row(epoch: int, result, val, scores: dict, lr: float) -> dict:
-    """One line of metrics.jsonl."""
-    return {
-        "epoch": epoch,
-        "train_loss": result.loss,
-        "train_accuracy": result.accuracy,
-        "val_loss": val.loss,
-        "val_accuracy": scores["accuracy"],
-        "val_macro_f1": scores["macro_f1"],
-        "lr": lr,
-        "img_per_s": result.images_per_s,
-        "data_wait_frac": result.data_wait_frac,
-        "epoch_s": result.seconds,
-        "rank_steps": result.rank_steps,
-        "train_samples_seen": result.samples_seen,
-        "train_samples_repeated": result.samples_repeated,
-    }
-
-
 def step_scheduler(scheduler, value: float) -> None:
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(value)
@@ -250,44 +232,6 @@ def save_epoch(state: TrainState, card: ModelCard, out: Path, row: dict, improve
     if improved:
         save_model_card(out / "models", state.weights(), replace(card, epoch=epoch, value=row[card.monitor]))
     save_checkpoint(out / "models" / CHECKPOINT, state.state_dict(epoch))
-
-
-def report_epoch(
-    accelerator: Accelerator,
-    cfg: Config,
-    row: dict,
-    stopper: EarlyStopping,
-    improved: bool,
-    n_train: int,
-    partial: bool,
-) -> None:
-    """The epoch's line (and the mix's); `partial`: an epoch not meant to see every sample (capped, or a mix)."""
-    accelerator.print(
-        f"epoch {row['epoch']:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.3f} | "
-        f"val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.3f} f1 {row['val_macro_f1']:.3f} | "
-        f"{row['img_per_s']:.0f} img/s, data wait {100 * row['data_wait_frac']:.1f}% | "
-        f"{row['train_samples_seen']}/{n_train} train samples"
-        + ("  *best*" if improved else f"  ({stopper.bad_epochs}/{stopper.patience} without improvement)")
-    )
-    if len(row.get("collections") or {}) > 1 or cfg.data.balance != "none":
-        accelerator.print("          " + mix_summary(row["collections"], row.get("val_collections")))
-    if row["train_samples_seen"] < n_train and not partial:
-        accelerator.print(
-            f"warning: epoch {row['epoch']} trained on {row['train_samples_seen']} of {n_train} train "
-            "samples (corrupt shards were skipped: see the warnings above and "
-            "`python -m sharding verify`)"
-        )
-
-
-def mix_summary(collections: dict, val: dict | None) -> str:
-    """One line per epoch: each collection's draws, distinct films of its size, strata draws, val accuracy."""
-    parts = []
-    for name, c in collections.items():
-        strata = c["strata"]
-        shown = "" if list(strata) == ["all"] else " [" + " ".join(f"{k} {v['drawn']}" for k, v in strata.items()) + "]"
-        acc = f", val acc {val[name]['accuracy']:.3f}" if val and name in val else ""
-        parts.append(f"{name}: {c['drawn']} drawn, {c['distinct']}/{c['size']} distinct{shown}{acc}")
-    return " | ".join(parts)
 
 
 @dataclass
@@ -397,7 +341,7 @@ def record_epoch(run: Run, val, row: dict, improved: bool) -> None:
         card = replace(card, operating_points=choose(val.labels, val.probs, card.classes, cfg.eval.target_sensitivity))
     save_epoch(run.state, card, run.out, row, improved)
     if cfg.logging.tensorboard:
-        acc.log({f"epoch/{k}": v for k, v in row.items() if k != "epoch"}, step=row["epoch"])
+        acc.log(scalars(row), step=row["epoch"])
 
 
 def announce(run: Run) -> None:
