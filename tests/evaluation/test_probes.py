@@ -128,6 +128,10 @@ def test_balanced_accuracy_and_the_boundary_of_near_chance_by_hand():
     labels = np.array([0, 0, 0, 0, 1, 1])
     result = probe_result(labels, _probs(labels, np.array([0, 0, 0, 1, 1, 0]), 2), 0, seed=0)
     assert result["balanced_accuracy"] == 0.625 and result["accuracy"] == pytest.approx(4 / 6)
+    # three classes (two are symmetric): 1 of 2, 2 of 3 and 1 of 1 right -> (1/2 + 2/3 + 1) / 3
+    labels = np.array([0, 0, 1, 1, 1, 2])
+    result = probe_result(labels, _probs(labels, np.array([0, 1, 1, 1, 0, 2]), 3), 0, seed=0)
+    assert result["balanced_accuracy"] == pytest.approx((1 / 2 + 2 / 3 + 1) / 3)
 
 
 def test_the_intervals_follow_the_seed():
