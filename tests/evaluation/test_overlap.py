@@ -212,3 +212,51 @@ def test_a_mixed_sets_films_are_named_collection_slash_key_and_read_back(tmp_pat
     assert splits == ("train", "val") and len(reference.keys) == 10 and reference.keys[0] == "a/s00000"
     with pytest.raises(ManifestError, match="not the ones the model was trained on"):
         reference_films(config, [str(tmp_path / "a"), str(tmp_path / "b")], data.digest("train"))  # other weight
+
+
+def test_training_overlap_finds_copied_training_films_and_reports_the_rest_without_them(phantom_shards, tmp_path):
+    """Evaluated films: the test split plus two training films passed off as new ones. They, and only they,
+    are exact copies; the results without them are the classification report of the other films; the
+    copies figure shows them. Moved training shards are reported as not checked, with the fix."""
+    from dataclasses import replace
+
+    from evaluation.audits.overlap import training_overlap
+    from evaluation.statistics.metrics import classification_report
+    from evaluation.statistics.registry import SUMMARY_NAMES
+    from train.predictions import Predictions
+
+    manifest = load_manifest(phantom_shards)
+    classes = list(manifest.classes)
+    test = film_hashes([str(t) for t in sorted(phantom_shards.glob("test-*.tar"))])
+    train = film_hashes([str(t) for t in sorted(phantom_shards.glob("train-*.tar"))])
+    pick = [0, 5]
+    films = FilmHashes(
+        test.keys + [train.keys[i] for i in pick],
+        test.classes + [train.classes[i] for i in pick],
+        test.sha256 + [train.sha256[i] for i in pick],
+        test.phash + [train.phash[i] for i in pick],
+        test.shards + [train.shards[i] for i in pick],
+    )
+    n = len(films.keys)
+    labels = np.array([classes.index(c) for c in films.classes])
+    probs = np.full((n, len(classes)), 0.1, np.float32)
+    probs[np.arange(n), (labels + np.arange(n) % 2) % len(classes)] = 0.7  # every other film wrong
+    preds = Predictions(films.keys, labels, probs, 0.5)
+    config = Config()
+    config = replace(config, eval=replace(config.eval, overlap_distance=None, bootstrap_resamples=50))
+    digest = split_digest(manifest, "train")
+    out, grid = training_overlap(config, str(phantom_shards), digest, films, preds, classes, exclude=("test",))
+    copied = [train.keys[i] for i in pick]
+    assert out["checked"] is True and out["films"] == n and out["reference_splits"] == ["train", "val"]
+    assert out["reference_films"] == manifest.split("train").samples + manifest.split("val").samples
+    assert (out["exact"], out["near"], out["near_distance"], out["different_label"]) == (2, 0, None, 0)
+    assert sorted(out["copies"]) == sorted(copied)
+    assert {c["reference_key"] for c in out["copies"].values()} == set(copied)
+    rest = classification_report(labels[:-2], probs[:-2], classes, bootstrap=50, seed=config.train.seed)
+    assert out["without_copies"] == {k: rest[k] for k in ("samples", "classes_evaluated", *SUMMARY_NAMES, "ci95")}
+    assert out["without_copies"]["samples"] == n - 2
+    assert grid is not None and grid.size[0] > 0
+    gone, none = training_overlap(config, str(tmp_path / "moved"), digest, films, preds, classes, exclude=("test",))
+    assert none is None and gone["checked"] is False and set(gone) == {"checked", "reason"}
+    assert gone["reason"].startswith(f"the training films at {tmp_path / 'moved'} could not be used (")
+    assert gone["reason"].endswith("); if they moved, pass --train-shards PATH")
