@@ -149,19 +149,24 @@ def film_images(films: FilmHashes, keys: Sequence[str], cache_dir: str | None = 
 
 def copies_grid(copies: dict[str, dict], films: FilmHashes, reference: FilmHashes, cache_dir: str | None = None):
     """The first COPIES_SHOWN copies (report order) beside the films they copy: a PIL image, or None."""
+    rows = copies_rows(copies, films, reference, cache_dir)
+    return image_grid(rows, tile=COPY_TILE, label_width=COPY_LABEL) if rows else None
+
+
+def copies_rows(
+    copies: dict[str, dict], films: FilmHashes, reference: FilmHashes, cache_dir: str | None = None
+) -> list[tuple[str, list[np.ndarray]]]:
+    """The copies figure's rows: ("n. exact" or "n. near B bits", [the copy, the film it copies])."""
     shown = list(sorted(copies.items()))[:COPIES_SHOWN]
-    if not shown:
-        return None
     left = film_images(films, [k for k, _ in shown], cache_dir)
     right = film_images(reference, [c["reference_key"] for _, c in shown], cache_dir)
-    rows = [
+    return [
         (
             f"{i}. {c['kind']}" + (f" {c['bits']} bits" if c["kind"] == "near" else ""),
             [left[k], right[c["reference_key"]]],
         )
         for i, (k, c) in enumerate(shown, 1)
     ]
-    return image_grid(rows, tile=COPY_TILE, label_width=COPY_LABEL)
 
 
 def find_copies(films: FilmHashes, reference: FilmHashes, distance: int | None) -> dict[str, dict]:

@@ -118,7 +118,11 @@ def test_reference_films_are_the_models_training_and_validation_films(phantom_sh
         splits == ("train", "val")
         and len(films.keys) == manifest.split("train").samples + manifest.split("val").samples
     )
-    with pytest.raises(ManifestError, match="not the ones the model was trained on"):
+    with pytest.raises(
+        ManifestError,
+        match=r"not the ones the model was trained on \(their train split differs "
+        r"from best_model.json's train_digest\)$",
+    ):
         reference_films(Config(), str(phantom_shards), "0123456789abcdef")
     with pytest.raises((ManifestError, OSError)):
         reference_films(Config(), str(tmp_path / "gone"), "")
@@ -169,6 +173,11 @@ def test_predicted_films_are_what_a_read_of_the_shards_gives(phantom_shards):
     want = film_hashes(refs["train"] + refs["val"])
     assert got == want and len(got.keys) == sum(manifest.split(s).samples for s in ("train", "val"))
     assert len(set(got.shards)) == len(refs["train"]) + len(refs["val"]) > 2
+    # a split without shards contributes nothing; predictions that do not fit the splits are refused whole
+    assert predicted_films(Predictions.concat(preds), list(manifest.classes), [[], refs["train"], refs["val"]]) == want
+    n = len(got.keys)
+    with pytest.raises(RuntimeError, match=rf"^{n} predictions for {n - len(preds[1].keys)} films in the evaluated"):
+        predicted_films(Predictions.concat(preds), list(manifest.classes), [refs["train"]])
     old = Predictions.concat(preds)
     old.provenance[3] = old.provenance[3]._replace(phash=None)  # a film from shards built before version 3
     assert predicted_films(old, list(manifest.classes), [refs["train"], refs["val"]]) is None
@@ -201,6 +210,8 @@ def test_a_mixed_sets_films_are_named_collection_slash_key_and_read_back(tmp_pat
     layout = {"train": [3], "val": [2], "test": [2]}
     write_shards(tmp_path / "a", layout)
     write_shards(tmp_path / "b", layout, start=0)  # the same keys s00000.. as a
+    from dataclasses import replace
+
     spec = [str(tmp_path / "a"), {"path": str(tmp_path / "b"), "weight": 0.5}]
     data = open_collections(spec)
     films = film_hashes(data.split_shards("test"))
@@ -212,6 +223,12 @@ def test_a_mixed_sets_films_are_named_collection_slash_key_and_read_back(tmp_pat
     assert splits == ("train", "val") and len(reference.keys) == 10 and reference.keys[0] == "a/s00000"
     with pytest.raises(ManifestError, match="not the ones the model was trained on"):
         reference_films(config, [str(tmp_path / "a"), str(tmp_path / "b")], data.digest("train"))  # other weight
+    # a first collection that lacks classes: the run's pinned classes are the label space
+    write_shards(tmp_path / "c", layout, start=100, classes=("Normal", "COVID"))
+    pinned = replace(config, data=replace(config.data, classes=["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"]))
+    mixed = [str(tmp_path / "c"), str(tmp_path / "a")]
+    digest = open_collections(mixed, pinned.data.classes).digest("train")
+    assert len(reference_films(pinned, mixed, digest)[0].keys) == 10  # train and val of both
 
 
 def test_training_overlap_finds_copied_training_films_and_reports_the_rest_without_them(phantom_shards, tmp_path):
@@ -260,3 +277,84 @@ def test_training_overlap_finds_copied_training_films_and_reports_the_rest_witho
     assert none is None and gone["checked"] is False and set(gone) == {"checked", "reason"}
     assert gone["reason"].startswith(f"the training films at {tmp_path / 'moved'} could not be used (")
     assert gone["reason"].endswith("); if they moved, pass --train-shards PATH")
+
+
+def _remote_films(http_root, phantom_shards, split):
+    """`split`'s shards served over HTTP: their ShardRefs (with the manifest's sha256) and the served folder."""
+    import shutil
+    import uuid
+
+    from pipeline.read import split_shards
+
+    root, base = http_root
+    name = uuid.uuid4().hex
+    shutil.copytree(phantom_shards, root / name)
+    return split_shards(load_manifest(phantom_shards), f"{base}{name}/", split)
+
+
+def test_remote_films_are_read_through_the_cache_and_the_copies_figure_rows_are_labelled(
+    http_root, phantom_shards, tmp_path
+):
+    """Hashes, images and the figure read remote shards through `cache_dir` (one verified copy each); each row
+    of the figure is numbered in report order and names the kind of copy (and a near copy's distance)."""
+    from evaluation.audits.overlap import copies_rows
+
+    refs = _remote_films(http_root, phantom_shards, "val")
+    cache = tmp_path / "cache"
+    films = film_hashes(refs, str(cache))
+    assert len(list(cache.rglob("*.tar"))) == len(refs)
+    local = film_hashes([str(t) for t in sorted(phantom_shards.glob("val-*.tar"))])
+    assert (films.keys, films.sha256, films.phash) == (local.keys, local.sha256, local.phash)
+    copies = {
+        films.keys[1]: {"reference_key": films.keys[0], "kind": "near", "bits": 3, "class": "", "reference_class": ""},
+        films.keys[0]: {"reference_key": films.keys[0], "kind": "exact", "bits": 0, "class": "", "reference_class": ""},
+    }
+    for shard in cache.rglob("*.tar"):
+        shard.unlink()  # read again: into the cache, from the server
+    rows = copies_rows(copies, films, films, str(cache))
+    assert [label for label, _ in rows] == ["1. exact", "2. near 3 bits"]
+    pixels = {
+        k: decode_member("image.npy", s["image.npy"])[0]
+        for t in sorted(phantom_shards.glob("val-*.tar"))
+        for s in iter_samples(t)
+        for k in [s["__key__"]]
+    }
+    assert all(np.array_equal(a, pixels[films.keys[0]]) for a in rows[0][1])
+    assert np.array_equal(rows[1][1][0], pixels[films.keys[1]])
+    assert len(list(cache.rglob("*.tar"))) >= 1
+
+
+def test_film_hashes_trust_the_stored_phash_skip_imageless_samples_and_read_json_less_shards(tmp_path):
+    """The build's pHash is taken as stored (no decode); a sample without an image is skipped and the rest
+    still read; a shard from another writer without json gives an empty class and sha256 and the pHash of
+    its pixels; without `perceptual` no pHash is read."""
+    from helpers.archives import rewrite_tar
+    from helpers.indexed_shards import make_image, provenance_of, write_shards
+
+    write_shards(tmp_path, {"train": [4]})
+    shard = tmp_path / "train-000000.tar"
+    films = film_hashes([str(shard)])
+    assert films.phash == [provenance_of(g).phash for g in range(4)]  # made-up hashes: read, not recomputed
+    assert film_hashes([str(shard)], perceptual=False).phash == []
+    rewrite_tar(shard, lambda members: [(m, d) for m, d in members if m.name != "s00000.image.npy"])
+    assert film_hashes([str(shard)]).keys == ["s00001", "s00002", "s00003"]
+    rewrite_tar(shard, lambda members: [(m, d) for m, d in members if not m.name.endswith(".json")])
+    bare = film_hashes([str(shard)])
+    assert bare.classes == ["", "", ""] and bare.sha256 == ["", "", ""]
+    assert bare.phash == [phash(make_image(g)[0]) for g in (1, 2, 3)] and bare.sources == ["unknown"] * 3
+
+
+def test_the_closest_near_copy_wins_and_the_first_of_equals_and_exact_copies_stay():
+    """Film 0 is 5 bits from A and 3 bits from B and C: B (the first of the two closest); film 1 is an exact
+    copy of A and 1 bit from D: it stays exact."""
+    film = FilmHashes(["f0", "f1"], ["x", "x"], ["s0", "sa"], [0, 0b111110000])
+    reference = FilmHashes(
+        ["A", "B", "C", "D"], ["x"] * 4, ["sa", "sb", "sc", "sd"], [0b11111, 0b111, 0b111000, 0b111110001]
+    )
+    got = find_copies(film, reference, 6)
+    assert (got["f0"]["reference_key"], got["f0"]["kind"], got["f0"]["bits"]) == ("B", "near", 3)
+    assert (got["f1"]["reference_key"], got["f1"]["kind"]) == ("A", "exact")
+
+
+def test_not_copied_is_a_boolean_mask_even_when_empty():
+    assert not_copied([], {}).dtype == bool and not_copied(["a", "b"], {"b": {}}).tolist() == [True, False]
