@@ -278,33 +278,10 @@ class SequentialStream(IterableDataset):
     # -- train: windows of the stream plan
 
     def _windows(self, epoch: int, start: int, role: int, num_workers: int) -> list[plan.Window]:
+        layout = (self.batch_size, self.rank, self.world_size, role, num_workers, self.window_steps)
         if self.mix is not None:
-            return mixing.stream_windows(
-                self.mix.collections,
-                self.mix.draws,
-                self.seed,
-                epoch,
-                self.batch_size,
-                self.rank,
-                self.world_size,
-                role,
-                num_workers,
-                self.window_steps,
-                start,
-            )
-        return plan.stream_windows(
-            self.shards.counts,
-            self.seed,
-            epoch,
-            self.batch_size,
-            self.rank,
-            self.world_size,
-            role,
-            num_workers,
-            self.window_steps,
-            self.drop_last,
-            start,
-        )
+            return mixing.stream_windows(self.mix.collections, self.mix.draws, self.seed, epoch, *layout, start)
+        return plan.stream_windows(self.shards.counts, self.seed, epoch, *layout, self.drop_last, start)
 
     def _train_epoch(self, epoch: int, start: int, role: int, num_workers: int, ring: BatchRing | None, worker: int):
         windows = self._windows(epoch, start, role, num_workers)

@@ -340,56 +340,59 @@ def test_streamed_collections_mix_exactly_over_http(http_root):
             assert {seen[base_id + i] for i in range(size)} <= {3 * share[n] // size, -(-3 * share[n] // size)}
 
 
+#: Any mix of 2 or 3 small collections on any layout: R <= 8, W in {0, 1, 2, 4}, B <= 6.
+LAYOUTS = {
+    "sizes": st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=3), min_size=2, max_size=3),
+    "weights": st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=3, max_size=3),
+    "world": st.integers(1, 8),
+    "workers": st.sampled_from([0, 1, 2, 4]),
+    "batch": st.integers(1, 6),
+}
+
+
+def write_collections(root: Path, sizes, weights, base: str | None = None) -> list[dict]:
+    """Collections a, b, c of train shards of `sizes` (ids 0.., 1000.., 2000..): their spec, local or at `base`."""
+    spec = []
+    for i, layout in enumerate(sizes):
+        write_shards(root / "abc"[i], {"train": layout}, start=1000 * i)
+        path = str(root / "abc"[i]) if base is None else f"{base}{'abc'[i]}/"
+        spec.append({"path": path, "weight": weights[i]})
+    return spec
+
+
+def assert_exact_shares(epochs, sizes, weights, global_batch) -> None:
+    """Each epoch draws exactly its share from each collection (ids // 1000 name them)."""
+    n = sum(map(sum, sizes))
+    share = allocate(-(-n // global_batch) * global_batch, weights[: len(sizes)]).tolist()
+    for batches in epochs:
+        drawn = Counter(x // 1000 for b in batches for x in b)
+        assert [drawn[i] for i in range(len(sizes))] == share
+
+
 @pytest.mark.slow
 @LOADER_PROPERTY
-@given(
-    sizes=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=3), min_size=2, max_size=3),
-    weights=st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=3, max_size=3),
-    world=st.integers(1, 8),
-    workers=st.sampled_from([0, 1, 2, 4]),
-    batch=st.integers(1, 6),
-    balance=st.sampled_from(["none", "class", "source"]),
-)
+@given(**LAYOUTS, balance=st.sampled_from(["none", "class", "source"]))
 def test_mixed_loaders_match_the_plan_for_any_layout(sizes, weights, world, workers, batch, balance):
     with tempfile.TemporaryDirectory() as tmp:
-        spec = []
-        for i, layout in enumerate(sizes):
-            write_shards(Path(tmp) / "abc"[i], {"train": layout}, start=1000 * i)
-            spec.append({"path": str(Path(tmp) / "abc"[i]), "weight": weights[i]})
+        spec = write_collections(Path(tmp), sizes, weights)
         got = rank_epochs(spec, world, workers, batch, epochs=2, balance=balance)
         reference = rank_epochs(spec, 1, 0, batch * world, epochs=2, balance=balance)
         assert got == reference
-        n = sum(map(sum, sizes))
-        share = allocate(-(-n // (batch * world)) * batch * world, weights[: len(sizes)]).tolist()
-        for batches in got:
-            drawn = Counter(x // 1000 for b in batches for x in b)
-            assert [drawn[i] for i in range(len(sizes))] == share
+        assert_exact_shares(got, sizes, weights, batch * world)
 
 
 @pytest.mark.slow
 @LOADER_PROPERTY
-@given(
-    sizes=st.lists(st.lists(st.integers(1, 9), min_size=1, max_size=3), min_size=2, max_size=3),
-    weights=st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=3, max_size=3),
-    world=st.integers(1, 8),
-    workers=st.sampled_from([0, 1, 2, 4]),
-    batch=st.integers(1, 6),
-    buffer=st.integers(1, 20),
-)
+@given(**LAYOUTS, buffer=st.integers(1, 20))
 def test_streamed_mixes_are_exact_for_any_layout(http_root, sizes, weights, world, workers, batch, buffer):
     """Over HTTP the order depends on the layout, the shares and the coverage do not."""
     root, base = http_root
     name = uuid.uuid4().hex
-    spec = []
-    for i, layout in enumerate(sizes):
-        write_shards(root / name / "abc"[i], {"train": layout}, start=1000 * i)
-        spec.append({"path": f"{base}{name}/{'abc'[i]}/", "weight": weights[i]})
+    spec = write_collections(root / name, sizes, weights, f"{base}{name}/")
     epochs = rank_epochs(spec, world, workers, batch, epochs=3, shuffle_buffer=buffer)
+    assert_exact_shares(epochs, sizes, weights, batch * world)
     g, n = batch * world, sum(map(sum, sizes))
     share = allocate(-(-n // g) * g, weights[: len(sizes)]).tolist()
-    for batches in epochs:
-        drawn = Counter(x // 1000 for b in batches for x in b)
-        assert [drawn[i] for i in range(len(sizes))] == share
     seen = Counter(x for ep in epochs for b in ep for x in b)
     for i, layout in enumerate(sizes):
         size = sum(layout)

@@ -175,12 +175,17 @@ def test_is_dicom_by_name_in_any_case_or_by_its_marker():
     assert is_dicom(b"\0" * 128 + b"DICM")
 
 
-def sized(rows: int, cols: int) -> bytes:
-    ds = read(make_dicom(np.zeros((2, 2), np.uint16)))
-    ds.Rows, ds.Columns = rows, cols  # the header only: read() refuses before decoding a pixel
+def saved(ds: Dataset) -> bytes:
+    """A dataset edited in a test, as the bytes of a DICOM file."""
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+def sized(rows: int, cols: int) -> bytes:
+    ds = read(make_dicom(np.zeros((2, 2), np.uint16)))
+    ds.Rows, ds.Columns = rows, cols  # the header only: read() refuses before decoding a pixel
+    return saved(ds)
 
 
 def test_frame_sizes_at_and_past_the_limits():
@@ -201,24 +206,18 @@ def test_every_refusal_of_read_and_load_is_whole():
         read(buf.getvalue())
     ds = read(make_dicom(np.zeros((2, 2), np.uint16)))
     del ds.PixelData
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
     with pytest.raises(DicomError, match=r"^DICOM file without pixel data$"):
-        read(buf.getvalue())
+        read(saved(ds))
     ds = read(make_dicom(np.zeros((2, 2), np.uint16)))
     del ds.Rows
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
     with pytest.raises(DicomError, match=r"^DICOM file without valid Rows/Columns$"):
-        read(buf.getvalue())
+        read(saved(ds))
     ds = read(make_dicom(np.zeros((2, 2), np.uint16)))
     item = Dataset()
     item.LUTDescriptor = [4, 0, 8]  # and no LUTData
     ds.VOILUTSequence = [item]
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
     with pytest.raises(DicomError, match=r"^DICOM cannot be rendered: AttributeError: "):
-        load(buf.getvalue())
+        load(saved(ds))
 
 
 def test_render_and_load_name_the_mode_and_keep_no_empty_field():
