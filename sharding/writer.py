@@ -10,11 +10,11 @@ import hashlib
 import io
 import json
 import os
+import tarfile
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import webdataset as wds
 from PIL import Image
 
 from sharding.contract import CLASSES, LABEL, META, image_member, mask_member
@@ -23,6 +23,24 @@ from sharding.manifest import ShardInfo
 #: Fixed tar metadata so the same samples give the same bytes on any machine.
 TAR_MTIME = 0  # an int: a float mtime makes tarfile add a pax header to every member
 TAR_USER = "radstream"
+TAR_MODE = 0o444
+
+
+def _add_sample(tar: tarfile.TarFile, sample: dict) -> None:
+    """A sample's members `<key>.<ext>` in sorted order, with the fixed metadata.
+
+    The same members, order and metadata as `webdataset.TarWriter(encoder=False, mtime=0)`, whose shards these
+    have always been byte for byte (tested); written with `tarfile` alone so that a build's workers do not
+    import webdataset, and with it torch (seconds per fresh worker process, e.g. a Ray worker)."""
+    key = sample["__key__"]
+    for ext in sorted(k for k in sample if not k.startswith("_")):
+        value = sample[ext]
+        data = value.encode("utf-8") if isinstance(value, str) else value
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise ValueError(f"sample {key}: member {ext} is {type(value).__name__}, not bytes")
+        info = tarfile.TarInfo(f"{key}.{ext}")
+        info.size, info.mtime, info.mode, info.uname, info.gname = len(data), TAR_MTIME, TAR_MODE, TAR_USER, TAR_USER
+        tar.addfile(info, io.BytesIO(data))
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -64,18 +82,18 @@ def write_shard(path: str | Path, samples: Iterable[dict], num_classes: int = le
     n = 0
     try:
         with open(tmp, "wb") as fh:
-            writer = wds.TarWriter(fh, user=TAR_USER, group=TAR_USER, mtime=TAR_MTIME, encoder=False)
+            tar = tarfile.open(fileobj=fh, mode="w|")  # noqa: SIM115 - closed below, or abandoned on error
             try:
                 for sample in samples:
-                    writer.write(sample)
+                    _add_sample(tar, sample)
                     counts[int(sample[LABEL])] += 1
                     n += 1
-                writer.close()
+                tar.close()
             except BaseException:
                 # Abandon the tar (it is deleted below): without this, the "w|" stream's __del__ would try to
                 # write the end-of-archive blocks into the closed file and print a traceback (tested).
-                if hasattr(writer.tarstream.fileobj, "closed"):  # the "w|" stream object
-                    writer.tarstream.fileobj.closed = True
+                if hasattr(tar.fileobj, "closed"):  # the "w|" stream object
+                    tar.fileobj.closed = True
                 raise
             fh.flush()
             os.fsync(fh.fileno())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import subprocess
 
 import numpy as np
 import pytest
@@ -88,3 +89,32 @@ def test_a_failed_write_leaves_nothing_and_prints_nothing(tmp_path, python_exe, 
     assert done.returncode == 0 and done.stdout == "caught bad sample\n"
     assert done.stderr == "", done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+def test_shards_are_byte_for_byte_what_webdatasets_tar_writer_writes(tmp_path, encoding):
+    """The writer uses `tarfile` alone; webdataset's TarWriter (encoder off, the same fixed metadata) is the oracle."""
+    import webdataset as wds
+
+    samples = _samples(encoding)
+    write_shard(tmp_path / "ours.tar", samples, num_classes=4)
+    with open(tmp_path / "wds.tar", "wb") as fh:
+        writer = wds.TarWriter(fh, user="radstream", group="radstream", mtime=0, encoder=False)
+        for sample in samples:
+            writer.write(sample)
+        writer.close()
+    assert (tmp_path / "ours.tar").read_bytes() == (tmp_path / "wds.tar").read_bytes()
+
+
+def test_a_build_worker_imports_neither_webdataset_nor_torch(python_exe, subprocess_env, tmp_path):
+    """A fresh worker process (a Ray worker) pays seconds for torch; the build's per-sample code needs neither."""
+    code = (
+        "import sys, numpy as np\n"
+        "from sharding.writer import encode_sample, write_shard\n"
+        "import sharding.encode, sharding.build\n"
+        f"write_shard({str(tmp_path / 's.tar')!r}, [encode_sample('k', np.zeros((4, 4), np.uint8), 0, {{}})], 4)\n"
+        "print(sorted(m for m in ('torch', 'webdataset') if m in sys.modules))\n"
+    )
+    done = subprocess.run([python_exe, "-c", code], env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
