@@ -95,6 +95,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
             force=args.force,
             progress=not args.quiet,
             shard_delay_s=args.shard_delay_s,
+            executor=args.executor,
+            ray_address=args.ray_address,
         )
     except BuildError as exc:
         raise UsageError(str(exc)) from None
@@ -197,7 +199,18 @@ def _add_build(sub) -> None:
     )
     p.add_argument("--include-masks", action="store_true", help="store the lung masks (299x299, {0,1})")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
+    p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count); with ray, local CPUs")
+    p.add_argument(
+        "--executor",
+        choices=("local", "ray"),
+        default="local",
+        help="what runs the two passes: a local process pool, or Ray tasks (pip install -e '.[ray]'); same bytes",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (auto, or HOST:PORT of the head) instead of starting a local Ray instance",
+    )
     p.add_argument("--seed", type=int, default=0, help="split and shuffle seed")
     p.add_argument(
         "--near-dup-distance",

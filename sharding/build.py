@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -41,6 +42,7 @@ from sharding import outdir
 from sharding.contract import DATASET_DIR, ENCODINGS, IMAGE_SIZE, SPLITS
 from sharding.dedup import HASH_BITS, group
 from sharding.encode import SampleError, SampleTask, ShardTask, analyse_one, sample_meta, write_shard_task
+from sharding.executor import EXECUTORS, Executor, ExecutorError, library_versions
 from sharding.manifest import Manifest, SplitInfo, write_manifest
 from sharding.pool import Mapper, progress_bar
 from sharding.source import Record, Scan, SourceError, scan
@@ -125,18 +127,6 @@ def _check_strict(skipped: list[dict], mask_issues: list[dict]) -> None:
     raise BuildError(f"--strict: {len(lines)} input(s) would be skipped:\n{shown}")
 
 
-def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("numpy", "pillow", "webdataset"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
 # --------------------------------------------------------------------------- phases
 
 
@@ -161,7 +151,7 @@ class BuildPlan:
     split: dict = field(default_factory=dict)  # level (sample, patient, source) and the largest deviation
 
 
-def analyse(found: Scan, options: BuildOptions, mapper: Mapper, progress: bool) -> Analysis:
+def analyse(found: Scan, options: BuildOptions, mapper: Executor, progress: bool) -> Analysis:
     """Pass 1: decode and hash every input in the workers; sort out the unusable ones."""
     start = time.perf_counter()
     records = found.records
@@ -246,13 +236,14 @@ def plan(found: Scan, analysis: Analysis, options: BuildOptions, tmp: Path, dela
     return result
 
 
-def write(build_plan: BuildPlan, mapper: Mapper, progress: bool) -> tuple[dict[str, list], float]:
+def write(build_plan: BuildPlan, mapper: Executor, progress: bool) -> tuple[dict[str, list], float]:
     """Pass 2: each shard preprocessed, encoded and written by a worker; (shard infos per split, seconds)."""
     start = time.perf_counter()
     infos: dict[str, list] = {s: [] for s in SPLITS}
     total = sum(len(t.samples) for t in build_plan.shards)
     with progress_bar(total, "write", progress) as bar:
-        for task, info in zip(build_plan.shards, mapper.map_counted(write_shard_task, build_plan.shards, bar)):
+        sizes = [len(t.samples) for t in build_plan.shards]
+        for task, info in zip(build_plan.shards, mapper.map_counted(write_shard_task, build_plan.shards, bar, sizes)):
             infos[task.split].append(info)
     return infos, time.perf_counter() - start
 
@@ -296,7 +287,7 @@ def assemble_manifest(
         "split": build_plan.split,
         "notes": list(found.notes),
         "build_version": BUILD_VERSION,
-        "versions": _versions(),
+        "versions": library_versions(("numpy", "pillow", "webdataset")),
         "split_fractions": list(FRACTIONS),
         "near_dup_hash": "phash256-dct" if options.near_dup_distance is not None else None,
     }
@@ -321,6 +312,22 @@ def _unchanged(out: Path, fp: str, strict: bool) -> Manifest | None:
     if existing is not None and strict:  # strict is not part of the fingerprint
         _check_strict(list(existing.skipped), list(existing.mask_issues))
     return existing
+
+
+def open_executor(kind: str, workers: int, address: str | None = None) -> Executor:
+    """The executor `kind` with `workers` processes (`address`: a Ray cluster to join, ray only)."""
+    if kind not in EXECUTORS:
+        raise BuildError(f"--executor must be one of {list(EXECUTORS)}, got {kind!r}")
+    if kind == "local":
+        if address is not None:
+            raise BuildError("--ray-address needs --executor ray")
+        return Mapper(workers)
+    from sharding.ray_executor import RayExecutor  # imports ray: only when asked for
+
+    try:
+        return RayExecutor(workers, address)
+    except ExecutorError as exc:  # Ray missing, no cluster at the address, a node with other code
+        raise BuildError(str(exc)) from None
 
 
 def _workers(requested: int | None, records: int) -> int:
@@ -350,10 +357,14 @@ def run_build(
     force: bool = False,
     progress: bool = True,
     shard_delay_s: float = 0.0,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> BuildReport:
     """Build (or confirm unchanged) the shard set in `out`; see the module docstring.
 
-    `shard_delay_s` pauses after each shard (no effect on the bytes): fault tests kill a build in it."""
+    `executor`: what runs the passes (`sharding.executor`: "local" or "ray", the same bytes either way);
+    `ray_address`: a Ray cluster to join. `shard_delay_s` pauses after each shard (no effect on the bytes):
+    fault tests kill a build in it."""
     start = time.perf_counter()
     options = BuildOptions(
         encoding,
@@ -364,7 +375,9 @@ def run_build(
         split_by,
         tuple(classes) if classes else None,
     )
-    out = Path(out)
+    # absolute, not resolved: workers elsewhere (Ray nodes) need whole paths; a symlinked root keeps its name
+    out, raw = Path(out).absolute(), Path(raw).absolute()
+    labels = None if labels is None else Path(labels).absolute()
     try:
         found = scan(raw, labels, list(options.classes) if options.classes else None)
         outdir.recover(out)
@@ -375,11 +388,10 @@ def run_build(
     existing = None if force else _unchanged(out, fp, strict)
     if existing is not None:
         return BuildReport(existing, out, True, time.perf_counter() - start)
-    # The writer imports webdataset (and with it torch): only once we know we will write,
-    # and before the pool forks, so workers inherit it instead of importing it each.
+    # Imported before the pool forks, so workers inherit it instead of importing it each.
     import sharding.writer  # noqa: F401
 
-    mapper = Mapper(_workers(workers, len(found.records)))
+    mapper = open_executor(executor, _workers(workers, len(found.records)), ray_address)
     ok, tmp = False, None
     try:
         analysis = analyse(found, options, mapper, progress)
@@ -390,18 +402,17 @@ def run_build(
         tmp = outdir.staging(out)
         build_plan = plan(found, analysis, options, tmp, shard_delay_s)
         infos, write_s = write(build_plan, mapper, progress)
+        outdir.sweep_partials(tmp)  # a retried task's dead first attempt can leave its temporary file
         manifest = assemble_manifest(found, analysis, build_plan, infos, options, fp)
         write_manifest(manifest, tmp)
         outdir.fsync_dir(tmp)
         outdir.swap_into_place(tmp, out)
         ok = True
-    except SampleError as exc:  # an input changed between the passes: the build's error, one line
+    except (SampleError, ExecutorError) as exc:  # an input changed between the passes, work lost: one line
         raise BuildError(str(exc)) from None
     finally:
         mapper.close(ok)
         if not ok and tmp is not None:
-            import shutil
-
             shutil.rmtree(tmp, ignore_errors=True)
     elapsed = time.perf_counter() - start
     written = manifest.counts["written"]

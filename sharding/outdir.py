@@ -73,6 +73,12 @@ def staging(out: Path) -> Path:
     return tmp
 
 
+def sweep_partials(tmp: Path) -> None:
+    """Drop the temporary files of shard writes that died (`writer.write_shard` names them `.<shard>.tmp-<pid>`)."""
+    for path in tmp.glob(".*.tmp-*"):
+        path.unlink(missing_ok=True)
+
+
 def fsync_dir(path: Path) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)

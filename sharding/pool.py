@@ -1,4 +1,4 @@
-"""The build's worker processes: a pool (or in-process for one worker) and the progress they report.
+"""The `local` executor: the build's worker processes (a pool, or in-process for one worker) and their progress.
 
 Workers are only ever children of a build: they ignore Ctrl-C (the parent handles
 it) and, on Linux, die with the parent (a `kill -9` leaves no orphan writing).
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 #: This process's progress counter: set by the pool initializer in a worker, by `Mapper` while it runs in-process.
 _PROGRESS = None
@@ -64,8 +64,10 @@ class Mapper:
         chunk = max(1, min(32, len(tasks) // (self.workers * 16) or 1))
         return self.pool.imap(fn, tasks, chunksize=chunk)
 
-    def map_counted(self, fn: Callable, tasks: list, bar) -> list:
-        """Ordered results of fn over a few big tasks, advancing `bar` by the samples the tasks tick."""
+    def map_counted(self, fn: Callable, tasks: list, bar, sizes: Sequence[int] = ()) -> list:
+        """Ordered results of fn over a few big tasks, advancing `bar` by the samples the tasks tick.
+
+        `sizes` (samples per task) is not needed: the shared counter advances per sample."""
         with self.counter.get_lock():
             self.counter.value = 0
         if self.pool is None:

@@ -100,3 +100,13 @@ def test_set_caught_between_the_two_renames_is_restored(built_raw, tmp_path):
     _recover(out)
     assert out.is_dir() and verify(out).ok
     assert tree_digest(out) == tree_digest(built_raw)
+
+
+def test_the_staging_sweep_drops_dead_shard_writes_and_keeps_shards(tmp_path):
+    """A retried task's dead attempt (a Ray worker killed mid-write) leaves `.<shard>.tmp-<pid>` behind."""
+    from sharding.outdir import sweep_partials
+
+    for name in ("train-000000.tar", ".train-000001.tar.tmp-4242", ".val-000000.tar.tmp-7", "manifest.json"):
+        (tmp_path / name).write_bytes(b"x")
+    sweep_partials(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "train-000000.tar"]
