@@ -24,7 +24,7 @@ import pytest
 from sharding.build import build_shards
 
 from helpers.procs import start_group
-from helpers.ray_cluster import RayCluster, ray_env
+from tools.ray_cluster import RayCluster, ray_env
 
 pytest.importorskip("ray", reason="the dev extra installs ray; pip install -e '.[ray]'")
 pytestmark = pytest.mark.slow

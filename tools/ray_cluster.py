@@ -1,4 +1,4 @@
-"""A real Ray cluster on this machine for the executor tests: a head and worker nodes, each `ray start --block`.
+"""A real Ray cluster on this machine (for the executor tests and the build benchmark): nodes from `ray start --block`.
 
 Each node runs in its own session (so one `killpg` stops it and everything it started) with its own temp
 folder, short enough for Ray's Unix sockets (107 characters). Token authentication stays on: every node and
@@ -36,10 +36,11 @@ def _free_port() -> int:
 
 
 class RayCluster:
-    """`nodes` one-CPU nodes (the first is the head) on 127.0.0.1; `stop()` kills them all."""
+    """`nodes` nodes of `cpus` CPUs each (the first is the head) on 127.0.0.1; `stop()` kills them all."""
 
-    def __init__(self, env: dict, nodes: int = 2, timeout: float = 90.0) -> None:
+    def __init__(self, env: dict, nodes: int = 2, cpus: int = 1, timeout: float = 90.0) -> None:
         self.env = env
+        self.cpus = cpus
         self.port = _free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dirs: list[Path] = []
@@ -57,7 +58,7 @@ class RayCluster:
         self.dirs.append(temp)
         where = ["--head", "--port", str(self.port), "--include-dashboard", "false"] if head else []
         where = where or ["--address", self.address]
-        cmd = [RAY, "start", *where, "--num-cpus", "1", "--temp-dir", str(temp), "--block", "--disable-usage-stats"]
+        cmd = [RAY, "start", *where, "--num-cpus", str(self.cpus), "--temp-dir", str(temp), "--block", "--disable-usage-stats"]
         with open(temp / "start.log", "w") as log:  # the child keeps its own descriptor
             self.procs.append(
                 subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
