@@ -93,7 +93,9 @@ def measure(raw: Path, work: Path, args, env: dict, cluster: RayCluster) -> list
 
 
 def table(rows: list[dict]) -> str:
-    head = f"{'executor':24} {'films':>6} {'wall s':>7} {'img/s':>7} {'passes s':>9} {'x local':>8} {'x local':>8}  same"
+    head = (
+        f"{'executor':24} {'films':>6} {'wall s':>7} {'img/s':>7} {'passes s':>9} {'x local':>8} {'x local':>8}  same"
+    )
     sub = f"{'':24} {'':>6} {'':>7} {'':>7} {'':>9} {'(wall)':>8} {'(passes)':>8}  bytes"
     lines = [head, sub]
     for r in rows:

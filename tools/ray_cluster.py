@@ -58,7 +58,17 @@ class RayCluster:
         self.dirs.append(temp)
         where = ["--head", "--port", str(self.port), "--include-dashboard", "false"] if head else []
         where = where or ["--address", self.address]
-        cmd = [RAY, "start", *where, "--num-cpus", str(self.cpus), "--temp-dir", str(temp), "--block", "--disable-usage-stats"]
+        cmd = [
+            RAY,
+            "start",
+            *where,
+            "--num-cpus",
+            str(self.cpus),
+            "--temp-dir",
+            str(temp),
+            "--block",
+            "--disable-usage-stats",
+        ]
         with open(temp / "start.log", "w") as log:  # the child keeps its own descriptor
             self.procs.append(
                 subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 from sharding.build import build_shards
+from tools.ray_cluster import RayCluster, ray_env
 
 from helpers.procs import start_group
-from tools.ray_cluster import RayCluster, ray_env
 
 pytest.importorskip("ray", reason="the dev extra installs ray; pip install -e '.[ray]'")
 pytestmark = pytest.mark.slow
