@@ -71,9 +71,7 @@ def test_the_epoch_composition_by_hand():
     }
 
 
-@given(
-    st.lists(st.tuples(st.integers(0, 2), st.integers(-1, 3), st.integers(0, 5)), min_size=1, max_size=40),
-)
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(-1, 3), st.integers(0, 5)), min_size=1, max_size=40))
 def test_composition_equals_a_brute_force_count(samples):
     """Any samples (collection, stratum or -1, times drawn): the tables equal counting one by one."""
     collection = np.array([c for c, _, _ in samples], np.int64)
