@@ -244,6 +244,7 @@ def write(build_plan: BuildPlan, mapper: Executor, progress: bool) -> tuple[dict
     with progress_bar(total, "write", progress) as bar:
         sizes = [len(t.samples) for t in build_plan.shards]
         for task, info in zip(build_plan.shards, mapper.map_counted(write_shard_task, build_plan.shards, bar, sizes)):
+            outdir.check_written(Path(task.path), info.bytes)  # on a cluster: proof that --out is shared
             infos[task.split].append(info)
     return infos, time.perf_counter() - start
 
@@ -314,19 +315,31 @@ def _unchanged(out: Path, fp: str, strict: bool) -> Manifest | None:
     return existing
 
 
-def open_executor(kind: str, workers: int, address: str | None = None) -> Executor:
-    """The executor `kind` with `workers` processes (`address`: a Ray cluster to join, ray only)."""
+def check_executor(kind: str, address: str | None) -> None:
+    """Refuse an unknown executor, an address without Ray, or Ray missing: before the (long) scan."""
     if kind not in EXECUTORS:
         raise BuildError(f"--executor must be one of {list(EXECUTORS)}, got {kind!r}")
+    if kind == "local" and address is not None:
+        raise BuildError("--ray-address needs --executor ray")
+    if kind == "ray":
+        from sharding.ray_executor import import_ray
+
+        try:
+            import_ray()
+        except ExecutorError as exc:
+            raise BuildError(str(exc)) from None
+
+
+def open_executor(kind: str, workers: int, address: str | None = None) -> Executor:
+    """The executor `kind` with `workers` processes (`address`: a Ray cluster to join, ray only)."""
+    check_executor(kind, address)
     if kind == "local":
-        if address is not None:
-            raise BuildError("--ray-address needs --executor ray")
         return Mapper(workers)
     from sharding.ray_executor import RayExecutor  # imports ray: only when asked for
 
     try:
         return RayExecutor(workers, address)
-    except ExecutorError as exc:  # Ray missing, no cluster at the address, a node with other code
+    except ExecutorError as exc:  # no cluster at the address, a node with other code
         raise BuildError(str(exc)) from None
 
 
@@ -378,6 +391,7 @@ def run_build(
     # absolute, not resolved: workers elsewhere (Ray nodes) need whole paths; a symlinked root keeps its name
     out, raw = Path(out).absolute(), Path(raw).absolute()
     labels = None if labels is None else Path(labels).absolute()
+    check_executor(executor, ray_address)
     try:
         found = scan(raw, labels, list(options.classes) if options.classes else None)
         outdir.recover(out)
@@ -408,7 +422,7 @@ def run_build(
         outdir.fsync_dir(tmp)
         outdir.swap_into_place(tmp, out)
         ok = True
-    except (SampleError, ExecutorError) as exc:  # an input changed between the passes, work lost: one line
+    except (SampleError, ExecutorError, outdir.OutputFolderError) as exc:  # an input changed, work lost: one line
         raise BuildError(str(exc)) from None
     finally:
         mapper.close(ok)

@@ -66,10 +66,15 @@ def code_digest() -> str:
 
 
 def runtime_facts() -> dict:
-    """What a shard's bytes depend on besides its task: the code, Python, zlib and the byte libraries."""
+    """What a shard's bytes depend on besides its task: the code, Python, the machine, zlib (Python's and
+    Pillow's, which compresses png members) and the byte libraries."""
+    from PIL import features
+
     return {
         "sharding code": code_digest()[:16],
         "python": platform.python_version(),
+        "machine": platform.machine(),
         "zlib": zlib.ZLIB_RUNTIME_VERSION,
+        "pillow zlib": features.version("zlib"),
         **library_versions(),
     }

@@ -73,6 +73,17 @@ def staging(out: Path) -> Path:
     return tmp
 
 
+def check_written(path: Path, size: int) -> None:
+    """The shard a worker reports written is here, whole (a cluster whose nodes do not share --out fails this)."""
+    found = path.stat().st_size if path.is_file() else None
+    if found != size:
+        raise OutputFolderError(
+            f"shard {path.name} was written by a worker ({size} bytes) but the driver sees "
+            f"{'no such file' if found is None else f'{found} bytes'} in {path.parent}: every worker must write "
+            "--out's folder on one filesystem the driver shares (the same path on every node); nothing was replaced"
+        )
+
+
 def sweep_partials(tmp: Path) -> None:
     """Drop the temporary files of shard writes that died (`writer.write_shard` names them `.<shard>.tmp-<pid>`)."""
     for path in tmp.glob(".*.tmp-*"):

@@ -1,10 +1,13 @@
 """The `ray` executor: the build's two passes as Ray Core tasks, on this machine or a cluster.
 
-Without an address it starts a private local Ray instance with `workers` CPUs and stops
-it at the end; with one (`auto`, `HOST:PORT`) it joins that cluster and leaves it running.
+Without an address it starts a private local Ray instance with `workers` CPUs (never joining a cluster
+already running here) and stops it at the end; with one (`auto`, `HOST:PORT`) it joins that cluster and
+leaves it running. A process that has already called `ray.init` (a notebook) is used as it is.
 The tasks run the same functions as the local pool, so they write the same bytes, given
 the same code and libraries on every node: `check_nodes` compares each node's
 `runtime_facts` with the driver's before any work and refuses a node that differs.
+
+Nodes that join after the check (an autoscaler) are not checked: start the cluster at its full size.
 
 Faults: Ray retries a task whose worker or node dies (`RETRIES` times). A retried shard
 task rewrites its whole shard under a temporary name and renames it into place, so the
@@ -26,11 +29,16 @@ from sharding.executor import RAY_INSTALL, ExecutorError, runtime_facts
 RETRIES = 3
 #: Records per pass-1 task: an image takes milliseconds, a Ray task about one; 32 keeps scheduling under a few %.
 CHUNK = 32
+#: Seconds a failed build waits for its cancelled tasks to end before it removes their staging folder.
+CANCEL_WAIT_S = 10.0
+#: Seconds a node has to answer the code check (a node that cannot start a worker would hang the build).
+NODE_CHECK_S = 120.0
 #: Pass-1 tasks in flight per CPU: keeps every worker busy while bounding the driver's queue on millions of inputs.
 IN_FLIGHT_PER_CPU = 4
 
 
-def _import_ray():
+def import_ray():
+    """The `ray` module, or an ExecutorError saying how to install it."""
     try:
         import ray
     except ImportError as exc:
@@ -50,20 +58,21 @@ class RayExecutor:
     """Ordered maps over Ray tasks; see the module docstring."""
 
     def __init__(self, workers: int, address: str | None = None) -> None:
-        ray = self._ray = _import_ray()
+        ray = self._ray = import_ray()
         self._owned = not ray.is_initialized()
         if self._owned:
             options = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
             try:
                 if address is None:
-                    ray.init(num_cpus=workers, **options)
+                    ray.init(address="local", num_cpus=workers, **options)  # never someone else's cluster
                 else:
                     ray.init(address=address, **options)
-            except (ConnectionError, RuntimeError, ValueError) as exc:
+            except (ConnectionError, RuntimeError, ValueError, ray.exceptions.RayError) as exc:  # RayError: auth
                 where = f"the Ray cluster at {address}" if address else "a local Ray instance"
                 raise ExecutorError(
                     f"cannot start or join {where}: {str(exc).strip().splitlines()[0]}; "
-                    "check `ray status` on the head node, or leave out --ray-address to start a local instance"
+                    "check `ray status` on the head node and that RAY_AUTH_TOKEN is the cluster's, or leave out "
+                    "--ray-address to start a local instance"
                 ) from None
         self.workers = max(1, int(ray.cluster_resources().get("CPU", workers)))
         self._chunk = ray.remote(max_retries=RETRIES, num_cpus=1)(_run_chunk)
@@ -131,9 +140,13 @@ class RayExecutor:
     def close(self, ok: bool) -> None:
         """Cancel what still runs (after a failure, before the driver removes the staging folder); stop an owned Ray."""
         ray = self._ray
-        for ref in list(self._pending):
+        pending = list(self._pending)
+        for ref in pending:
             with contextlib.suppress(Exception):  # already finished or gone: nothing to cancel
                 ray.cancel(ref, force=True)
+        if pending:  # a cancel is asynchronous: let the writers die before the staging folder goes
+            with contextlib.suppress(Exception):
+                ray.wait(pending, num_returns=len(pending), timeout=CANCEL_WAIT_S)
         self._pending.clear()
         if self._owned and ray.is_initialized():
             ray.shutdown()
@@ -158,8 +171,8 @@ def check_nodes(ray) -> None:
     }
     for node, ref in refs.items():
         try:
-            theirs = ray.get(ref)
-        except ray.exceptions.RayError as exc:
+            theirs = ray.get(ref, timeout=NODE_CHECK_S)
+        except ray.exceptions.RayError as exc:  # GetTimeoutError included
             raise ExecutorError(
                 f"Ray node {node} cannot run radstream's build ({str(exc).strip().splitlines()[0]}): install "
                 "radstream and its dependencies, the same versions, on every node"
@@ -173,4 +186,4 @@ def check_nodes(ray) -> None:
             )
 
 
-__all__ = ["CHUNK", "RETRIES", "RayExecutor", "check_nodes"]
+__all__ = ["CHUNK", "RETRIES", "RayExecutor", "check_nodes", "import_ray"]

@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +30,8 @@ from pathlib import Path
 
 from tools.ray_cluster import RayCluster, ray_env
 
+#: A build that takes longer than this is stuck (the benchmark still stops its cluster).
+BUILD_TIMEOUT_S = 3600
 PASSES = re.compile(r"analyse ([0-9.]+)s, write ([0-9.]+)s")
 
 
@@ -44,7 +47,7 @@ def run_build(raw: Path, out: Path, workers: int, shard_size: int, env: dict, ex
     cmd = [sys.executable, "-m", "sharding", "build", "--raw", str(raw), "--out", str(out), "--force", "--quiet"]
     cmd += ["--workers", str(workers), "--shard-size", str(shard_size), *extra]
     start = time.perf_counter()
-    done = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True)
+    done = subprocess.run(cmd, env=env, cwd=out.parent, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(f"bench_build: {' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="rounds; each executor keeps its fastest")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated benchmark still stops its cluster
     env = ray_env(dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
     with tempfile.TemporaryDirectory(prefix="bench_build") as tmp:
         work = Path(tmp)

@@ -103,10 +103,6 @@ class RayCluster:
                 return int(pid)
         raise LookupError(f"no raylet for node {node}")
 
-    def worker_logs(self, node: int) -> list[Path]:
-        """The task workers' log files a node has written (a worker ran on it)."""
-        return sorted(self.dirs[node].glob("session_*/logs/worker-*"))
-
     def logs(self) -> str:
         return " | ".join((d / "start.log").read_text()[-400:] for d in self.dirs if (d / "start.log").exists())
 

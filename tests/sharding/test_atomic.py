@@ -110,3 +110,16 @@ def test_the_staging_sweep_drops_dead_shard_writes_and_keeps_shards(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     sweep_partials(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "train-000000.tar"]
+
+
+def test_a_shard_the_driver_cannot_see_whole_is_refused_naming_the_shared_folder(tmp_path):
+    """A worker on a node whose --out is not the driver's writes somewhere else: the build stops, nothing swapped."""
+    from sharding.outdir import OutputFolderError, check_written
+
+    (tmp_path / "train-000000.tar").write_bytes(b"x" * 10)
+    check_written(tmp_path / "train-000000.tar", 10)
+    with pytest.raises(OutputFolderError, match=r"train-000001.tar .*no such file.*same path on every node"):
+        check_written(tmp_path / "train-000001.tar", 10)
+    with pytest.raises(OutputFolderError, match=r"\(10 bytes\) but the driver sees 3 bytes"):
+        (tmp_path / "val-000000.tar").write_bytes(b"abc")
+        check_written(tmp_path / "val-000000.tar", 10)

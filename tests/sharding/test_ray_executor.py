@@ -85,7 +85,6 @@ def test_a_two_node_cluster_writes_the_local_executors_bytes(layout, layouts, cl
     assert digests(tmp_path / "ray") == expected  # every shard and the manifest, and nothing else
     if layout == "kaggle":
         assert "COVID-999.png" in (tmp_path / "ray" / "manifest.json").read_text()  # skipped, with its reason
-    assert cluster.worker_logs(1), "no task ran on the second node"
 
 
 def test_the_private_local_instance_writes_the_same_bytes_and_stops(layouts, env, tmp_path):
@@ -96,7 +95,7 @@ def test_the_private_local_instance_writes_the_same_bytes_and_stops(layouts, env
     done = build(env, raw, tmp_path / "ray", "--executor", "ray", "--workers", "2")
     assert done.returncode == 0, done.stderr
     assert digests(tmp_path / "ray") == expected
-    deadline = time.monotonic() + 60  # Ray's agents notice their raylet is gone within a minute
+    deadline = time.monotonic() + 120  # graceful: seconds; the margin is for a slow machine
     while _ray_processes() - before and time.monotonic() < deadline:
         time.sleep(1)
     assert not _ray_processes() - before, "the build left Ray processes running"
@@ -146,8 +145,10 @@ def test_the_second_nodes_raylet_killed_mid_build_still_gives_the_same_bytes(lay
         tmp_path,
     )
     staging = _wait_for_first_shard(tmp_path, proc)
+    raylet = cluster.raylet_pid(1)
+    _wait_for_a_shard_task_under(raylet)  # the second node is writing a shard when it dies
     assert len(list(staging.glob("*.tar"))) < len(expected) - 1  # shards still to write: the kill lands mid-build
-    os.kill(cluster.raylet_pid(1), signal.SIGKILL)
+    os.kill(raylet, signal.SIGKILL)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, err
     assert digests(tmp_path / "ray") == expected  # no torn shard, no dead attempt's temporary file
@@ -177,6 +178,7 @@ def test_a_killed_driver_leaves_no_set_and_the_next_build_is_whole(layouts, env,
 
 
 def test_without_ray_installed_the_ray_executor_says_how_to_install_it(phantom_raw, subprocess_env, tmp_path):
+    """Before anything else, even when the set is up to date (a scan of millions of films comes after)."""
     fake = tmp_path / "no_ray"
     (fake / "ray").mkdir(parents=True)
     (fake / "ray" / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
@@ -185,8 +187,12 @@ def test_without_ray_installed_the_ray_executor_says_how_to_install_it(phantom_r
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "--executor ray needs Ray" in done.stderr and "pip install -e '.[ray]'" in done.stderr
     assert not (tmp_path / "out").exists()
-    done = build(env, phantom_raw.parent, tmp_path / "out", "--ray-address", "auto")
-    assert done.returncode == 2 and "--ray-address needs --executor ray" in done.stderr
+    before = local_build(phantom_raw.parent, tmp_path / "out")
+    for extra in (["--executor", "ray"], ["--ray-address", "auto"]):
+        done = build(env, phantom_raw.parent, tmp_path / "out", *extra)
+        assert done.returncode == 2 and "Traceback" not in done.stderr
+        assert "needs Ray" in done.stderr or "--ray-address needs --executor ray" in done.stderr
+    assert digests(tmp_path / "out") == before
 
 
 # --------------------------------------------------------------------------- helpers
@@ -221,6 +227,24 @@ def _wait_for_first_shard(folder: Path, proc, timeout: float = 120.0) -> Path:
             raise AssertionError(f"the build ended before writing a shard: {proc.stderr.read()}")
         time.sleep(0.05)
     raise TimeoutError("no shard written")
+
+
+def _wait_for_a_shard_task_under(raylet: int, timeout: float = 60.0) -> None:
+    """Until a shard-writing task (`ray::_run_one`) runs in a worker of this raylet."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                parent = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+                title = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == raylet and title.startswith(b"ray::_run_one"):
+                return
+        time.sleep(0.05)
+    raise TimeoutError("no shard task ran on the second node")
 
 
 def _a_film_of_the_test_split(raw: Path, scratch: Path) -> tuple[Path, str]:

@@ -97,6 +97,9 @@ def test_shards_are_byte_for_byte_what_webdatasets_tar_writer_writes(tmp_path, e
     import webdataset as wds
 
     samples = _samples(encoding)
+    image = np.zeros((1, 4, 4), np.uint8)
+    samples.append(encode_sample("x" * 120, image, 3, {"path": "x" * 130}, encoding))  # names past 100 bytes
+    samples.append(encode_sample("Ω/ünïcode key", image, 2, {"path": "Ω.png"}, encoding))  # non-ASCII names
     write_shard(tmp_path / "ours.tar", samples, num_classes=4)
     with open(tmp_path / "wds.tar", "wb") as fh:
         writer = wds.TarWriter(fh, user="radstream", group="radstream", mtime=0, encoder=False)
