@@ -30,6 +30,8 @@ def _cmd_phantom(args: argparse.Namespace) -> int:
             near_dup_fraction=args.near_dup_fraction,
             markers=args.markers,
             format=args.format,
+            site_styles=args.site_styles,
+            site=args.site,
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -244,6 +246,18 @@ def build_parser() -> argparse.ArgumentParser:
         default="png",
         help="png (default), or dicom: the same pixels as DICOM films (MONOCHROME1, 12-bit rescaled and "
         "windowed ones among them); labels.csv beside them either way",
+    )
+    p.add_argument(
+        "--site-styles",
+        action="store_true",
+        help="each source acquires in its own style (tone, sharpness, grain, resolution, border, text, "
+        "patient placement), correlated with the class as in the real data",
+    )
+    p.add_argument(
+        "--site",
+        default=None,
+        metavar="NAME",
+        help="every film (all classes) from one new site NAME in its own, unseen style: an external test set",
     )
     p.add_argument("--dup-fraction", type=float, default=0.02, help="share of exact duplicates within a class")
     p.add_argument("--near-dup-fraction", type=float, default=0.005, help="share of near copies across classes")

@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from sharding import phantom_files as files
+from sharding import phantom_sites as sites
 from sharding.contract import CLASSES, DATASET_DIR, IMAGE_SIZE, MASK_SIZE, REAL_COUNTS
 
 STAMP = ".phantom.json"
@@ -55,8 +56,12 @@ class PhantomSpec:
     near_dup_fraction: float = 0.005
     markers: bool = False
     format: str = "png"  # "png", or "dicom": the same pixels in DICOM films (see sharding.phantom_files)
+    site_styles: bool = False  # each source acquires in its own style (sharding.phantom_sites)
+    site: str | None = None  # every film from this one (new) site, in its style, every class present
 
     def __post_init__(self) -> None:
+        if self.site is not None and (not self.site.strip() or not self.site.isprintable() or "," in self.site):
+            raise ValueError(f"site must be a printable name without commas, got {self.site!r}")
         if self.format not in ("png", "dicom"):
             raise ValueError(f"format must be png or dicom, got {self.format!r}")
         if len(self.counts) != len(CLASSES) or any(c < 0 for c in self.counts):
@@ -126,9 +131,11 @@ class _Anatomy:
     heart: tuple[float, float, float, float]
 
 
-def _anatomy(rng: np.random.Generator) -> _Anatomy:
+def _anatomy(rng: np.random.Generator, style: sites.SiteStyle | None = None) -> _Anatomy:
     s = rng.uniform(0.92, 1.08)
     dx, dy = rng.uniform(-8, 8), rng.uniform(-8, 8)
+    if style is not None:  # the site's patient zoom and placement (the mask follows)
+        s, dx, dy = s * style.zoom, dx + style.shift[0], dy + style.shift[1]
     right = (96 + dx, 142 + dy, 44 * s, 86 * s)
     left = (204 + dx, 142 + dy, 42 * s, 84 * s)
     heart = (168 + dx, 205 + dy, 46 * s, 40 * s)
@@ -190,10 +197,25 @@ def _marker(img: np.ndarray, cls: int, rng: np.random.Generator) -> None:
     np.maximum(region, arr * 0.95, out=region)
 
 
+def site_of(spec: PhantomSpec, cls: int, index: int) -> str:
+    """The source (site) of film `index` of class `cls`."""
+    return spec.site or files.source_of(spec.seed, CLASSES[cls], index)
+
+
+def patient_of(spec: PhantomSpec, cls: int, index: int) -> str:
+    """A film's patient id; a new site's patients are its own."""
+    patient = files.patient_of(CLASSES[cls], index)
+    return patient if spec.site is None else f"{sites.style_for(spec.site).tag}-{patient}"
+
+
 def _render(spec: PhantomSpec, cls: int, index: int, jitter: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 [299, 299], mask uint8 [256, 256] in {0, 255}) for one phantom film."""
-    rng = np.random.default_rng([spec.seed, cls, index, 1 if jitter else 0])
-    anat = _anatomy(rng)
+    style = sites.style_for(site_of(spec, cls, index)) if spec.site_styles or spec.site else None
+    key = [spec.seed, cls, index, 1 if jitter else 0]
+    if spec.site is not None:  # another site's patients: other films than the default phantom's
+        key.append(int.from_bytes(spec.site.encode()[:8].ljust(8, b"\0"), "little"))
+    rng = np.random.default_rng(key)
+    anat = _anatomy(rng, style)
     ax = _AXIS
     body = _ellipse(ax, ax, 150 + rng.uniform(-5, 5), 170, rng.uniform(128, 142), rng.uniform(155, 175), soft=0.08)
     lungs = _lung_field(anat, ax, ax, soft=0.12)
@@ -212,7 +234,7 @@ def _render(spec: PhantomSpec, cls: int, index: int, jitter: bool = False) -> tu
     img[rows, cols] += rng.uniform(12, 20) * (ribs * ribs) * lungs[rows, cols]
     img += _pattern(cls, anat, rng) * lungs
     img += (10.0 * (ax / IMAGE_SIZE - 0.5) * rng.uniform(-1, 1))[:, None]  # exposure gradient
-    img += _noise(rng, img.shape, 4.0)
+    img += _noise(rng, img.shape, 4.0 if style is None else style.grain)
     # Class-independent exposure: re-draw the mean and contrast for every film.
     gain = rng.uniform(0.85, 1.15)
     # A float32 mean's summation order (so its last bit) changes between numpy versions;
@@ -220,7 +242,7 @@ def _render(spec: PhantomSpec, cls: int, index: int, jitter: bool = False) -> tu
     img = (img - float(img.mean(dtype=np.float64))) * gain + rng.uniform(100, 125)
     if spec.markers:
         _marker(img, cls, rng)
-    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8) if style is None else sites.acquire(img, style)
     mask = (_lung_field(anat, _MASK_AXIS, _MASK_AXIS, soft=0.0) > 0.5).astype(np.uint8) * 255
     return image, mask
 
@@ -295,7 +317,7 @@ def _write_class_chunk(args: tuple[PhantomSpec, str, int, int, int]) -> int:
         key = f"{name}-{index + 1}"
         if spec.format == "dicom":
             data = files.dicom_bytes(
-                image, seed=spec.seed, key=key, index=index, patient_id=files.patient_of(name, index)
+                image, seed=spec.seed, key=key, index=index, patient_id=patient_of(spec, cls, index)
             )
             (base / "images" / f"{key}.dcm").write_bytes(data)
         else:
@@ -311,9 +333,9 @@ def _write_metadata(root: Path, spec: PhantomSpec) -> None:
     for cls, name in enumerate(CLASSES):
         rows = [["FILE NAME", "FORMAT", "SIZE", "URL"]]
         for index in range(spec.counts[cls]):
-            source = files.source_of(spec.seed, name, index)
+            source = site_of(spec, cls, index)
             rows.append([f"{name}-{index + 1}", spec.format.upper(), f"{IMAGE_SIZE}*{IMAGE_SIZE}", f"https://{source}"])
-            labels.append([f"{name}/images/{name}-{index + 1}{suffix}", name, files.patient_of(name, index), source])
+            labels.append([f"{name}/images/{name}-{index + 1}{suffix}", name, patient_of(spec, cls, index), source])
         (root / f"{name}.metadata.xlsx").write_bytes(files.xlsx_bytes(rows))
     with open(root / "labels.csv", "w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
@@ -321,8 +343,17 @@ def _write_metadata(root: Path, spec: PhantomSpec) -> None:
         writer.writerows(labels)
     (root / "README.md.txt").write_text(
         "radstream phantom: synthetic chest radiographs in the layout of the COVID-19 Radiography Database.\n"
-        f"Spec: {json.dumps(asdict(spec))}\nNot real patient data; for tests and demos only.\n"
+        f"Spec: {json.dumps(_stamped(spec))}\nNot real patient data; for tests and demos only.\n"
     )
+
+
+def _stamped(spec: PhantomSpec) -> dict:
+    """The spec as its stamp holds it; the site fields only when set (older stamps stay valid)."""
+    out = asdict(spec)
+    for name, default in (("site_styles", False), ("site", None)):
+        if out[name] == default:
+            del out[name]
+    return out
 
 
 def generate(out: str | Path, spec: PhantomSpec, workers: int = 1, force: bool = False, progress=None) -> Path:
@@ -333,7 +364,7 @@ def generate(out: str | Path, spec: PhantomSpec, workers: int = 1, force: bool =
     """
     out = Path(out)
     target = out / DATASET_DIR
-    stamp = json.dumps({**asdict(spec), "generator": GENERATOR_VERSION}, sort_keys=True)
+    stamp = json.dumps({**_stamped(spec), "generator": GENERATOR_VERSION}, sort_keys=True)
     if target.exists() and not force:
         existing = target / STAMP
         found = json.loads(existing.read_text()) if existing.exists() else None
@@ -341,7 +372,7 @@ def generate(out: str | Path, spec: PhantomSpec, workers: int = 1, force: bool =
             return target
         # A phantom of the same spec from an older generator is ours and stale: replace it.
         same_spec = found is not None and {k: v for k, v in found.items() if k != "generator"} == json.loads(
-            json.dumps(asdict(spec))
+            json.dumps(_stamped(spec))
         )
         if not same_spec:
             raise FileExistsError(f"{target} already exists with different contents; pass --force to replace it")
