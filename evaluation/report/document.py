@@ -289,7 +289,7 @@ def limitations(report: dict) -> list[str]:
             f"Films from a pediatric collection ({', '.join(pediatric)}) sit beside adult films: the model can "
             "separate children from adults instead of diseases."
         )
-    where = "these" if report.get("split") == "all" else report.get("split", "test")
+    where = "evaluated" if report.get("split") == "all" else report.get("split", "test")
     small = [f"{n} ({m['support']})" for n, m in report["per_class"].items() if 0 < m["support"] < SMALL_SUPPORT]
     if small:
         out.append(f"Few {where} films for {', '.join(small)}: their intervals are wide.")
@@ -304,11 +304,47 @@ def limitations(report: dict) -> list[str]:
         )
     if overlap_limitation(report):
         out.append(overlap_limitation(report))
+    if external_test:
+        out += external_limitations(report)
     if (report.get("probes") or {}).get("lungs_blanked", {}).get("shortcut"):
         out.append("The shortcut probe fires: part of the accuracy comes from outside the lungs.")
     if not report.get("external") and not external_test:
         out.append(
             "No external test: performance on another hospital's films is unknown (10+ points lower is typical)."
+        )
+    return out
+
+
+def external_limitations(report: dict) -> list[str]:
+    """What limits an external test: where its films come from, and what could not be checked on them."""
+    out = []
+    sources = {s: r for s, r in (report.get("per_source") or {}).items() if r.get("support")}
+    if not sources:
+        out.append(
+            "The evaluated films name no source: whether they come from one hospital or several, and how each "
+            "does, is unknown (a label CSV with a source column records it)."
+        )
+    elif len(sources) == 1:
+        out.append(
+            f"All {report['samples']} evaluated films come from one source ({next(iter(sources))}): this is "
+            "one site's result, and another hospital can differ from it as much as it differs from the training data."
+        )
+    else:
+        single = {
+            c: [s for s, r in sources.items() if (r.get("per_class") or {}).get(c, {}).get("support")]
+            for c, m in report["per_class"].items()
+            if m["support"]
+        }
+        if single and all(len(v) == 1 for v in single.values()):
+            pairs = ", ".join(f"{c} from {v[0]}" for c, v in single.items())
+            out.append(
+                f"Each class of this set comes from one source ({pairs}): its per-class results mix the class "
+                "with its site."
+            )
+    if not (report.get("probes") or {}).get("lungs_blanked"):
+        out.append(
+            "These films carry no lung masks: the shortcut probe and the Grad-CAM lung share could not be measured "
+            "on them (build the shards with --include-masks from masks that come with the films)."
         )
     return out
 
