@@ -46,8 +46,13 @@ class Predictor:
     @classmethod
     def load(cls, model_path: str | Path, device: str | None = None) -> Predictor:
         trained = load_trained_model(model_path, device)
-        if trained.cfg.data.mask_lungs:
-            raise CheckpointError("this model was trained on lung-masked images; prediction needs masks, not supported")
+        if trained.cfg.data.mask_lungs or trained.cfg.data.crop == "lungs":
+            how = "lung-masked" if trained.cfg.data.mask_lungs else "lung-cropped (data.crop=lungs)"
+            raise CheckpointError(
+                f"this model was trained on {how} films: prediction needs each film's lung mask, which files "
+                "do not carry; evaluate shards built with --include-masks instead (python -m evaluation --run RUN "
+                "--shards S --split all)"
+            )
         card = trained.card
         return cls(
             trained.net, list(card.classes), trained.augment, trained.device, card.stored_size, card.operating_points

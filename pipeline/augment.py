@@ -1,9 +1,12 @@
 """Device-side augmentation and normalisation ("DALI-style"): uint8 batch in, float32 batch out.
 
-    uint8 [B,1,H,W] -> float32 [0,1] -> (train) ONE affine warp per batch that
-    combines a per-sample horizontal flip and rotation (masks warped with the
-    same matrices, nearest) -> optional resize -> optional lung masking ->
-    normalise -> channels_last
+    uint8 [B,1,H,W] -> float32 [0,1] -> (data.crop=lungs) a square around the
+    lungs, resampled to the film's size (`pipeline.crop`) -> (train) ONE affine
+    warp per batch that combines a per-sample horizontal flip, rotation and
+    (when set) zoom and shift (masks warped with the same matrices, nearest) ->
+    optional resize -> (train, when set) the acquisition chain at the training
+    size (`pipeline.acquisition`) -> optional lung masking -> normalise ->
+    channels_last
 
 Everything runs in float32 with autocast disabled (Kornia has dtype bugs under
 fp16 autocast), on whatever device the batch is on (CPU in tests). Composing
@@ -36,6 +39,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+
+from pipeline.acquisition import AcquisitionRanges, acquire, sample_acquisition, zoom_shift_matrices
+from pipeline.crop import CROPS, crop_matrices, lung_boxes
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -165,13 +171,19 @@ class DeviceAugment(torch.nn.Module):
         mean: float = MEAN_1CH,
         std: float = STD_1CH,
         warp: str = DEFAULT_WARP,
+        acquisition: AcquisitionRanges | None = None,
+        crop: str = "none",
+        crop_margin: float = 0.1,
     ):
         super().__init__()
         if rotation_degrees < 0 or not 0.0 <= hflip_p <= 1.0:
             raise ValueError(f"need rotation_degrees >= 0 and 0 <= hflip_p <= 1, got {rotation_degrees}, {hflip_p}")
         if warp not in WARPS:
             raise ValueError(f"warp={warp!r} is not one of {sorted(WARPS)}")
-        self.warp = warp
+        if crop not in CROPS or not 0.0 <= crop_margin <= 1.0:
+            raise ValueError(f"need crop in {list(CROPS)} and 0 <= crop_margin <= 1, got {crop!r}, {crop_margin}")
+        self.warp, self.crop, self.crop_margin = warp, crop, float(crop_margin)
+        self.acquisition = acquisition or AcquisitionRanges()
         self.train_mode, self.rotation_degrees, self.hflip_p = train, float(rotation_degrees), float(hflip_p)
         self.image_size, self.mask_lungs, self.channels_last = image_size, mask_lungs, channels_last
         self.mean, self.std = float(mean), float(std)
@@ -181,33 +193,60 @@ class DeviceAugment(torch.nn.Module):
         return (
             f"train={self.train_mode}, rotation_degrees={self.rotation_degrees}, hflip_p={self.hflip_p}, "
             f"image_size={self.image_size}, mask_lungs={self.mask_lungs}, mean={self.mean:.4f}, std={self.std:.4f}, "
-            f"warp={self.warp}"
+            f"warp={self.warp}, crop={self.crop}, acquisition={self.acquisition.active()}"
         )
+
+    def _geometry(self, x, m, generator):
+        """The train warp: flip and rotation (drawn first, as they always were), then zoom and shift, one matrix;
+        and the acquisition parameters, drawn after them."""
+        b, _, h, w = x.shape
+        acq = self.acquisition
+        if self.rotation_degrees > 0 or self.hflip_p > 0:
+            params = sample_params(b, rotation_degrees=self.rotation_degrees, hflip_p=self.hflip_p, generator=generator)
+            flip, angle = params["flip"].to(x.device), params["angle"].to(x.device)
+        else:
+            flip = torch.zeros(b, dtype=torch.bool, device=x.device)
+            angle = torch.zeros(b, dtype=torch.float32, device=x.device)
+        drawn = sample_acquisition(b, acq, generator, x.device) if acq.intensity or acq.geometry else {}
+        matrix = affine_matrices(flip, angle, h, w)
+        zoom_shift = zoom_shift_matrices(drawn, h, w)
+        if zoom_shift is not None:
+            full = torch.zeros(b, 3, 3, device=x.device)
+            full[:, :2], full[:, 2, 2] = matrix, 1.0
+            matrix = (zoom_shift @ full)[:, :2, :]
+        if self.rotation_degrees > 0 or self.hflip_p > 0 or zoom_shift is not None:
+            x, m = WARPS[self.warp](x, m, matrix)
+        self.last_params = {"flip": flip, "angle": angle, "matrix": matrix, **drawn}
+        return x, m, drawn
 
     def forward(
         self, images: torch.Tensor, masks: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"expected images [B,1,H,W], got {list(images.shape)}")
-        if self.mask_lungs and masks is None:
-            raise ValueError("mask_lungs=True needs masks; build shards with masks")
+        if (self.mask_lungs or self.crop == "lungs") and masks is None:
+            raise ValueError("mask_lungs and crop=lungs need masks; build shards with --include-masks")
         with torch.autocast(device_type=images.device.type, enabled=False):
             x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
             m = None if masks is None else masks.float()
             b, _, h, w = x.shape
-            if self.train_mode and b > 0 and (self.rotation_degrees > 0 or self.hflip_p > 0):
-                params = sample_params(
-                    b, rotation_degrees=self.rotation_degrees, hflip_p=self.hflip_p, generator=generator
-                )
-                flip, angle = params["flip"].to(x.device), params["angle"].to(x.device)
-                matrix = affine_matrices(flip, angle, h, w)
-                x, m = WARPS[self.warp](x, m, matrix)
-                self.last_params = {"flip": flip, "angle": angle, "matrix": matrix}
+            if self.crop == "lungs" and b > 0:
+                boxes = lung_boxes(m, self.crop_margin)
+                x, m = WARPS[self.warp](x, m, crop_matrices(boxes, h, w)[:, :2, :])
+            drawn: dict[str, torch.Tensor] = {}
+            acq = self.acquisition
+            if self.train_mode and b > 0 and (self.rotation_degrees > 0 or self.hflip_p > 0 or acq.geometry):
+                x, m, drawn = self._geometry(x, m, generator)
+            elif self.train_mode and b > 0 and acq.intensity:
+                drawn = sample_acquisition(b, acq, generator, x.device)
+                self.last_params = dict(drawn)
             if self.image_size is not None and (h, w) != (self.image_size, self.image_size):
                 size = (self.image_size, self.image_size)
                 x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
                 if m is not None:
                     m = F.interpolate(m, size=size, mode="nearest")
+            if drawn and acq.intensity:  # at the training size: cheaper than at the stored one
+                x = acquire(x, drawn, acq, generator)
             if self.mask_lungs:
                 x = x * m
             x = (x - self.mean) / self.std

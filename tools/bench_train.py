@@ -44,6 +44,7 @@ from pipeline.batch import Batch
 from pipeline.collection import open_collections
 from pipeline.loader import load_shard_manifest
 from sharding.manifest import Manifest
+from tools.acquisition_costs import acquisition_costs, describe
 from tools.bench_peers import cycle
 from tools.bench_pipeline import bench_augment, original_loader
 from train.config import Config, load_config
@@ -208,7 +209,9 @@ def run(s: Settings) -> dict:
     else:
         original = original_batches(manifest, s, device)
         figures["original"] = measure(stepper(host_augmented(s.channels_last)), original, device, s)
-    return report(s, figures, skipped, augment_figures(s, manifest.image_size), manifest)
+    result = report(s, figures, skipped, augment_figures(s, manifest.image_size), manifest)
+    result["acquisition"] = acquisition_costs(s.batch_size, manifest.image_size, s.image_size, s.augment_seconds / 3)
+    return result
 
 
 def report(s: Settings, figures: dict, skipped: dict, augment: dict, manifest: Manifest) -> dict:
@@ -273,6 +276,8 @@ def table(r: dict) -> str:
         + ", ".join(f"{w} {v:,.0f} img/s" for w, v in r["augment"].items())
         + f"; largest pixel difference {check['max_abs_diff']:.1e}"
     )
+    if "acquisition" in r:
+        lines.append(describe(r["acquisition"]))
     return "\n".join(lines)
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import ast
 import inspect
 import sys
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pipeline.acquisition import AcquisitionRanges
 from pipeline.collection import CollectionError
 from pipeline.collection import parse as parse_collections
 
@@ -63,6 +64,30 @@ class DataConfig:
     """Zero everything outside the lung mask (needs shards built with --include-masks)."""
     warp: str = "torch"
     """Flip+rotation warp of the training augmentation: torch (affine_grid + grid_sample) or kornia; same pixels."""
+    crop: str = "none"
+    """lungs: cut every film to a square around its lung mask's box, in training, evaluation and prediction."""
+    crop_margin: float = 0.1
+    """Margin of the lung crop on each side, as a fraction of the box's larger side."""
+
+
+@dataclass
+class AcquisitionConfig:
+    gamma: float = 0.0
+    """Training only, per film (0 = off): tone curve x**gamma with gamma = exp(U(-g, g))."""
+    contrast: float = 0.0
+    """Contrast factor 1 + U(-c, c) about the film's mean (c < 1)."""
+    brightness: float = 0.0
+    """Brightness shift U(-b, b) in [0, 1] grey units."""
+    blur: float = 0.0
+    """Blur or sharpen: s = U(-k, k); s > 0 Gaussian blur of sigma s px, s < 0 unsharp mask of amount -s (k < 1.33)."""
+    noise: float = 0.0
+    """Gaussian grain of standard deviation U(0, n) in [0, 1] grey units."""
+    resample: float = 0.0
+    """Down-and-up resampling through a resolution factor in [1 - r, 1] (4 levels; r < 1)."""
+    zoom: float = 0.0
+    """Random resized crop: scale 1 + U(-z, z) about the centre, in the flip/rotation warp (z < 1)."""
+    shift: float = 0.0
+    """And a translation U(-t, t) times the side in x and y (t < 0.5)."""
 
 
 @dataclass
@@ -167,6 +192,8 @@ class LoggingConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     """Shards, loading and augmentation."""
+    acquisition: AcquisitionConfig = field(default_factory=AcquisitionConfig)
+    """Acquisition-robust augmentation: how another machine might have taken each training film (all off)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """Network."""
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -186,6 +213,7 @@ _CHOICES = {
     "train.mixed_precision": ("", "no", "fp16", "bf16"),
     "data.warp": ("torch", "kornia"),
     "data.balance": ("none", "class", "source", "source_class"),
+    "data.crop": ("none", "lungs"),
 }
 _POSITIVE = (
     "data.image_size",
@@ -233,13 +261,23 @@ def validate(cfg: Config) -> Config:
     for key in _NON_NEGATIVE:
         if _get(cfg, key) < 0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be >= 0")
-    for key in ("data.hflip_p", "optim.label_smoothing", "model.drop_rate", "eval.target_sensitivity"):
+    for key in (
+        "data.hflip_p",
+        "data.crop_margin",
+        "optim.label_smoothing",
+        "model.drop_rate",
+        "eval.target_sensitivity",
+    ):
         if not 0.0 <= _get(cfg, key) <= 1.0:
             raise ConfigError(f"{key}={_get(cfg, key)!r} must be within [0, 1]")
     if cfg.eval.overlap_distance is not None and not 0 <= cfg.eval.overlap_distance <= 256:
         raise ConfigError(
             f"eval.overlap_distance={cfg.eval.overlap_distance} must be within [0, 256] (pHash bits) or null"
         )
+    try:
+        acquisition_ranges(cfg)
+    except ValueError as exc:
+        raise ConfigError(f"acquisition.{exc}") from None
     if cfg.data.rotation_degrees > 180:
         raise ConfigError(f"data.rotation_degrees={cfg.data.rotation_degrees} must be <= 180")
     if cfg.train.max_steps_per_epoch is not None and cfg.train.max_steps_per_epoch <= 0:
@@ -250,6 +288,11 @@ def validate(cfg: Config) -> Config:
     if not cfg.train.output_dir:
         raise ConfigError("train.output_dir must not be empty")
     return _with_collections(cfg)
+
+
+def acquisition_ranges(cfg: Config) -> AcquisitionRanges:
+    """The run's acquisition augmentation ranges (ValueError naming the key when one is out of range)."""
+    return AcquisitionRanges(**asdict(cfg.acquisition))
 
 
 def _with_collections(cfg: Config) -> Config:

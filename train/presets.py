@@ -11,11 +11,12 @@ from pipeline.augment import DeviceAugment
 from pipeline.collection import CollectionSet
 from pipeline.loader import ShardLoader, build_loader
 from sharding.manifest import Manifest
-from train.config import Config
+from train.config import Config, acquisition_ranges
 
 
 def build_augment(cfg: Config, train: bool) -> DeviceAugment:
-    """The device transform of a run: flips and rotations when `train`, then resize, masking, normalisation."""
+    """The device transform of a run: the lung crop; when `train`, flips, rotations and the acquisition
+    augmentation; resize, masking, normalisation."""
     return DeviceAugment(
         train=train,
         rotation_degrees=cfg.data.rotation_degrees,
@@ -24,6 +25,9 @@ def build_augment(cfg: Config, train: bool) -> DeviceAugment:
         mask_lungs=cfg.data.mask_lungs,
         channels_last=cfg.model.channels_last,
         warp=cfg.data.warp,
+        acquisition=acquisition_ranges(cfg),
+        crop=cfg.data.crop,
+        crop_margin=cfg.data.crop_margin,
     )
 
 
@@ -31,7 +35,7 @@ def masks_used(cfg: Config) -> bool | None:
     """`masks` for the train and val loaders: training and validation use masks only for `data.mask_lungs`,
     so without it they stay unread (half the bytes to read, to hold in the shared-memory ring, to copy to
     the device and to warp); None yields them when present."""
-    return None if cfg.data.mask_lungs else False
+    return None if cfg.data.mask_lungs or cfg.data.crop == "lungs" else False
 
 
 def build_split_loader(

@@ -1,0 +1,202 @@
+"""Acquisition-robust augmentation and the lung crop (issue 23): parameter statistics, oracles by hand,
+determinism, and the seed recipe unchanged when they are off."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.acquisition import (
+    RESAMPLE_LEVELS,
+    AcquisitionRanges,
+    acquire,
+    blur_batch,
+    resample_batch,
+    sample_acquisition,
+    zoom_shift_matrices,
+)
+from pipeline.augment import MEAN_1CH, STD_1CH, DeviceAugment, affine_matrices, sample_params, warp_torch
+from pipeline.crop import crop_matrices, lung_boxes
+
+ALL = AcquisitionRanges(
+    gamma=0.4, contrast=0.3, brightness=0.1, blur=1.0, noise=0.05, resample=0.6, zoom=0.1, shift=0.05
+)
+
+
+def _unnorm(y):
+    return y * STD_1CH + MEAN_1CH
+
+
+def test_parameter_ranges_and_rates():
+    p = sample_acquisition(20000, ALL, torch.Generator().manual_seed(0), torch.device("cpu"))
+    log_gamma = p["gamma"].log()
+    assert log_gamma.min() >= -0.4 - 1e-6 and log_gamma.max() <= 0.4 + 1e-6 and abs(float(log_gamma.mean())) < 0.01
+    assert log_gamma.min() < -0.39 and log_gamma.max() > 0.39  # the whole range is used
+    for name, lo, hi in [("contrast", 0.7, 1.3), ("brightness", -0.1, 0.1), ("blur", -1.0, 1.0), ("noise", 0, 0.05)]:
+        v = p[name]
+        span = hi - lo
+        assert v.min() >= lo - 1e-6 and v.max() <= hi + 1e-6, name
+        assert abs(float(v.mean()) - (lo + hi) / 2) < 0.01 * span, name  # uniform: centred
+        assert abs(float(v.std()) - span / math.sqrt(12)) < 0.01 * span, name  # and flat
+    levels = [1.0 - i * 0.6 / (RESAMPLE_LEVELS - 1) for i in range(RESAMPLE_LEVELS)]
+    shares = [float(((p["resample"] - lv).abs() < 1e-5).float().mean()) for lv in levels]
+    assert sum(shares) == pytest.approx(1.0)  # always one of the levels
+    assert shares == pytest.approx([1 / 6, 1 / 3, 1 / 3, 1 / 6], abs=0.015)  # rounding a uniform draw
+    assert float((p["zoom"] - 1).abs().max()) <= 0.1 + 1e-6 and float(p["shift_x"].abs().max()) <= 0.05 + 1e-6
+    assert abs(float(torch.corrcoef(torch.stack([p["shift_x"], p["shift_y"]]))[0, 1])) < 0.03  # independent
+
+
+def test_only_the_transforms_that_are_on_are_drawn():
+    g = torch.Generator().manual_seed(0)
+    assert sample_acquisition(4, AcquisitionRanges(), g, torch.device("cpu")) == {}
+    assert set(sample_acquisition(4, AcquisitionRanges(noise=0.1), g, torch.device("cpu"))) == {"noise"}
+    assert AcquisitionRanges().active() == {} and not AcquisitionRanges().intensity
+    assert ALL.intensity and ALL.geometry and AcquisitionRanges(zoom=0.1).active() == {"zoom": 0.1}
+
+
+@pytest.mark.parametrize(
+    "bad", [{"gamma": -0.1}, {"contrast": 1.0}, {"resample": 1.0}, {"zoom": 1.5}, {"shift": 0.5}, {"noise": math.nan}]
+)
+def test_out_of_range_ranges_are_refused_naming_the_key(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        AcquisitionRanges(**bad)
+
+
+def _params(**values) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor([v], dtype=torch.float32) for k, v in values.items()}
+
+
+def test_tone_contrast_and_brightness_by_hand():
+    flat = torch.full((1, 1, 8, 8), 0.25)
+    torch.testing.assert_close(acquire(flat, _params(gamma=2.0), ALL, None), torch.full_like(flat, 0.0625))
+    ramp = torch.linspace(0.2, 0.6, 64).view(1, 1, 8, 8)
+    out = acquire(ramp, _params(contrast=1.5, brightness=0.05), ALL, None)
+    torch.testing.assert_close(out, (ramp - ramp.mean()) * 1.5 + ramp.mean() + 0.05)
+    assert float(acquire(ramp, _params(brightness=0.9), ALL, None).max()) == 1.0  # clipped to [0, 1]
+
+
+def test_blur_sharpen_and_resampling():
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand((2, 1, 32, 32), generator=gen)
+    flat = torch.full((2, 1, 32, 32), 0.3)
+    torch.testing.assert_close(blur_batch(flat, torch.tensor([0.5, 1.3])), flat)  # a constant stays constant
+    blurred = blur_batch(noise, torch.tensor([0.0, 1.2]))
+    torch.testing.assert_close(blurred[0], noise[0], atol=1e-6, rtol=0)  # sigma 0: untouched
+    assert float(blurred[1].std()) < 0.5 * float(noise[1].std())
+    one = blur_batch(noise[:1], torch.tensor([1.0]))
+    sharpened = acquire(one, _params(blur=-1.0), ALL, None)
+    assert float(sharpened.std()) > float(one.std())
+    checker = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2).float().view(1, 1, 32, 32)
+    levels = [1.0, 0.5]
+    torch.testing.assert_close(resample_batch(checker, torch.tensor([1.0]), levels), checker)
+    assert float(resample_batch(checker, torch.tensor([0.5]), levels).std()) < 0.1  # fine detail gone
+
+
+def test_grain_has_the_drawn_standard_deviation():
+    flat = torch.full((2, 1, 128, 128), 0.5)
+    out = acquire(flat, {"noise": torch.tensor([0.02, 0.06])}, ALL, torch.Generator().manual_seed(0))
+    assert float((out[0] - 0.5).std()) == pytest.approx(0.02, rel=0.05)
+    assert float((out[1] - 0.5).std()) == pytest.approx(0.06, rel=0.05)
+
+
+def test_zoom_and_shift_matrices_by_hand():
+    m = zoom_shift_matrices(_params(zoom=2.0, shift_x=0.1, shift_y=-0.2), 11, 21)
+    cx, cy = 10.0, 5.0
+    expected = torch.tensor([[2.0, 0.0, cx - 2 * cx + 2.1], [0.0, 2.0, cy - 2 * cy - 2.2], [0.0, 0.0, 1.0]])
+    torch.testing.assert_close(m[0], expected)
+    assert zoom_shift_matrices({}, 11, 21) is None
+
+
+def test_off_by_default_the_train_augment_is_the_seed_recipes():
+    """No acquisition key set: the same draws and the same pixels as flip + rotation alone (the old chain)."""
+    x = torch.randint(0, 256, (6, 1, 20, 30), dtype=torch.uint8)
+    out, _ = DeviceAugment(train=True, image_size=16)(x, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    p = sample_params(6, rotation_degrees=10.0, hflip_p=0.5, generator=g)
+    warped, _ = warp_torch(x.float() / 255, None, affine_matrices(p["flip"], p["angle"], 20, 30))
+    import torch.nn.functional as F
+
+    old = F.interpolate(warped, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(_unnorm(out), old, atol=1e-6, rtol=0)
+
+
+def test_the_acquisition_draws_come_after_the_flip_and_rotation_and_are_deterministic():
+    x = torch.randint(0, 256, (8, 1, 24, 24), dtype=torch.uint8)
+    plain, robust = DeviceAugment(train=True), DeviceAugment(train=True, acquisition=ALL)
+    plain(x, generator=torch.Generator().manual_seed(5))
+    a, _ = robust(x, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(plain.last_params["flip"], robust.last_params["flip"])
+    assert torch.equal(plain.last_params["angle"], robust.last_params["angle"])
+    b, _ = robust(x, generator=torch.Generator().manual_seed(5))
+    c, _ = robust(x, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert set(robust.last_params) >= {"gamma", "contrast", "brightness", "blur", "noise", "resample", "zoom"}
+
+
+def test_zoom_and_shift_move_image_and_mask_together():
+    x = torch.zeros(16, 1, 40, 40, dtype=torch.uint8)
+    x[:, :, 12:28, 8:20] = 255
+    aug = DeviceAugment(train=True, rotation_degrees=0, hflip_p=0, acquisition=AcquisitionRanges(zoom=0.3, shift=0.2))
+    y, m = aug(x, (x > 0).to(torch.uint8), generator=torch.Generator().manual_seed(0))
+    bright = _unnorm(y) > 0.5
+    assert float((bright == (m > 0.5)).float().mean()) > 0.98  # the mask still marks the bright block
+    assert len({int(v) for v in (m > 0.5).sum(dim=(1, 2, 3))}) > 4  # and blocks of many sizes and places
+
+
+def test_eval_never_augments_acquisition():
+    x = torch.randint(0, 256, (3, 1, 12, 12), dtype=torch.uint8)
+    y, _ = DeviceAugment(train=False, acquisition=ALL)(x)
+    torch.testing.assert_close(y, (x.float() / 255 - MEAN_1CH) / STD_1CH)
+
+
+# --------------------------------------------------------------------------- lung crop
+
+
+def test_lung_boxes_by_hand():
+    m = torch.zeros(3, 1, 100, 80)
+    m[0, 0, 30:60, 20:40] = 1  # box x 20..39, y 30..59: 30 tall, 19 wide -> a square of side 29 * 1.2
+    m[1, 0, 0:10, 70:80] = 1  # in a corner: the square moves inside the film
+    boxes = lung_boxes(m, margin=0.1)
+    side = 29 * 1.2
+    torch.testing.assert_close(
+        boxes[0], torch.tensor([29.5 - side / 2, 44.5 - side / 2, 29.5 + side / 2, 44.5 + side / 2])
+    )
+    assert float(boxes[1, 2]) == pytest.approx(79.0) and float(boxes[1, 1]) == pytest.approx(0.0)
+    assert boxes[2].tolist() == [0.0, 0.0, 79.0, 99.0]  # no lungs: the whole film
+
+
+def test_crop_matrices_take_the_box_onto_the_frame():
+    boxes = torch.tensor([[10.0, 20.0, 50.0, 70.0]])
+    m = crop_matrices(boxes, 60, 40)[0]
+    corners = torch.tensor([[10.0, 20.0, 1.0], [50.0, 70.0, 1.0]]).T
+    torch.testing.assert_close((m @ corners)[:2].T, torch.tensor([[0.0, 0.0], [39.0, 59.0]]))
+
+
+def test_the_crop_is_the_same_in_training_and_evaluation_and_frames_the_lungs():
+    x = torch.randint(0, 256, (2, 1, 64, 64), dtype=torch.uint8)
+    masks = torch.zeros(2, 1, 64, 64, dtype=torch.uint8)
+    masks[0, 0, 20:44, 16:40] = 1
+    masks[1, 0, 8:56, 4:60] = 1
+    train = DeviceAugment(train=True, rotation_degrees=0, hflip_p=0, crop="lungs", crop_margin=0.1)
+    evaluate = DeviceAugment(train=False, crop="lungs", crop_margin=0.1)
+    a, ma = train(x, masks, generator=torch.Generator().manual_seed(0))
+    b, mb = evaluate(x, masks)
+    assert torch.equal(a, b) and torch.equal(ma, mb)
+    rows = (mb[0, 0] > 0.5).any(dim=1).nonzero().flatten()
+    assert int(rows[0]) in (5, 6) and int(rows[-1]) in (57, 58)  # the lungs span 1/1.2 of the frame
+    with pytest.raises(ValueError, match="crop=lungs need masks"):
+        evaluate(x)
+
+
+@pytest.mark.parametrize("crop", ["none", "lungs"])
+def test_the_whole_chain_builds_no_tensor_from_host_data(monkeypatch, crop):
+    x = torch.randint(0, 256, (4, 1, 16, 16), dtype=torch.uint8)
+    aug = DeviceAugment(train=True, acquisition=ALL, crop=crop, image_size=12)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.tensor called inside the training augmentation")
+
+    monkeypatch.setattr(torch, "tensor", refuse)
+    aug(x, x.clamp(max=1), generator=torch.Generator().manual_seed(0))
