@@ -141,7 +141,8 @@ class TrainConfig:
     patience: int = 5
     """Early stopping: stop after this many epochs without improvement of `monitor`."""
     monitor: str = "val_loss"
-    """Early-stopping and best-model metric: val_loss, val_accuracy or val_macro_f1."""
+    """Early stopping and best model: val_loss, val_accuracy, val_macro_f1, val_balanced_accuracy or
+    val_worst_source_balanced_accuracy (the worst validation source's, sources of 10+ films; one: overall)."""
     min_delta: float = 0.0
     """Smallest change of `monitor` that counts as an improvement."""
     seed: int = 42
@@ -209,7 +210,13 @@ class Config:
 _CHOICES = {
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "cosine", "step", "plateau"),
-    "train.monitor": ("val_loss", "val_accuracy", "val_macro_f1"),
+    "train.monitor": (
+        "val_loss",
+        "val_accuracy",
+        "val_macro_f1",
+        "val_balanced_accuracy",
+        "val_worst_source_balanced_accuracy",
+    ),
     "train.mixed_precision": ("", "no", "fp16", "bf16"),
     "data.warp": ("torch", "kornia"),
     "data.balance": ("none", "class", "source", "source_class"),
@@ -358,7 +365,7 @@ def field_docs(cls: type) -> dict[str, str]:
     docs = {}
     for node, nxt in zip(body, body[1:]):
         if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = str(nxt.value.value).strip()  # type: ignore[union-attr]
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
     return docs
 
 

@@ -17,6 +17,7 @@ def epoch_row(epoch: int, result, val, scores: dict, lr: float) -> dict:
         "val_loss": val.loss,
         "val_accuracy": scores["accuracy"],
         "val_macro_f1": scores["macro_f1"],
+        "val_balanced_accuracy": scores["balanced_accuracy"],
         "lr": lr,
         "img_per_s": result.images_per_s,
         "data_wait_frac": result.data_wait_frac,

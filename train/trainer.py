@@ -36,7 +36,7 @@ from train.predictions import predict_split
 from train.presets import build_augment, build_split_loader, masks_used
 from train.ranks import check_shared_folder, every_rank_ok, on_rank0, rank0_decides
 from train.state import Position, TrainState
-from train.validation import choose, per_collection, quick_metrics
+from train.validation import choose, per_collection, per_source, quick_metrics, worst_source
 
 
 class RunError(RuntimeError):
@@ -327,6 +327,10 @@ def run_epoch(run: Run, epoch: int, position: Position) -> tuple[dict, bool]:
         row["collections"] = train_loader.strata().composition(result.coverage, run.data.names)
     if run.data.mixed:
         row["val_collections"] = per_collection(val.labels, val.probs, val.collections, len(run.data.classes))
+    sources = per_source(val.labels, val.probs, val.sources, len(run.data.classes))
+    row["val_worst_source"], row["val_worst_source_balanced_accuracy"] = worst_source(
+        sources, row["val_balanced_accuracy"]
+    )
     improved = state.stopper.step(row[cfg.train.monitor], epoch)
     step_scheduler(state.scheduler, row[cfg.train.monitor])
     on_rank0(acc, lambda: record_epoch(run, val, row, improved), f"saving epoch {epoch} in {run.out}")

@@ -25,16 +25,44 @@ POINTS = ("youden", "target_sensitivity")
 
 
 def quick_metrics(labels: np.ndarray, probs: np.ndarray, n_classes: int) -> dict[str, float]:
-    """Accuracy and macro-F1 over the classes present, for per-epoch validation (cheap)."""
+    """Accuracy, macro-F1 and balanced accuracy over the classes present, for per-epoch validation (cheap)."""
     labels = np.asarray(labels)
     preds = np.asarray(probs).argmax(axis=1)
     present = sorted(set(labels.tolist()))
+    recalls = [float((preds[labels == c] == c).mean()) for c in present]
     return {
         "accuracy": float((preds == labels).mean()) if len(labels) else 0.0,
         "macro_f1": float(skm.f1_score(labels, preds, labels=present, average="macro", zero_division=0))
         if present
         else 0.0,
+        "balanced_accuracy": float(np.mean(recalls)) if recalls else 0.0,
     }
+
+
+#: A source needs this many validation films to count for the worst-source monitor (fewer: too noisy to select by).
+MIN_SOURCE_FILMS = 10
+
+
+def per_source(labels: np.ndarray, probs: np.ndarray, sources: Sequence[str], n_classes: int) -> dict:
+    """`quick_metrics` of each source's validation films (balanced accuracy over the classes it has), with counts."""
+    which = np.asarray(sources, dtype=object)
+    return {
+        name: {
+            "films": int((which == name).sum()),
+            **quick_metrics(labels[which == name], probs[which == name], n_classes),
+        }
+        for name in sorted(set(which.tolist()))
+    }
+
+
+def worst_source(table: dict, overall: float) -> tuple[str, float]:
+    """(source, balanced accuracy) of the worst source with MIN_SOURCE_FILMS films or more; with fewer than two
+    such sources, ("all", the overall balanced accuracy): there is no site to be worst at."""
+    counted = {s: r["balanced_accuracy"] for s, r in table.items() if r["films"] >= MIN_SOURCE_FILMS and s}
+    if len(counted) < 2:
+        return "all", overall
+    name = min(counted, key=lambda s: (counted[s], s))
+    return name, counted[name]
 
 
 def per_collection(labels: np.ndarray, probs: np.ndarray, collections: Sequence[str], n_classes: int) -> dict:

@@ -439,6 +439,30 @@ def test_mask_lungs_run_with_a_step_cap_reports_to_the_end(tmp_path, phantom_sha
     assert sum(c["support"] for c in report["per_class"].values()) == expected and (out / "gradcam.png").exists()
 
 
+def test_a_robust_recipe_run_crops_augments_and_selects_by_the_worst_source(
+    tmp_path, phantom_shards, subprocess_env, repo_root
+):
+    """data.crop=lungs, acquisition keys and the worst-source monitor together, to the report (issue 23)."""
+    out = tmp_path / "run"
+    recipe = ["data.crop=lungs", "acquisition.gamma=0.3", "acquisition.noise=0.03", "acquisition.zoom=0.1"]
+    run = run_train(
+        [f"data.shards={phantom_shards}", f"train.output_dir={out}", "train.epochs=2", "train.max_steps_per_epoch=2"]
+        + recipe
+        + ["train.monitor=val_worst_source_balanced_accuracy"],
+        subprocess_env,
+        repo_root,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = metrics(out)
+    assert all(r["val_worst_source"] == "all" for r in rows)  # every source has < 10 validation films here
+    assert all(r["val_worst_source_balanced_accuracy"] == r["val_balanced_accuracy"] for r in rows)
+    card = json.loads((out / "models" / "best_model.json").read_text())
+    assert card["monitor"] == "val_worst_source_balanced_accuracy" and card["config"]["data"]["crop"] == "lungs"
+    assert card["config"]["acquisition"]["gamma"] == 0.3
+    report = json.loads((out / "report.json").read_text())
+    assert report["probes"]["lungs_blanked"]["samples"] == report["samples"]  # probes ran on the cropped films
+
+
 def test_corrupt_val_shard_during_training_is_one_line_exit_2(tmp_path, phantom_shards, subprocess_env, repo_root):
     """A val shard that fails its checksum, read by a loader worker: one line naming the shard, exit 2."""
     import shutil
