@@ -156,7 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, keys in recipes.items():
         rows.append(train_and_test(name, keys, styled, site, out, args))
         r = rows[-1]
-        print(f"robust_demo: {name}: internal {r['internal']['value']:.2f}, unseen {r['unseen_site']['value']:.2f}")
+        print(
+            f"robust_demo: {name}: internal {r['internal']['value']:.2f}, unseen {r['unseen_site']['value']:.2f}",
+            flush=True,
+        )
     rows = closes(rows)
     text = table(rows)
     (out / "ablation.json").write_text(json.dumps(rows, indent=2) + "\n")

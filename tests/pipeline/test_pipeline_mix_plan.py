@@ -127,3 +127,20 @@ def test_every_streamed_epoch_draws_each_collection_its_share(epoch):
                 for s in w.segments:
                     shards["a" if s.shard < 2 else "b"] += s.hi - s.lo
     assert shards == {"a": 6, "b": 6}
+
+
+def test_a_stratum_deals_a_fresh_permutation_each_pass_keyed_by_its_place_pinned():
+    from pipeline.mix import stratum_draws
+
+    members = np.arange(10, 18, dtype=np.int64)
+    draws = stratum_draws(members, 0, 24, (0, 1, 2))
+    passes = [draws[i : i + 8].tolist() for i in (0, 8, 16)]
+    assert all(sorted(p) == members.tolist() for p in passes)  # each pass: every member once
+    assert len({tuple(p) for p in passes}) == 3  # and a fresh order each pass
+    assert stratum_draws(members, 5, 7, (0, 1, 2)).tolist() == draws[5:12].tolist()  # any window of the sequence
+    other = stratum_draws(members, 0, 8, (0, 1, 3)).tolist()  # another stratum (or collection, or seed)
+    assert other != passes[0]
+    assert passes[0] == PINNED_STRATUM_PASS
+
+
+PINNED_STRATUM_PASS = [15, 13, 12, 14, 10, 11, 16, 17]
