@@ -45,6 +45,7 @@ from evaluation.target import (
     ExternalShardsError,
     Target,
     class_lut,
+    needs_masks,
     open_run_data,
     predict_target,
     run_probes,
@@ -258,6 +259,7 @@ def evaluate_run(
     if not data.samples(split):
         raise EvaluationInputError(f"{shards} has no {split} films to evaluate; rebuild the shards from more films")
     trained = load_trained_model(run_dir / "models" / BEST_PTH, accelerator.device)
+    needs_masks(trained.cfg, data, str(shards))
     target = Target(data, (split,), run_dir, split)
     return evaluate_target(run_dir, trained, cfg, target, accelerator)
 
@@ -290,6 +292,7 @@ def evaluate_external(
     if not splits or split != "all" and (split not in manifest.splits or not manifest.split(split).samples):
         raise ExternalShardsError(f"{shards} has no {split} films; use --split all to evaluate every film")
     name = external_name(name or shards)  # a name, never a path out of RUN/external
+    needs_masks(trained.cfg, data, str(shards))
     train_shards = train_shards or cfg.data.shards
     target = Target(data, splits, run_dir / EXTERNAL / name, split, lut, name, train_shards)
     report = evaluate_target(run_dir, trained, cfg, target, accelerator)

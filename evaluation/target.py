@@ -58,6 +58,18 @@ def open_run_data(shards, classes) -> CollectionSet:
         raise EvaluationInputError(str(exc)) from None
 
 
+def needs_masks(cfg: Config, data: CollectionSet, where: str) -> None:
+    """Refuse, before any work, shards without lung masks for a model that reads films through them."""
+    uses = [
+        k for k, on in (("data.mask_lungs", cfg.data.mask_lungs), ("data.crop=lungs", cfg.data.crop == "lungs")) if on
+    ]
+    if uses and not data.masks:
+        raise ExternalShardsError(
+            f"{where} carries no lung masks, and this model was trained with {' and '.join(uses)}: every film it "
+            "reads needs its mask; rebuild those shards with --include-masks (from masks that come with the films)"
+        )
+
+
 def class_lut(model_classes: list[str], shard_classes: list[str], where: str) -> np.ndarray:
     """int64 lookup from the shards' label indices to the model's; an unknown class name is an error."""
     unknown = [c for c in shard_classes if c not in model_classes]
@@ -112,6 +124,7 @@ __all__ = [
     "ExternalShardsError",
     "Target",
     "class_lut",
+    "needs_masks",
     "open_run_data",
     "predict_target",
     "run_probes",

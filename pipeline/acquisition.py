@@ -69,7 +69,9 @@ class AcquisitionRanges:
 
 
 def _uniform(b: int, lo: float, hi: float, generator, device) -> torch.Tensor:
-    return torch.rand(b, generator=generator, device=device) * (hi - lo) + lo
+    """Drawn on the generator's device (as `sample_params` draws), then moved to the batch's."""
+    where = generator.device if generator is not None else torch.device("cpu")
+    return (torch.rand(b, generator=generator, device=where) * (hi - lo) + lo).to(device)
 
 
 def sample_acquisition(
@@ -109,13 +111,14 @@ def _gaussian_kernels(sigma: torch.Tensor) -> torch.Tensor:
 
 
 def blur_batch(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    """Each film blurred by its own Gaussian (separable, one grouped convolution per axis, reflect padding)."""
+    """Each film blurred by its own Gaussian (separable, one grouped convolution per axis, edges replicated)."""
     b, _, h, w = x.shape
     k = _gaussian_kernels(sigma)
     pad = (BLUR_TAPS - 1) // 2
-    y = F.pad(x.reshape(1, b, h, w), (pad, pad, 0, 0), mode="reflect")
+    # replicate, not reflect: any size works (reflect needs sides above the pad)
+    y = F.pad(x.reshape(1, b, h, w), (pad, pad, 0, 0), mode="replicate")
     y = F.conv2d(y, k.view(b, 1, 1, BLUR_TAPS), groups=b)
-    y = F.pad(y, (0, 0, pad, pad), mode="reflect")
+    y = F.pad(y, (0, 0, pad, pad), mode="replicate")
     y = F.conv2d(y, k.view(b, 1, BLUR_TAPS, 1), groups=b)
     return y.reshape(b, 1, h, w)
 
@@ -153,7 +156,8 @@ def acquire(
         step = ranges.resample / (RESAMPLE_LEVELS - 1)
         x = resample_batch(x, params["resample"], [1.0 - i * step for i in range(RESAMPLE_LEVELS)])
     if "noise" in params:
-        grain = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        where = generator.device if generator is not None else x.device
+        grain = torch.randn(x.shape, generator=generator, device=where, dtype=x.dtype).to(x.device)
         x = x + grain * params["noise"][:, None, None, None]
     return x.clamp(0.0, 1.0)
 

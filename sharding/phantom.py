@@ -205,7 +205,11 @@ def site_of(spec: PhantomSpec, cls: int, index: int) -> str:
 def patient_of(spec: PhantomSpec, cls: int, index: int) -> str:
     """A film's patient id; a new site's patients are its own."""
     patient = files.patient_of(CLASSES[cls], index)
-    return patient if spec.site is None else f"{sites.style_for(spec.site).tag}-{patient}"
+    return (
+        patient
+        if spec.site is None
+        else f"{sites.style_for(spec.site).tag}{sites.site_number(spec.site) % 10**6:06d}-{patient}"
+    )
 
 
 def _render(spec: PhantomSpec, cls: int, index: int, jitter: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -213,7 +217,7 @@ def _render(spec: PhantomSpec, cls: int, index: int, jitter: bool = False) -> tu
     style = sites.style_for(site_of(spec, cls, index)) if spec.site_styles or spec.site else None
     key = [spec.seed, cls, index, 1 if jitter else 0]
     if spec.site is not None:  # another site's patients: other films than the default phantom's
-        key.append(int.from_bytes(spec.site.encode()[:8].ljust(8, b"\0"), "little"))
+        key.append(sites.site_number(spec.site))
     rng = np.random.default_rng(key)
     anat = _anatomy(rng, style)
     ax = _AXIS

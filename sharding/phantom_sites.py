@@ -50,11 +50,16 @@ STYLES: dict[str, SiteStyle] = {
 }
 
 
+def site_number(site: str) -> int:
+    """A 64-bit number for a site's name (its whole name: sites sharing a prefix still differ)."""
+    return int.from_bytes(hashlib.sha256(site.encode()).digest()[:8], "little")
+
+
 def style_for(site: str) -> SiteStyle:
     """The style of `site`: a phantom source's fixed one, else one drawn from the same ranges by its name."""
     if site in STYLES:
         return STYLES[site]
-    rng = np.random.default_rng(int.from_bytes(hashlib.sha256(site.encode()).digest()[:8], "little"))
+    rng = np.random.default_rng(site_number(site))
     return SiteStyle(
         gamma=float(rng.choice([rng.uniform(0.6, 0.8), rng.uniform(1.25, 1.5)])),
         blur=float(rng.choice([rng.uniform(0.8, 1.6), -rng.uniform(0.6, 1.2)])),
@@ -103,4 +108,4 @@ def _burn_tag(out: np.ndarray, style: SiteStyle) -> None:
     np.maximum(region, (tag.astype(np.float32) * 0.95).astype(np.uint8), out=region)
 
 
-__all__ = ["STYLES", "SiteStyle", "acquire", "style_for"]
+__all__ = ["STYLES", "SiteStyle", "acquire", "site_number", "style_for"]

@@ -67,6 +67,8 @@ def check_data(cfg: Config, data: CollectionSet) -> None:
         )
     if cfg.data.mask_lungs and not data.masks:
         problems.append("data.mask_lungs=true but the shards carry no masks (rebuild with --include-masks)")
+    if cfg.data.crop == "lungs" and not data.masks:
+        problems.append("data.crop=lungs but the shards carry no masks (rebuild with --include-masks)")
     for split in ("train", "val"):
         if data.samples(split) == 0:
             problems.append(

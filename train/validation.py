@@ -21,6 +21,8 @@ import numpy as np
 import sklearn.metrics as skm
 from sklearn.metrics import roc_curve
 
+from pipeline.provenance import UNKNOWN
+
 POINTS = ("youden", "target_sensitivity")
 
 
@@ -57,8 +59,11 @@ def per_source(labels: np.ndarray, probs: np.ndarray, sources: Sequence[str], n_
 
 def worst_source(table: dict, overall: float) -> tuple[str, float]:
     """(source, balanced accuracy) of the worst source with MIN_SOURCE_FILMS films or more; with fewer than two
-    such sources, ("all", the overall balanced accuracy): there is no site to be worst at."""
-    counted = {s: r["balanced_accuracy"] for s, r in table.items() if r["films"] >= MIN_SOURCE_FILMS and s}
+    such sources, ("all", the overall balanced accuracy): there is no site to be worst at. Films of no known
+    source are no site: they never count."""
+    counted = {
+        s: r["balanced_accuracy"] for s, r in table.items() if r["films"] >= MIN_SOURCE_FILMS and s not in (UNKNOWN, "")
+    }
     if len(counted) < 2:
         return "all", overall
     name = min(counted, key=lambda s: (counted[s], s))

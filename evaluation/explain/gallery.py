@@ -68,7 +68,9 @@ def explain_split(
     gallery: dict[tuple[str, int], tuple] = {}
     for batch in loader:
         batch = batch.to(device)
-        images, _ = augment(batch.images, batch.masks)  # masks: data.mask_lungs needs them
+        images, seen_masks = augment(batch.images, batch.masks)  # masks: data.mask_lungs and crop=lungs need them
+        # what the model saw: with crop=lungs the cropped film and masks, else the stored film (unmasked)
+        film, film_masks = _as_seen(augment, images, seen_masks) if augment.crop != "none" else (None, batch.masks)
         with torch.no_grad():
             preds = model(images).argmax(1).tolist()
         batch_labels = batch.labels.cpu().numpy()
@@ -76,11 +78,12 @@ def explain_split(
             batch_labels = lut[batch_labels]
         cams = explain.gradcam(model, images)
         masks = None
-        if batch.masks is not None:
-            masks = F.interpolate(batch.masks.float(), size=cams.shape[-2:], mode="nearest").squeeze(1).cpu().numpy()
+        if film_masks is not None:
+            masks = F.interpolate(film_masks.float(), size=cams.shape[-2:], mode="nearest").squeeze(1).cpu().numpy()
             shares.append(explain.lung_share(cams, masks))
             labels.append(batch_labels)
-        small = F.interpolate(batch.images.float(), size=cams.shape[-2:], mode="bilinear").squeeze(1).cpu().numpy()
+        base = batch.images.float() if film is None else film
+        small = F.interpolate(base, size=cams.shape[-2:], mode="bilinear").squeeze(1).cpu().numpy()
         for i, (key, label, pred) in enumerate(zip(batch.keys, batch_labels.tolist(), preds)):
             tile = (explain.overlay(small[i], cams[i]), None if masks is None else masks[i])
             slot = picks.setdefault((label, label == pred), [])
@@ -104,6 +107,11 @@ def explain_split(
             outlines=[[t[1] for t in tiles] for _, tiles in rows],
         )
     return result
+
+
+def _as_seen(augment, images: torch.Tensor, masks: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The films as the model saw them, back on the stored grey scale (0..255), and their masks."""
+    return (images.float() * augment.std + augment.mean) * 255.0, masks
 
 
 def _grid(classes: Sequence[str], picks: dict) -> object:

@@ -22,6 +22,7 @@ from evaluation.report.overlap_section import internal_overlap_section, overlap_
 from evaluation.report.schema import report_suffix
 from evaluation.statistics.bootstrap import fmt
 from evaluation.statistics.registry import NAMES, SUMMARY_NAMES
+from pipeline.provenance import UNKNOWN
 
 #: Sources whose names mark a pediatric collection (the Kaggle release's Normal and Viral Pneumonia films).
 PEDIATRIC_HINTS = ("pediatric", "paediatric", "chest-xray-pneumonia", "paultimothymooney", "guangzhou")
@@ -318,18 +319,21 @@ def limitations(report: dict) -> list[str]:
 def external_limitations(report: dict) -> list[str]:
     """What limits an external test: where its films come from, and what could not be checked on them."""
     out = []
-    sources = {s: r for s, r in (report.get("per_source") or {}).items() if r.get("support")}
-    if not sources:
+    listed = {s: r for s, r in (report.get("per_source") or {}).items() if r.get("support")}
+    sources = {s: r for s, r in listed.items() if s != UNKNOWN and not s.endswith("/" + UNKNOWN)}
+    unnamed = report["samples"] - sum(r["support"] for r in sources.values())
+    if unnamed:
+        which = "The evaluated films name" if not sources else f"{unnamed} of the evaluated films name"
         out.append(
-            "The evaluated films name no source: whether they come from one hospital or several, and how each "
-            "does, is unknown (a label CSV with a source column records it)."
+            f"{which} no source: whether they come from one hospital or several, and how each does, is unknown "
+            "(a label CSV with a source column records it)."
         )
-    elif len(sources) == 1:
+    if len(sources) == 1 and not unnamed:
         out.append(
             f"All {report['samples']} evaluated films come from one source ({next(iter(sources))}): this is "
             "one site's result, and another hospital can differ from it as much as it differs from the training data."
         )
-    else:
+    elif len(sources) > 1:
         single = {
             c: [s for s, r in sources.items() if (r.get("per_class") or {}).get(c, {}).get("support")]
             for c, m in report["per_class"].items()

@@ -54,3 +54,34 @@ def test_an_internal_report_gets_none_of_these():
     del report["external_test"]
     said = limitations(report)
     assert not any("one source (" in s or "lung masks" in s or "name no source" in s for s in said)
+
+
+def test_films_of_no_known_source_are_not_a_site():
+    said = limitations(_report({"unknown": _source(COVID=100), "hospital-x": _source(COVID=50, Normal=150)}))
+    assert any(s.startswith("100 of the evaluated films name no source") for s in said)
+    assert not any("Each class of this set comes from one source" in s or "COVID from unknown" in s for s in said)
+    assert not any("All 300 evaluated films come from one source" in s for s in said)  # 100 are of unknown origin
+    said = limitations(_report({"a/unknown": _source(COVID=150, Normal=150)}))  # a collection's unknown source
+    assert any(s.startswith("The evaluated films name no source") for s in said)
+
+
+def test_a_model_that_reads_through_masks_refuses_shards_without_them(tmp_path):
+    """Before any work, with the fix: data.crop=lungs or data.mask_lungs and shards built without masks."""
+    import pytest
+
+    from evaluation.target import ExternalShardsError, needs_masks
+    from pipeline.collection import open_collections
+    from train.config import Config
+
+    from helpers.indexed_shards import write_shards
+
+    write_shards(tmp_path / "s", masks=False)
+    data = open_collections(str(tmp_path / "s"))
+    cfg = Config()
+    needs_masks(cfg, data, "s")  # the seed recipe reads films only
+    cfg.data.crop = "lungs"
+    with pytest.raises(ExternalShardsError, match=r"s carries no lung masks.*data.crop=lungs.*--include-masks"):
+        needs_masks(cfg, data, "s")
+    cfg.data.crop, cfg.data.mask_lungs = "none", True
+    with pytest.raises(ExternalShardsError, match="data.mask_lungs"):
+        needs_masks(cfg, data, "s")

@@ -200,3 +200,13 @@ def test_the_whole_chain_builds_no_tensor_from_host_data(monkeypatch, crop):
 
     monkeypatch.setattr(torch, "tensor", refuse)
     aug(x, x.clamp(max=1), generator=torch.Generator().manual_seed(0))
+
+
+def test_tiny_films_blur_and_a_cpu_generator_serves_any_device():
+    x = torch.rand(2, 1, 3, 3)
+    assert blur_batch(x, torch.tensor([1.0, 0.5])).shape == x.shape  # smaller than the kernel
+    flat = torch.full((1, 1, 3, 3), 0.4)
+    torch.testing.assert_close(blur_batch(flat, torch.tensor([1.2])), flat)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    p = sample_acquisition(4, ALL, g, torch.device("cpu"))
+    assert all(v.device.type == "cpu" for v in p.values())

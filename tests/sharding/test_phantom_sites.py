@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 
 from sharding import phantom_files as files
 from sharding.contract import CLASSES, MASK_SIZE
-from sharding.phantom import PhantomSpec, generate, render_sample, site_of
+from sharding.phantom import PhantomSpec, generate, patient_of, render_sample, site_of
 from sharding.phantom_sites import STYLES, SiteStyle, acquire, style_for
 
 PLAIN = SiteStyle(1.0, 0.0, 4.0, 1.0, 0, 0, "", 0, 1.0, (0.0, 0.0))
@@ -90,7 +91,10 @@ def test_a_new_site_has_every_class_its_own_patients_and_films(tmp_path):
         rows = list(csv.DictReader(fh))
     assert [sum(r["label"] == c for r in rows) for c in CLASSES] == [5, 4, 6, 3]
     assert {r["source"] for r in rows} == {"hospital-x.example"}
-    assert all(r["patient_id"].startswith("HOSPITAL-") for r in rows)
+    assert all(re.fullmatch(r"HOSPITAL\d{6}-[A-Z]+\d{5}", r["patient_id"]) for r in rows), rows[0]["patient_id"]
+    other = PhantomSpec(counts=(5, 4, 6, 3), seed=0, site="hospital-y.example")  # the same first 8 letters
+    assert {patient_of(spec, 0, 0)} != {patient_of(other, 0, 0)}  # other patients
+    assert not np.array_equal(render_sample(spec, 0, 0)[0], render_sample(other, 0, 0)[0])
     default = PhantomSpec(counts=(5, 4, 6, 3), seed=0)
     for cls in range(4):  # other patients: no film is the default phantom's, even in the same style
         same_style = PhantomSpec(counts=(5, 4, 6, 3), seed=0, site_styles=True)

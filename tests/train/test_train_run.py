@@ -461,6 +461,7 @@ def test_a_robust_recipe_run_crops_augments_and_selects_by_the_worst_source(
     assert card["config"]["acquisition"]["gamma"] == 0.3
     report = json.loads((out / "report.json").read_text())
     assert report["probes"]["lungs_blanked"]["samples"] == report["samples"]  # probes ran on the cropped films
+    assert report["lung_share"] and (out / "gradcam.png").exists()  # Grad-CAM on the cropped films and masks
 
 
 def test_corrupt_val_shard_during_training_is_one_line_exit_2(tmp_path, phantom_shards, subprocess_env, repo_root):

@@ -49,3 +49,13 @@ def test_with_fewer_than_two_countable_sources_it_is_the_overall_figure(table):
 def test_ties_go_to_the_first_source_by_name():
     table = {"z": {"films": 20, "balanced_accuracy": 0.5}, "m": {"films": 20, "balanced_accuracy": 0.5}}
     assert worst_source(table, 0.9) == ("m", 0.5)
+
+
+def test_films_of_no_known_source_never_count_as_a_site():
+    table = {
+        "unknown": {"films": 50, "balanced_accuracy": 0.1},
+        "a": {"films": 20, "balanced_accuracy": 0.7},
+        "b": {"films": 20, "balanced_accuracy": 0.9},
+    }
+    assert worst_source(table, 0.8) == ("a", 0.7)
+    assert worst_source({"unknown": table["unknown"], "a": table["a"]}, 0.8) == ("all", 0.8)
