@@ -27,7 +27,8 @@ TYPICAL = {
 }
 
 
-def _us_per_image(aug: DeviceAugment, x: torch.Tensor, m: torch.Tensor, seconds: float) -> float:
+def seconds_per_call(aug: DeviceAugment, x: torch.Tensor, m: torch.Tensor | None, seconds: float) -> float:
+    """Seconds one `aug(x, m)` call takes, over `seconds` of calls after one warm-up (device synchronised)."""
     g = torch.Generator(device=x.device).manual_seed(0)
     sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
     aug(x, m, generator=g)
@@ -37,7 +38,11 @@ def _us_per_image(aug: DeviceAugment, x: torch.Tensor, m: torch.Tensor, seconds:
         aug(x, m, generator=g)
         n += 1
     sync()
-    return (time.perf_counter() - start) / (n * x.shape[0]) * 1e6
+    return (time.perf_counter() - start) / n
+
+
+def _us_per_image(aug: DeviceAugment, x: torch.Tensor, m: torch.Tensor, seconds: float) -> float:
+    return seconds_per_call(aug, x, m, seconds) / x.shape[0] * 1e6
 
 
 def acquisition_costs(batch_size: int, stored_size: int, image_size: int, seconds: float = 1.0) -> dict:
@@ -75,4 +80,4 @@ def describe(costs: dict) -> str:
     )
 
 
-__all__ = ["TYPICAL", "acquisition_costs", "describe"]
+__all__ = ["TYPICAL", "acquisition_costs", "describe", "seconds_per_call"]

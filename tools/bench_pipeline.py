@@ -43,7 +43,6 @@ import os
 import platform
 import shutil
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from pipeline.loader import build_loader
 from pipeline.samples import read_samples
 from pipeline.urls import open_url
 from sharding.manifest import SplitInfo, load_manifest, write_manifest
+from tools.acquisition_costs import seconds_per_call
 from tools.bench_peers import bench_litdata, bench_mosaic, cycle, rate
 
 METHODS = (
@@ -239,23 +239,14 @@ def bench_augment(
     aug = DeviceAugment(train=True, warp=warp).to(device)
     x = torch.randint(0, 256, (batch_size, 1, image_size, image_size), dtype=torch.uint8, device=device)
     m = torch.randint(0, 2, x.shape, dtype=torch.uint8, device=device) if masks else None
-    g = torch.Generator(device=device).manual_seed(0)
-    aug(x, m, generator=g)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        aug(x, m, generator=g)
-        n += 1
-    sync()
-    elapsed = time.perf_counter() - start
+    per_call = seconds_per_call(aug, x, m, seconds)
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu"
     return {
         "device": f"{device.type} ({name})",
         "warp": warp,
         "batch_size": batch_size,
-        "batch_per_s": n / elapsed,
-        "img_per_s": n * batch_size / elapsed,
+        "batch_per_s": 1.0 / per_call,
+        "img_per_s": batch_size / per_call,
     }
 
 

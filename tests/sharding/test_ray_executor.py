@@ -119,12 +119,7 @@ def test_an_input_that_changes_mid_build_is_named_as_on_the_local_executor(layou
     raw = tmp_path / "raw"
     shutil.copytree(layouts["kaggle"][0], raw)
     victim, name = _a_film_of_the_test_split(raw, tmp_path / "probe")
-    proc = start_group(
-        [sys.executable, "-m", "sharding", "build", "--raw", str(raw), "--out", str(tmp_path / "out"), "--quiet"]
-        + ["--shard-size", "16", "--executor", "ray", "--ray-address", cluster.address, "--shard-delay-s", "1.5"],
-        env,
-        tmp_path,
-    )
+    proc = _slow_cluster_build(raw, tmp_path / "out", cluster, env)
     staging = _wait_for_first_shard(tmp_path, proc)
     assert not list(staging.glob("test-*.tar"))
     victim.write_bytes(b"gone")
@@ -138,12 +133,7 @@ def test_the_second_nodes_raylet_killed_mid_build_still_gives_the_same_bytes(lay
     """Runs last in this module: it takes the second node down. Ray retries its tasks on the head."""
     raw, _ = layouts["kaggle"]
     expected = local_build(raw, tmp_path / "local")
-    proc = start_group(
-        [sys.executable, "-m", "sharding", "build", "--raw", str(raw), "--out", str(tmp_path / "ray"), "--quiet"]
-        + ["--shard-size", "16", "--executor", "ray", "--ray-address", cluster.address, "--shard-delay-s", "1.5"],
-        env,
-        tmp_path,
-    )
+    proc = _slow_cluster_build(raw, tmp_path / "ray", cluster, env)
     staging = _wait_for_first_shard(tmp_path, proc)
     raylet = cluster.raylet_pid(1)
     _wait_for_a_shard_task_under(raylet)  # the second node is writing a shard when it dies
@@ -214,6 +204,13 @@ def _ray_processes(*names: bytes) -> set[int]:
         if args.startswith(b"ray::") or b"/ray/core/src/ray/" in args or b"site-packages/ray/" in args:
             found.add(int(pid))
     return found
+
+
+def _slow_cluster_build(raw: Path, out: Path, cluster: RayCluster, env: dict):
+    """A build on the cluster that pauses 1.5 s after each shard (a fault lands mid-build), in its own session."""
+    cmd = [sys.executable, "-m", "sharding", "build", "--raw", str(raw), "--out", str(out), "--quiet"]
+    cmd += ["--shard-size", "16", "--executor", "ray", "--ray-address", cluster.address, "--shard-delay-s", "1.5"]
+    return start_group(cmd, env, out.parent)
 
 
 def _wait_for_first_shard(folder: Path, proc, timeout: float = 120.0) -> Path:
