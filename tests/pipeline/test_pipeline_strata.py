@@ -49,6 +49,11 @@ def test_unbalanced_strata_are_one_stratum_per_collection():
     assert strata.collection.tolist() == [0, 0, 2, 2, 2] and strata.stratum.tolist() == [0] * 5
     assert (strata.mix.sizes, strata.mix.weights, strata.mix.epoch_samples) == ((2, 0, 3), (1.0, 0.5, 2.0), 10)
     assert [s.tolist() for s in strata.mix.strata] == [[0, 0], [], [0, 0, 0]]
+    assert strata.composition(np.array([1, 0, 2, 2, 0]), ["a", "b", "c"]) == {
+        "a": {"drawn": 1, "distinct": 1, "size": 2, "strata": {ALL: {"drawn": 1, "distinct": 1, "size": 2}}},
+        "b": {"drawn": 0, "distinct": 0, "size": 0, "strata": {}},
+        "c": {"drawn": 4, "distinct": 2, "size": 3, "strata": {ALL: {"drawn": 4, "distinct": 2, "size": 3}}},
+    }
 
 
 def test_the_epoch_composition_by_hand():
