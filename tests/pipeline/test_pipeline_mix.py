@@ -153,6 +153,7 @@ def test_a_collection_with_nothing_readable_gives_its_draws_to_the_others():
     mix = Mix.unbalanced([6, 4], [1, 1])
     order = mix.epoch_order(0, 0, 5, valid=np.arange(6))  # collection 1's samples 6..9 are unreadable
     assert len(order) == 10 and order.max() < 6
+    assert order.dtype == np.int64  # sample indices, whatever the empty collection contributes
 
 
 # --------------------------------------------------------------------------- real loaders

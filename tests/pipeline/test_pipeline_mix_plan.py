@@ -144,3 +144,23 @@ def test_a_stratum_deals_a_fresh_permutation_each_pass_keyed_by_its_place_pinned
 
 
 PINNED_STRATUM_PASS = [15, 13, 12, 14, 10, 11, 16, 17]
+
+
+def test_shares_are_refused_for_impossible_totals_and_weights_with_the_reason():
+    from pipeline.mix import allocate
+
+    for total, weights in [(-1, [1.0]), (5, [-1.0, 3.0]), (5, []), (5, [0.0, 0.0])]:
+        with pytest.raises(ValueError, match=rf"^cannot share {total} draws by weights \[.*\]$"):
+            allocate(total, weights)
+
+
+def test_the_sampler_keeps_every_slot_unless_told_and_its_epoch_order_is_pinned():
+    mix = Mix.unbalanced([5, 3], [1.0, 1.0])  # E = 8, G = 3: 3 steps (9 draws), 2 with drop_last (6)
+    assert mix.sampler(3).draws.tolist() == mix.draws(3).tolist() == [5, 4]
+    assert mix.sampler(3, drop_last=True).draws.tolist() == [3, 3]
+    order = mix.epoch_order(1, 2, 4)
+    assert order.tolist() == PINNED_EPOCH_ORDER
+    assert order.tolist() != mix.epoch_order(2, 2, 4).tolist() and order.tolist() != mix.epoch_order(1, 3, 4).tolist()
+
+
+PINNED_EPOCH_ORDER = [3, 6, 5, 7, 7, 2, 1, 0]
