@@ -26,6 +26,7 @@ import torch
 from evaluation.statistics import operating
 from pipeline.augment import DeviceAugment
 from sharding.preprocess import PreprocessError, load_image
+from sharding.segmenter import Segmenter, SegmenterError, load_segmenter
 from train.card import load_trained_model
 from train.checkpoint import CheckpointError
 
@@ -42,30 +43,51 @@ class Predictor:
     device: torch.device
     stored_size: int
     operating_points: dict | None = None  # per class thresholds frozen on validation (best_model.json)
+    segmenter: Segmenter | None = None  # the card's: the lung masks of a lung-cropped or lung-masked model
 
     @classmethod
-    def load(cls, model_path: str | Path, device: str | None = None) -> Predictor:
+    def load(cls, model_path: str | Path, device: str | None = None, lung_model: str | None = None) -> Predictor:
+        """`lung_model`: where the segmenter the card names is now, if it moved (its sha256 must match)."""
         trained = load_trained_model(model_path, device)
-        if trained.cfg.data.mask_lungs or trained.cfg.data.crop == "lungs":
-            how = "lung-masked" if trained.cfg.data.mask_lungs else "lung-cropped (data.crop=lungs)"
-            raise CheckpointError(
-                f"this model was trained on {how} films: prediction needs each film's lung mask, which files "
-                "do not carry; evaluate shards built with --include-masks instead (python -m evaluation --run RUN "
-                "--shards S --split all)"
-            )
         card = trained.card
+        segmenter = None
+        if trained.cfg.data.mask_lungs or trained.cfg.data.crop == "lungs":
+            segmenter = _card_segmenter(card.segmenter, trained.cfg.data.mask_lungs, lung_model)
         return cls(
-            trained.net, list(card.classes), trained.augment, trained.device, card.stored_size, card.operating_points
+            trained.net,
+            list(card.classes),
+            trained.augment,
+            trained.device,
+            card.stored_size,
+            card.operating_points,
+            segmenter,
         )
 
     def prepare(self, images: list[np.ndarray]) -> torch.Tensor:
-        batch = torch.from_numpy(np.stack(images)[:, None]).to(self.device)
-        return self.augment(batch, None)[0]
+        films = np.stack(images)[:, None]
+        masks = None if self.segmenter is None else torch.from_numpy(self.segmenter.predict(films)).to(self.device)
+        return self.augment(torch.from_numpy(films).to(self.device), masks)[0]
 
     @torch.no_grad()
     def predict(self, images: list[np.ndarray]) -> np.ndarray:
         """Probabilities float [N, C] for preprocessed uint8 [H, W] images."""
         return torch.softmax(self.model(self.prepare(images)).float(), dim=1).cpu().numpy()
+
+
+def _card_segmenter(ref: dict, mask_lungs: bool, moved_to: str | None) -> Segmenter:
+    """The segmenter a lung-reading model's card names; CheckpointError with the fix when there is none."""
+    how = "lung-masked" if mask_lungs else "lung-cropped (data.crop=lungs)"
+    if not ref:
+        raise CheckpointError(
+            f"this model was trained on {how} films: prediction needs each film's lung mask, which files do not "
+            "carry, and its card names no lung segmenter; train it with data.lung_model=PATH (python -m train.lungs "
+            "fit), or evaluate shards built with --include-masks or --lung-model (python -m evaluation --run RUN "
+            "--shards S --split all)"
+        )
+    try:
+        return load_segmenter(moved_to or ref["path"], ref["sha256"])
+    except SegmenterError as exc:
+        raise CheckpointError(f"{exc} (--lung-model PATH: where the card's segmenter is now)") from None
 
 
 def collect_files(inputs: list[str]) -> list[Path]:
@@ -113,7 +135,7 @@ def export_model(predictor: Predictor, fmt: str, path: Path, atol: float = 1e-4)
     return diff
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m evaluation.predict", description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="best_model.pth (with best_model.json beside it)")
     parser.add_argument("inputs", nargs="*", help="image files or folders")
@@ -122,6 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", default=None, help="write predictions as CSV")
     parser.add_argument("--json", default=None, help="write predictions as JSON")
     parser.add_argument("--gradcam", default=None, help="folder for Grad-CAM overlay PNGs")
+    parser.add_argument(
+        "--lung-model", default=None, help="where the lung segmenter the model card names is now, if it moved"
+    )
     parser.add_argument("--export", choices=("onnx", "torchscript"), default=None)
     parser.add_argument("--export-path", default=None, help="default: beside the model, .onnx / .pt")
     parser.add_argument(
@@ -131,9 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         help="also flag each class whose probability reaches its threshold frozen on validation (Youden's J, or "
         "the eval.target_sensitivity point); argmax alone otherwise",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
     try:
-        predictor = Predictor.load(args.model, args.device)
+        predictor = Predictor.load(args.model, args.device, args.lung_model)
     except (CheckpointError, OSError, KeyError) as exc:
         print(f"error: cannot load model {args.model}: {exc}", file=sys.stderr)
         return 2
@@ -206,7 +235,11 @@ def save_gradcams(predictor: Predictor, images: list[np.ndarray], paths: list[Pa
     from evaluation.explain.gradcam import gradcam, overlay
 
     out.mkdir(parents=True, exist_ok=True)
-    cams = gradcam(predictor.model, predictor.prepare(images))
+    x = predictor.prepare(images)
+    cams = gradcam(predictor.model, x)
+    if predictor.augment.crop != "none":  # overlay the films as the model saw them, cropped
+        seen = (x.float() * predictor.augment.std + predictor.augment.mean).clamp(0, 1) * 255
+        images = list(seen[:, 0].round().to(torch.uint8).cpu().numpy())
     for image, cam, path in zip(images, cams, paths):
         small = np.asarray(Image.fromarray(image).resize(cam.shape[::-1], Image.Resampling.BILINEAR))
         Image.fromarray(overlay(small, cam)).save(out / f"{path.stem}_gradcam.png")

@@ -99,6 +99,7 @@ def _cmd_build(args: argparse.Namespace) -> int:
             shard_delay_s=args.shard_delay_s,
             executor=args.executor,
             ray_address=args.ray_address,
+            lung_model=args.lung_model,
         )
     except BuildError as exc:
         raise UsageError(str(exc)) from None
@@ -200,6 +201,13 @@ def _add_build(sub) -> None:
         help="raw: uint8 .npy, no decoding (default); png: about 2x smaller",
     )
     p.add_argument("--include-masks", action="store_true", help="store the lung masks (299x299, {0,1})")
+    p.add_argument(
+        "--lung-model",
+        default=None,
+        metavar="PATH",
+        help="a lung segmenter (python -m train.lungs fit) that predicts the masks films lack; implies "
+        "--include-masks; each predicted mask's json names the segmenter's sha256",
+    )
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     p.add_argument("--workers", type=int, default=None, help="processes (default: CPU count); with ray, local CPUs")
     p.add_argument(

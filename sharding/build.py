@@ -45,8 +45,8 @@ from sharding.encode import SampleError, SampleTask, ShardTask, analyse_one, sam
 from sharding.executor import EXECUTORS, Executor, ExecutorError, library_versions
 from sharding.manifest import Manifest, SplitInfo, write_manifest
 from sharding.pool import Mapper, progress_bar
-from sharding.source import Record, Scan, SourceError, scan
-from sharding.split import FRACTIONS, assign, compose_groups, shuffled, split_report
+from sharding.source import Scan, SourceError, scan
+from sharding.split import FRACTIONS, assign, compose_groups, duplicate_report, shuffled, split_report
 
 #: Bump when a code change alters shard bytes, so old fingerprints stop matching.
 #: 2: classes from the data, sample json `path` (was `source`) + `source` (site) + `patient_id`.
@@ -72,6 +72,7 @@ class BuildOptions:
     near_dup_distance: int | None = None
     split_by: str = "patient"  # "patient": a patient's films share a split (when ids are known); "source"
     classes: tuple[str, ...] | None = None  # a fixed class order or subset (None: from the data)
+    lung_model: str | None = None  # sha256 of the segmenter that predicts the masks films lack (--lung-model)
 
     def __post_init__(self) -> None:
         if self.split_by not in SPLIT_BY:
@@ -177,31 +178,18 @@ def analyse(found: Scan, options: BuildOptions, mapper: Executor, progress: bool
     return Analysis(facts, good, skipped, mask_issues, time.perf_counter() - start)
 
 
-def _duplicate_report(records: list[Record], good: list[int], gids: list[int], kinds: dict, split_of: list[str]):
-    members: dict[int, list[int]] = {}
-    for j, g in enumerate(gids):
-        members.setdefault(g, []).append(j)
-    groups = []
-    for g, kind in kinds.items():
-        ms = sorted(members[g], key=lambda j: records[good[j]].key)
-        names = [records[good[j]].class_name for j in ms]
-        groups.append(
-            {
-                "kind": kind,
-                "members": [records[good[j]].key for j in ms],
-                "sources": [records[good[j]].rel for j in ms],
-                "labels": names,
-                "mixed_labels": len(set(names)) > 1,
-                "split": split_of[ms[0]],
-            }
-        )
-    return sorted(groups, key=lambda d: d["members"][0])
-
-
-def plan(found: Scan, analysis: Analysis, options: BuildOptions, tmp: Path, delay_s: float = 0.0) -> BuildPlan:
+def plan(
+    found: Scan,
+    analysis: Analysis,
+    options: BuildOptions,
+    tmp: Path,
+    delay_s: float = 0.0,
+    lung: tuple[str, str] | None = None,
+) -> BuildPlan:
     """Duplicate groups -> leakage-safe splits -> a seeded write order -> shards of `shard_size`.
 
-    `delay_s`: a pause after each shard is written (fault tests kill a build mid-way in it)."""
+    `delay_s`: a pause after each shard is written (fault tests kill a build mid-way in it). `lung`: the
+    segmenter (path, sha256) that predicts the masks films lack."""
     records, facts, good = found.records, analysis.facts, analysis.good
     phashes = [facts[i]["phash"] for i in good] if options.near_dup_distance is not None else None
     dups, kinds = group([facts[i]["sha"] for i in good], phashes, options.near_dup_distance)
@@ -209,7 +197,7 @@ def plan(found: Scan, analysis: Analysis, options: BuildOptions, tmp: Path, dela
     by = "source" if options.split_by == "source" else "patient_id"
     gids = compose_groups(dups, [m.get(by) for m in metas])  # a patient's (or a source's) films, with duplicates
     split_of = assign([records[i].label for i in good], gids, options.seed, n_classes=len(found.classes))
-    result = BuildPlan(split_of, _duplicate_report(records, good, dups, kinds, split_of))
+    result = BuildPlan(split_of, duplicate_report(records, good, dups, kinds, split_of))
     result.split = split_report(found, good, split_of, metas, options.split_by)
     issue_of = {m["key"]: m["reason"] for m in analysis.mask_issues}
     for split in SPLITS:
@@ -231,7 +219,7 @@ def plan(found: Scan, analysis: Analysis, options: BuildOptions, tmp: Path, dela
                 for j in order[lo : lo + options.shard_size]
             )
             result.shards.append(
-                ShardTask(str(tmp / f"{split}-{s:06d}.tar"), split, tasks, len(found.classes), delay_s)
+                ShardTask(str(tmp / f"{split}-{s:06d}.tar"), split, tasks, len(found.classes), delay_s, lung)
             )
     return result
 
@@ -273,6 +261,7 @@ def assemble_manifest(
         "written": sum(s.samples for s in splits.values()),
         "skipped": len(analysis.skipped),
         "mask_issues": len(analysis.mask_issues),
+        **({"masks_predicted": len(analysis.mask_issues)} if options.lung_model else {}),
         "duplicate_groups": len(dups),
         "duplicate_images": sum(len(d["members"]) for d in dups),
         "mixed_label_groups": sum(d["mixed_labels"] for d in dups),
@@ -311,8 +300,22 @@ def _unchanged(out: Path, fp: str, strict: bool) -> Manifest | None:
     """The set in `out` when a build would write the same bytes (it must still pass --strict)."""
     existing = outdir.unchanged(out, fp)
     if existing is not None and strict:  # strict is not part of the fingerprint
-        _check_strict(list(existing.skipped), list(existing.mask_issues))
+        filled = bool(existing.build["options"].get("lung_model"))  # a segmenter drew the missing masks
+        _check_strict(list(existing.skipped), [] if filled else list(existing.mask_issues))
     return existing
+
+
+def _lung_model(path: str | Path | None) -> tuple[str, str] | None:
+    """(absolute path, sha256) of a radstream segmenter file, refused up front when it is not one."""
+    if path is None:
+        return None
+    from sharding.segmenter import SegmenterError, segmenter_ref  # imports torch: only when asked for
+
+    try:
+        ref = segmenter_ref(path)
+    except SegmenterError as exc:
+        raise BuildError(str(exc)) from None
+    return ref["path"], ref["sha256"]
 
 
 def check_executor(kind: str, address: str | None) -> None:
@@ -372,21 +375,20 @@ def run_build(
     shard_delay_s: float = 0.0,
     executor: str = "local",
     ray_address: str | None = None,
+    lung_model: str | Path | None = None,
 ) -> BuildReport:
     """Build (or confirm unchanged) the shard set in `out`; see the module docstring.
 
     `executor`: what runs the passes (`sharding.executor`: "local" or "ray", the same bytes either way);
     `ray_address`: a Ray cluster to join. `shard_delay_s` pauses after each shard (no effect on the bytes):
-    fault tests kill a build in it."""
+    fault tests kill a build in it. `lung_model`: a segmenter file (`python -m train.lungs fit`) that predicts
+    the masks films lack; it implies `include_masks`, and each predicted mask's json names its sha256."""
     start = time.perf_counter()
+    lung = _lung_model(lung_model)
+    masks = bool(include_masks) or lung is not None
+    classes_ = tuple(classes) if classes else None
     options = BuildOptions(
-        encoding,
-        bool(include_masks),
-        int(shard_size),
-        int(seed),
-        near_dup_distance,
-        split_by,
-        tuple(classes) if classes else None,
+        encoding, masks, int(shard_size), int(seed), near_dup_distance, split_by, classes_, lung and lung[1]
     )
     # absolute, not resolved: workers elsewhere (Ray nodes) need whole paths; a symlinked root keeps its name
     out, raw = Path(out).absolute(), Path(raw).absolute()
@@ -410,11 +412,11 @@ def run_build(
     try:
         analysis = analyse(found, options, mapper, progress)
         if strict:
-            _check_strict(analysis.skipped, analysis.mask_issues)
+            _check_strict(analysis.skipped, [] if lung else analysis.mask_issues)
         if not analysis.good:
             raise BuildError(f"no usable images under {found.root}: all {found.scanned} inputs were skipped")
         tmp = outdir.staging(out)
-        build_plan = plan(found, analysis, options, tmp, shard_delay_s)
+        build_plan = plan(found, analysis, options, tmp, shard_delay_s, lung)
         infos, write_s = write(build_plan, mapper, progress)
         outdir.sweep_partials(tmp)  # a retried task's dead first attempt can leave its temporary file
         manifest = assemble_manifest(found, analysis, build_plan, infos, options, fp)

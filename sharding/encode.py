@@ -8,6 +8,7 @@ encodes it and appends it to the shard, all inside the worker.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Iterator
@@ -98,7 +99,18 @@ class SampleTask:
     meta: dict | None = None  # source, patient_id and DICOM header fields for the sample json
 
 
-def _encode(task: SampleTask) -> dict:
+@functools.lru_cache(maxsize=2)
+def _segmenter(path: str, sha256: str):
+    """The build's segmenter, loaded once per worker process (checked against the digest the driver read)."""
+    from sharding.segmenter import SegmenterError, load_segmenter
+
+    try:
+        return load_segmenter(path, sha256)
+    except SegmenterError as exc:
+        raise SampleError(f"{exc} (it changed during the build)") from None
+
+
+def _encode(task: SampleTask, lung: tuple[str, str] | None = None) -> dict:
     rec = task.record
     try:
         pixels, _ = load_image(rec.path)
@@ -124,9 +136,12 @@ def _encode(task: SampleTask) -> dict:
                 mask = load_mask(rec.mask_path)
             except (PreprocessError, OSError) as exc:
                 raise SampleError(f"mask of {rec.rel} became unreadable during the build: {exc}") from None
+        elif lung is not None:  # a film without a usable mask gets the segmenter's, and says whose
+            mask = _segmenter(*lung).predict(pixels)
+            meta["mask_predicted_by"] = lung[1]
         else:
             mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-        meta["mask_missing"] = task.mask_issue is not None
+        meta["mask_missing"] = task.mask_issue is not None and lung is None
     from sharding.writer import encode_sample
 
     return encode_sample(rec.key, pixels, rec.label, meta, task.encoding, mask)
@@ -141,6 +156,7 @@ class ShardTask:
     samples: tuple[SampleTask, ...]
     num_classes: int
     delay_s: float = 0.0  # a pause after the shard: a fault test's window to kill a build mid-way
+    lung_model: tuple[str, str] | None = None  # (path, sha256) of the segmenter for films without a mask
 
 
 def write_shard_task(task: ShardTask) -> object:
@@ -148,7 +164,7 @@ def write_shard_task(task: ShardTask) -> object:
 
     def samples() -> Iterator[dict]:
         for t in task.samples:
-            yield _encode(t)
+            yield _encode(t, task.lung_model)
             tick()
 
     info = write_shard(task.path, samples(), task.num_classes)

@@ -50,7 +50,8 @@ def _problem_lines(manifest: Manifest, written: int) -> list[str]:
     lines = [f"  skipped {s['path']}: {s['reason']}" for s in manifest.skipped[:10]]
     if len(manifest.skipped) > 10:
         lines.append(f"  ... and {len(manifest.skipped) - 10} more skipped (see manifest.json)")
-    lines += [f"  mask of {m['path']}: {m['reason']}" for m in manifest.mask_issues[:5]]
+    if not manifest.counts.get("masks_predicted"):  # predicted masks filled them: no problem left to show
+        lines += [f"  mask of {m['path']}: {m['reason']}" for m in manifest.mask_issues[:5]]
     groups = manifest.duplicate_groups
     mixed = [g for g in groups if g.get("mixed_labels")]
     for g in mixed[:5]:
@@ -70,6 +71,15 @@ def _problem_lines(manifest: Manifest, written: int) -> list[str]:
     return lines
 
 
+def _mask_fill(manifest: Manifest) -> str:
+    """What became of the films without a usable mask: predicted by the segmenter, or all-zero."""
+    predicted = manifest.counts.get("masks_predicted")
+    if predicted:
+        sha = manifest.build["options"]["lung_model"]
+        return f"{predicted} mask(s) predicted by the lung segmenter {sha[:12]} (json mask_predicted_by)"
+    return f"{len(manifest.mask_issues)} sample(s) with an all-zero mask (mask_missing)"
+
+
 def summary(manifest: Manifest, elapsed: float | None = None) -> str:
     """Split x class counts, skipped inputs, duplicate groups, bytes (and elapsed, if given)."""
     lines, totals, all_bytes = _count_table(manifest)
@@ -83,7 +93,7 @@ def summary(manifest: Manifest, elapsed: float | None = None) -> str:
     )
     lines.append(
         f"scanned {scanned} = written {written} + skipped {len(manifest.skipped)}"
-        + (f"; {len(manifest.mask_issues)} sample(s) with an all-zero mask (mask_missing)" if manifest.masks else "")
+        + (f"; {_mask_fill(manifest)}" if manifest.masks else "")
     )
     groups = manifest.duplicate_groups
     mixed = [g for g in groups if g.get("mixed_labels")]

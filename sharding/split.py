@@ -105,3 +105,25 @@ def split_report(found, good: Sequence[int], split_of: Sequence[str], metas: Seq
     else:
         level = "patient" if any(m.get("patient_id") for m in metas) else "sample"
     return {"by": level, "max_class_deviation": int(deviation)}
+
+
+def duplicate_report(records: list, good: list[int], gids: list[int], kinds: dict, split_of: list[str]) -> list[dict]:
+    """The manifest's duplicate groups: members (sorted by key), their files, labels and split."""
+    members: dict[int, list[int]] = {}
+    for j, g in enumerate(gids):
+        members.setdefault(g, []).append(j)
+    groups = []
+    for g, kind in kinds.items():
+        ms = sorted(members[g], key=lambda j: records[good[j]].key)
+        names = [records[good[j]].class_name for j in ms]
+        groups.append(
+            {
+                "kind": kind,
+                "members": [records[good[j]].key for j in ms],
+                "sources": [records[good[j]].rel for j in ms],
+                "labels": names,
+                "mixed_labels": len(set(names)) > 1,
+                "split": split_of[ms[0]],
+            }
+        )
+    return sorted(groups, key=lambda d: d["members"][0])

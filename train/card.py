@@ -41,6 +41,7 @@ class ModelCard:
     precision: str = ""  # the mixed precision the run trained in, as accelerate ran it ("no", "bf16", "fp16")
     processes: int = 0  # how many processes (devices) trained it: batch_size is per device
     collections: list = field(default_factory=list)  # several collections: each one's name, path, weight, train films
+    segmenter: dict = field(default_factory=dict)  # data.lung_model's absolute `path` and `sha256`: prediction runs it
 
     def identity(self) -> dict:
         """What a resumed checkpoint must share with this model (train.state adds batch and seed)."""

@@ -68,6 +68,9 @@ class DataConfig:
     """lungs: cut every film to a square around its lung mask's box, in training, evaluation and prediction."""
     crop_margin: float = 0.1
     """Margin of the lung crop on each side, as a fraction of the box's larger side."""
+    lung_model: str = ""
+    """A lung segmenter file (python -m train.lungs fit), named in the model card: prediction on image files
+    runs it for the masks that data.crop=lungs and data.mask_lungs read."""
 
 
 @dataclass

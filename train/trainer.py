@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 
 from pipeline.collection import CollectionError, CollectionSet, open_collections
 from pipeline.ring import shm_free, shm_problem
+from sharding.segmenter import SegmenterError, segmenter_ref
 from train.card import ModelCard, save_model_card
 from train.checkpoint import (
     BEST_PTH,
@@ -69,6 +70,11 @@ def check_data(cfg: Config, data: CollectionSet) -> None:
         problems.append("data.mask_lungs=true but the shards carry no masks (rebuild with --include-masks)")
     if cfg.data.crop == "lungs" and not data.masks:
         problems.append("data.crop=lungs but the shards carry no masks (rebuild with --include-masks)")
+    if cfg.data.lung_model:
+        try:
+            segmenter_ref(cfg.data.lung_model)
+        except SegmenterError as exc:
+            problems.append(f"data.lung_model: {exc}")
     for split in ("train", "val"):
         if data.samples(split) == 0:
             problems.append(
@@ -121,6 +127,7 @@ def model_card(cfg: Config, data: CollectionSet) -> ModelCard:
         config=to_yaml_dict(cfg),
         train_digest=data.digest("train"),
         collections=data.describe() if data.mixed else [],
+        segmenter=segmenter_ref(cfg.data.lung_model) if cfg.data.lung_model else {},
     )
 
 

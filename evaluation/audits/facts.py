@@ -38,7 +38,7 @@ def data_facts(data: CollectionSet) -> dict:
                     row[i] += int(n)
                 sources.setdefault(f"{c.name}/{src}", {})[split] = row
     merged["sources"] = dict(sorted(sources.items()))
-    for key in ("duplicate_groups", "duplicate_images", "mixed_label_groups"):
+    for key in ("duplicate_groups", "duplicate_images", "mixed_label_groups", "masks_predicted"):
         merged[key] = sum(f[key] for f in facts)
     merged["collections"] = {c.name: dict(f, weight=c.weight) for c, f in zip(data.collections, facts)}
     return merged
@@ -66,6 +66,8 @@ def manifest_facts(manifest: Manifest, shards: str) -> dict:
         "duplicate_groups": int(counts.get("duplicate_groups", len(manifest.duplicate_groups))),
         "duplicate_images": int(counts.get("duplicate_images", 0)),
         "mixed_label_groups": int(counts.get("mixed_label_groups", 0)),
+        "masks_predicted": int(counts.get("masks_predicted", 0)),
+        "lung_model": (build.get("options") or {}).get("lung_model"),
     }
 
 

@@ -307,6 +307,13 @@ def limitations(report: dict) -> list[str]:
         out.append(overlap_limitation(report))
     if external_test:
         out += external_limitations(report)
+    if data.get("masks_predicted"):
+        who = f" {data['lung_model'][:12]}" if data.get("lung_model") else ""
+        out.append(
+            f"{data['masks_predicted']} of these films' lung masks were predicted by the segmenter{who} "
+            "(sharding build --lung-model), not drawn: the probes, the lung share and any lung crop are as good as "
+            "its masks (python -m train.lungs evaluate gives its Dice)."
+        )
     if (report.get("probes") or {}).get("lungs_blanked", {}).get("shortcut"):
         out.append("The shortcut probe fires: part of the accuracy comes from outside the lungs.")
     if not report.get("external") and not external_test:
