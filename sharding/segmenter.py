@@ -32,6 +32,7 @@ from sharding.verify import sha256_file
 #: The metadata `format` of a radstream segmenter file (anything else is refused with what it is).
 FORMAT = "radstream-lung-unet"
 FORMAT_VERSION = 1
+METADATA_KEY = "radstream"
 
 
 class SegmenterError(ValueError):
@@ -202,16 +203,17 @@ def save_segmenter(model: LungUNet, spec: SegmenterSpec, path: str | Path, card:
     from safetensors.torch import save_file
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "spec": json.dumps(asdict(spec))}
-    if card is not None:
-        meta["card"] = json.dumps(card, sort_keys=True)
+    # one metadata entry: safetensors keeps metadata in a hash map, so several entries come out in any order
+    # and the same weights would give files with different digests
+    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "spec": asdict(spec), "card": card or {}}
+    meta = {METADATA_KEY: json.dumps(header, sort_keys=True)}
     path = Path(path)
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     return sha256_file(path)
 
 
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The file's safetensors metadata; SegmenterError when it is not a radstream segmenter."""
+def read_metadata(path: str | Path) -> dict:
+    """The file's radstream header (format, spec, card); SegmenterError when it is not a radstream segmenter."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -222,13 +224,16 @@ def read_metadata(path: str | Path) -> dict[str, str]:
             meta = fh.metadata() or {}
     except Exception as exc:  # safetensors raises its own error types for a file that is not its format
         raise SegmenterError(f"{path} is not a safetensors file ({type(exc).__name__}: {exc})") from None
-    if meta.get("format") != FORMAT:
-        raise SegmenterError(f"{path} is not a radstream lung segmenter (metadata format {meta.get('format')!r})")
-    if meta.get("format_version") != str(FORMAT_VERSION):
+    try:
+        header = json.loads(meta[METADATA_KEY])
+    except (KeyError, ValueError):
+        raise SegmenterError(f"{path} is not a radstream lung segmenter (metadata keys {sorted(meta)})") from None
+    if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
         raise SegmenterError(
-            f"{path} is segmenter format {meta.get('format_version')}, this radstream reads {FORMAT_VERSION}"
+            f"{path} is {header.get('format')!r} version {header.get('format_version')}, this radstream reads "
+            f"{FORMAT!r} version {FORMAT_VERSION}"
         )
-    return meta
+    return header
 
 
 def segmenter_ref(path: str | Path) -> dict:
@@ -248,7 +253,7 @@ def load_segmenter(path: str | Path, sha256: str | None = None) -> Segmenter:
             f"lung model {path} has sha256 {digest[:12]}…, not the {sha256[:12]}… this model was made with: "
             "point to the segmenter it names"
         )
-    spec = SegmenterSpec(**json.loads(meta["spec"]))
+    spec = SegmenterSpec(**meta["spec"])
     model = LungUNet(spec.width, spec.depth)
     try:
         model.load_state_dict(load_file(str(path)))
@@ -259,7 +264,7 @@ def load_segmenter(path: str | Path, sha256: str | None = None) -> Segmenter:
 
 def segmenter_card(path: str | Path) -> dict:
     """The training card stored in the file's metadata ({} when there is none)."""
-    return json.loads(read_metadata(path).get("card", "{}"))
+    return read_metadata(path)["card"]
 
 
 __all__ = [
