@@ -150,6 +150,9 @@ WARPS = {"torch": warp_torch, "kornia": warp_kornia}
 #: at batch 32 with 2 threads the two are within noise); `python -m tools.bench_train` reports both as `augment`.
 #: The GPU measurement is pending (`make gpu-check`). `data.warp` selects per run.
 DEFAULT_WARP = "torch"
+#: Where the train warp runs: "stored" (at the stored side, then the resize: the seed recipe's pixels) or
+#: "training" (after the resize, at `image_size`: (stored / size)^2 times fewer pixels, the same draws).
+WARP_AT = ("stored", "training")
 
 
 class DeviceAugment(torch.nn.Module):
@@ -174,6 +177,7 @@ class DeviceAugment(torch.nn.Module):
         acquisition: AcquisitionRanges | None = None,
         crop: str = "none",
         crop_margin: float = 0.1,
+        warp_at: str = "stored",
     ):
         super().__init__()
         if rotation_degrees < 0 or not 0.0 <= hflip_p <= 1.0:
@@ -182,7 +186,9 @@ class DeviceAugment(torch.nn.Module):
             raise ValueError(f"warp={warp!r} is not one of {sorted(WARPS)}")
         if crop not in CROPS or not 0.0 <= crop_margin <= 1.0:
             raise ValueError(f"need crop in {list(CROPS)} and 0 <= crop_margin <= 1, got {crop!r}, {crop_margin}")
-        self.warp, self.crop, self.crop_margin = warp, crop, float(crop_margin)
+        if warp_at not in WARP_AT:
+            raise ValueError(f"warp_at={warp_at!r} is not one of {list(WARP_AT)}")
+        self.warp, self.crop, self.crop_margin, self.warp_at = warp, crop, float(crop_margin), warp_at
         self.acquisition = acquisition or AcquisitionRanges()
         self.train_mode, self.rotation_degrees, self.hflip_p = train, float(rotation_degrees), float(hflip_p)
         self.image_size, self.mask_lungs, self.channels_last = image_size, mask_lungs, channels_last
@@ -193,7 +199,7 @@ class DeviceAugment(torch.nn.Module):
         return (
             f"train={self.train_mode}, rotation_degrees={self.rotation_degrees}, hflip_p={self.hflip_p}, "
             f"image_size={self.image_size}, mask_lungs={self.mask_lungs}, mean={self.mean:.4f}, std={self.std:.4f}, "
-            f"warp={self.warp}, crop={self.crop}, acquisition={self.acquisition.active()}"
+            f"warp={self.warp}, warp_at={self.warp_at}, crop={self.crop}, acquisition={self.acquisition.active()}"
         )
 
     def _geometry(self, x, m, generator):
@@ -219,6 +225,14 @@ class DeviceAugment(torch.nn.Module):
         self.last_params = {"flip": flip, "angle": angle, "matrix": matrix, **drawn}
         return x, m, drawn
 
+    def _resize(self, x: torch.Tensor, m: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """To `image_size` (bilinear, antialiased; masks nearest); unchanged when already there."""
+        if self.image_size is None or x.shape[-2:] == (self.image_size, self.image_size):
+            return x, m
+        size = (self.image_size, self.image_size)
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return x, None if m is None else F.interpolate(m, size=size, mode="nearest")
+
     def forward(
         self, images: torch.Tensor, masks: torch.Tensor | None = None, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -235,16 +249,14 @@ class DeviceAugment(torch.nn.Module):
                 x, m = WARPS[self.warp](x, m, crop_matrices(boxes, h, w)[:, :2, :])
             drawn: dict[str, torch.Tensor] = {}
             acq = self.acquisition
+            if self.warp_at == "training":  # resize first (antialiased, as below), then warp the smaller film
+                x, m = self._resize(x, m)
             if self.train_mode and b > 0 and (self.rotation_degrees > 0 or self.hflip_p > 0 or acq.geometry):
                 x, m, drawn = self._geometry(x, m, generator)
             elif self.train_mode and b > 0 and acq.intensity:
                 drawn = sample_acquisition(b, acq, generator, x.device)
                 self.last_params = dict(drawn)
-            if self.image_size is not None and (h, w) != (self.image_size, self.image_size):
-                size = (self.image_size, self.image_size)
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
-                if m is not None:
-                    m = F.interpolate(m, size=size, mode="nearest")
+            x, m = self._resize(x, m)
             if drawn and acq.intensity:  # at the training size: cheaper than at the stored one
                 x = acquire(x, drawn, acq, generator)
             if self.mask_lungs:

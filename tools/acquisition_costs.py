@@ -1,5 +1,8 @@
 """What each acquisition augmentation and the lung crop cost per image (`python -m tools.bench_train` prints it).
 
+`warp_at_training` is the seed recipe with `data.warp_at=training` (the warp after the resize): a saving
+when negative; `all_warp_at_training` is `all` with it.
+
 Each transform is timed alone on top of the seed recipe's train augmentation (flip, rotation, resize,
 normalisation) at the benchmark's batch and sizes, then all of them together; the figure is the extra
 microseconds per image over the seed recipe, on the best device present.
@@ -62,6 +65,11 @@ def acquisition_costs(batch_size: int, stored_size: int, image_size: int, second
         out[name] = timed(acquisition=AcquisitionRanges(**{name: value})) - base
     out["crop_lungs"] = timed(crop="lungs") - base
     out["all"] = timed(acquisition=AcquisitionRanges(**TYPICAL), crop="lungs") - base
+    # negative when it saves: the seed recipe's warp moved after the resize (data.warp_at=training)
+    out["warp_at_training"] = timed(warp_at="training") - base
+    out["all_warp_at_training"] = (
+        timed(acquisition=AcquisitionRanges(**TYPICAL), crop="lungs", warp_at="training") - base
+    )
     return {
         "device": device.type,
         "batch_size": batch,

@@ -68,6 +68,9 @@ class DataConfig:
     """lungs: cut every film to a square around its lung mask's box, in training, evaluation and prediction."""
     crop_margin: float = 0.1
     """Margin of the lung crop on each side, as a fraction of the box's larger side."""
+    warp_at: str = "stored"
+    """Where the train warp (flip, rotation, zoom, shift) runs: stored (the stored side, then the resize) or
+    training (after the resize, at data.image_size: fewer pixels, the same draws; off in the seed recipe)."""
     lung_model: str = ""
     """A lung segmenter file (python -m train.lungs fit), named in the model card: prediction on image files
     runs it for the masks that data.crop=lungs and data.mask_lungs read."""
@@ -224,6 +227,7 @@ _CHOICES = {
     "data.warp": ("torch", "kornia"),
     "data.balance": ("none", "class", "source", "source_class"),
     "data.crop": ("none", "lungs"),
+    "data.warp_at": ("stored", "training"),
 }
 _POSITIVE = (
     "data.image_size",

@@ -28,6 +28,7 @@ def build_augment(cfg: Config, train: bool) -> DeviceAugment:
         acquisition=acquisition_ranges(cfg),
         crop=cfg.data.crop,
         crop_margin=cfg.data.crop_margin,
+        warp_at=cfg.data.warp_at,
     )
 
 

@@ -254,3 +254,44 @@ def test_affine_matrices_rotate_about_the_centre_of_non_square_images(height, wi
         np.testing.assert_allclose(got[i], want, atol=1e-4)
         # the centre stays put
         np.testing.assert_allclose(got[i] @ [cx, cy, 1], [cx, cy], atol=1e-4)
+
+
+# --- data.warp_at=training: resize first, then the train warp at the training size ---------------------------------
+
+
+def _smooth_films(b: int, size: int) -> torch.Tensor:
+    """Films without detail finer than a few pixels (where resizing first and warping first must agree)."""
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    films = [
+        0.5 + 0.4 * torch.sin(2.5 * xx + 1.7 * yy + k) * torch.exp(-(xx**2 + (yy - 0.2 * k) ** 2)) for k in range(b)
+    ]
+    return (torch.stack(films)[:, None] * 255).round().to(torch.uint8)
+
+
+def test_warp_at_training_size_draws_the_same_and_gives_nearly_the_same_films():
+    films, masks = _smooth_films(6, 96), _lung_like_masks(6, 96).to(torch.uint8)
+    kw = {"train": True, "image_size": 32, "rotation_degrees": 15, "hflip_p": 0.5}
+    stored = DeviceAugment(**kw)
+    training = DeviceAugment(**kw, warp_at="training")
+    a, ma = stored(films, masks, generator=torch.Generator().manual_seed(3))
+    b, mb = training(films, masks, generator=torch.Generator().manual_seed(3))
+    for key in ("flip", "angle"):
+        assert torch.equal(stored.last_params[key], training.last_params[key]), key
+    assert a.shape == b.shape == (6, 1, 32, 32) and mb.shape == (6, 1, 32, 32)
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4))  # away from the padded corners
+    assert (_unnorm(a) - _unnorm(b))[inner].abs().mean() < 0.01
+    dice = 2 * (ma * mb).sum() / (ma.sum() + mb.sum())
+    assert dice > 0.9, "the masks follow the same transform (up to their nearest-neighbour edges)"
+    assert not torch.equal(a, b), "a different computation: the test can fail"
+
+
+def test_warp_at_training_size_flips_exactly_and_is_refused_when_unknown():
+    films = torch.randint(0, 256, (3, 1, 40, 40), dtype=torch.uint8)
+    flip = DeviceAugment(train=True, rotation_degrees=0, hflip_p=1.0, image_size=20, warp_at="training")
+    plain = DeviceAugment(train=False, image_size=20)
+    y, _ = flip(films)
+    torch.testing.assert_close(y, torch.flip(plain(films)[0], [-1]), atol=1e-5, rtol=0)
+    evaluation = DeviceAugment(train=False, image_size=20, warp_at="training")
+    torch.testing.assert_close(evaluation(films)[0], plain(films)[0], atol=0, rtol=0)  # no warp: no change
+    with pytest.raises(ValueError, match="warp_at='somewhere' is not one of \\['stored', 'training'\\]"):
+        DeviceAugment(train=True, warp_at="somewhere")
