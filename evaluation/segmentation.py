@@ -15,7 +15,8 @@ import numpy as np
 from evaluation.statistics.bootstrap import interval, resample_indices
 from pipeline.loader import build_loader, load_shard_manifest
 from sharding import seeds
-from sharding.segmenter import check_drawn_masks, load_segmenter, score_batches
+from sharding.contract import SPLITS
+from sharding.segmenter import Scores, check_drawn_masks, load_segmenter, score_batches
 
 #: The worst films listed per split: where a reader looks first.
 WORST = 5
@@ -38,8 +39,18 @@ def evaluate_segmenter(model: str | Path, shards: str, splits: tuple[str, ...], 
     segmenter = load_segmenter(model)
     out: dict = {"model": str(model), "sha256": segmenter.sha256, "shards": str(shards), "splits": {}}
     for split in splits:
-        loader = build_loader(shards, split, batch_size=64, num_workers=num_workers, masks=True, train=False)
-        scores = score_batches(segmenter, loader)
+        parts = [
+            score_batches(
+                segmenter, build_loader(shards, s, batch_size=64, num_workers=num_workers, masks=True, train=False)
+            )
+            for s in (SPLITS if split == "all" else (split,))
+        ]
+        scores = Scores(
+            [k for p in parts for k in p.keys],
+            np.concatenate([p.dice for p in parts]),
+            np.concatenate([p.iou for p in parts]),
+            sum(p.no_mask for p in parts),
+        )
         order = np.argsort(scores.dice, kind="stable")[:WORST]
         out["splits"][split] = {
             "films": len(scores.dice),

@@ -146,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="Dice and IoU with intervals of a segmenter on shards with drawn masks")
     e.add_argument("--model", required=True, type=Path)
     e.add_argument("--shards", required=True)
-    e.add_argument("--splits", default="val,test")
+    e.add_argument("--splits", default="val,test", help="comma-separated; all: every split as one")
     e.add_argument("--json", type=Path, help="also write the figures here")
     return p
 
