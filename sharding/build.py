@@ -41,10 +41,11 @@ from pathlib import Path
 from sharding import outdir
 from sharding.contract import DATASET_DIR, ENCODINGS, IMAGE_SIZE, SPLITS
 from sharding.dedup import HASH_BITS, group
-from sharding.encode import SampleError, SampleTask, ShardTask, analyse_one, sample_meta, write_shard_task
-from sharding.executor import EXECUTORS, Executor, ExecutorError, library_versions
+from sharding.encode import NO_MASK, SampleError, SampleTask, ShardTask, analyse_one, sample_meta, write_shard_task
+from sharding.executor import SEGMENTER_LIBRARIES, Executor, ExecutorError, library_versions
 from sharding.manifest import Manifest, SplitInfo, write_manifest
-from sharding.pool import Mapper, progress_bar
+from sharding.pool import progress_bar
+from sharding.preflight import BuildError, check_executor, lung_model_ref, open_executor
 from sharding.source import Scan, SourceError, scan
 from sharding.split import FRACTIONS, assign, compose_groups, duplicate_report, shuffled, split_report
 
@@ -55,10 +56,6 @@ BUILD_VERSION = 3
 SPLIT_BY = ("patient", "source")
 #: Below this many images per worker a process pool costs more than it saves.
 MIN_PER_WORKER = 64
-
-
-class BuildError(ValueError):
-    """The build cannot proceed (bad options, unusable input, --strict skip); the message says why."""
 
 
 @dataclass(frozen=True)
@@ -84,6 +81,15 @@ class BuildOptions:
         if self.near_dup_distance is not None and not 0 <= self.near_dup_distance <= HASH_BITS:
             raise BuildError(f"--near-dup-distance must be in 0..{HASH_BITS} bits, got {self.near_dup_distance}")
 
+    def as_dict(self) -> dict:
+        """The options as the manifest and the fingerprint hold them: without a segmenter, as they always were."""
+        out = asdict(self)
+        return out if self.lung_model else {k: v for k, v in out.items() if k != "lung_model"}
+
+    def unfilled(self, mask_issues: list[dict]) -> list[dict]:
+        """The mask problems a build leaves: a segmenter fills the films that come without a mask, no others."""
+        return [m for m in mask_issues if not (self.lung_model and m["reason"] == NO_MASK)]
+
 
 @dataclass(frozen=True)
 class BuildReport:
@@ -106,7 +112,7 @@ def fingerprint(root: Path, options: BuildOptions, labels: str | Path | None = N
     h = hashlib.sha256()
     if labels is not None:
         h.update(Path(labels).read_bytes())
-    h.update(json.dumps({"options": asdict(options), "build_version": BUILD_VERSION}, sort_keys=True).encode())
+    h.update(json.dumps({"options": options.as_dict(), "build_version": BUILD_VERSION}, sort_keys=True).encode())
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
@@ -261,7 +267,11 @@ def assemble_manifest(
         "written": sum(s.samples for s in splits.values()),
         "skipped": len(analysis.skipped),
         "mask_issues": len(analysis.mask_issues),
-        **({"masks_predicted": len(analysis.mask_issues)} if options.lung_model else {}),
+        **(
+            {"masks_predicted": len(analysis.mask_issues) - len(options.unfilled(analysis.mask_issues))}
+            if options.lung_model
+            else {}
+        ),
         "duplicate_groups": len(dups),
         "duplicate_images": sum(len(d["members"]) for d in dups),
         "mixed_label_groups": sum(d["mixed_labels"] for d in dups),
@@ -271,13 +281,15 @@ def assemble_manifest(
         raise AssertionError(f"counts do not reconcile: {counts}")
     build = {
         "fingerprint": fp,
-        "options": asdict(options),
+        "options": options.as_dict(),
         "dataset": found.root.name if found.root.name else DATASET_DIR,
         "input": found.kind,
         "split": build_plan.split,
         "notes": list(found.notes),
         "build_version": BUILD_VERSION,
-        "versions": library_versions(("numpy", "pillow", "webdataset")),
+        "versions": library_versions(
+            ("numpy", "pillow", "webdataset") + (SEGMENTER_LIBRARIES if options.lung_model else ())
+        ),
         "split_fractions": list(FRACTIONS),
         "near_dup_hash": "phash256-dct" if options.near_dup_distance is not None else None,
     }
@@ -300,50 +312,9 @@ def _unchanged(out: Path, fp: str, strict: bool) -> Manifest | None:
     """The set in `out` when a build would write the same bytes (it must still pass --strict)."""
     existing = outdir.unchanged(out, fp)
     if existing is not None and strict:  # strict is not part of the fingerprint
-        filled = bool(existing.build["options"].get("lung_model"))  # a segmenter drew the missing masks
-        _check_strict(list(existing.skipped), [] if filled else list(existing.mask_issues))
+        filler = BuildOptions(lung_model=existing.build["options"].get("lung_model"))  # what it was built with
+        _check_strict(list(existing.skipped), filler.unfilled(list(existing.mask_issues)))
     return existing
-
-
-def _lung_model(path: str | Path | None) -> tuple[str, str] | None:
-    """(absolute path, sha256) of a radstream segmenter file, refused up front when it is not one."""
-    if path is None:
-        return None
-    from sharding.segmenter import SegmenterError, segmenter_ref  # imports torch: only when asked for
-
-    try:
-        ref = segmenter_ref(path)
-    except SegmenterError as exc:
-        raise BuildError(str(exc)) from None
-    return ref["path"], ref["sha256"]
-
-
-def check_executor(kind: str, address: str | None) -> None:
-    """Refuse an unknown executor, an address without Ray, or Ray missing: before the (long) scan."""
-    if kind not in EXECUTORS:
-        raise BuildError(f"--executor must be one of {list(EXECUTORS)}, got {kind!r}")
-    if kind == "local" and address is not None:
-        raise BuildError("--ray-address needs --executor ray")
-    if kind == "ray":
-        from sharding.ray_executor import import_ray
-
-        try:
-            import_ray()
-        except ExecutorError as exc:
-            raise BuildError(str(exc)) from None
-
-
-def open_executor(kind: str, workers: int, address: str | None = None) -> Executor:
-    """The executor `kind` with `workers` processes (`address`: a Ray cluster to join, ray only)."""
-    check_executor(kind, address)
-    if kind == "local":
-        return Mapper(workers)
-    from sharding.ray_executor import RayExecutor  # imports ray: only when asked for
-
-    try:
-        return RayExecutor(workers, address)
-    except ExecutorError as exc:  # no cluster at the address, a node with other code
-        raise BuildError(str(exc)) from None
 
 
 def _workers(requested: int | None, records: int) -> int:
@@ -384,7 +355,7 @@ def run_build(
     fault tests kill a build in it. `lung_model`: a segmenter file (`python -m train.lungs fit`) that predicts
     the masks films lack; it implies `include_masks`, and each predicted mask's json names its sha256."""
     start = time.perf_counter()
-    lung = _lung_model(lung_model)
+    lung = lung_model_ref(lung_model)
     masks = bool(include_masks) or lung is not None
     classes_ = tuple(classes) if classes else None
     options = BuildOptions(
@@ -407,12 +378,12 @@ def run_build(
     # Imported before the pool forks, so workers inherit it instead of importing it each.
     import sharding.writer  # noqa: F401
 
-    mapper = open_executor(executor, _workers(workers, len(found.records)), ray_address)
+    mapper = open_executor(executor, _workers(workers, len(found.records)), ray_address, lung is not None)
     ok, tmp = False, None
     try:
         analysis = analyse(found, options, mapper, progress)
         if strict:
-            _check_strict(analysis.skipped, [] if lung else analysis.mask_issues)
+            _check_strict(analysis.skipped, options.unfilled(analysis.mask_issues))
         if not analysis.good:
             raise BuildError(f"no usable images under {found.root}: all {found.scanned} inputs were skipped")
         tmp = outdir.staging(out)

@@ -24,6 +24,9 @@ from sharding.source import Record
 
 #: Relative aspect-ratio difference above which a mask does not belong to its image.
 MASK_ASPECT_TOLERANCE = 0.02
+#: The mask problem of a film that comes without a mask: the one a segmenter fills (`--lung-model`); a drawn
+#: mask that is unreadable or does not fit is a problem to fix, not to paper over.
+NO_MASK = "no mask file"
 
 
 class SampleError(ValueError):
@@ -33,7 +36,7 @@ class SampleError(ValueError):
 def _mask_problem(rec: Record, size: tuple[int, int]) -> str | None:
     """Why this record's mask cannot be used, or None."""
     if rec.mask_path is None:
-        return "no mask file"
+        return NO_MASK
     try:
         mask = open_image(rec.mask_path)
     except PreprocessError as exc:
@@ -101,13 +104,18 @@ class SampleTask:
 
 @functools.lru_cache(maxsize=2)
 def _segmenter(path: str, sha256: str):
-    """The build's segmenter, loaded once per worker process (checked against the digest the driver read)."""
-    from sharding.segmenter import SegmenterError, load_segmenter
+    """The build's segmenter, loaded once per worker process, on one thread (a forked worker must not enter the
+    parent's torch thread pool), and checked against the digest the driver read."""
+    from sharding.segmenter import SegmenterError, load_segmenter, torch_threads
 
     try:
-        return load_segmenter(path, sha256)
+        with torch_threads(1):
+            return load_segmenter(path, sha256)
     except SegmenterError as exc:
-        raise SampleError(f"{exc} (it changed during the build)") from None
+        raise SampleError(
+            f"a build worker cannot load the lung model: {exc}; put the file the build started with back at "
+            f"{path} (on every Ray node) and run the build again"
+        ) from None
 
 
 def _encode(task: SampleTask, lung: tuple[str, str] | None = None) -> dict:
@@ -136,12 +144,12 @@ def _encode(task: SampleTask, lung: tuple[str, str] | None = None) -> dict:
                 mask = load_mask(rec.mask_path)
             except (PreprocessError, OSError) as exc:
                 raise SampleError(f"mask of {rec.rel} became unreadable during the build: {exc}") from None
-        elif lung is not None:  # a film without a usable mask gets the segmenter's, and says whose
+        elif lung is not None and task.mask_issue == NO_MASK:  # a film without a mask gets the segmenter's
             mask = _segmenter(*lung).predict(pixels)
             meta["mask_predicted_by"] = lung[1]
         else:
             mask = np.zeros((IMAGE_SIZE, IMAGE_SIZE), np.uint8)
-        meta["mask_missing"] = task.mask_issue is not None and lung is None
+        meta["mask_missing"] = "mask_predicted_by" not in meta and task.mask_issue is not None
     from sharding.writer import encode_sample
 
     return encode_sample(rec.key, pixels, rec.label, meta, task.encoding, mask)

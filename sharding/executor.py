@@ -21,6 +21,8 @@ from typing import Protocol
 EXECUTORS = ("local", "ray")
 #: The libraries whose versions can change a shard's bytes (decoding, resampling, encoding; tar is the stdlib's).
 BYTE_LIBRARIES = ("numpy", "pillow", "pydicom")
+#: And those that compute predicted masks (`--lung-model`).
+SEGMENTER_LIBRARIES = ("torch", "safetensors")
 RAY_INSTALL = "pip install -e '.[ray]' (or pip install 'ray>=2.40')"
 
 
@@ -65,12 +67,13 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
-def runtime_facts() -> dict:
+def runtime_facts(segmenter: bool = False) -> dict:
     """What a shard's bytes depend on besides its task: the code, Python, the machine, zlib (Python's and
-    Pillow's, which compresses png members) and the byte libraries."""
+    Pillow's, which compresses png members) and the byte libraries; with a `segmenter`, also torch, safetensors
+    and the CPU kernels torch picks (a predicted mask's pixels near the threshold depend on them)."""
     from PIL import features
 
-    return {
+    facts = {
         "sharding code": code_digest()[:16],
         "python": platform.python_version(),
         "machine": platform.machine(),
@@ -78,3 +81,10 @@ def runtime_facts() -> dict:
         "pillow zlib": features.version("zlib"),
         **library_versions(),
     }
+    if segmenter:
+        import torch  # only for --lung-model: a build without it never imports torch
+
+        facts.update(
+            library_versions(SEGMENTER_LIBRARIES), {"torch cpu kernels": torch.backends.cpu.get_cpu_capability()}
+        )
+    return facts

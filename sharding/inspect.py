@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sharding.contract import LABEL, SPLITS, image_member, mask_member
+from sharding.encode import NO_MASK
 from sharding.manifest import Manifest, load_manifest, shards_root
 from sharding.verify import decode_member, iter_samples
 
@@ -50,8 +51,9 @@ def _problem_lines(manifest: Manifest, written: int) -> list[str]:
     lines = [f"  skipped {s['path']}: {s['reason']}" for s in manifest.skipped[:10]]
     if len(manifest.skipped) > 10:
         lines.append(f"  ... and {len(manifest.skipped) - 10} more skipped (see manifest.json)")
-    if not manifest.counts.get("masks_predicted"):  # predicted masks filled them: no problem left to show
-        lines += [f"  mask of {m['path']}: {m['reason']}" for m in manifest.mask_issues[:5]]
+    filled = bool(manifest.counts.get("masks_predicted"))  # a segmenter filled the films that came without one
+    issues = [m for m in manifest.mask_issues if not (filled and m["reason"] == NO_MASK)]
+    lines += [f"  mask of {m['path']}: {m['reason']}" for m in issues[:5]]
     groups = manifest.duplicate_groups
     mixed = [g for g in groups if g.get("mixed_labels")]
     for g in mixed[:5]:
@@ -76,7 +78,10 @@ def _mask_fill(manifest: Manifest) -> str:
     predicted = manifest.counts.get("masks_predicted")
     if predicted:
         sha = manifest.build["options"]["lung_model"]
-        return f"{predicted} mask(s) predicted by the lung segmenter {sha[:12]} (json mask_predicted_by)"
+        left = len(manifest.mask_issues) - predicted
+        return f"{predicted} mask(s) predicted by the lung segmenter {sha[:12]} (json mask_predicted_by)" + (
+            f", {left} with an all-zero mask (mask_missing)" if left else ""
+        )
     return f"{len(manifest.mask_issues)} sample(s) with an all-zero mask (mask_missing)"
 
 

@@ -48,11 +48,19 @@ def progress_bar(total: int, desc: str, enabled: bool):
 
 
 class Mapper:
-    """In-process for one worker, else a process pool (fork where available) of `workers`."""
+    """In-process for one worker, else a process pool (fork where available) of `workers`.
 
-    def __init__(self, workers: int) -> None:
+    `fresh=True` starts the workers from a clean process (forkserver, else spawn) instead of forking this one:
+    for work that runs torch (`--lung-model`), since a child forked from a process whose torch (OpenMP) thread
+    pool is up can hang in its first parallel region (tested)."""
+
+    def __init__(self, workers: int, fresh: bool = False) -> None:
         self.workers = workers
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+        methods = mp.get_all_start_methods()
+        if fresh:
+            method = "forkserver" if "forkserver" in methods else "spawn"
+        else:
+            method = "fork" if "fork" in methods else "spawn"
         ctx = mp.get_context(method)
         self.counter = ctx.Value("q", 0)
         self.pool = ctx.Pool(workers, initializer=_worker_init, initargs=(self.counter,)) if workers > 1 else None

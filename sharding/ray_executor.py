@@ -57,7 +57,7 @@ def _run_one(fn: Callable, task) -> object:
 class RayExecutor:
     """Ordered maps over Ray tasks; see the module docstring."""
 
-    def __init__(self, workers: int, address: str | None = None) -> None:
+    def __init__(self, workers: int, address: str | None = None, segmenter: bool = False) -> None:
         ray = self._ray = import_ray()
         self._owned = not ray.is_initialized()
         if self._owned:
@@ -79,7 +79,7 @@ class RayExecutor:
         self._one = ray.remote(max_retries=RETRIES, num_cpus=1)(_run_one)
         self._pending: set = set()
         try:
-            check_nodes(ray)
+            check_nodes(ray, segmenter)
         except BaseException:
             self.close(False)
             raise
@@ -152,21 +152,21 @@ class RayExecutor:
             ray.shutdown()
 
 
-def _node_facts() -> dict:
-    return runtime_facts()
+def _node_facts(segmenter: bool) -> dict:
+    return runtime_facts(segmenter)
 
 
-def check_nodes(ray) -> None:
+def check_nodes(ray, segmenter: bool = False) -> None:
     """Refuse to build when a node would write other bytes: its code or byte libraries differ from the driver's."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    mine = runtime_facts()
+    mine = runtime_facts(segmenter)
     remote = ray.remote(num_cpus=0, max_retries=RETRIES)(_node_facts)
     nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
     refs = {
         n["NodeManagerAddress"] + " " + n["NodeID"][:8]: remote.options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
-        ).remote()
+        ).remote(segmenter)
         for n in nodes
     }
     for node, ref in refs.items():

@@ -104,7 +104,7 @@ def masks_from_logits(logits: torch.Tensor, height: int, width: int) -> torch.Te
 
 
 @contextmanager
-def _threads(n: int) -> Iterator[None]:
+def torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op threads set to `n` for the block, then restored (the process's setting is not ours)."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)
@@ -128,7 +128,7 @@ class Segmenter:
 
         `threads=1` (the build's setting) gives the same bytes on any machine; None keeps the process's."""
         self.model.eval()
-        with _threads(threads or torch.get_num_threads()):
+        with torch_threads(threads or torch.get_num_threads()):
             return masks_from_logits(self.model(prepare(images, self.spec)), *images.shape[-2:])
 
     def predict(self, films: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -236,10 +236,30 @@ def read_metadata(path: str | Path) -> dict:
     return header
 
 
+def _spec(meta: dict, path: Path) -> SegmenterSpec:
+    try:
+        return SegmenterSpec(**meta["spec"])
+    except (TypeError, KeyError) as exc:
+        raise SegmenterError(f"{path}: its spec {meta.get('spec')} is not one this radstream reads ({exc})") from None
+
+
 def segmenter_ref(path: str | Path) -> dict:
-    """{"path": absolute, "sha256"} of a segmenter file, refused (SegmenterError) when it is not one."""
-    read_metadata(path)
-    return {"path": str(Path(path).absolute()), "sha256": sha256_file(path)}
+    """{"path": absolute, "sha256"} of a segmenter file whose spec and tensor shapes fit (SegmenterError if not).
+
+    Nothing is computed: the network is built on the meta device, so a parent about to fork its workers runs no
+    torch thread pool."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    spec = _spec(read_metadata(path), path)
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in LungUNet(spec.width, spec.depth).state_dict().items()}
+    with safe_open(str(path), framework="pt") as fh:
+        found = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 - not a dict
+    if found != expected:
+        wrong = sorted(set(found) ^ set(expected)) or sorted(k for k in found if found[k] != expected[k])
+        raise SegmenterError(f"{path}: its weights do not fit its spec {spec} (first of them: {wrong[:3]})")
+    return {"path": str(path.absolute()), "sha256": sha256_file(path)}
 
 
 def load_segmenter(path: str | Path, sha256: str | None = None) -> Segmenter:
@@ -253,7 +273,7 @@ def load_segmenter(path: str | Path, sha256: str | None = None) -> Segmenter:
             f"lung model {path} has sha256 {digest[:12]}…, not the {sha256[:12]}… this model was made with: "
             "point to the segmenter it names"
         )
-    spec = SegmenterSpec(**meta["spec"])
+    spec = _spec(meta, Path(path))
     model = LungUNet(spec.width, spec.depth)
     try:
         model.load_state_dict(load_file(str(path)))
@@ -283,4 +303,5 @@ __all__ = [
     "save_segmenter",
     "segmenter_card",
     "segmenter_ref",
+    "torch_threads",
 ]

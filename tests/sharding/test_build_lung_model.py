@@ -77,11 +77,27 @@ def test_films_without_a_mask_get_the_segmenters_and_say_whose(tmp_path, raw_hal
     assert result.problems == [] and result.samples == 32
 
 
-def test_the_same_bytes_with_one_worker_or_two_and_a_new_segmenter_rebuilds(tmp_path, raw_half_masked, segmenter):
+#: Two forked workers for 32 films, from a parent whose torch thread pool is up: a forked child used to hang.
+TWO_WORKERS = """
+import sys, torch
+from sharding import build
+torch.set_num_threads(2)
+torch.randn(512, 512) @ torch.randn(512, 512)
+build.MIN_PER_WORKER = 1
+build.build_shards(sys.argv[1], sys.argv[2], lung_model=sys.argv[3], shard_size=8, workers=2, progress=False)
+"""
+
+
+def test_the_same_bytes_with_one_worker_or_two_and_a_new_segmenter_rebuilds(
+    tmp_path, raw_half_masked, segmenter, repo_root, subprocess_env
+):
     path, _ = segmenter
     one, two = tmp_path / "one", tmp_path / "two"
     build_shards(raw_half_masked, one, lung_model=path, shard_size=8, workers=1, progress=False)
-    build_shards(raw_half_masked, two, lung_model=path, shard_size=8, workers=2, progress=False)
+    cmd = [sys.executable, "-c", TWO_WORKERS, str(raw_half_masked), str(two), str(path)]
+    env = dict(subprocess_env, OMP_NUM_THREADS="2")
+    done = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
     for name in sorted(p.name for p in one.iterdir()):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
     assert run_build(raw_half_masked, one, lung_model=path, workers=1, shard_size=8, progress=False).noop
@@ -96,6 +112,37 @@ def test_strict_accepts_missing_masks_that_the_segmenter_fills(tmp_path, raw_hal
     with pytest.raises(BuildError, match="--strict"):
         build_shards(raw_half_masked, tmp_path / "a", include_masks=True, strict=True, workers=1, progress=False)
     build_shards(raw_half_masked, tmp_path / "b", lung_model=segmenter[0], strict=True, workers=1, progress=False)
+    again = run_build(raw_half_masked, tmp_path / "b", lung_model=segmenter[0], strict=True, workers=1, progress=False)
+    assert again.noop
+
+
+def test_a_drawn_mask_that_is_broken_stays_a_problem_to_fix(tmp_path, raw_half_masked, segmenter):
+    """Only films that come without a mask are filled: a corrupt drawn mask is not papered over."""
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_half_masked, raw)
+    broken = raw / "Lung_Opacity" / "masks" / "Lung_Opacity-1.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(BuildError, match="Lung_Opacity-1.png \\(mask\\)"):
+        build_shards(raw, tmp_path / "strict", lung_model=segmenter[0], strict=True, workers=1, progress=False)
+    m = build_shards(raw, tmp_path / "s", lung_model=segmenter[0], workers=1, progress=False)
+    assert m.counts["masks_predicted"] == 16 and len(m.mask_issues) == 17
+    meta = next(json.loads(s["json"]) for s in _samples(tmp_path / "s") if s["__key__"] == "Lung_Opacity-1")
+    assert meta["mask_missing"] is True and "mask_predicted_by" not in meta
+
+
+def test_without_a_segmenter_the_options_are_as_they_always_were(tmp_path, raw_half_masked):
+    m = build_shards(raw_half_masked, tmp_path / "s", include_masks=True, workers=1, progress=False)
+    assert "lung_model" not in m.build["options"] and "masks_predicted" not in m.counts
+    assert "torch" not in m.build["versions"]
+
+
+def test_a_worker_that_finds_another_file_says_what_to_restore(segmenter):
+    from sharding import encode
+    from sharding.encode import SampleError
+
+    encode._segmenter.cache_clear()
+    with pytest.raises(SampleError, match="cannot load the lung model.*put the file the build started with back"):
+        encode._segmenter(str(segmenter[0]), "0" * 64)
 
 
 def test_a_file_that_is_not_a_segmenter_is_refused_before_the_scan(tmp_path, repo_root, subprocess_env):

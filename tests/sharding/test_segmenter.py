@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -91,6 +92,26 @@ def test_files_that_are_not_the_expected_segmenter_are_refused_with_what_they_ar
         load_segmenter(future)
     with pytest.raises(SegmenterError, match=f"has sha256 {sha[:12]}.*not the {'0' * 12}"):
         load_segmenter(path, "0" * 64)
+
+
+def test_a_file_whose_weights_or_spec_do_not_fit_is_refused_before_any_work(tmp_path):
+    from safetensors.torch import save_file
+
+    model, spec, path, _ = _saved(tmp_path)
+    assert segmenter_ref(path)["sha256"] == sha256_file(path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state["head.weight"] = torch.zeros(1, 5, 1, 1)
+    header = '{"format": "radstream-lung-unet", "format_version": 1, "card": {}, "spec": %s}'
+    bad = tmp_path / "bad.safetensors"
+    save_file(state, str(bad), metadata={"radstream": header % json.dumps(asdict(spec))})
+    with pytest.raises(SegmenterError, match="weights do not fit its spec.*head.weight"):
+        segmenter_ref(bad)
+    odd = tmp_path / "odd.safetensors"
+    save_file(state, str(odd), metadata={"radstream": header % '{"size": 32, "kernels": 3}'})
+    with pytest.raises(SegmenterError, match="its spec .* is not one this radstream reads"):
+        segmenter_ref(odd)
+    with pytest.raises(SegmenterError, match="is not one this radstream reads"):
+        load_segmenter(odd)
 
 
 def test_a_spec_that_does_not_halve_evenly_is_refused():
