@@ -74,18 +74,21 @@ class Predictor:
         return torch.softmax(self.model(self.prepare(images)).float(), dim=1).cpu().numpy()
 
 
-def _card_segmenter(ref: dict, mask_lungs: bool, moved_to: str | None) -> Segmenter:
-    """The segmenter a lung-reading model's card names; CheckpointError with the fix when there is none."""
+def _card_segmenter(ref: dict, mask_lungs: bool, given: str | None) -> Segmenter:
+    """The segmenter for a lung-reading model: the card's (at `given` if it moved, same sha256), or `given` when
+    the card names none (a model trained on drawn masks); CheckpointError with the fix otherwise."""
     how = "lung-masked" if mask_lungs else "lung-cropped (data.crop=lungs)"
-    if not ref:
+    path = given or ref.get("path")
+    if not path:
+        named = f" names the segmenter {ref['sha256'][:12]} by its digest only and" if ref.get("sha256") else ""
         raise CheckpointError(
             f"this model was trained on {how} films: prediction needs each film's lung mask, which files do not "
-            "carry, and its card names no lung segmenter; train it with data.lung_model=PATH (python -m train.lungs "
-            "fit), or evaluate shards built with --include-masks or --lung-model (python -m evaluation --run RUN "
-            "--shards S --split all)"
+            f"carry, and its card{named} gives no segmenter file; pass --lung-model PATH (python -m train.lungs "
+            "fit), train with data.lung_model=PATH, or evaluate shards built with --include-masks or --lung-model "
+            "(python -m evaluation --run RUN --shards S --split all)"
         )
     try:
-        return load_segmenter(moved_to or ref["path"], ref["sha256"])
+        return load_segmenter(path, ref.get("sha256"))
     except SegmenterError as exc:
         raise CheckpointError(f"{exc} (--lung-model PATH: where the card's segmenter is now)") from None
 
@@ -103,6 +106,12 @@ def collect_files(inputs: list[str]) -> list[Path]:
 
 def export_model(predictor: Predictor, fmt: str, path: Path, atol: float = 1e-4) -> float:
     """Export to ONNX or TorchScript; returns the max |difference| to PyTorch on sample inputs."""
+    if predictor.segmenter is not None:
+        raise CheckpointError(
+            "this model reads films through their lung masks (data.crop=lungs or data.mask_lungs): an exported "
+            "network alone would be fed whole films; serve it with python -m evaluation.predict, which runs "
+            "the segmenter and the crop"
+        )
     size = predictor.augment.image_size or predictor.stored_size
     model = predictor.model.to("cpu").eval()
     sample = torch.randn(3, 1, size, size)
@@ -145,7 +154,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", default=None, help="write predictions as JSON")
     parser.add_argument("--gradcam", default=None, help="folder for Grad-CAM overlay PNGs")
     parser.add_argument(
-        "--lung-model", default=None, help="where the lung segmenter the model card names is now, if it moved"
+        "--lung-model",
+        default=None,
+        help="a lung-reading model's segmenter: where the card's is now (same sha256), or one for a card naming none",
     )
     parser.add_argument("--export", choices=("onnx", "torchscript"), default=None)
     parser.add_argument("--export-path", default=None, help="default: beside the model, .onnx / .pt")
@@ -176,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.export:
         target = Path(args.export_path or Path(args.model).with_suffix(".onnx" if args.export == "onnx" else ".pt"))
-        diff = export_model(predictor, args.export, target)
+        try:
+            diff = export_model(predictor, args.export, target)
+        except CheckpointError as exc:
+            print(f"error: cannot export {args.model}: {exc}", file=sys.stderr)
+            return 2
         print(f"exported {args.export} to {target} (max |diff| vs PyTorch {diff:.2e})")
     files = collect_files(args.inputs)
     if not files and not args.export:

@@ -1,9 +1,9 @@
 """How well a lung segmenter draws the lungs: per-film Dice and IoU on splits with drawn masks, 95 % intervals.
 
 The masks are made by `sharding.segmenter.Segmenter.masks`, the function `sharding build --lung-model`
-runs, at the films' stored side, against the shards' drawn masks; each film is scored once. The interval
-is the percentile bootstrap of the mean over films (2,000 resamples, `seeds.BOOTSTRAP`). Films whose drawn
-mask is empty have no mask (`mask_missing`) and are counted, not scored.
+runs, on one thread as there, at the films' stored side, against the shards' drawn masks; each film is
+scored once. The interval is the percentile bootstrap of the mean over films (2,000 resamples,
+`seeds.BOOTSTRAP`). Films whose drawn mask is empty have no mask (`mask_missing`) and are counted, not scored.
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def evaluate_segmenter(model: str | Path, shards: str, splits: tuple[str, ...], 
     for split in splits:
         parts = [
             score_batches(
-                segmenter, build_loader(shards, s, batch_size=64, num_workers=num_workers, masks=True, train=False)
+                segmenter,
+                build_loader(shards, s, batch_size=64, num_workers=num_workers, masks=True, train=False),
+                threads=1,
             )
             for s in (SPLITS if split == "all" else (split,))
         ]

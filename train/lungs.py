@@ -62,6 +62,11 @@ class FitOptions:
     seed: int = 0
     num_workers: int = 2
 
+    def __post_init__(self) -> None:
+        small = [k for k in ("epochs", "patience", "batch_size", "width") if getattr(self, k) < 1]
+        if small or self.lr <= 0 or self.num_workers < 0:
+            raise SegmenterError(f"need epochs, patience, batch size and width >= 1 and lr > 0, got {self}")
+
 
 def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Binary cross-entropy plus soft Dice: the first trains every pixel, the second the lungs' overlap."""
@@ -110,6 +115,8 @@ def fit(shards: str, out: Path, options: FitOptions, log=print) -> Path:
     best, best_epoch, best_state = -1.0, -1, None
     for epoch in range(options.epochs):
         stats = train_one_epoch(model, train, augment, optimizer, epoch, options.seed, device)
+        if not stats["films"]:
+            raise SegmenterError(f"no film of {shards}'s train split has a drawn lung mask: nothing to learn from")
         scores = score_batches(Segmenter(model.cpu(), spec, ""), val)
         model.to(device)
         dice = float(scores.dice.mean()) if len(scores.dice) else 0.0

@@ -70,11 +70,6 @@ def check_data(cfg: Config, data: CollectionSet) -> None:
         problems.append("data.mask_lungs=true but the shards carry no masks (rebuild with --include-masks)")
     if cfg.data.crop == "lungs" and not data.masks:
         problems.append("data.crop=lungs but the shards carry no masks (rebuild with --include-masks)")
-    if cfg.data.lung_model:
-        try:
-            segmenter_ref(cfg.data.lung_model)
-        except SegmenterError as exc:
-            problems.append(f"data.lung_model: {exc}")
     for split in ("train", "val"):
         if data.samples(split) == 0:
             problems.append(
@@ -84,6 +79,27 @@ def check_data(cfg: Config, data: CollectionSet) -> None:
             )
     if problems:
         raise RunError("the shards do not match the config: " + "; ".join(problems))
+
+
+def lung_segmenter(cfg: Config, data: CollectionSet) -> tuple[dict, str | None]:
+    """(the card's `segmenter`, a problem or None), once per run and per rank (the file is a local path).
+
+    `data.lung_model` names it (path and sha256); without it, the segmenter that predicted the training shards'
+    masks is recorded by its digest alone (prediction then asks for `--lung-model PATH`). A file other than the
+    one that predicted the shards' masks is refused: its boxes would not be the ones the model learned from."""
+    built = sorted({m.build.get("options", {}).get("lung_model") for m in data.manifests} - {None})
+    if not cfg.data.lung_model:
+        return ({"sha256": built[0]} if len(built) == 1 else {}), None
+    try:
+        ref = segmenter_ref(cfg.data.lung_model)
+    except SegmenterError as exc:
+        return {}, f"data.lung_model: {exc}"
+    if built and ref["sha256"] not in built:
+        return ref, (
+            f"data.lung_model {cfg.data.lung_model} (sha256 {ref['sha256'][:12]}) is not the segmenter that predicted "
+            f"the training shards' masks ({', '.join(b[:12] for b in built)}): name that one"
+        )
+    return ref, None
 
 
 def resolved(cfg: Config, data: CollectionSet) -> Config:
@@ -116,7 +132,7 @@ def shared_memory_problem(loaders: dict, local_ranks: int, free: int | None) -> 
     return shm_problem(local_ranks * per_rank, free, f"{local_ranks} rank(s) x ({sizes})")
 
 
-def model_card(cfg: Config, data: CollectionSet) -> ModelCard:
+def model_card(cfg: Config, data: CollectionSet, segmenter: dict | None = None) -> ModelCard:
     """The card of this run's model (epoch and metric are filled in when a best model is saved)."""
     return ModelCard(
         model=cfg.model.name,
@@ -127,7 +143,7 @@ def model_card(cfg: Config, data: CollectionSet) -> ModelCard:
         config=to_yaml_dict(cfg),
         train_digest=data.digest("train"),
         collections=data.describe() if data.mixed else [],
-        segmenter=segmenter_ref(cfg.data.lung_model) if cfg.data.lung_model else {},
+        segmenter=segmenter or {},
     )
 
 
@@ -257,6 +273,7 @@ class Run:
     out: Path
     steps: int  # per epoch, after train.max_steps_per_epoch
     capped: bool  # whether max_steps_per_epoch cut the epoch
+    segmenter: dict  # the model card's lung segmenter (`lung_segmenter`)
 
 
 def use_deterministic_kernels(enabled: bool) -> None:
@@ -280,6 +297,8 @@ def setup_run(cfg: Config, accelerator: Accelerator) -> Run:
     """Manifest -> resolved config -> loaders -> run folder -> model state; checks before any work."""
     use_deterministic_kernels(cfg.train.deterministic)
     data = open_data(cfg)
+    segmenter, problem = lung_segmenter(cfg, data)
+    every_rank_ok(accelerator, problem, RunError)
     cfg = resolved(cfg, data)
     loaders = build_loaders(cfg, data, accelerator)
     local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
@@ -290,7 +309,9 @@ def setup_run(cfg: Config, accelerator: Accelerator) -> Run:
     augment = {name: build_augment(cfg, name == "train").to(accelerator.device) for name in ("train", "eval")}
     steps, cap = loaders["train"].steps_per_epoch, cfg.train.max_steps_per_epoch
     capped = bool(cap) and cap < steps
-    return Run(cfg, data, accelerator, loaders, state, loss_fn, augment, out, cap if capped else steps, capped)
+    return Run(
+        cfg, data, accelerator, loaders, state, loss_fn, augment, out, cap if capped else steps, capped, segmenter
+    )
 
 
 def run_epoch(run: Run, epoch: int, position: Position) -> tuple[dict, bool]:
@@ -349,7 +370,8 @@ def run_epoch(run: Run, epoch: int, position: Position) -> tuple[dict, bool]:
 def record_epoch(run: Run, val, row: dict, improved: bool) -> None:
     """Rank 0: the epoch's files (best model with its operating points when it improved) and TensorBoard."""
     cfg, acc = run.cfg, run.accelerator
-    card = replace(model_card(cfg, run.data), precision=str(acc.mixed_precision), processes=acc.num_processes)
+    card = model_card(cfg, run.data, run.segmenter)
+    card = replace(card, precision=str(acc.mixed_precision), processes=acc.num_processes)
     if improved:  # thresholds frozen from this model's validation predictions, never from test
         card = replace(card, operating_points=choose(val.labels, val.probs, card.classes, cfg.eval.target_sensitivity))
     save_epoch(run.state, card, run.out, row, improved)

@@ -40,6 +40,7 @@ def data_facts(data: CollectionSet) -> dict:
     merged["sources"] = dict(sorted(sources.items()))
     for key in ("duplicate_groups", "duplicate_images", "mixed_label_groups", "masks_predicted"):
         merged[key] = sum(f[key] for f in facts)
+    merged["lung_model"] = ", ".join(sorted({f["lung_model"][:12] for f in facts if f["lung_model"]})) or None
     merged["collections"] = {c.name: dict(f, weight=c.weight) for c, f in zip(data.collections, facts)}
     return merged
 

@@ -310,7 +310,7 @@ def limitations(report: dict) -> list[str]:
     if data.get("masks_predicted"):
         who = f" {data['lung_model'][:12]}" if data.get("lung_model") else ""
         out.append(
-            f"{data['masks_predicted']} of these films' lung masks were predicted by the segmenter{who} "
+            f"The lung masks of {data['masks_predicted']} films of these shards were predicted by the segmenter{who} "
             "(sharding build --lung-model), not drawn: the probes, the lung share and any lung crop are as good as "
             "its masks (python -m train.lungs evaluate gives its Dice)."
         )

@@ -64,7 +64,9 @@ def test_a_maskless_collection_gets_lung_share_probes_and_cropped_prediction(
     assert report["lung_share"]["all"]["n"] > 0 and report["lung_share"]["all"]["mean"] is not None
     assert {"lungs_blanked", "lungs_only"} <= set(report["probes"])
     said = [s for s in report["limitations"] if "predicted by the segmenter" in s]
-    assert said and said[0].startswith(f"24 of these films' lung masks were predicted by the segmenter {sha[:12]}")
+    assert said and said[0].startswith(
+        f"The lung masks of 24 films of these shards were predicted by the segmenter {sha[:12]}"
+    )
     assert not any("carry no lung masks" in s for s in report["limitations"])
 
     files = [site / "COVID" / "images" / "COVID-1.png", site / "Normal" / "images" / "Normal-2.png"]
@@ -86,6 +88,11 @@ def test_a_maskless_collection_gets_lung_share_probes_and_cropped_prediction(
     for row in json.loads(out.read_text())["predictions"]:
         key = row["file"].rsplit("/", 1)[1].removesuffix(".png")
         assert [row[c] for c in classes] == pytest.approx(evaluated[key], abs=1e-4), key
+
+    done = subprocess.run(
+        [*predict, "--export", "onnx"], env=subprocess_env, cwd=repo_root, capture_output=True, text=True
+    )
+    assert done.returncode == 2 and "serve it with python -m evaluation.predict" in done.stderr
 
     moved = tmp_path / "elsewhere.safetensors"
     shutil.move(seg / WEIGHTS, moved)

@@ -62,3 +62,20 @@ def test_shards_without_drawn_masks_are_refused(tmp_path, capsys):
     assert main(["fit", "--shards", str(tmp_path / "s"), "--out", str(tmp_path / "o"), *TINY]) == 2
     assert "carries no lung masks" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_shards_whose_train_masks_are_all_missing_and_bad_options_are_refused(tmp_path, phantom_raw, capsys):
+    import shutil
+
+    from sharding.build import build_shards
+
+    raw = tmp_path / "raw"
+    shutil.copytree(phantom_raw, raw)
+    for masks in raw.glob("*/masks"):
+        shutil.rmtree(masks)
+    build_shards(raw, tmp_path / "s", include_masks=True, workers=1, progress=False)  # every mask all-zero
+    assert main(["fit", "--shards", str(tmp_path / "s"), "--out", str(tmp_path / "o"), *TINY]) == 2
+    assert "train split has a drawn lung mask: nothing to learn from" in capsys.readouterr().err
+    assert main(["fit", "--shards", str(tmp_path / "s"), "--out", str(tmp_path / "o"), "--epochs", "0"]) == 2
+    assert "need epochs, patience, batch size and width >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "o" / WEIGHTS).exists()
