@@ -285,6 +285,23 @@ def test_warp_at_training_size_draws_the_same_and_gives_nearly_the_same_films():
     assert not torch.equal(a, b), "a different computation: the test can fail"
 
 
+def test_warp_at_training_size_draws_zoom_and_shift_the_same_and_crops_at_the_stored_size():
+    from pipeline.acquisition import AcquisitionRanges
+
+    films, masks = _smooth_films(4, 96), _lung_like_masks(4, 96).to(torch.uint8)
+    kw = {"train": True, "image_size": 32, "acquisition": AcquisitionRanges(zoom=0.2, shift=0.1, gamma=0.3)}
+    stored, training = DeviceAugment(**kw, crop="lungs"), DeviceAugment(**kw, crop="lungs", warp_at="training")
+    a, _ = stored(films, masks, generator=torch.Generator().manual_seed(5))
+    b, _ = training(films, masks, generator=torch.Generator().manual_seed(5))
+    for key in ("flip", "angle", "zoom", "shift_x", "shift_y", "gamma"):
+        assert torch.equal(stored.last_params[key], training.last_params[key]), key
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4))
+    assert (_unnorm(a) - _unnorm(b))[inner].abs().mean() < 0.02
+    evaluation = DeviceAugment(train=False, image_size=32, crop="lungs", warp_at="training")
+    plain = DeviceAugment(train=False, image_size=32, crop="lungs")
+    torch.testing.assert_close(evaluation(films, masks)[0], plain(films, masks)[0], atol=0, rtol=0)
+
+
 def test_warp_at_training_size_flips_exactly_and_is_refused_when_unknown():
     films = torch.randint(0, 256, (3, 1, 40, 40), dtype=torch.uint8)
     flip = DeviceAugment(train=True, rotation_degrees=0, hflip_p=1.0, image_size=20, warp_at="training")
