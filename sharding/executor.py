@@ -84,7 +84,6 @@ def runtime_facts(segmenter: bool = False) -> dict:
     if segmenter:
         import torch  # only for --lung-model: a build without it never imports torch
 
-        facts.update(
-            library_versions(SEGMENTER_LIBRARIES), {"torch cpu kernels": torch.backends.cpu.get_cpu_capability()}
-        )
+        facts.update(library_versions(SEGMENTER_LIBRARIES))
+        facts["torch cpu kernels"] = torch.backends.cpu.get_cpu_capability()
     return facts

@@ -163,3 +163,13 @@ def test_the_summary_says_the_masks_were_predicted(tmp_path, raw_half_masked, se
     assert run.returncode == 0, run.stderr
     assert f"16 mask(s) predicted by the lung segmenter {segmenter[1][:12]}" in run.stdout
     assert "no mask file" not in run.stdout
+
+
+def test_with_a_segmenter_a_node_must_also_match_torch_and_its_cpu_kernels():
+    from sharding.executor import runtime_facts
+
+    plain, with_segmenter = runtime_facts(), runtime_facts(segmenter=True)
+    assert "torch" not in plain and "torch cpu kernels" not in plain
+    assert with_segmenter["torch"] == torch.__version__.split("+")[0] or with_segmenter["torch"]
+    assert with_segmenter["torch cpu kernels"] == torch.backends.cpu.get_cpu_capability()
+    assert {k: v for k, v in with_segmenter.items() if k in plain} == plain

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from sharding.build import build_shards
+from sharding.manifest import load_manifest
 from tools.ray_cluster import RayCluster, ray_env
 
 from helpers.procs import start_group
@@ -85,6 +86,26 @@ def test_a_two_node_cluster_writes_the_local_executors_bytes(layout, layouts, cl
     assert digests(tmp_path / "ray") == expected  # every shard and the manifest, and nothing else
     if layout == "kaggle":
         assert "COVID-999.png" in (tmp_path / "ray" / "manifest.json").read_text()  # skipped, with its reason
+
+
+def test_predicted_masks_on_the_cluster_are_the_local_executors_bytes(layouts, cluster, env, tmp_path):
+    """--lung-model on two nodes: each node checks torch and its CPU kernels, loads the segmenter, and writes the
+    local executor's bytes."""
+    import torch
+
+    from sharding.segmenter import LungUNet, SegmenterSpec, save_segmenter
+
+    raw = tmp_path / "raw"
+    shutil.copytree(layouts["folders"][0], raw)  # class folders: no masks
+    torch.manual_seed(0)
+    model = tmp_path / "lungs.safetensors"
+    save_segmenter(LungUNet(4, 3), SegmenterSpec(size=32, width=4, depth=3), model)
+    build_shards(raw, tmp_path / "local", shard_size=16, workers=1, progress=False, lung_model=model)
+    cmd = ["--executor", "ray", "--ray-address", cluster.address, "--lung-model", str(model)]
+    done = build(env, raw, tmp_path / "ray", *cmd)
+    assert done.returncode == 0, done.stderr
+    assert digests(tmp_path / "ray") == digests(tmp_path / "local")
+    assert load_manifest(tmp_path / "ray").counts["masks_predicted"] == 40
 
 
 def test_the_private_local_instance_writes_the_same_bytes_and_stops(layouts, env, tmp_path):
