@@ -170,6 +170,8 @@ def test_with_a_segmenter_a_node_must_also_match_torch_and_its_cpu_kernels():
 
     plain, with_segmenter = runtime_facts(), runtime_facts(segmenter=True)
     assert "torch" not in plain and "torch cpu kernels" not in plain
-    assert with_segmenter["torch"] == torch.__version__.split("+")[0] or with_segmenter["torch"]
+    from importlib.metadata import version
+
+    assert with_segmenter["torch"] == version("torch") and with_segmenter["safetensors"] == version("safetensors")
     assert with_segmenter["torch cpu kernels"] == torch.backends.cpu.get_cpu_capability()
     assert {k: v for k, v in with_segmenter.items() if k in plain} == plain
