@@ -48,6 +48,30 @@ def test_parameter_ranges_and_rates():
     assert abs(float(torch.corrcoef(torch.stack([p["shift_x"], p["shift_y"]]))[0, 1])) < 0.03  # independent
 
 
+def test_each_parameter_is_its_formula_of_the_generators_draws_in_a_fixed_order():
+    """An oracle from torch.rand itself: which draw feeds which parameter, and each affine map (a sign or an
+    order flipped keeps the statistics above, not these values)."""
+    b = 5
+    u = torch.rand(9 * b, generator=torch.Generator().manual_seed(11)).reshape(9, b)
+    p = sample_acquisition(b, ALL, torch.Generator().manual_seed(11), torch.device("cpu"))
+    step = 0.6 / (RESAMPLE_LEVELS - 1)
+    expected = {
+        "gamma": torch.exp(u[0] * 0.8 - 0.4),
+        "contrast": 1.0 + (u[1] * 0.6 - 0.3),
+        "brightness": u[2] * 0.2 - 0.1,
+        "blur": u[3] * 2.0 - 1.0,
+        "noise": u[4] * 0.05,
+        "resample": 1.0 - torch.round((1.0 - (u[5] * 0.6 + 0.4)) / step) * step,
+        "zoom": 1.0 + (u[6] * 0.2 - 0.1),
+        "shift_x": u[7] * 0.1 - 0.05,
+        "shift_y": u[8] * 0.1 - 0.05,
+    }
+    assert list(p) == list(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(p[name], value, atol=1e-6, rtol=0, msg=name)
+        assert p[name].dtype == torch.float32 and p[name].shape == (b,)
+
+
 def test_only_the_transforms_that_are_on_are_drawn():
     g = torch.Generator().manual_seed(0)
     assert sample_acquisition(4, AcquisitionRanges(), g, torch.device("cpu")) == {}
