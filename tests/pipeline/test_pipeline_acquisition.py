@@ -191,6 +191,35 @@ def test_lung_boxes_by_hand():
     assert boxes[2].tolist() == [0.0, 0.0, 79.0, 99.0]  # no lungs: the whole film
 
 
+def test_lung_boxes_at_every_edge_and_the_frame_cap_by_hand():
+    """Squares moved inside the film at each edge (centre clipped to side/2 .. last - side/2), the one-pixel
+    lung in the first row and column, and a square larger than the film capped at its shorter side minus one."""
+    h, w = 40, 60
+    m = torch.zeros(5, 1, h, w)
+    m[0, 0, 30:40, 25:35] = 1  # at the bottom: side 9 * 2 = 18, centre y 34.5 -> 39 - 9 = 30
+    m[1, 0, 10:20, 0:10] = 1  # at the left: centre x 4.5 -> 9
+    m[2, 0, 0, 0] = 1  # one pixel in the corner: a zero-size box at (0, 0)
+    m[3, 0, 5:35, 5:55] = 1  # 50 wide, x 1.5 = 73.5: capped at 39, centred at (29.5, 19.5)
+    m[4, 0, 0:4, 56:60] = 1  # top right: side 6, centre (57.5, 1.5) -> (56, 3)
+    boxes = lung_boxes(m, margin=0.5)
+    expected = torch.tensor(
+        [
+            [29.5 - 9, 30 - 9, 29.5 + 9, 39.0],
+            [0.0, 14.5 - 9, 18.0, 14.5 + 9],
+            [0.0, 0.0, 0.0, 0.0],
+            [29.5 - 19.5, 0.0, 29.5 + 19.5, 39.0],
+            [53.0, 0.0, 59.0, 6.0],
+        ]
+    )
+    torch.testing.assert_close(boxes, expected)
+
+
+def test_a_degenerate_box_still_gives_a_finite_matrix_of_the_right_shape():
+    m = crop_matrices(torch.tensor([[5.0, 7.0, 5.0, 7.0]]), 30, 20)
+    assert m.shape == (1, 3, 3) and m.dtype == torch.float32
+    torch.testing.assert_close(m[0], torch.tensor([[19.0, 0.0, -95.0], [0.0, 29.0, -203.0], [0.0, 0.0, 1.0]]))
+
+
 def test_crop_matrices_take_the_box_onto_the_frame():
     boxes = torch.tensor([[10.0, 20.0, 50.0, 70.0]])
     m = crop_matrices(boxes, 60, 40)[0]
