@@ -263,3 +263,68 @@ def test_tiny_films_blur_and_a_cpu_generator_serves_any_device():
     g = torch.Generator(device="cpu").manual_seed(0)
     p = sample_acquisition(4, ALL, g, torch.device("cpu"))
     assert all(v.device.type == "cpu" for v in p.values())
+
+
+# --------------------------------------------------------------------------- exact oracles (from mutation testing)
+
+
+def _kornia_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """An independent blur: kornia's Gaussian of the same taps, edges replicated."""
+    from kornia.filters import gaussian_blur2d
+
+    return gaussian_blur2d(x, (9, 9), (sigma, sigma), border_type="replicate")
+
+
+def test_blur_and_sharpening_equal_kornias_gaussian_film_by_film():
+    x = torch.rand((3, 1, 12, 17), generator=torch.Generator().manual_seed(2))
+    sigmas = [0.6, 1.0, 1.3]
+    out = blur_batch(x, torch.tensor(sigmas))
+    for i, s in enumerate(sigmas):  # each film its own kernel: a batch-wide kernel or a mixed-up film fails here
+        torch.testing.assert_close(out[i : i + 1], _kornia_blur(x[i : i + 1], s), atol=1e-5, rtol=0)
+    film = x[:1] * 0.5 + 0.25  # inside [0, 1] after sharpening, so no clipping hides the formula
+    blurred = acquire(film, _params(blur=0.5), ALL, None)  # 0.5 > 0: a blur, even below 1
+    torch.testing.assert_close(blurred, _kornia_blur(film, 0.5).clamp(0, 1), atol=1e-5, rtol=0)
+    sharpened = acquire(film, _params(blur=-0.3), ALL, None)
+    expected = film + 0.3 * (film - _kornia_blur(film, 0.3))
+    torch.testing.assert_close(sharpened, expected.clamp(0, 1), atol=1e-5, rtol=0)
+
+
+def test_contrast_alone_is_about_each_films_own_mean_and_the_result_is_clipped_below():
+    films = torch.stack([torch.linspace(0.1, 0.3, 64), torch.linspace(0.6, 0.9, 64)]).view(2, 1, 8, 8)
+    params = {"contrast": torch.tensor([1.5, 0.5])}
+    out = acquire(films, params, ALL, None)
+    for i, c in enumerate((1.5, 0.5)):
+        mean = films[i].mean()
+        torch.testing.assert_close(out[i], ((films[i] - mean) * c + mean).clamp(0, 1))
+    dark = acquire(films[:1], _params(brightness=-0.5), ALL, None)
+    assert float(dark.min()) == 0.0 and float(dark.max()) == pytest.approx(0.0)
+
+
+def test_grain_is_the_generators_next_normal_draw_added():
+    film = torch.full((2, 1, 6, 5), 0.5)
+    out = acquire(film, {"noise": torch.tensor([0.05, 0.1])}, ALL, torch.Generator().manual_seed(4))
+    grain = torch.randn(film.shape, generator=torch.Generator().manual_seed(4))
+    expected = film + grain * torch.tensor([0.05, 0.1])[:, None, None, None]
+    torch.testing.assert_close(out, expected.clamp(0, 1), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("level", [1, 2, 3])
+def test_each_resampling_level_is_its_own_antialiased_round_trip(level):
+    """`acquisition.resample=0.6`: levels 1, 0.8, 0.6, 0.4 of the side; a film at level i goes down to
+    round(side x level) with antialiasing and back, bilinear (non-square films: each side its own)."""
+    x = torch.rand((1, 1, 20, 30), generator=torch.Generator().manual_seed(level))
+    factor = 1.0 - level * 0.2
+    out = acquire(x, {"resample": torch.tensor([factor])}, AcquisitionRanges(resample=0.6), None)
+    size = (round(20 * factor), round(30 * factor))
+    small = torch.nn.functional.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+    back = torch.nn.functional.interpolate(small, size=(20, 30), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, back.clamp(0, 1), atol=1e-6, rtol=0)
+    assert not torch.allclose(out, x, atol=1e-3), "the round trip changed the film"
+
+
+def test_a_tiny_film_resamples_through_two_pixels_a_side():
+    x = torch.rand((1, 1, 3, 4), generator=torch.Generator().manual_seed(0))
+    out = resample_batch(x, torch.tensor([0.4]), [1.0, 0.8, 0.6, 0.4])
+    small = torch.nn.functional.interpolate(x, size=(2, 2), mode="bilinear", align_corners=False, antialias=True)
+    back = torch.nn.functional.interpolate(small, size=(3, 4), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out, back, atol=1e-6, rtol=0)
