@@ -204,9 +204,30 @@ def test_scores_count_each_film_once_and_a_shifted_mask_lowers_dice():
     assert dices == pytest.approx([22 / 24, 20 / 24, 16 / 24])  # 12-row squares overlapping by 12 - shift rows
 
 
+def test_dice_of_one_stray_pixel_is_zero_and_empty_masks_divide_nothing():
+    pred = np.zeros((2, 4, 4), np.uint8)
+    pred[0, 1, 1] = 1  # one predicted pixel, no drawn one: total 1
+    with np.errstate(all="raise"):  # 0/0 must not even be computed unguarded
+        dice, iou = dice_iou(pred, np.zeros_like(pred))
+    assert dice.tolist() == [0.0, 1.0] and iou.tolist() == [0.0, 1.0]
+    assert dice.dtype == np.float64 and iou.dtype == np.float64
+
+
+def test_scores_count_missing_masks_in_every_batch_and_go_on_after_a_batch_without_any():
+    seg = Segmenter(Bright(), SegmenterSpec(size=32, width=1, depth=2, mean=0.5, std=0.5), "")
+    first, second = _batches(0)
+    first.masks = torch.zeros_like(first.masks)  # a whole batch without masks, then one with two of three
+    scores = score_batches(seg, [first, second])
+    assert scores.no_mask == 4 and scores.keys == ["k3", "k4"]
+    assert len(scores.dice) == len(scores.iou) == 2 and np.allclose(scores.iou, 1.0)
+    none = score_batches(seg, [first])
+    assert none.no_mask == 3 and none.keys == [] and none.dice.shape == (0,) and none.iou.shape == (0,)
+
+
 def test_scores_refuse_batches_without_masks():
     seg = Segmenter(Bright(), SegmenterSpec(size=32, width=1, depth=2), "")
-    with pytest.raises(SegmenterError, match="--include-masks"):
+    msg = "^these shards carry no lung masks to score against: build them with --include-masks$"
+    with pytest.raises(SegmenterError, match=msg):
         score_batches(seg, [FakeBatch(torch.zeros(1, 1, 32, 32, dtype=torch.uint8), None, ["a"])])
 
 
@@ -224,6 +245,10 @@ def test_a_segmenter_is_never_fitted_or_scored_on_predicted_or_absent_masks(phan
         counts={**manifest.counts, "masks_predicted": 7},
         build={**manifest.build, "options": {**manifest.build["options"], "lung_model": "ab" * 32}},
     )
-    with pytest.raises(SegmenterError, match="7 of S's masks were predicted by the segmenter abababababab"):
+    msg = (
+        "^7 of S's masks were predicted by the segmenter abababababab \\(--lung-model\\): fit and score a "
+        "segmenter on a collection built from drawn masks$"
+    )
+    with pytest.raises(SegmenterError, match=msg):
         check_drawn_masks(predicted, "S")
     assert json.loads(manifest.to_json())["masks"] is True
