@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict
 
 import numpy as np
@@ -74,7 +75,7 @@ def test_files_that_are_not_the_expected_segmenter_are_refused_with_what_they_ar
         load_segmenter(tmp_path / "missing.safetensors")
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file at all")
-    with pytest.raises(SegmenterError, match="not a safetensors file"):
+    with pytest.raises(SegmenterError, match=f"^{re.escape(str(junk))} is not a safetensors file \\(SafetensorError: "):
         load_segmenter(junk)
     from safetensors.torch import save_file
 
@@ -88,9 +89,17 @@ def test_files_that_are_not_the_expected_segmenter_are_refused_with_what_they_ar
         str(future),
         metadata={"radstream": '{"format": "radstream-lung-unet", "format_version": 9}'},
     )
-    with pytest.raises(SegmenterError, match="version 9, this radstream reads 'radstream-lung-unet' version 1"):
+    msg = (
+        f"^{re.escape(str(future))} is 'radstream-lung-unet' version 9, "
+        "this radstream reads 'radstream-lung-unet' version 1$"
+    )
+    with pytest.raises(SegmenterError, match=msg):
         load_segmenter(future)
-    with pytest.raises(SegmenterError, match=f"has sha256 {sha[:12]}.*not the {'0' * 12}"):
+    msg = (
+        f"^lung model {re.escape(str(path))} has sha256 {sha[:12]}…, not the {'0' * 12}… "
+        "this model was made with: point to the segmenter it names$"
+    )
+    with pytest.raises(SegmenterError, match=msg):
         load_segmenter(path, "0" * 64)
 
 
@@ -108,7 +117,9 @@ def test_a_file_whose_weights_or_spec_do_not_fit_is_refused_before_any_work(tmp_
         segmenter_ref(bad)
     odd = tmp_path / "odd.safetensors"
     save_file(state, str(odd), metadata={"radstream": header % '{"size": 32, "kernels": 3}'})
-    with pytest.raises(SegmenterError, match="its spec .* is not one this radstream reads"):
+    with pytest.raises(
+        SegmenterError, match=f"^{re.escape(str(odd))}: its spec {{'size': 32, 'kernels': 3}} is not one"
+    ):
         segmenter_ref(odd)
     with pytest.raises(SegmenterError, match="is not one this radstream reads"):
         load_segmenter(odd)
@@ -130,8 +141,8 @@ def test_the_input_is_the_films_resized_and_normalised_by_the_spec():
 
 
 def test_masks_are_the_logits_above_zero_at_the_films_side():
-    logits = torch.tensor([[[[-1.0, 1.0], [2.0, -3.0]]]])
-    assert masks_from_logits(logits, 2, 2).tolist() == [[[[0, 1], [1, 0]]]]
+    logits = torch.tensor([[[[-1.0, 1.0], [2.0, 0.0]]]])
+    assert masks_from_logits(logits, 2, 2).tolist() == [[[[0, 1], [1, 0]]]]  # probability 0.5 exactly: not lungs
     up = masks_from_logits(logits, 8, 8)
     assert up.shape == (1, 1, 8, 8) and up.dtype == torch.uint8
     assert up[0, 0, 0, 7] == 1 and up[0, 0, 0, 0] == 0 and up[0, 0, 7, 0] == 1
@@ -252,3 +263,66 @@ def test_a_segmenter_is_never_fitted_or_scored_on_predicted_or_absent_masks(phan
     with pytest.raises(SegmenterError, match=msg):
         check_drawn_masks(predicted, "S")
     assert json.loads(manifest.to_json())["masks"] is True
+
+
+#: sum of a seeded LungUNet(4, 3)'s logits on a seeded input (torch 2.14 on x86-64; float32 sums agree to 1e-6)
+PINNED_LOGIT_SUM = -144.6933
+
+
+def test_the_architecture_and_its_output_are_pinned():
+    """What the weights file must fit, and what a seeded network computes: a changed layer, kernel, padding,
+    pooling or upsampling changes these (the same torch release gives the same digest on any x86 or ARM CPU)."""
+    assert sum(p.numel() for p in LungUNet().parameters()) == 487_713  # width 16, depth 4
+    small = LungUNet(4, 3)
+    shapes = {k: tuple(v.shape) for k, v in small.state_dict().items() if k.endswith("weight")}
+    assert shapes == {
+        "down.0.0.weight": (4, 1, 3, 3), "down.0.1.weight": (4,), "down.0.3.weight": (4, 4, 3, 3),
+        "down.0.4.weight": (4,), "down.1.0.weight": (8, 4, 3, 3), "down.1.1.weight": (8,),
+        "down.1.3.weight": (8, 8, 3, 3), "down.1.4.weight": (8,), "down.2.0.weight": (16, 8, 3, 3),
+        "down.2.1.weight": (16,), "down.2.3.weight": (16, 16, 3, 3), "down.2.4.weight": (16,),
+        "up.0.0.weight": (4, 12, 3, 3), "up.0.1.weight": (4,), "up.0.3.weight": (4, 4, 3, 3),
+        "up.0.4.weight": (4,), "up.1.0.weight": (8, 24, 3, 3), "up.1.1.weight": (8,),
+        "up.1.3.weight": (8, 8, 3, 3), "up.1.4.weight": (8,), "head.weight": (1, 4, 1, 1),
+    }  # fmt: skip
+    conv_biases = [k for k in small.state_dict() if k.endswith(("0.bias", "3.bias")) and k.count(".") == 3]
+    assert conv_biases == [], "convolutions before batch norm carry no bias"
+    torch.manual_seed(0)
+    net = LungUNet(4, 3).eval()
+    x = torch.randn(1, 1, 24, 24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = net(x)
+    assert logits.shape == (1, 1, 24, 24)
+    assert float(logits.sum()) == pytest.approx(PINNED_LOGIT_SUM, rel=1e-4)
+
+
+def test_the_input_is_resized_with_antialiasing_as_training_resizes():
+    spec = SegmenterSpec(size=8, width=1, depth=2, mean=0.0, std=1.0)
+    films = torch.randint(0, 256, (2, 1, 30, 30), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.interpolate(
+        films.float() / 255, size=(8, 8), mode="bilinear", align_corners=False, antialias=True
+    )
+    torch.testing.assert_close(prepare(films, spec), expected, atol=1e-6, rtol=0)
+
+
+def test_the_metadata_is_one_sorted_json_entry(tmp_path):
+    from safetensors import safe_open
+
+    _, _, path, _ = _saved(tmp_path)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    assert list(meta) == ["radstream"]
+    header = json.loads(meta["radstream"])
+    assert meta["radstream"] == json.dumps(header, sort_keys=True) and list(header) == sorted(header)
+
+
+def test_a_refusal_lists_at_most_three_of_the_weights_that_do_not_fit(tmp_path):
+    from safetensors.torch import save_file
+
+    model, spec, _, _ = _saved(tmp_path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    state.update({f"extra{i}": torch.zeros(1) for i in range(5)})
+    header = {"format": "radstream-lung-unet", "format_version": 1, "card": {}, "spec": asdict(spec)}
+    bad = tmp_path / "extra.safetensors"
+    save_file(state, str(bad), metadata={"radstream": json.dumps(header)})
+    with pytest.raises(SegmenterError, match=re.escape("(first of them: ['extra0', 'extra1', 'extra2'])")):
+        segmenter_ref(bad)
