@@ -328,3 +328,13 @@ def test_a_tiny_film_resamples_through_two_pixels_a_side():
     small = torch.nn.functional.interpolate(x, size=(2, 2), mode="bilinear", align_corners=False, antialias=True)
     back = torch.nn.functional.interpolate(small, size=(3, 4), mode="bilinear", align_corners=False)
     torch.testing.assert_close(out, back, atol=1e-6, rtol=0)
+
+
+def test_without_a_generator_the_draws_and_the_grain_come_from_torchs_global_generator():
+    torch.manual_seed(21)
+    p = sample_acquisition(3, ALL, None, torch.device("cpu"))
+    grain_film = acquire(torch.full((1, 1, 4, 4), 0.5), {"noise": torch.tensor([0.1])}, ALL, None)
+    torch.manual_seed(21)
+    u = torch.rand(9 * 3).reshape(9, 3)
+    torch.testing.assert_close(p["gamma"], torch.exp(u[0] * 0.8 - 0.4))
+    torch.testing.assert_close(grain_film, (0.5 + torch.randn(1, 1, 4, 4) * 0.1).clamp(0, 1))
