@@ -208,3 +208,22 @@ def test_evaluation_copies_predictions_to_the_host_once(phantom_shards):
         few = _sync_warnings(lambda: predict_split(state.model, host[:2], augment, acc))
         many = _sync_warnings(lambda: predict_split(state.model, host, augment, acc))
         assert many == few, f"{many - few} more host syncs over 6 more batches"
+
+
+@pytest.mark.parametrize("warp_at", ["stored", "training"])
+def test_the_acquisition_chain_and_the_lung_crop_run_on_the_device_without_host_tensors(warp_at):
+    """Every drawn parameter, grain and crop matrix lands on the batch's device (a CPU-only run cannot tell),
+    with a CUDA generator as the training loop passes, and under autocast."""
+    from pipeline.acquisition import AcquisitionRanges
+
+    ranges = AcquisitionRanges(gamma=0.4, contrast=0.3, brightness=0.1, blur=1.0, noise=0.04, resample=0.6,
+                               zoom=0.15, shift=0.06)  # fmt: skip
+    x = torch.randint(0, 256, (8, 1, 96, 96), dtype=torch.uint8, device=CUDA)
+    m = torch.zeros_like(x)
+    m[:, :, 20:76, 12:84] = 1
+    aug = DeviceAugment(train=True, image_size=64, acquisition=ranges, crop="lungs", warp_at=warp_at).to(CUDA)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y, mm = aug(x, m, generator=torch.Generator(device=CUDA).manual_seed(0))
+    assert y.device.type == "cuda" and mm.device.type == "cuda" and y.dtype == torch.float32
+    assert torch.isfinite(y).all() and y.shape == (8, 1, 64, 64)
+    assert all(v.device.type == "cuda" for v in aug.last_params.values())
