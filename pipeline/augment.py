@@ -93,9 +93,7 @@ def affine_matrices(flip: torch.Tensor, angle: torch.Tensor, height: int, width:
     # torch.where, not boolean-mask assignment: no device->host sync on CUDA
     flip_m[:, 0, 0] = torch.where(f, -1.0, 1.0)
     flip_m[:, 0, 2] = torch.where(f, width - 1.0, 0.0)
-    rot3 = torch.zeros(b, 3, 3, device=device)
-    rot3[:, :2], rot3[:, 2, 2] = rot, 1.0
-    return (rot3 @ flip_m)[:, :2, :]
+    return rot @ flip_m
 
 
 def sampling_theta(matrix: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -107,14 +105,15 @@ def sampling_theta(matrix: torch.Tensor, height: int, width: int) -> torch.Tenso
     s = ((W-1)/2, (H-1)/2)). Closed form with Python-scalar sizes, so nothing
     is built on the host.
     """
-    # a 1-pixel side reads its only pixel whatever the scale: 1.0 just avoids dividing by zero
+    # A 1-pixel side reads its only pixel whatever the scale (1.0 just avoids dividing by zero), and
+    # `affine_grid` gives it the one coordinate n = 0: its pixel is 0 = (W-1)/2 * (n + 1), not sx * (n + 1).
     sx, sy = (width - 1) / 2 if width > 1 else 1.0, (height - 1) / 2 if height > 1 else 1.0
     a00, a01, t0 = matrix[:, 0, 0], matrix[:, 0, 1], matrix[:, 0, 2]
     a10, a11, t1 = matrix[:, 1, 0], matrix[:, 1, 1], matrix[:, 1, 2]
     det = a00 * a11 - a01 * a10
     i00, i01, i10, i11 = a11 / det, -a01 / det, -a10 / det, a00 / det
     # source pixel = inv @ (s * (n + 1) - t); normalised source = that / s - 1
-    u, v = sx - t0, sy - t1
+    u, v = (width - 1) / 2 - t0, (height - 1) / 2 - t1
     rows = [i00, i01 * (sy / sx), (i00 * u + i01 * v) / sx - 1, i10 * (sx / sy), i11, (i10 * u + i11 * v) / sy - 1]
     return torch.stack(rows, dim=-1).view(-1, 2, 3)
 
@@ -220,8 +219,7 @@ class DeviceAugment(torch.nn.Module):
             full = torch.zeros(b, 3, 3, device=x.device)
             full[:, :2], full[:, 2, 2] = matrix, 1.0
             matrix = (zoom_shift @ full)[:, :2, :]
-        if self.rotation_degrees > 0 or self.hflip_p > 0 or zoom_shift is not None:
-            x, m = WARPS[self.warp](x, m, matrix)
+        x, m = WARPS[self.warp](x, m, matrix)  # called only when one of flip, rotation, zoom or shift is on
         self.last_params = {"flip": flip, "angle": angle, "matrix": matrix, **drawn}
         return x, m, drawn
 
