@@ -1,0 +1,340 @@
+"""The fast tar walk against Python's `tarfile` as the oracle: numbers, pax records, member lists, short reads.
+
+Written from the mutants of `pipeline/fast_tar.py` that the fuzz tests let live (docs/testing.md): the fuzz
+tests check that no byte string gives a malformed sample; these pin what the well-formed ones read as.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+import webdataset as wds
+
+from pipeline.fast_tar import (
+    BLOCK,
+    MAX_SMALL_MEMBER,
+    ShardFormatError,
+    _octal,
+    _parse_pax,
+    index_samples,
+    tar_members,
+    tar_members_buffer,
+)
+from sharding.writer import encode_sample, write_shard
+
+from helpers.indexed_shards import make_image
+
+
+class Trickle(io.RawIOBase):
+    """A stream that returns at most `step` bytes a read, as a socket or an HTTP body may."""
+
+    def __init__(self, data: bytes, step: int):
+        self._data, self._pos, self._step = data, 0, step
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        n = len(self._data) - self._pos if n is None or n < 0 else n
+        chunk = self._data[self._pos : self._pos + min(n, self._step)]
+        self._pos += len(chunk)
+        return chunk
+
+
+# --- number fields ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field",
+    [
+        b"00000000644\0",
+        b"     644 \0  ",
+        b"644\0\0\0\0\0\0\0\0\0",
+        b"644\0 garbage9",  # after the NUL: ignored
+        b"77777777777\0",
+        b"\0" * 12,  # empty: 0
+        b" " * 11 + b"\0",
+        tarfile.itn(8**11 + 5, 12, tarfile.GNU_FORMAT),  # GNU base-256, as tarfile writes a size over 8 GiB
+        tarfile.itn(0x40 << 80 | 0x1234, 12, tarfile.GNU_FORMAT),  # the second byte has the sign bit's place set
+        tarfile.itn(2**87 + 2**40 + 7, 12, tarfile.GNU_FORMAT),
+    ],
+)
+def test_number_fields_read_as_tarfile_reads_them(field):
+    assert _octal(field, "size") == tarfile.nti(field)
+
+
+def test_base_256_uses_the_first_bytes_low_bits_by_hand():
+    """GNU base-256: the 0x80 flag, then a big-endian number in the rest of the field (0x40 is the sign)."""
+    assert _octal(bytes([0x81]) + (5).to_bytes(11, "big"), "size") == (1 << 88) + 5
+    assert _octal(bytes([0xBF]) + bytes(11), "size") == 0x3F << 88
+
+
+@pytest.mark.parametrize(
+    "field,message",
+    [
+        (tarfile.itn(-5, 12, tarfile.GNU_FORMAT), "negative size in tar header"),
+        (bytes([0xC0]) + bytes(11), "negative size in tar header"),
+        (b"12a\0", "bad octal size in tar header: b'12a\\x00'"),
+        (b"0000649\0", "bad octal size in tar header: b'0000649\\x00'"),
+        (b"0000648\0", "bad octal size in tar header: b'0000648\\x00'"),
+        (b"X644\0", "bad octal size in tar header: b'X644\\x00'"),
+        (b"\t644\0", "bad octal size in tar header: b'\\t644\\x00'"),
+    ],
+)
+def test_bad_number_fields_are_refused_with_the_whole_message(field, message):
+    with pytest.raises(ShardFormatError) as refused:
+        _octal(field, "size")
+    assert str(refused.value) == message
+
+
+# --- pax records -----------------------------------------------------------------------------------------------------
+
+
+def _pax_payload(headers: dict[str, str]) -> bytes:
+    """The pax extended header payload tarfile writes for `headers` (its first member)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("a.cls")
+        info.pax_headers = headers
+        tf.addfile(info)
+    data = buf.getvalue()
+    assert data[156:157] == b"x"
+    return data[BLOCK : BLOCK + tarfile.nti(data[124:136])]
+
+
+def test_pax_records_read_as_tarfile_wrote_them_across_every_length_boundary():
+    for n in range(0, 1100, 7):  # record lengths cross 10, 100 and 1000: the length counts its own digits
+        headers = {"comment": "é" * (n % 50) + "v=" * (n // 2), "path": f"dir with spaces/{n} x=y.cls"}
+        assert _parse_pax(_pax_payload(headers)) == headers
+
+
+def test_pax_padding_ends_the_records():
+    assert _parse_pax(b"11 path=ab\n\0\0\0\0") == {"path": "ab"}
+    assert _parse_pax(b"11 path=ab\n8 a=b c\n") == {"path": "ab", "a": "b c"}
+
+
+@pytest.mark.parametrize(
+    "payload,message",
+    [
+        (b"12path=abc\n", "malformed pax record"),
+        (b"1x path=abc\n", "malformed pax record length"),
+        (b" 7 a=b\n", "malformed pax record length"),
+        (b"1 path=abc\n", "pax record length out of range"),
+        (b"99 path=abc\n", "pax record length out of range"),
+        (b"11 path=ab\n99 a=b\n", "pax record length out of range"),
+        (b"11 path=abX", "malformed pax record"),
+        (b"11 pathabc\n", "malformed pax record"),
+        (b"11 path=\xff\xfe\n", "pax record is not UTF-8"),
+    ],
+)
+def test_malformed_pax_records_are_refused_with_the_whole_message(payload, message):
+    with pytest.raises(ShardFormatError) as refused:
+        _parse_pax(payload)
+    assert str(refused.value) == message
+
+
+# --- member lists ----------------------------------------------------------------------------------------------------
+
+
+def _oracle(data: bytes) -> list[tuple[str, str, bytes]]:
+    """tarfile's regular files, split into (key, lower-case extension) as webdataset splits them."""
+    out = []
+    with tarfile.open(fileobj=io.BytesIO(data)) as tf:
+        for member in tf.getmembers():
+            if member.isreg():
+                key, ext = wds.tariterators.base_plus_ext(member.name)
+                out.append((key or "", (ext or "").lower(), tf.extractfile(member).read()))
+    return out
+
+
+def _ours(data: bytes, step: int | None = None) -> list[tuple[str, str, bytes]]:
+    """tar_members over a stream, and tar_members_buffer over bytes, a bytearray and a memoryview: all equal."""
+    stream = io.BytesIO(data) if step is None else Trickle(data, step)
+    walked = [(k, e, bytes(p)) for k, e, p in tar_members(stream)]
+    for buf in (data, bytearray(data), memoryview(data)):
+        assert walked == [(k, e, bytes(p)) for k, e, p in tar_members_buffer(buf)]
+    return walked
+
+
+def _archive(fmt: int, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        for info, payload in members:
+            if payload is not None:
+                info.size = len(payload)
+            tf.addfile(info, None if payload is None else io.BytesIO(payload))
+    return buf.getvalue()
+
+
+def _info(name: str, kind: bytes = tarfile.REGTYPE, **fields) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    for k, v in fields.items():
+        setattr(info, k, v)
+    return info
+
+
+def _mixed_members(long: str) -> list[tuple[tarfile.TarInfo, bytes | None]]:
+    return [
+        (_info(f"{long}/dir", tarfile.DIRTYPE), None),  # a long-named directory, then a short-named file
+        (_info("s0.cls"), b"1"),
+        (_info("s0.IMAGE.NPY"), b"pixels" * 100),
+        (_info(f"{long}/link", tarfile.SYMTYPE, linkname="s0.cls"), None),
+        (_info("s1.cls"), b"2"),
+        (_info(f"{long}/s2.json", pax_headers={"comment": "same"}), b"{}"),
+        (_info(f"{long}/s3.json", pax_headers={"comment": "same"}), b"{1}"),
+        (_info("s4.cls", tarfile.CONTTYPE), b"3"),
+        (_info("s5.cls", tarfile.AREGTYPE), b"0"),
+        (_info("s6.cls", pax_headers={"comment": "twice"}), b"1"),  # the same pax header twice: read once
+        (_info("s6.json", pax_headers={"comment": "twice"}), b"{}"),
+        (_info("noext"), b"?"),
+    ]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_members_are_tarfiles_regular_files_in_every_format(fmt):
+    long = "p" * 60 + "/" + "q" * 60  # over 100 bytes: a ustar prefix, a GNU long name or a pax path
+    data = _archive(fmt, _mixed_members(long))
+    want = _oracle(data)
+    assert [(k, e) for k, e, _ in want] == [
+        ("s0", "cls"),
+        ("s0", "image.npy"),
+        ("s1", "cls"),
+        (f"{long}/s2", "json"),
+        (f"{long}/s3", "json"),
+        ("s4", "cls"),
+        ("s5", "cls"),
+        ("s6", "cls"),
+        ("s6", "json"),
+        ("", ""),
+    ]
+    assert _ours(data) == want
+
+
+@pytest.mark.parametrize("step", [1, 7, 300, 511, 513])
+def test_short_reads_give_the_same_members(step):
+    data = _archive(tarfile.GNU_FORMAT, _mixed_members("r" * 120))
+    assert _ours(data, step) == _oracle(data)
+
+
+def test_an_unknown_member_type_with_a_payload_over_a_mebibyte_is_skipped_on_a_stream():
+    big = bytes(range(256)) * (6 << 10)  # 1.5 MiB: more than one skip read
+    data = _archive(tarfile.PAX_FORMAT, [(_info("a.cls"), b"0"), (_info("b.bin", b"Z"), big), (_info("c.cls"), b"1")])
+    assert _ours(data) == _oracle(data) == [("a", "cls", b"0"), ("c", "cls", b"1")]
+    assert _ours(data, 4096) == _oracle(data)
+
+
+def test_a_pax_size_overrides_the_header_size_as_in_tarfile():
+    data = bytearray(_archive(tarfile.PAX_FORMAT, [(_info("a.bin", pax_headers={"size": "5"}), b"12345")]))
+    header = 2 * BLOCK if data[156:157] == b"x" else 0
+    data[header + 124 : header + 136] = b"00000000000\0"  # the ustar size says 0; the pax record says 5
+    data[header + 148 : header + 156] = b" " * 8
+    data[header + 148 : header + 156] = b"%06o\0 " % sum(data[header : header + BLOCK])
+    assert _ours(bytes(data)) == _oracle(bytes(data)) == [("a", "bin", b"12345")]
+
+
+@pytest.mark.parametrize(
+    "length,message",
+    [
+        (2 * BLOCK, "truncated shard: no end-of-archive marker"),
+        (2 * BLOCK + 100, "truncated shard: tar header needs 412 bytes, got 0"),
+        (BLOCK, "truncated shard: member 'a.cls' needs 512 bytes, got 0"),
+        (BLOCK + 3, "truncated shard: member 'a.cls' needs 512 bytes, got 3"),
+    ],
+)
+def test_a_stream_that_ends_early_is_refused_with_the_whole_message(length, message):
+    data = _archive(tarfile.USTAR_FORMAT, [(_info("a.cls"), b"0")])[:length]
+    with pytest.raises(ShardFormatError) as refused:
+        list(tar_members(io.BytesIO(data)))
+    assert str(refused.value) == message
+
+
+def test_a_truncated_skip_is_refused_with_the_whole_message():
+    data = _archive(tarfile.PAX_FORMAT, [(_info("b.bin", b"Z"), bytes(5000))])
+    with pytest.raises(ShardFormatError) as refused:
+        list(tar_members(io.BytesIO(data[: 2 * BLOCK + 1000])))
+    assert str(refused.value) == "truncated shard while skipping non-file member"
+
+
+class Recording(io.BytesIO):
+    """A stream that records the largest read it was asked for."""
+
+    largest = 0
+
+    def read(self, n: int | None = -1) -> bytes:
+        self.largest = max(self.largest, n if n is not None and n >= 0 else 1 << 62)
+        return super().read(n)
+
+
+def test_skipping_reads_at_most_a_mebibyte_at_a_time():
+    """A hostile shard's huge non-file member costs bounded memory to skip."""
+    data = _archive(tarfile.PAX_FORMAT, [(_info("b.bin", b"Z"), bytes(3 << 20)), (_info("c.cls"), b"1")])
+    stream = Recording(data)
+    assert [(k, e) for k, e, _ in tar_members(stream)] == [("c", "cls")]
+    assert stream.largest == 1 << 20
+
+
+def test_a_global_pax_header_is_skipped():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": "all"}) as tf:
+        info = tarfile.TarInfo("a.cls")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"7"))
+    data = buf.getvalue()
+    assert data[156:157] == b"g"
+    assert _ours(data) == _oracle(data) == [("a", "cls", b"7")]
+
+
+def _pax_of_size(total: int) -> bytes:
+    """An archive whose first member has a pax header of exactly `total` bytes."""
+    value = "v" * (total - len(" comment=\n") - len(str(total)))  # one record: "<length> comment=<value>\n"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        info = tarfile.TarInfo("a.cls")
+        info.pax_headers, info.size = {"comment": value}, 1
+        tf.addfile(info, io.BytesIO(b"3"))
+    data = buf.getvalue()
+    assert tarfile.nti(data[124:136]) == total
+    return data
+
+
+def test_extension_headers_up_to_the_limit_are_read_and_larger_ones_refused():
+    at_limit = _pax_of_size(MAX_SMALL_MEMBER)
+    assert _ours(at_limit) == [("a", "cls", b"3")]
+    over = _pax_of_size(MAX_SMALL_MEMBER + 1)
+    for walk in (lambda: list(tar_members(io.BytesIO(over))), lambda: list(tar_members_buffer(over))):
+        with pytest.raises(ShardFormatError) as refused:
+            walk()
+        assert str(refused.value) == f"tar extension header too large: {MAX_SMALL_MEMBER + 1} bytes"
+
+
+def test_a_stream_cut_inside_an_extension_header_names_it():
+    data = _archive(tarfile.PAX_FORMAT, [(_info("a.cls", pax_headers={"comment": "x" * 600}), b"0")])
+    with pytest.raises(ShardFormatError) as refused:
+        list(tar_members(io.BytesIO(data[: BLOCK + 100])))
+    assert str(refused.value) == "truncated shard: tar extension header needs 1024 bytes, got 100"
+
+
+def test_a_member_of_the_wrong_size_is_refused_naming_it():
+    data = _archive(tarfile.USTAR_FORMAT, [(_info("k.cls"), b"12")])
+    for walk in (
+        lambda: list(tar_members(io.BytesIO(data), {"cls": 1})),
+        lambda: list(tar_members_buffer(data, {"cls": 1})),
+    ):
+        with pytest.raises(ShardFormatError) as refused:
+            walk()
+        assert str(refused.value) == "member 'k.cls' has 2 bytes, expected 1"
+
+
+def test_the_index_points_at_each_images_pixels_and_marks_missing_masks(tmp_path):
+    path = tmp_path / "a.tar"
+    write_shard(path, [encode_sample(f"k{i}", make_image(i, 8), i % 4, {}, "raw") for i in range(3)])
+    data = path.read_bytes()
+    index = index_samples(data, image_size=8, num_classes=4, masks=False)
+    assert [(key, label, mask) for key, label, _, mask, _ in index] == [("k0", 0, -1), ("k1", 1, -1), ("k2", 2, -1)]
+    for i, (_, _, image, _, _) in enumerate(index):
+        pixels = np.frombuffer(data, np.uint8, count=64, offset=image).reshape(1, 8, 8)
+        assert np.array_equal(pixels, make_image(i, 8))
