@@ -1,0 +1,144 @@
+"""`ShardLoader`'s own numbers and state by hand: argument refusals, epoch sizes, the state dict, the ring's bytes.
+
+Written from the mutants of `pipeline/loader.py` (docs/testing.md): the epoch tests check whole epochs through
+workers; these pin each figure the loader reports against a count done by hand on the tiny shard set
+(train shards of 7, 5, 6 and 3 samples: 21; val 5 and 2: 7; images 16 px with masks).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.loader import LoaderError, build_loader
+from pipeline.read import split_digest
+from pipeline.resume import STATE_VERSION
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"batch_size": 0}, "batch_size must be >= 1, got 0"),
+        ({"rank": 2, "world_size": 2}, "need 0 <= rank < world_size, got rank=2, world_size=2"),
+        ({"rank": -1, "world_size": 2}, "need 0 <= rank < world_size, got rank=-1, world_size=2"),
+        ({"rank": 0, "world_size": 0}, "need 0 <= rank < world_size, got rank=0, world_size=0"),
+        ({"num_workers": -1}, "num_workers must be >= 0, got -1"),
+        ({"balance": "site"}, "balance must be one of ['none', 'class', 'source', 'source_class'], got 'site'"),
+        ({"epoch_samples": 0}, "epoch_samples must be >= 1 (or None: every sample once), got 0"),
+    ],
+)
+def test_each_bad_argument_is_refused_with_the_whole_message(tiny_shards, kwargs, message):
+    with pytest.raises(LoaderError) as refused:
+        build_loader(tiny_shards, "train", **{"batch_size": 4, "num_workers": 0, **kwargs})
+    assert str(refused.value) == message
+
+
+def test_the_edges_of_each_range_are_accepted(tiny_shards):
+    for kwargs in ({"batch_size": 1}, {"rank": 1, "world_size": 2}, {"epoch_samples": 1}, {"balance": "source_class"}):
+        loader = build_loader(tiny_shards, "train", **{"batch_size": 4, "num_workers": 0, **kwargs})
+        assert loader.steps_per_epoch >= 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,steps",
+    [
+        ({}, 3),  # 21 samples, global batch 8: ceil(21 / 8)
+        ({"drop_last": True}, 2),  # floor(21 / 8)
+        ({"epoch_samples": 9}, 2),  # ceil(9 / 8)
+        ({"epoch_samples": 8, "drop_last": True}, 1),
+        ({"epoch_samples": 33}, 5),
+    ],
+)
+def test_train_epoch_sizes_by_hand(tiny_shards, kwargs, steps):
+    for rank in (0, 1):
+        loader = build_loader(tiny_shards, "train", batch_size=4, rank=rank, world_size=2, num_workers=0, **kwargs)
+        assert (loader.steps_per_epoch, len(loader), loader.num_samples) == (steps, steps, 4 * steps)
+        assert loader.plan == "global"
+
+
+@pytest.mark.parametrize("epoch_samples", [None, 7])
+def test_an_epoch_without_a_step_is_refused_naming_the_counts(tiny_shards, epoch_samples):
+    with pytest.raises(LoaderError) as refused:
+        build_loader(
+            tiny_shards,
+            "train",
+            batch_size=16,
+            world_size=2,
+            num_workers=0,
+            drop_last=True,
+            epoch_samples=epoch_samples,
+        )
+    n = epoch_samples or 21
+    assert str(refused.value) == (
+        f"drop_last with {n} train samples per epoch < global batch 32: an epoch would have no step"
+    )
+
+
+@pytest.mark.parametrize("workers", [0, 1, 2, 3])
+def test_eval_sizes_are_what_each_rank_yields_and_add_up_to_the_split(tiny_shards, workers):
+    total = 0
+    for rank in range(2):
+        loader = build_loader(tiny_shards, "val", batch_size=2, rank=rank, world_size=2, num_workers=workers)
+        batches = list(loader)
+        assert loader.plan == "eval"
+        assert loader.num_samples == sum(len(b.labels) for b in batches)
+        assert loader.steps_per_epoch == len(batches) == len(loader)
+        total += loader.num_samples
+    assert total == 7
+    assert build_loader(tiny_shards, "train", batch_size=4, num_workers=0, train=False).plan == "eval"
+
+
+def test_the_state_dict_by_hand(tiny_shards):
+    loader = build_loader(tiny_shards, "train", batch_size=4, rank=1, world_size=2, num_workers=0, seed=3)
+    loader.set_epoch(2)
+    want = {
+        "version": STATE_VERSION,
+        "split": "train",
+        "epoch": 2,
+        "step": 0,
+        "seed": 3,
+        "global_batch": 8,
+        "drop_last": False,
+        "shards": split_digest(loader.manifest, "train"),
+        "plan": "global",
+    }
+    assert loader.state_dict() == want
+    streamed = build_loader(tiny_shards, "train", batch_size=4, world_size=2, num_workers=0, seed=3, fast=False)
+    streamed.set_epoch(2)
+    assert streamed.state_dict() == {**want, "plan": "stream", "layout": [2, 1]}
+    three = build_loader(tiny_shards, "train", batch_size=4, world_size=2, num_workers=3, seed=3, fast=False)
+    assert three.state_dict()["layout"] == [2, 3]
+
+
+def test_a_mixed_state_says_where_each_collection_stood_when_the_epoch_began(tiny_shards):
+    loader = build_loader(tiny_shards, "train", batch_size=4, world_size=2, num_workers=0, epoch_samples=9)
+    name = loader.collections.names[0]
+    for epoch in range(4):
+        loader.set_epoch(epoch)
+        state = loader.state_dict()
+        assert state["mix"] == {"collections": [[name, 1.0]], "balance": "none", "epoch_samples": 9}
+        assert state["cursors"] == {name: epoch * 2 * 8}  # two steps of eight draws per epoch
+    assert "mix" not in build_loader(tiny_shards, "train", batch_size=4, num_workers=0).state_dict()
+
+
+def test_a_resumed_step_holds_for_its_epoch_only(tiny_shards):
+    loader = build_loader(tiny_shards, "train", batch_size=4, num_workers=0)
+    loader.load_state_dict({**loader.state_dict(), "epoch": 1, "step": 2})
+    assert (loader.epoch, loader.start_step) == (1, 2)
+    loader.set_epoch(1)
+    assert loader.start_step == 2
+    assert [b.step for b in loader] == [2, 3, 4, 5]  # 21 samples, global batch 4: six steps
+    assert loader.state_dict()["step"] == 6 and loader.start_step == 0
+    loader.load_state_dict({**loader.state_dict(), "epoch": 1, "step": 2})
+    loader.set_epoch(2)
+    assert loader.start_step == 0 and [b.step for b in loader] == [0, 1, 2, 3, 4, 5]
+
+
+def test_the_batch_rings_bytes_by_hand(tiny_shards):
+    def ring(**kw):
+        return build_loader(tiny_shards, "train", batch_size=4, **kw).shared_memory_bytes
+
+    # workers x (prefetch_factor + 2) slots x batch x 16 x 16 pixels x 2 (images and masks)
+    assert ring(num_workers=2, prefetch_factor=2) == 2 * 4 * 4 * 256 * 2
+    assert ring(num_workers=3, prefetch_factor=1) == 3 * 3 * 4 * 256 * 2
+    assert ring(num_workers=2, prefetch_factor=2, masks=False) == 2 * 4 * 4 * 256
+    assert ring(num_workers=0) == 0 and ring(num_workers=2, shared_memory=False) == 0
