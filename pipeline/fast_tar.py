@@ -252,9 +252,10 @@ def tar_members(stream: BinaryIO, sizes: dict[str, int] | None = None) -> Iterat
 def tar_members_buffer(buf, sizes: dict[str, int] | None = None) -> Iterator[tuple[str, str, memoryview]]:
     """Like `tar_members`, over an in-memory buffer (bytes, mmap): payloads are zero-copy memoryviews.
 
-    A pax header identical (header block + payload block) to the previous one,
-    which is the norm (`sharding.writer` gives every member the same pax record),
-    is recognised by one 1 KiB comparison and not parsed again.
+    A one-block pax header identical (header block + payload block) to the previous one,
+    the norm in tars whose writer gives every member the same pax record (a float mtime
+    in Python's tarfile, for one; `sharding.writer` writes none), is recognised by one
+    1 KiB comparison and not parsed again.
     """
     sizes = sizes or {}
     data = buf if isinstance(buf, (bytes, mmap.mmap)) else bytes(buf)

@@ -338,3 +338,47 @@ def test_the_index_points_at_each_images_pixels_and_marks_missing_masks(tmp_path
     for i, (_, _, image, _, _) in enumerate(index):
         pixels = np.frombuffer(data, np.uint8, count=64, offset=image).reshape(1, 8, 8)
         assert np.array_equal(pixels, make_image(i, 8))
+
+
+@pytest.mark.parametrize(
+    "length,message",
+    [
+        (2 * BLOCK, "truncated shard: no end-of-archive marker"),
+        (2 * BLOCK + 100, "truncated shard: no end-of-archive marker"),
+        (BLOCK, "truncated shard: member needs 1 bytes"),
+        (BLOCK + 3, "truncated shard: member needs 1 bytes"),
+    ],
+)
+def test_a_buffer_that_ends_early_is_refused_with_the_whole_message(length, message):
+    data = _archive(tarfile.USTAR_FORMAT, [(_info("a.cls"), b"0")])
+    assert [k for k, _, _ in tar_members_buffer(data[: 3 * BLOCK])] == ["a"]  # one zero block ends it
+    with pytest.raises(ShardFormatError) as refused:
+        list(tar_members_buffer(data[:length]))
+    assert str(refused.value) == message
+
+
+def test_long_pax_headers_that_share_their_first_block_are_each_read():
+    """Only a one-block pax header is recognised by comparison; longer ones are parsed every time."""
+    stem = "d" * 550
+    data = _archive(tarfile.PAX_FORMAT, [(_info(f"{stem}/a.cls"), b"0"), (_info(f"{stem}/b.cls"), b"1")])
+    assert _ours(data) == _oracle(data) == [(f"{stem}/a", "cls", b"0"), (f"{stem}/b", "cls", b"1")]
+
+
+@pytest.mark.parametrize("walk", ["stream", "buffer"])
+def test_a_pax_header_identical_to_the_previous_one_is_parsed_once(monkeypatch, walk):
+    """The documented shortcut: shards whose every member carries the same pax record cost one parse."""
+    import pipeline.fast_tar as fast_tar
+
+    parsed = []
+    real = fast_tar._parse_pax
+
+    def counting(payload):
+        parsed.append(bytes(payload))
+        return real(payload)
+
+    monkeypatch.setattr(fast_tar, "_parse_pax", counting)
+    same = {"comment": "one record for all"}
+    data = _archive(tarfile.PAX_FORMAT, [(_info(f"k{i}.cls", pax_headers=same), b"1") for i in range(5)])
+    members = list(tar_members(io.BytesIO(data)) if walk == "stream" else tar_members_buffer(data))
+    assert [k for k, _, _ in members] == [f"k{i}" for i in range(5)]
+    assert len(parsed) == 1
