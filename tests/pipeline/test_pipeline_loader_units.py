@@ -142,3 +142,32 @@ def test_the_batch_rings_bytes_by_hand(tiny_shards):
     assert ring(num_workers=3, prefetch_factor=1) == 3 * 3 * 4 * 256 * 2
     assert ring(num_workers=2, prefetch_factor=2, masks=False) == 2 * 4 * 4 * 256
     assert ring(num_workers=0) == 0 and ring(num_workers=2, shared_memory=False) == 0
+
+
+def test_strata_without_balancing_and_on_the_stream_plan_are_one_per_collection(tiny_shards):
+    for fast in (True, False):
+        loader = build_loader(tiny_shards, "train", batch_size=4, num_workers=0, epoch_samples=9, fast=fast)
+        strata = loader.strata()
+        assert strata.names == ["all"] and strata.collection.tolist() == [0] * 21
+        assert strata.stratum.tolist() == [0] * 21
+        assert (strata.mix.sizes, strata.mix.weights, strata.mix.epoch_samples) == ((21,), (1.0,), 9)
+
+
+def test_class_strata_name_every_class_and_leave_unreadable_films_out(tiny_shards, tmp_path):
+    import shutil
+    import warnings
+
+    from sharding.contract import CLASSES
+
+    strata = build_loader(tiny_shards, "train", batch_size=4, num_workers=0, balance="class").strata()
+    assert strata.names == sorted(CLASSES)
+    assert [strata.names[s] for s in strata.stratum.tolist()] == [CLASSES[g % 4] for g in range(21)]
+    root = tmp_path / "s"
+    shutil.copytree(tiny_shards, root)
+    (root / "train-000001.tar").write_bytes(bytes(1024))  # samples 7-11 unreadable
+    loader = build_loader(root, "train", batch_size=4, num_workers=0, balance="class")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        strata = loader.strata()
+    assert strata.names == sorted(CLASSES)
+    assert strata.stratum.tolist()[7:12] == [-1] * 5 and min(strata.stratum.tolist()[:7]) >= 0

@@ -290,3 +290,67 @@ def test_a_remote_manifest_that_cannot_be_read_names_the_url(http_root):
     with pytest.raises(ManifestError) as refused:
         load_shard_manifest(base + "read_nowhere")
     assert str(refused.value).startswith(f"cannot read manifest {base}read_nowhere/manifest.json: ")
+
+
+def _cut_in_second_member(tmp_path: Path, g: int) -> Path:
+    """A shard cut in the middle of sample g's second member (its first is whole, so sample g-1 is complete)."""
+    whole = _shard(tmp_path / "whole2.tar")
+    with tarfile.open(whole) as tf:
+        second = [m for m in tf.getmembers() if m.name.startswith(f"k{g}.")][1]
+    cut = tmp_path / "cut2.tar"
+    cut.write_bytes(whole.read_bytes()[: second.offset_data + 10])
+    return cut
+
+
+def test_a_segment_stops_at_its_end_without_reading_further(tmp_path):
+    """Samples past `hi` belong to another reader: a fault there is not this segment's."""
+    url = str(_cut_in_second_member(tmp_path, 2))
+    assert [s.key for s in read_segment(_spec(), url, N, 0, 2, None, None)] == ["k0", "k1"]
+    with pytest.raises(ShardFormatError):
+        list(read_segment(_spec(), url, N, 0, 3, None, None))
+
+
+def test_samples_lost_after_two_were_read(tmp_path):
+    url = str(_truncated(tmp_path, keep=3))
+    counter = CorruptCounter()
+    with pytest.warns(RuntimeWarning, match=r"\(3 samples lost\)") as caught:
+        got = list(read_segment(_spec(train=True), url, N, 0, N, None, counter))
+    assert [s.key for s in got] == ["k0", "k1"] and counter.report().samples_lost == 3
+    # the warning points at the code that iterates the segment (here, this test), not at pipeline/read.py
+    assert caught[0].filename == __file__
+
+
+def test_a_segment_honours_the_pipe_policy_and_the_generic_path(tmp_path, monkeypatch):
+    shard = _shard(tmp_path / "a.tar")
+    with pytest.raises(PermissionError):
+        list(read_segment(_spec(train=True, allow_pipe=False), f"pipe:cat {shard}", N, 0, N, None, None))
+    assert len(list(read_segment(_spec(allow_pipe=True), f"pipe:cat {shard}", N, 0, N, None, None))) == N
+    import pipeline.samples as samples
+
+    generic = []
+    real = samples.generic_samples
+    monkeypatch.setattr(samples, "generic_samples", lambda *a, **k: generic.append(1) or real(*a, **k))
+    assert [s.key for s in read_segment(_spec(fast=False), str(shard), N, 0, N, None, None)] == [
+        f"k{g}" for g in range(N)
+    ]
+    assert generic == [1]
+    list(read_segment(_spec(), str(shard), N, 0, N, None, None))
+    assert generic == [1]  # the fast path did not use it
+
+
+def test_a_shard_ref_opens_with_its_digest_and_the_pipe_policy(tmp_path, http_root):
+    root, base = http_root
+    shard = _shard(root / "ref_a.tar")
+    good = hashlib.sha256(shard.read_bytes()).hexdigest()
+    with ShardRef(base + "ref_a.tar", good).open(cache_dir=str(tmp_path / "c1")) as fh:
+        assert fh.read() == shard.read_bytes()
+    with pytest.raises(ShardFormatError, match="sha256"):
+        ShardRef(base + "ref_a.tar", "0" * 64).open(cache_dir=str(tmp_path / "c2"))
+    with pytest.raises(PermissionError):
+        ShardRef(f"pipe:cat {shard}").open(allow_pipe=False)
+
+
+def test_split_shards_of_a_file_url_are_the_plain_paths_the_loader_reads(tiny_shards):
+    manifest = load_shard_manifest(tiny_shards)
+    refs = split_shards(manifest, f"file://{tiny_shards}", "val")
+    assert [r.url for r in refs] == [str(tiny_shards / s.name) for s in manifest.split("val").shards]
