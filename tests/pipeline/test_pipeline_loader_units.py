@@ -171,3 +171,59 @@ def test_class_strata_name_every_class_and_leave_unreadable_films_out(tiny_shard
         strata = loader.strata()
     assert strata.names == sorted(CLASSES)
     assert strata.stratum.tolist()[7:12] == [-1] * 5 and min(strata.stratum.tolist()[:7]) >= 0
+
+
+def test_every_shard_is_indexed_once_across_epochs_and_again_only_when_it_changes(tiny_shards, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    import pipeline.read as read
+
+    root = tmp_path / "s"
+    shutil.copytree(tiny_shards, root)
+    walked = []
+    real = read.index_shard
+    monkeypatch.setattr(read, "index_shard", lambda path, *a: walked.append(os.path.basename(path)) or real(path, *a))
+    loader = build_loader(root, "train", batch_size=4, num_workers=0)
+    for epoch in range(3):
+        loader.set_epoch(epoch)
+        assert len(list(loader)) == 6
+    assert sorted(walked) == [f"train-00000{i}.tar" for i in range(4)]
+    st = os.stat(root / "train-000002.tar")
+    os.utime(root / "train-000002.tar", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert len(list(loader)) == 6
+    assert sorted(walked[:4]) == [f"train-00000{i}.tar" for i in range(4)] and walked[4:] == ["train-000002.tar"]
+
+
+def test_an_epoch_reads_the_shards_as_they_are_now(tmp_path):
+    """Every shard rewritten with other pixels between epochs: the second epoch reads the new ones."""
+    import os
+
+    from helpers.indexed_shards import image_index, write_shards
+
+    root = tmp_path / "s"
+    write_shards(root, {"train": [4, 4], "val": [2]})
+    loader = build_loader(root, "train", batch_size=4, num_workers=0, verify_checksums=False)
+    first = sorted(image_index(img) for b in loader for img in b.images)
+    assert first == list(range(8))
+    write_shards(root, {"train": [4, 4], "val": [2]}, start=100)
+    for path in root.glob("train-*.tar"):
+        os.utime(path, ns=(1, 1))
+    again = sorted(image_index(img) for b in loader for img in b.images)
+    assert again == list(range(100, 108))
+
+
+def test_no_readable_train_shard_is_refused_naming_how_many(tiny_shards, tmp_path):
+    import shutil
+    import warnings
+
+    from pipeline.read import NoReadableSamplesError
+
+    root = tmp_path / "s"
+    shutil.copytree(tiny_shards, root)
+    for path in root.glob("train-*.tar"):
+        path.write_bytes(bytes(1024))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(NoReadableSamplesError, match="all 4 train shards are corrupt or unreachable"):
+            list(build_loader(root, "train", batch_size=4, num_workers=0))

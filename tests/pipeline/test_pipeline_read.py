@@ -187,7 +187,8 @@ def test_index_errors_are_recorded_with_their_reason(tmp_path):
     empty = tmp_path / "empty.tar"
     empty.write_bytes(b"")
     missing = index_shard(str(tmp_path / "gone.tar"), _spec(), N, None)
-    assert (missing.size, missing.mtime_ns) == (-1, -1) and missing.error.startswith("FileNotFoundError: ")
+    assert (missing.path, missing.size, missing.mtime_ns) == (str(tmp_path / "gone.tar"), -1, -1)
+    assert missing.error.startswith("FileNotFoundError: ") and missing.stale()
     assert missing.keys is None
     assert index_shard(str(empty), _spec(), N, None).error == "ShardFormatError: empty or not a regular file"
     assert index_shard(str(good), _spec(), N + 1, None).error == (
@@ -354,3 +355,12 @@ def test_split_shards_of_a_file_url_are_the_plain_paths_the_loader_reads(tiny_sh
     manifest = load_shard_manifest(tiny_shards)
     refs = split_shards(manifest, f"file://{tiny_shards}", "val")
     assert [r.url for r in refs] == [str(tiny_shards / s.name) for s in manifest.split("val").shards]
+
+
+def test_localize_without_digests_and_under_the_pipe_policy(tmp_path, http_root):
+    root, base = http_root
+    shard = _shard(root / "read_b.tar")
+    paths, failures = localize([base + "read_b.tar"], _spec(cache_dir=str(tmp_path / "c")), None)
+    assert failures == {} and Path(paths[0]).read_bytes() == shard.read_bytes()
+    with pytest.raises(PermissionError):
+        localize([f"pipe:cat {shard}"], _spec(cache_dir=str(tmp_path / "c"), allow_pipe=False), None)
