@@ -364,3 +364,26 @@ def test_localize_without_digests_and_under_the_pipe_policy(tmp_path, http_root)
     assert failures == {} and Path(paths[0]).read_bytes() == shard.read_bytes()
     with pytest.raises(PermissionError):
         localize([f"pipe:cat {shard}"], _spec(cache_dir=str(tmp_path / "c"), allow_pipe=False), None)
+
+
+def test_an_empty_shard_indexes_to_empty_int64_tables(tmp_path):
+    path = tmp_path / "none.tar"
+    write_shard(path, [])
+    index = index_shard(str(path), _spec(), 0, None)
+    assert index.error is None and index.keys == [] and index.provenance == []
+    for table in (index.labels, index.image_offsets, index.mask_offsets):
+        assert table.dtype == np.int64 and table.shape == (0,)
+
+
+def test_a_shard_that_fails_its_walk_is_remembered_until_it_changes(tmp_path):
+    """The error entry keeps the file's path, size and time: an unchanged bad shard is not walked again."""
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(b"")
+    short = tmp_path / "short.tar"
+    short.write_bytes(_shard(tmp_path / "a.tar").read_bytes()[:700])
+    for path in (empty, short):
+        index = index_shard(str(path), _spec(), N, None)
+        st = os.stat(path)
+        assert index.error is not None
+        assert (index.path, index.size, index.mtime_ns) == (str(path), st.st_size, st.st_mtime_ns)
+        assert not index.stale()

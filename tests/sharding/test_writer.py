@@ -121,3 +121,15 @@ def test_a_build_worker_imports_neither_webdataset_nor_torch(python_exe, subproc
     done = subprocess.run([python_exe, "-c", code], env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_text_members_are_written_as_utf8_and_other_values_refused(tmp_path):
+    import tarfile
+
+    sample = {**encode_sample("k", np.zeros((4, 4), np.uint8), 1, {}), "txt": "héllo"}
+    write_shard(tmp_path / "s.tar", [sample], num_classes=4)
+    with tarfile.open(tmp_path / "s.tar") as tf:
+        assert tf.extractfile("k.txt").read() == "héllo".encode()
+    with pytest.raises(ValueError, match="^sample k: member n is int, not bytes$"):
+        write_shard(tmp_path / "t.tar", [{**sample, "n": 3}], num_classes=4)
+    assert not (tmp_path / "t.tar").exists()
