@@ -382,3 +382,18 @@ def test_a_pax_header_identical_to_the_previous_one_is_parsed_once(monkeypatch, 
     members = list(tar_members(io.BytesIO(data)) if walk == "stream" else tar_members_buffer(data))
     assert [k for k, _, _ in members] == [f"k{i}" for i in range(5)]
     assert len(parsed) == 1
+
+
+def test_a_global_pax_header_over_the_limit_is_refused_like_any_extension_header():
+    value = "v" * (MAX_SMALL_MEMBER + 1 - len(" comment=\n") - len(str(MAX_SMALL_MEMBER + 1)))
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"comment": value}) as tf:
+        info = tarfile.TarInfo("a.cls")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"7"))
+    data = buf.getvalue()
+    assert data[156:157] == b"g" and tarfile.nti(data[124:136]) == MAX_SMALL_MEMBER + 1
+    for walk in (lambda: list(tar_members(io.BytesIO(data))), lambda: list(tar_members_buffer(data))):
+        with pytest.raises(ShardFormatError) as refused:
+            walk()
+        assert str(refused.value) == f"tar extension header too large: {MAX_SMALL_MEMBER + 1} bytes"
