@@ -317,8 +317,9 @@ def test_samples_lost_after_two_were_read(tmp_path):
     with pytest.warns(RuntimeWarning, match=r"\(3 samples lost\)") as caught:
         got = list(read_segment(_spec(train=True), url, N, 0, N, None, counter))
     assert [s.key for s in got] == ["k0", "k1"] and counter.report().samples_lost == 3
-    # the warning points at the code that iterates the segment (here, this test), not at pipeline/read.py
-    assert caught[0].filename == __file__
+    # the warning points at the code that iterates the segment, not at pipeline/read.py (exactly which caller
+    # frame is not pinned: mutation testing's trampolines add frames)
+    assert not caught[0].filename.endswith(os.path.join("pipeline", "read.py"))
 
 
 def test_a_segment_honours_the_pipe_policy_and_the_generic_path(tmp_path, monkeypatch):
