@@ -397,3 +397,50 @@ def test_a_global_pax_header_over_the_limit_is_refused_like_any_extension_header
         with pytest.raises(ShardFormatError) as refused:
             walk()
         assert str(refused.value) == f"tar extension header too large: {MAX_SMALL_MEMBER + 1} bytes"
+
+
+@pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_names_at_the_field_edges_read_as_tarfile_reads_them(fmt):
+    """A 100-byte name fills its field with no NUL; a one-letter ustar prefix is still a prefix."""
+    names = ["n" * 96 + ".cls", "a/" + "b" * 95 + ".cls"]
+    data = _archive(fmt, [(_info(name), b"1") for name in names])
+    assert _ours(data) == _oracle(data) == [(name[:-4], "cls", b"1") for name in names]
+
+
+def test_a_name_that_is_not_utf8_is_refused_naming_its_bytes():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tf:
+        info = tarfile.TarInfo("\xff.cls")
+        info.size = 1
+        tf.addfile(info, io.BytesIO(b"1"))
+    data = buf.getvalue()
+    for walk in (lambda: list(tar_members(io.BytesIO(data))), lambda: list(tar_members_buffer(data))):
+        with pytest.raises(ShardFormatError) as refused:
+            walk()
+        assert str(refused.value) == f"member name is not UTF-8: {data[:100]!r}"
+
+
+def test_a_mapped_shards_payloads_are_views_of_the_mapping(tmp_path):
+    """Zero-copy: the shuffle buffer holds views into the page cache, not private copies."""
+    import mmap
+
+    path = tmp_path / "a.tar"
+    path.write_bytes(_archive(tarfile.USTAR_FORMAT, [(_info("a.cls"), b"1"), (_info("a.json"), b"{}")]))
+    with open(path, "rb") as fh:
+        mapped = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
+    payloads = [p for _, _, p in tar_members_buffer(mapped)]
+    assert [bytes(p) for p in payloads] == [b"1", b"{}"] and all(p.obj is mapped for p in payloads)
+    del payloads
+
+
+def test_repeated_one_block_pax_headers_skip_their_header_checks(monkeypatch):
+    """The buffer walk's shortcut: a pax header identical to the last is one comparison, not a header check."""
+    import pipeline.fast_tar as fast_tar
+
+    checked = []
+    real = fast_tar._check_header
+    monkeypatch.setattr(fast_tar, "_check_header", lambda header: checked.append(1) or real(header))
+    same = {"comment": "one record for all"}
+    data = _archive(tarfile.PAX_FORMAT, [(_info(f"k{i}.cls", pax_headers=same), b"1") for i in range(5)])
+    assert len(list(tar_members_buffer(data))) == 5
+    assert len(checked) == 1 + 5  # the first pax header, then each member's own header
