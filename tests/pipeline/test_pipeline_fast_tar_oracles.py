@@ -444,3 +444,64 @@ def test_repeated_one_block_pax_headers_skip_their_header_checks(monkeypatch):
     data = _archive(tarfile.PAX_FORMAT, [(_info(f"k{i}.cls", pax_headers=same), b"1") for i in range(5)])
     assert len(list(tar_members_buffer(data))) == 5
     assert len(checked) == 1 + 5  # the first pax header, then each member's own header
+
+
+# --- samples (raw_samples): the shard contract on top of the members --------------------------------------------------
+
+
+def _npy(dtype: str = "|u1", size: int = 8) -> bytes:
+    """An image member: the .npy header for [1, size, size] of `dtype`, then size^2 bytes of pixels."""
+    buf = io.BytesIO()
+    shape = (1, size, size)
+    np.lib.format.write_array_header_1_0(buf, {"descr": dtype, "fortran_order": False, "shape": shape})
+    return buf.getvalue() + bytes(range(size * size))
+
+
+def _samples(members: list[tuple[str, bytes]], masks: bool = False, fmt: int = tarfile.USTAR_FORMAT):
+    from pipeline.fast_tar import raw_samples
+
+    data = _archive(fmt, [(_info(name), payload) for name, payload in members])
+    kw = {"image_size": 8, "num_classes": 4, "masks": masks}
+    stream, buffer = list(raw_samples(io.BytesIO(data), **kw)), list(raw_samples(data, **kw))
+    assert [(s.key, s.label) for s in stream] == [(s.key, s.label) for s in buffer]
+    return buffer
+
+
+@pytest.mark.parametrize(
+    "members,message",
+    [
+        ([("k.cls", b"1")], "sample 'k' lacks ['image.npy']"),
+        ([("k.image.npy", _npy())], "sample 'k' lacks ['cls']"),
+        ([("k.json", b"{}")], "sample 'k' lacks ['image.npy', 'cls']"),
+        ([("k.cls", b"1"), ("k.cls", b"2")], "sample 'k' has two 'cls' members"),
+        ([("k.cls", b"1"), ("k.image.npy", _npy("|i1"))], "sample 'k': image.npy is not uint8 [1, 8, 8] .npy"),
+        ([("k.cls", b"x"), ("k.image.npy", _npy())], "sample 'k': label b'x' is not a class index"),
+        ([("k.cls", b"1"), ("k.image.npy", _npy() + b"!")], "member 'k.image.npy' has 193 bytes, expected 192"),
+        ([("k.cls", b"1"), ("k.image.npy", _npy())], "sample 'k' lacks mask.npy (manifest says masks)"),
+    ],
+)
+def test_each_broken_sample_is_refused_with_the_whole_message(members, message):
+    from pipeline.fast_tar import raw_samples
+
+    data = _archive(tarfile.USTAR_FORMAT, [(_info(name), payload) for name, payload in members])
+    masks = "mask" in message
+    for source in (io.BytesIO(data), data):
+        with pytest.raises(ShardFormatError) as refused:
+            list(raw_samples(source, image_size=8, num_classes=4, masks=masks))
+        assert str(refused.value) == message
+
+
+def test_members_without_an_extension_are_skipped_and_masks_read_only_when_asked():
+    members = [("a.cls", b"1"), ("a.image.npy", _npy()), ("a.mask.npy", _npy()), ("README", b"?")]
+    members += [("b.cls", b"2"), ("b.image.npy", _npy()), ("b.mask.npy", _npy())]
+    without = _samples(members, masks=False)
+    assert [(s.key, s.label, s.mask) for s in without] == [("a", 1, None), ("b", 2, None)]
+    with_masks = _samples(members, masks=True)
+    assert all(s.mask is not None and s.mask.shape == (1, 8, 8) for s in with_masks)
+    assert np.array_equal(with_masks[0].image[0].ravel(), np.arange(64, dtype=np.uint8))
+
+
+def test_a_long_name_used_twice_in_a_row_is_read_twice():
+    long = "L" * 150
+    data = _archive(tarfile.GNU_FORMAT, [(_info(f"{long}.cls"), b"1"), (_info(f"{long}.cls"), b"2")])
+    assert _ours(data) == _oracle(data) == [(long, "cls", b"1"), (long, "cls", b"2")]
