@@ -505,3 +505,41 @@ def test_a_long_name_used_twice_in_a_row_is_read_twice():
     long = "L" * 150
     data = _archive(tarfile.GNU_FORMAT, [(_info(f"{long}.cls"), b"1"), (_info(f"{long}.cls"), b"2")])
     assert _ours(data) == _oracle(data) == [(long, "cls", b"1"), (long, "cls", b"2")]
+
+
+def _rewrite_header(data: bytes, *, checksum: str | None = None, size: str | None = None) -> bytes:
+    """The first header with its size and checksum fields written another way (the checksum recomputed)."""
+    header = bytearray(data[:BLOCK])
+    if size is not None:
+        header[124:136] = (size % tarfile.nti(bytes(header[124:136]))).encode()
+    header[148:156] = b" " * 8
+    header[148:156] = ((checksum or "%06o\0 ").encode() % sum(header)).ljust(8, b" ")
+    return bytes(header) + data[BLOCK:]
+
+
+@pytest.mark.parametrize(
+    "checksum,size",
+    [("%07o\0", None), ("%06o  ", None), ("%o\0", None), (None, "%012o"), (None, "%11o\0"), ("%08o", "%012o")],
+)
+def test_number_fields_in_each_writers_style_are_read(checksum, size):
+    """tar writers differ: 7 digits and a NUL, two spaces, no padding, 12 digits, leading spaces."""
+    data = _rewrite_header(_archive(tarfile.USTAR_FORMAT, [(_info("a.cls"), b"1")]), checksum=checksum, size=size)
+    assert _ours(data) == _oracle(data) == [("a", "cls", b"1")]
+
+
+def test_a_checksum_over_32767_is_read_in_full():
+    """Many high bytes (UTF-8 names in the name and prefix fields) make a six-digit checksum start with 1."""
+    name = "é" * 70 + "/" + "é" * 45 + ".cls"
+    data = _archive(tarfile.USTAR_FORMAT, [(_info(name), b"1")])
+    assert tarfile.nti(data[148:156]) > 0o77777
+    assert _ours(data) == _oracle(data) == [(name[:-4], "cls", b"1")]
+
+
+def test_an_unknown_member_over_the_limit_is_refused_and_one_at_it_read():
+    at = _archive(tarfile.USTAR_FORMAT, [(_info("k.bin"), bytes(MAX_SMALL_MEMBER))])
+    assert [(k, e, len(p)) for k, e, p in tar_members_buffer(at)] == [("k", "bin", MAX_SMALL_MEMBER)]
+    over = _archive(tarfile.USTAR_FORMAT, [(_info("k.bin"), bytes(MAX_SMALL_MEMBER + 1))])
+    for walk in (lambda: list(tar_members(io.BytesIO(over))), lambda: list(tar_members_buffer(over))):
+        with pytest.raises(ShardFormatError) as refused:
+            walk()
+        assert str(refused.value) == f"member 'k.bin' is too large ({MAX_SMALL_MEMBER + 1} bytes)"
