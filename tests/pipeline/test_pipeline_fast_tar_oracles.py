@@ -543,3 +543,43 @@ def test_an_unknown_member_over_the_limit_is_refused_and_one_at_it_read():
         with pytest.raises(ShardFormatError) as refused:
             walk()
         assert str(refused.value) == f"member 'k.bin' is too large ({MAX_SMALL_MEMBER + 1} bytes)"
+
+
+def test_a_header_whose_bytes_sum_past_65521_checks_out():
+    """The checksum is a plain sum (up to 130,560); the fast check takes it modulo 65521 (Adler-32's base)."""
+    cjk = "\u9fff"  # three bytes of 0xE9 0xBF 0xBF in UTF-8
+    info = _info(cjk * 40 + "/" + cjk * 31 + ".cls", linkname=cjk * 33, uname=cjk * 10, gname=cjk * 10)
+    data = _archive(tarfile.USTAR_FORMAT, [(info, b"1")])
+    assert tarfile.nti(data[148:156]) >= 65521
+    assert _ours(data) == _oracle(data) == [(info.name[:-4], "cls", b"1")]
+
+
+def test_a_base_256_size_field_is_read_by_the_exact_path():
+    data = _archive(tarfile.USTAR_FORMAT, [(_info("a.cls"), b"1")])
+    header = bytearray(data[:BLOCK])
+    header[124:136] = bytes([0x80]) + (1).to_bytes(11, "big")
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    data = bytes(header) + data[BLOCK:]
+    assert _ours(data) == _oracle(data) == [("a", "cls", b"1")]
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("checksum", b"12x4\0   ", "bad octal checksum in tar header: b'12x4\\x00   '"),
+        ("size", b"0000000001x\0", "bad octal size in tar header: b'0000000001x\\x00'"),
+        ("checksum", b"000001\0 ", "tar header checksum mismatch (stored 1)"),
+    ],
+)
+def test_bad_header_fields_are_refused_naming_the_field(field, value, message):
+    data = bytearray(_archive(tarfile.USTAR_FORMAT, [(_info("a.cls"), b"1")]))
+    where = slice(148, 156) if field == "checksum" else slice(124, 136)
+    data[where] = value
+    if field == "size":
+        data[148:156] = b" " * 8
+        data[148:156] = b"%06o\0 " % sum(data[:BLOCK])
+    for walk in (lambda: list(tar_members(io.BytesIO(bytes(data)))), lambda: list(tar_members_buffer(bytes(data)))):
+        with pytest.raises(ShardFormatError) as refused:
+            walk()
+        assert str(refused.value) == message
