@@ -159,6 +159,14 @@ def _ours(data: bytes, step: int | None = None) -> list[tuple[str, str, bytes]]:
     return walked
 
 
+def _refused(data: bytes, message: str, sizes: dict[str, int] | None = None) -> None:
+    """Both walks (a stream and a buffer) refuse `data` with exactly `message`."""
+    for walk in (lambda: list(tar_members(io.BytesIO(data), sizes)), lambda: list(tar_members_buffer(data, sizes))):
+        with pytest.raises(ShardFormatError) as refused:
+            walk()
+        assert str(refused.value) == message
+
+
 def _archive(fmt: int, members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
@@ -305,10 +313,7 @@ def test_extension_headers_up_to_the_limit_are_read_and_larger_ones_refused():
     at_limit = _pax_of_size(MAX_SMALL_MEMBER)
     assert _ours(at_limit) == [("a", "cls", b"3")]
     over = _pax_of_size(MAX_SMALL_MEMBER + 1)
-    for walk in (lambda: list(tar_members(io.BytesIO(over))), lambda: list(tar_members_buffer(over))):
-        with pytest.raises(ShardFormatError) as refused:
-            walk()
-        assert str(refused.value) == f"tar extension header too large: {MAX_SMALL_MEMBER + 1} bytes"
+    _refused(over, f"tar extension header too large: {MAX_SMALL_MEMBER + 1} bytes")
 
 
 def test_a_stream_cut_inside_an_extension_header_names_it():
@@ -320,13 +325,7 @@ def test_a_stream_cut_inside_an_extension_header_names_it():
 
 def test_a_member_of_the_wrong_size_is_refused_naming_it():
     data = _archive(tarfile.USTAR_FORMAT, [(_info("k.cls"), b"12")])
-    for walk in (
-        lambda: list(tar_members(io.BytesIO(data), {"cls": 1})),
-        lambda: list(tar_members_buffer(data, {"cls": 1})),
-    ):
-        with pytest.raises(ShardFormatError) as refused:
-            walk()
-        assert str(refused.value) == "member 'k.cls' has 2 bytes, expected 1"
+    _refused(data, "member 'k.cls' has 2 bytes, expected 1", {"cls": 1})
 
 
 def test_the_index_points_at_each_images_pixels_and_marks_missing_masks(tmp_path):
@@ -393,10 +392,7 @@ def test_a_global_pax_header_over_the_limit_is_refused_like_any_extension_header
         tf.addfile(info, io.BytesIO(b"7"))
     data = buf.getvalue()
     assert data[156:157] == b"g" and tarfile.nti(data[124:136]) == MAX_SMALL_MEMBER + 1
-    for walk in (lambda: list(tar_members(io.BytesIO(data))), lambda: list(tar_members_buffer(data))):
-        with pytest.raises(ShardFormatError) as refused:
-            walk()
-        assert str(refused.value) == f"tar extension header too large: {MAX_SMALL_MEMBER + 1} bytes"
+    _refused(data, f"tar extension header too large: {MAX_SMALL_MEMBER + 1} bytes")
 
 
 @pytest.mark.parametrize("fmt", [tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
@@ -414,10 +410,7 @@ def test_a_name_that_is_not_utf8_is_refused_naming_its_bytes():
         info.size = 1
         tf.addfile(info, io.BytesIO(b"1"))
     data = buf.getvalue()
-    for walk in (lambda: list(tar_members(io.BytesIO(data))), lambda: list(tar_members_buffer(data))):
-        with pytest.raises(ShardFormatError) as refused:
-            walk()
-        assert str(refused.value) == f"member name is not UTF-8: {data[:100]!r}"
+    _refused(data, f"member name is not UTF-8: {data[:100]!r}")
 
 
 def test_a_mapped_shards_payloads_are_views_of_the_mapping(tmp_path):
@@ -539,10 +532,7 @@ def test_an_unknown_member_over_the_limit_is_refused_and_one_at_it_read():
     at = _archive(tarfile.USTAR_FORMAT, [(_info("k.bin"), bytes(MAX_SMALL_MEMBER))])
     assert [(k, e, len(p)) for k, e, p in tar_members_buffer(at)] == [("k", "bin", MAX_SMALL_MEMBER)]
     over = _archive(tarfile.USTAR_FORMAT, [(_info("k.bin"), bytes(MAX_SMALL_MEMBER + 1))])
-    for walk in (lambda: list(tar_members(io.BytesIO(over))), lambda: list(tar_members_buffer(over))):
-        with pytest.raises(ShardFormatError) as refused:
-            walk()
-        assert str(refused.value) == f"member 'k.bin' is too large ({MAX_SMALL_MEMBER + 1} bytes)"
+    _refused(over, f"member 'k.bin' is too large ({MAX_SMALL_MEMBER + 1} bytes)")
 
 
 def test_a_header_whose_bytes_sum_past_65521_checks_out():
@@ -579,7 +569,4 @@ def test_bad_header_fields_are_refused_naming_the_field(field, value, message):
     if field == "size":
         data[148:156] = b" " * 8
         data[148:156] = b"%06o\0 " % sum(data[:BLOCK])
-    for walk in (lambda: list(tar_members(io.BytesIO(bytes(data)))), lambda: list(tar_members_buffer(bytes(data)))):
-        with pytest.raises(ShardFormatError) as refused:
-            walk()
-        assert str(refused.value) == message
+    _refused(bytes(data), message)
