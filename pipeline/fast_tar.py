@@ -147,12 +147,13 @@ def _check_header(header: bytes) -> int:
     """Verify the header checksum; return the size field's value."""
     # the sum of all header bytes modulo 65521 is Adler-32's low half minus 1 (computed at C speed)
     total = (zlib.adler32(header) & 0xFFFF) - 1
-    try:  # fast path for the canonical "%06o\0 " / "%011o\0" fields; anything odd takes _octal
-        stored = int(header[148:154], 8)
-        size = int(header[124:135], 8)
-        if stored < 0 or size < 0 or header[154] not in (0, 32) or header[135] not in (0, 32):
+    # fast path: the canonical "%06o\0" and "%011o\0" fields, digits then a NUL, which _octal reads the same way
+    # (int() alone would also take a sign, an underscore or a tab, which _octal and tarfile refuse)
+    try:
+        if header[154] or header[135] or not (header[148:154].isdigit() and header[124:135].isdigit()):
             raise ValueError
-    except ValueError:
+        stored, size = int(header[148:154], 8), int(header[124:135], 8)
+    except ValueError:  # another writer's style, or an 8 or 9 among the digits
         stored = _octal(header[148:156], "checksum")
         size = _octal(header[124:136], "size")
     if (total - sum(header[148:156]) + 8 * 32 - stored) % _ADLER_MOD:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
+from pipeline import fast_tar
 from pipeline.fast_tar import (
     BLOCK,
     MAX_SMALL_MEMBER,
@@ -236,12 +237,10 @@ def test_an_unknown_member_type_with_a_payload_over_a_mebibyte_is_skipped_on_a_s
 
 
 def test_a_pax_size_overrides_the_header_size_as_in_tarfile():
-    data = bytearray(_archive(tarfile.PAX_FORMAT, [(_info("a.bin", pax_headers={"size": "5"}), b"12345")]))
+    data = _archive(tarfile.PAX_FORMAT, [(_info("a.bin", pax_headers={"size": "5"}), b"12345")])
     header = 2 * BLOCK if data[156:157] == b"x" else 0
-    data[header + 124 : header + 136] = b"00000000000\0"  # the ustar size says 0; the pax record says 5
-    data[header + 148 : header + 156] = b" " * 8
-    data[header + 148 : header + 156] = b"%06o\0 " % sum(data[header : header + BLOCK])
-    assert _ours(bytes(data)) == _oracle(bytes(data)) == [("a", "bin", b"12345")]
+    data = _set_fields(data, at=header, size=b"00000000000\0")  # the ustar size says 0; the pax record says 5
+    assert _ours(data) == _oracle(data) == [("a", "bin", b"12345")]
 
 
 @pytest.mark.parametrize(
@@ -490,14 +489,25 @@ def test_a_long_name_used_twice_in_a_row_is_read_twice():
     assert _ours(data) == _oracle(data) == [(long, "cls", b"1"), (long, "cls", b"2")]
 
 
+_FIELDS = {"size": slice(124, 136), "mtime": slice(136, 148), "checksum": slice(148, 156)}
+
+
+def _set_fields(data: bytes, at: int = 0, checksum_style: bytes = b"%06o\0 ", **fields: bytes) -> bytes:
+    """The header at `at` with `fields` (raw bytes) written in; its checksum, unless given, summed and written anew."""
+    header = bytearray(data[at : at + BLOCK])
+    for name, value in fields.items():
+        assert len(value) == len(header[_FIELDS[name]]), (name, value)
+        header[_FIELDS[name]] = value
+    if "checksum" not in fields:
+        header[148:156] = b" " * 8
+        header[148:156] = (checksum_style % sum(header)).ljust(8, b" ")
+    return data[:at] + bytes(header) + data[at + BLOCK :]
+
+
 def _rewrite_header(data: bytes, *, checksum: str | None = None, size: str | None = None) -> bytes:
     """The first header with its size and checksum fields written another way (the checksum recomputed)."""
-    header = bytearray(data[:BLOCK])
-    if size is not None:
-        header[124:136] = (size % tarfile.nti(bytes(header[124:136]))).encode()
-    header[148:156] = b" " * 8
-    header[148:156] = ((checksum or "%06o\0 ").encode() % sum(header)).ljust(8, b" ")
-    return bytes(header) + data[BLOCK:]
+    fields = {} if size is None else {"size": (size % tarfile.nti(data[124:136])).encode()}
+    return _set_fields(data, checksum_style=(checksum or "%06o\0 ").encode(), **fields)
 
 
 @pytest.mark.parametrize(
@@ -535,12 +545,7 @@ def test_a_header_whose_bytes_sum_past_65521_checks_out():
 
 
 def test_a_base_256_size_field_is_read_by_the_exact_path():
-    data = _archive(tarfile.USTAR_FORMAT, [(_info("a.cls"), b"1")])
-    header = bytearray(data[:BLOCK])
-    header[124:136] = bytes([0x80]) + (1).to_bytes(11, "big")
-    header[148:156] = b" " * 8
-    header[148:156] = b"%06o\0 " % sum(header)
-    data = bytes(header) + data[BLOCK:]
+    data = _set_fields(_archive(tarfile.USTAR_FORMAT, [(_info("a.cls"), b"1")]), size=bytes([0x80]) + bytes(10) + b"\1")
     assert _ours(data) == _oracle(data) == [("a", "cls", b"1")]
 
 
@@ -553,10 +558,48 @@ def test_a_base_256_size_field_is_read_by_the_exact_path():
     ],
 )
 def test_bad_header_fields_are_refused_naming_the_field(field, value, message):
-    data = bytearray(_archive(tarfile.USTAR_FORMAT, [(_info("a.cls"), b"1")]))
-    where = slice(148, 156) if field == "checksum" else slice(124, 136)
-    data[where] = value
-    if field == "size":
-        data[148:156] = b" " * 8
-        data[148:156] = b"%06o\0 " % sum(data[:BLOCK])
-    _refused(bytes(data), message)
+    _refused(_set_fields(_archive(tarfile.USTAR_FORMAT, [(_info("a.cls"), b"1")]), **{field: value}), message)
+
+
+READ = [("a", "cls", b"1")]
+
+
+@pytest.mark.parametrize(
+    "fields,tarfile_reads",
+    [
+        ({"checksum_style": b"%06o X"}, None),  # a stray byte after the checksum's space
+        ({"size": b"00000000001X", "mtime": bytes(12)}, None),  # ... after the size's digits, before an empty mtime
+        ({"checksum_style": b"+%05o\0 "}, READ),  # a sign, which int() and tarfile take
+        ({"size": b"+0000000001\0"}, READ),
+        ({"size": b"-0000000001\0"}, [("a", "cls", b"")]),  # tarfile: a member of size -1
+        ({"size": b"0000_000001\0"}, READ),  # an underscore, which int() takes
+        ({"size": b"\t0000000001\0"[:12]}, READ),  # a tab, which int() and tarfile strip
+    ],
+)
+def test_number_fields_int_would_read_are_refused_unless_plain_octal(fields, tarfile_reads):
+    """Only digits, spaces and NULs make a number field (stricter than tarfile, as no tar writer writes the rest)."""
+    data = _set_fields(_archive(tarfile.USTAR_FORMAT, [(_info("a.cls"), b"1")]), **fields)
+    field, where = ("size", slice(124, 136)) if "size" in fields else ("checksum", slice(148, 156))
+    _refused(data, f"bad octal {field} in tar header: {data[where]!r}")
+    if tarfile_reads is None:
+        with pytest.raises(tarfile.ReadError):
+            _oracle(data)
+    else:
+        assert _oracle(data) == tarfile_reads
+
+
+@pytest.mark.parametrize("walk", [lambda data: tar_members(io.BytesIO(data)), tar_members_buffer])
+def test_canonical_headers_are_read_without_the_exact_path_and_other_styles_with_it(monkeypatch, walk):
+    """The speed contract: tarfile's and GNU tar's "%06o\\0 " and "%011o\\0" fields take the fast path."""
+    calls = []
+    exact = fast_tar._octal
+    monkeypatch.setattr(fast_tar, "_octal", lambda field, what: calls.append(what) or exact(field, what))
+    long = "p" * 60 + "/" + "x" * 90  # ustar: prefix and name; GNU: a long-name member; pax: a path record
+    for fmt in (tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        members = [(_info(long + ".cls"), b"1"), (_info("a.bin", pax_headers={"k": "v"} if fmt == 2 else {}), b"22")]
+        assert len(list(walk(_archive(fmt, members)))) == 2
+    assert calls == []
+    for checksum, size in (("%06o \0", None), ("%06o  ", None), (None, "%11o ")):
+        data = _rewrite_header(_archive(tarfile.USTAR_FORMAT, [(_info("a.cls"), b"1")]), checksum=checksum, size=size)
+        assert [(k, e, bytes(p)) for k, e, p in walk(data)] == _oracle(data) == [("a", "cls", b"1")]
+    assert calls == ["checksum", "size"] * 3
