@@ -236,8 +236,9 @@ def test_an_unknown_member_type_with_a_payload_over_a_mebibyte_is_skipped_on_a_s
     assert _ours(data, 4096) == _oracle(data)
 
 
-def test_a_pax_size_overrides_the_header_size_as_in_tarfile():
-    data = _archive(tarfile.PAX_FORMAT, [(_info("a.bin", pax_headers={"size": "5"}), b"12345")])
+@pytest.mark.parametrize("kind", [tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.CONTTYPE])
+def test_a_pax_size_overrides_the_header_size_as_in_tarfile(kind):
+    data = _archive(tarfile.PAX_FORMAT, [(_info("a.bin", kind, pax_headers={"size": "5"}), b"12345")])
     header = 2 * BLOCK if data[156:157] == b"x" else 0
     data = _set_fields(data, at=header, size=b"00000000000\0")  # the ustar size says 0; the pax record says 5
     assert _ours(data) == _oracle(data) == [("a", "bin", b"12345")]
@@ -289,6 +290,11 @@ def test_skipping_reads_at_most_a_mebibyte_at_a_time():
     stream = Recording(data)
     assert [(k, e) for k, e, _ in tar_members(stream)] == [("c", "cls")]
     assert stream.largest == 1 << 20
+
+
+def test_a_pax_size_that_is_not_a_number_is_refused():
+    data = _archive(tarfile.PAX_FORMAT, [(_info("a.bin", pax_headers={"size": "5x"}), b"12345")])
+    _refused(data, "bad pax size")
 
 
 def test_a_global_pax_header_is_skipped():
@@ -458,6 +464,9 @@ def _samples(members: list[tuple[str, bytes]], masks: bool = False, fmt: int = t
         ([("k.cls", b"1"), ("k.cls", b"2")], "sample 'k' has two 'cls' members"),
         ([("k.cls", b"1"), ("k.image.npy", _npy("|i1"))], "sample 'k': image.npy is not uint8 [1, 8, 8] .npy"),
         ([("k.cls", b"x"), ("k.image.npy", _npy())], "sample 'k': label b'x' is not a class index"),
+        ([("k.cls", b"0000001"), ("k.image.npy", _npy())], "sample 'k': label b'0000001' is not a class index"),
+        ([("k.cls", b"7" * 30)], f"sample 'k': label {b'7' * 20!r} is not a class index"),  # 20 bytes shown
+        ([("k.cls", b"4"), ("k.image.npy", _npy())], "sample 'k': label 4 out of range (classes: 4)"),
         ([("k.cls", b"1"), ("k.image.npy", _npy() + b"!")], "member 'k.image.npy' has 193 bytes, expected 192"),
         ([("k.cls", b"1"), ("k.image.npy", _npy())], "sample 'k' lacks mask.npy (manifest says masks)"),
     ],
@@ -471,6 +480,11 @@ def test_each_broken_sample_is_refused_with_the_whole_message(members, message):
         with pytest.raises(ShardFormatError) as refused:
             list(raw_samples(source, image_size=8, num_classes=4, masks=masks))
         assert str(refused.value) == message
+
+
+def test_labels_of_up_to_six_digits_with_spaces_around_are_read():
+    samples = _samples([("a.cls", b" 000003\n"), ("a.image.npy", _npy()), ("b.cls", b"0"), ("b.image.npy", _npy())])
+    assert [(s.key, s.label) for s in samples] == [("a", 3), ("b", 0)]
 
 
 def test_members_without_an_extension_are_skipped_and_masks_read_only_when_asked():
