@@ -293,6 +293,18 @@ def test_a_remote_manifest_that_cannot_be_read_names_the_url(http_root):
     assert str(refused.value).startswith(f"cannot read manifest {base}read_nowhere/manifest.json: ")
 
 
+@pytest.mark.parametrize("form", ["folder", "file URL"])
+def test_a_local_set_without_a_manifest_says_how_to_build_it(tmp_path, form):
+    shards = tmp_path / "no set"
+    shards.mkdir()
+    with pytest.raises(ManifestError) as refused:
+        load_shard_manifest(shards if form == "folder" else f"file:{shards}")
+    assert str(refused.value) == (
+        f"no shard manifest at {shards / 'manifest.json'}; build the shards first: "
+        f"python -m sharding build --raw data/raw --out {shards}"
+    )
+
+
 def _cut_in_second_member(tmp_path: Path, g: int) -> Path:
     """A shard cut in the middle of sample g's second member (its first is whole, so sample g-1 is complete)."""
     whole = _shard(tmp_path / "whole2.tar")
