@@ -202,11 +202,11 @@ class ShardLoader:
     @property
     def shared_memory_bytes(self) -> int:
         """Bytes of /dev/shm this loader's batch ring takes while it iterates (0 without one)."""
-        if self.num_workers == 0 or not self.shared_memory:
-            return 0
-        return ring_bytes(
-            self.num_workers, self.prefetch_factor + 2, self.batch_size, self.spec.image_size, self.spec.masks
-        )
+        return ring_bytes(*self._ring_shape()) if self.num_workers and self.shared_memory else 0
+
+    def _ring_shape(self) -> tuple[int, int, int, int, bool]:
+        """(workers, slots each, batch, image side, masks): a slot per prefetched batch, one filling, one in use."""
+        return self.num_workers, self.prefetch_factor + 2, self.batch_size, self.spec.image_size, self.spec.masks
 
     # -- iteration
 
@@ -219,9 +219,7 @@ class ShardLoader:
         self._start, self._done = 0, span.start
         ring = None
         if self.shared_memory_bytes:  # a fresh ring per iteration: a still-running earlier iterator keeps its own
-            ring = BatchRing(
-                self.num_workers, self.prefetch_factor + 2, self.batch_size, self.spec.image_size, self.spec.masks
-            )
+            ring = BatchRing(*self._ring_shape())
         dataset = self._dataset(span, ring)
         kwargs = {"prefetch_factor": self.prefetch_factor} if self.num_workers > 0 else {}
         loader = wds.WebLoader(

@@ -7,11 +7,15 @@ workers; these pin each figure the loader reports against a count done by hand o
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import webdataset as wds
 
 from pipeline.loader import LoaderError, build_loader
 from pipeline.read import split_digest
 from pipeline.resume import STATE_VERSION
+from pipeline.streams import EpochSpan
 
 
 @pytest.mark.parametrize(
@@ -142,6 +146,41 @@ def test_the_batch_rings_bytes_by_hand(tiny_shards):
     assert ring(num_workers=3, prefetch_factor=1) == 3 * 3 * 4 * 256 * 2
     assert ring(num_workers=2, prefetch_factor=2, masks=False) == 2 * 4 * 4 * 256
     assert ring(num_workers=0) == 0 and ring(num_workers=2, shared_memory=False) == 0
+
+
+@pytest.mark.parametrize("workers,prefetch", [(0, None), (1, 3), (2, 1)])
+def test_the_dataloader_gets_the_prefetch_and_leaves_order_and_pinning_to_the_loader(
+    tiny_shards, monkeypatch, workers, prefetch
+):
+    """The ring has a slot per batch DataLoader prefetches: the two must agree (DataLoader's default is 2)."""
+    made = []
+
+    class Spy(wds.WebLoader):
+        def __init__(self, dataset, **kwargs):
+            made.append(kwargs)
+            super().__init__(dataset, **kwargs)
+
+    monkeypatch.setattr(wds, "WebLoader", Spy)
+    loader = build_loader(tiny_shards, "train", batch_size=4, num_workers=workers, prefetch_factor=prefetch or 2)
+    assert [b.step for b in loader] == list(range(6))
+    fixed = {"batch_size": None, "shuffle": False, "num_workers": workers, "pin_memory": False}
+    assert made == [{**fixed, "persistent_workers": False, **({"prefetch_factor": prefetch} if workers else {})}]
+
+
+@pytest.mark.parametrize(
+    "steps,message",
+    [
+        ([0, 2], "loader yielded step 2 where step 1 was due: workers out of order"),
+        ([0, 1, 2, 3, 4, 5, 6], "loader yielded step 6 where step None was due: workers out of order"),
+    ],
+)
+def test_a_batch_out_of_the_plans_order_is_refused(tiny_shards, steps, message):
+    """The train loader's own check that workers deliver steps 0, 1, ... and no more (6 a train epoch here)."""
+    loader = build_loader(tiny_shards, "train", batch_size=4, num_workers=0)
+    delivered = loader._in_order(iter(SimpleNamespace(step=s) for s in steps), EpochSpan([0], 0))
+    with pytest.raises(RuntimeError) as refused:
+        list(delivered)
+    assert str(refused.value) == message
 
 
 def test_strata_without_balancing_and_on_the_stream_plan_are_one_per_collection(tiny_shards):

@@ -14,22 +14,27 @@ from train.trainer import shared_memory_problem
 from helpers.indexed_shards import SIZE
 
 
-def shm_mappings() -> set[str]:
+def shm_mappings() -> dict[str, range]:
     """torch's shared storages this process has mapped (/dev/shm/torch_...; multiprocessing's few-byte
-    semaphores and arenas are not batch memory)."""
+    semaphores and arenas are not batch memory), with their address ranges."""
     with open("/proc/self/maps") as fh:
-        return {line.split(None, 5)[-1].strip() for line in fh if "/dev/shm/torch_" in line}
+        lines = [line.split(None, 5) for line in fh if "/dev/shm/torch_" in line]
+    return {f[-1].strip(): range(*(int(a, 16) for a in f[0].split("-"))) for f in lines}
 
 
-def batches_digest(loader) -> tuple[str, set[str]]:
-    """A digest of every batch (keys, labels, pixels, masks) and the /dev/shm files mapped while holding one."""
-    h, mapped = hashlib.sha256(), set()
+def batches_digest(loader) -> tuple[str, set[str], list[bool]]:
+    """A digest of every batch (keys, labels, pixels, masks), the /dev/shm files mapped while holding one, and
+    whether each batch's pixels and masks lie in one of them."""
+    h, mapped, in_shm = hashlib.sha256(), set(), []
     for batch in loader:
-        mapped |= shm_mappings()
+        maps = shm_mappings()
+        mapped |= set(maps)
+        tensors = [batch.images] + ([batch.masks] if batch.masks is not None else [])
+        in_shm.append(all(any(t.data_ptr() in r for r in maps.values()) for t in tensors))
         h.update(repr((batch.keys, batch.labels.tolist(), batch.step)).encode())
         h.update(batch.images.numpy().tobytes())
         h.update(batch.masks.numpy().tobytes() if batch.masks is not None else b"-")
-    return h.hexdigest(), mapped
+    return h.hexdigest(), mapped, in_shm
 
 
 @pytest.mark.parametrize("split", ["train", "val"])
@@ -40,11 +45,13 @@ def test_without_shared_memory_the_same_batches_and_no_dev_shm(tiny_shards, spli
     ringed, plain = loader(True), loader(False)
     assert ringed.shared_memory_bytes == ring_bytes(2, 4, 4, SIZE, True) == 2 * 4 * 4 * SIZE * SIZE * 2
     assert plain.shared_memory_bytes == 0
-    before = shm_mappings()
-    with_ring, ring_maps = batches_digest(ringed)
-    without, plain_maps = batches_digest(plain)
+    before = set(shm_mappings())
+    with_ring, ring_maps, ring_views = batches_digest(ringed)
+    without, plain_maps, plain_views = batches_digest(plain)
     assert with_ring == without
-    assert ring_maps - before, "the ring's batches are views of /dev/shm (the check can see shared memory)"
+    assert len(ring_maps - before) == 2, "one ring of images and one of masks, made before the workers start"
+    assert ring_views == [True] * len(ringed), "every batch is a view of the ring (no copy through a pipe)"
+    assert plain_views == [False] * len(plain)
     assert not plain_maps - before - ring_maps, "shared_memory=False mapped /dev/shm"
 
 
