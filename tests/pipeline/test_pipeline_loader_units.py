@@ -10,6 +10,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+import torch
 import webdataset as wds
 
 from pipeline.loader import LoaderError, build_loader
@@ -165,6 +166,15 @@ def test_the_dataloader_gets_the_prefetch_and_leaves_order_and_pinning_to_the_lo
     assert [b.step for b in loader] == list(range(6))
     fixed = {"batch_size": None, "shuffle": False, "num_workers": workers, "pin_memory": False}
     assert made == [{**fixed, "persistent_workers": False, **({"prefetch_factor": prefetch} if workers else {})}]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the batches are pinned: tests/gpu")
+def test_pin_memory_without_cuda_gives_the_same_batches_unpinned(tiny_shards):
+    def batches(pin: bool) -> list:
+        loader = build_loader(tiny_shards, "train", batch_size=4, num_workers=1, seed=3, pin_memory=pin)
+        return [(b.keys, b.labels.tolist(), b.images.numpy().tobytes(), b.masks.numpy().tobytes()) for b in loader]
+
+    assert batches(True) == batches(False)
 
 
 @pytest.mark.parametrize(

@@ -37,12 +37,14 @@ def batches_digest(loader) -> tuple[str, set[str], list[bool]]:
     return h.hexdigest(), mapped, in_shm
 
 
-@pytest.mark.parametrize("split", ["train", "val"])
-def test_without_shared_memory_the_same_batches_and_no_dev_shm(tiny_shards, split):
+@pytest.mark.parametrize("split,plan", [("train", "global"), ("train", "stream"), ("val", "eval")])
+def test_without_shared_memory_the_same_batches_and_no_dev_shm(tiny_shards, split, plan):
     def loader(shared: bool):
-        return build_loader(tiny_shards, split, batch_size=4, num_workers=2, seed=3, shared_memory=shared)
+        fast = plan != "stream"  # the exact (tarfile) path streams shard by shard
+        return build_loader(tiny_shards, split, batch_size=4, num_workers=2, seed=3, shared_memory=shared, fast=fast)
 
     ringed, plain = loader(True), loader(False)
+    assert ringed.plan == plain.plan == plan
     assert ringed.shared_memory_bytes == ring_bytes(2, 4, 4, SIZE, True) == 2 * 4 * 4 * SIZE * SIZE * 2
     assert plain.shared_memory_bytes == 0
     before = set(shm_mappings())
