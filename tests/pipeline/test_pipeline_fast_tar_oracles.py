@@ -526,12 +526,30 @@ def _rewrite_header(data: bytes, *, checksum: str | None = None, size: str | Non
 
 @pytest.mark.parametrize(
     "checksum,size",
-    [("%07o\0", None), ("%06o  ", None), ("%o\0", None), (None, "%012o"), (None, "%11o\0"), ("%08o", "%012o")],
+    [
+        ("%07o\0", None),
+        ("%06o  ", None),
+        ("%o\0", None),
+        (None, "%012o"),
+        (None, "%11o\0"),
+        (None, "%-11o\0"),
+        ("%08o", "%012o"),
+    ],
 )
 def test_number_fields_in_each_writers_style_are_read(checksum, size):
-    """tar writers differ: 7 digits and a NUL, two spaces, no padding, 12 digits, leading spaces."""
+    """tar writers differ: 7 digits and a NUL, two spaces, no padding, 12 digits, leading or trailing spaces."""
     data = _rewrite_header(_archive(tarfile.USTAR_FORMAT, [(_info("a.cls"), b"1")]), checksum=checksum, size=size)
     assert _ours(data) == _oracle(data) == [("a", "cls", b"1")]
+
+
+@pytest.mark.parametrize("size", [8**10 + 1, 8**10 * 7 + 1])
+def test_a_size_of_a_gibibyte_or_more_is_read_in_full_and_refused(size):
+    """Eleven octal digits reach 8 GiB: the first digit counts (a regular member over 16 MiB is refused)."""
+    data = _set_fields(_archive(tarfile.USTAR_FORMAT, [(_info("k.bin"), b"1")]), size=b"%011o\0" % size)
+    with pytest.raises(ShardFormatError, match=rf"^member 'k.bin' is too large \({size} bytes\)$"):
+        list(tar_members(io.BytesIO(data)))
+    with pytest.raises(ShardFormatError, match=rf"^truncated shard: member needs {size} bytes$"):  # checked first
+        list(tar_members_buffer(data))
 
 
 def test_a_checksum_over_32767_is_read_in_full():
