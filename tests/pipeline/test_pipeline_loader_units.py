@@ -168,6 +168,24 @@ def test_the_dataloader_gets_the_prefetch_and_leaves_order_and_pinning_to_the_lo
     assert made == [{**fixed, "persistent_workers": False, **({"prefetch_factor": prefetch} if workers else {})}]
 
 
+def test_the_stream_plans_order_is_pinned(tiny_shards):
+    """The unmixed stream plan's batches (seed 3, one process, pixels encode each sample's index). Every ordering
+    property is tested elsewhere; this list catches a silent change of the order itself (say, an unmixed set
+    routed through the mixing plan), which would stop users' runs reproducing. Change it deliberately."""
+    from helpers.indexed_shards import image_index
+
+    loader = build_loader(tiny_shards, "train", batch_size=4, num_workers=0, seed=3, fast=False)
+    assert loader.plan == "stream"
+    orders = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        orders.append([[image_index(img) for img in batch.images] for batch in loader])
+    assert orders == [
+        [[2, 1, 15, 5], [6, 11, 16, 20], [8, 18, 4, 17], [14, 9, 13, 19], [10, 1, 12, 0], [3, 7, 0, 2]],
+        [[19, 0, 1, 20], [12, 18, 4, 19], [15, 7, 18, 20], [2, 9, 16, 13], [14, 6, 11, 5], [8, 3, 17, 10]],
+    ]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with CUDA the batches are pinned: tests/gpu")
 def test_pin_memory_without_cuda_gives_the_same_batches_unpinned(tiny_shards):
     def batches(pin: bool) -> list:
@@ -222,7 +240,10 @@ def test_class_strata_name_every_class_and_leave_unreadable_films_out(tiny_shard
     assert strata.stratum.tolist()[7:12] == [-1] * 5 and min(strata.stratum.tolist()[:7]) >= 0
 
 
-def test_every_shard_is_indexed_once_across_epochs_and_again_only_when_it_changes(tiny_shards, tmp_path, monkeypatch):
+@pytest.mark.parametrize("split,shards,batches", [("train", 4, 6), ("val", 2, 2)])  # the global and eval plans
+def test_every_shard_is_indexed_once_across_epochs_and_again_only_when_it_changes(
+    tiny_shards, tmp_path, monkeypatch, split, shards, batches
+):
     import os
     import shutil
 
@@ -233,15 +254,16 @@ def test_every_shard_is_indexed_once_across_epochs_and_again_only_when_it_change
     walked = []
     real = read.index_shard
     monkeypatch.setattr(read, "index_shard", lambda path, *a: walked.append(os.path.basename(path)) or real(path, *a))
-    loader = build_loader(root, "train", batch_size=4, num_workers=0)
+    loader = build_loader(root, split, batch_size=4, num_workers=0)
+    names = [f"{split}-00000{i}.tar" for i in range(shards)]
     for epoch in range(3):
         loader.set_epoch(epoch)
-        assert len(list(loader)) == 6
-    assert sorted(walked) == [f"train-00000{i}.tar" for i in range(4)]
-    st = os.stat(root / "train-000002.tar")
-    os.utime(root / "train-000002.tar", ns=(st.st_atime_ns, st.st_mtime_ns + 1))
-    assert len(list(loader)) == 6
-    assert sorted(walked[:4]) == [f"train-00000{i}.tar" for i in range(4)] and walked[4:] == ["train-000002.tar"]
+        assert len(list(loader)) == batches
+    assert sorted(walked) == names
+    st = os.stat(root / names[1])
+    os.utime(root / names[1], ns=(st.st_atime_ns, st.st_mtime_ns + 1))
+    assert len(list(loader)) == batches
+    assert sorted(walked[:shards]) == names and walked[shards:] == [names[1]]
 
 
 def test_an_epoch_reads_the_shards_as_they_are_now(tmp_path):

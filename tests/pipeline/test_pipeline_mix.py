@@ -298,6 +298,9 @@ def test_eval_splits_read_every_collection_once(three):
             for b in loader:
                 ids += check_mixed(b)
         assert sorted(ids) == sorted([21, 22, 23, 24] + [1008, 1009, 1010] + [2003])
+    # one process reads them in the manifest's order, collection by collection: the train weights play no part
+    loader = build_loader(mix_of(three), "val", batch_size=2, num_workers=0)
+    assert [g for b in loader for g in check_mixed(b)] == [21, 22, 23, 24, 1008, 1009, 1010, 2003]
 
 
 @pytest.mark.parametrize("balance", ["class", "source", "source_class"])
