@@ -96,6 +96,7 @@ class _ShardMaps:
     def __init__(self, table: SampleTable):
         self.table = table
         self.bases = np.zeros(len(table.paths), np.int64)
+        self.sizes = np.array([size for size, _ in table.stats], np.int64)
         self._keep: list[np.ndarray] = []
 
     def _map(self, shard: int) -> None:
@@ -118,7 +119,15 @@ class _ShardMaps:
         for shard in np.unique(shards[self.bases[shards] == 0]):
             self._map(int(shard))
         row = out[0].numel()
-        src = self.bases[shards] + offsets[indices]
+        at = offsets[indices]
+        outside = (at < 0) | (at + row > self.sizes[shards])
+        if outside.any():  # memmove from outside the mapping would read other memory or crash the process
+            i = int(np.argmax(outside))
+            raise ShardFormatError(
+                f"sample {int(indices[i])} lies outside {self.table.paths[shards[i]]} ({row} bytes at {int(at[i])} "
+                f"of {int(self.sizes[shards[i]])}): the offset index is stale or marks it unreadable"
+            )
+        src = self.bases[shards] + at
         dst = out.data_ptr() + row * np.arange(len(indices), dtype=np.int64)
         memmove = ctypes.memmove
         for d, s in zip(dst.tolist(), src.tolist()):
