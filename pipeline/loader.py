@@ -91,9 +91,9 @@ class ShardLoader:
         verify_checksums: bool,
         pin_memory: bool,
         prefetch_factor: int,
-        shared_memory: bool = True,
-        balance: str = "none",
-        epoch_samples: int | None = None,
+        shared_memory: bool,
+        balance: str,
+        epoch_samples: int | None,
     ):
         self.collections, self.split, self.spec = collections, split, spec
         self.manifest = collections.manifest
@@ -105,8 +105,7 @@ class ShardLoader:
         self.balance, self.epoch_samples = balance, epoch_samples
         self.counts = [c for counts in collections.counts(split) for c in counts]
         self.sizes = collections.sizes(split)
-        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
-        self.luts = collections.luts()
+        self.offsets = np.cumsum([0, *self.sizes])  # int64: each collection's first sample index
         self.window_steps = max(1, math.ceil(shuffle_buffer / batch_size))
         total = sum(self.counts)
         if spec.train:

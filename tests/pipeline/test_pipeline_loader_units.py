@@ -168,6 +168,22 @@ def test_the_dataloader_gets_the_prefetch_and_leaves_order_and_pinning_to_the_lo
     assert made == [{**fixed, "persistent_workers": False, **({"prefetch_factor": prefetch} if workers else {})}]
 
 
+def test_the_shuffle_window_is_the_buffer_in_whole_batches_and_at_least_one(tiny_shards):
+    def window(buffer: int) -> int:
+        return build_loader(tiny_shards, "train", batch_size=4, num_workers=0, shuffle_buffer=buffer).window_steps
+
+    assert [window(b) for b in (1, 4, 5, 8, 9, 100)] == [1, 1, 2, 2, 3, 25]
+
+
+def test_drop_last_on_the_stream_plan_reads_whole_batches_of_distinct_samples(tiny_shards):
+    from helpers.indexed_shards import image_index
+
+    loader = build_loader(tiny_shards, "train", batch_size=4, num_workers=0, fast=False, drop_last=True)
+    drawn = [image_index(img) for batch in loader for img in batch.images]
+    assert loader.plan == "stream" and len(loader) == 5  # 21 samples: 5 whole batches, one left over
+    assert len(drawn) == len(set(drawn)) == 20 and set(drawn) <= set(range(21))
+
+
 def test_the_stream_plans_order_is_pinned(tiny_shards):
     """The unmixed stream plan's batches (seed 3, one process, pixels encode each sample's index). Every ordering
     property is tested elsewhere; this list catches a silent change of the order itself (say, an unmixed set

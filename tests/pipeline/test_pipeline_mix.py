@@ -323,8 +323,12 @@ def test_balancing_needs_random_access(http_root, three):
     root, base = http_root
     name = uuid.uuid4().hex
     write_shards(root / name, {"train": [5, 5]})
-    with pytest.raises(LoaderError, match="balance='class' needs every train shard's class and source"):
+    with pytest.raises(LoaderError) as refused:
         build_loader(f"{base}{name}/", "train", batch_size=2, balance="class")
+    assert str(refused.value) == (
+        "balance='class' needs every train shard's class and source before the epoch starts: "
+        "streamed shards give them only as they are read. Use local shards, or set a cache_dir"
+    )
 
 
 def test_streamed_collections_mix_exactly_over_http(http_root):
