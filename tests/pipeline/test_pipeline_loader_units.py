@@ -168,6 +168,18 @@ def test_the_dataloader_gets_the_prefetch_and_leaves_order_and_pinning_to_the_lo
     assert made == [{**fixed, "persistent_workers": False, **({"prefetch_factor": prefetch} if workers else {})}]
 
 
+def test_the_documented_defaults(tiny_shards):
+    loader = build_loader(tiny_shards, "train", batch_size=4)
+    assert (loader.num_workers, loader.seed, loader.window_steps, loader.prefetch_factor) == (2, 0, 500, 2)
+    assert (loader.pin_memory, loader.shared_memory, loader.drop_last, loader.balance) == (False, True, False, "none")
+    assert loader.spec.allow_pipe is None and loader.spec.fast and loader.sha256 is not None
+
+
+@pytest.mark.parametrize("allow_pipe", [False, True])
+def test_the_pipe_policy_reaches_every_read(tiny_shards, allow_pipe):
+    assert build_loader(tiny_shards, "train", batch_size=4, allow_pipe=allow_pipe).spec.allow_pipe is allow_pipe
+
+
 def test_the_shuffle_window_is_the_buffer_in_whole_batches_and_at_least_one(tiny_shards):
     def window(buffer: int) -> int:
         return build_loader(tiny_shards, "train", batch_size=4, num_workers=0, shuffle_buffer=buffer).window_steps

@@ -424,6 +424,7 @@ def test_classes_are_matched_by_name(tmp_path):
     pinned = build_loader(
         spec, "train", batch_size=2, num_workers=0, classes=["Viral Pneumonia", "Normal", "Lung_Opacity", "COVID"]
     )
+    assert pinned.collections.classes == ["Viral Pneumonia", "Normal", "Lung_Opacity", "COVID"]
     b = next(iter(pinned))
     assert [pinned.collections.classes[x] for x in b.labels.tolist()] == [
         ["COVID", "Lung_Opacity", "Normal", "Viral Pneumonia"][g % 4] if g < 1000 else ("Normal", "COVID")[g % 2]
