@@ -205,3 +205,35 @@ def test_group_without_a_distance_groups_exact_copies_only():
     assert list(kinds.values()) == ["exact"]
     gids, kinds = group(sha, near, 0)
     assert gids[1] == gids[3] and sorted(kinds.values()) == ["exact", "near"]
+
+
+def test_duplicate_groups_list_their_members_by_key_whatever_the_scan_order():
+    """Members by key within a group (their files, labels and split alongside), groups by their first key."""
+    from types import SimpleNamespace
+
+    from sharding.split import duplicate_report
+
+    def film(key: str, cls: str) -> SimpleNamespace:
+        return SimpleNamespace(key=key, class_name=cls, rel=f"{cls}/images/{key}.png")
+
+    records = [film("n-9", "Normal"), film("skip", "COVID"), film("c-2", "COVID"), film("a-5", "Normal")]
+    good = [0, 2, 3]  # record 1 was unreadable
+    report = duplicate_report(records, good, gids=[7, 7, 3], kinds={7: "near", 3: "exact"}, split_of=["val"] * 3)
+    assert report == [
+        {
+            "kind": "exact",
+            "members": ["a-5"],
+            "sources": ["Normal/images/a-5.png"],
+            "labels": ["Normal"],
+            "mixed_labels": False,
+            "split": "val",
+        },
+        {
+            "kind": "near",
+            "members": ["c-2", "n-9"],
+            "sources": ["COVID/images/c-2.png", "Normal/images/n-9.png"],
+            "labels": ["COVID", "Normal"],
+            "mixed_labels": True,
+            "split": "val",
+        },
+    ]
