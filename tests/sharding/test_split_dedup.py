@@ -216,17 +216,19 @@ def test_duplicate_groups_list_their_members_by_key_whatever_the_scan_order():
     def film(key: str, cls: str) -> SimpleNamespace:
         return SimpleNamespace(key=key, class_name=cls, rel=f"{cls}/images/{key}.png")
 
-    records = [film("n-9", "Normal"), film("skip", "COVID"), film("c-2", "COVID"), film("a-5", "Normal")]
-    good = [0, 2, 3]  # record 1 was unreadable
-    report = duplicate_report(records, good, gids=[7, 7, 3], kinds={7: "near", 3: "exact"}, split_of=["val"] * 3)
+    records = [film("n-9", "Normal"), film("skip", "COVID"), film("c-2", "COVID"), film("z-0", "Normal")]
+    records.append(film("a-5", "Normal"))
+    good = [0, 2, 3, 4]  # record 1 was unreadable
+    gids, kinds = [7, 7, 3, 3], {7: "near", 3: "exact"}
+    report = duplicate_report(records, good, gids, kinds, split_of=["val", "val", "test", "test"])
     assert report == [
         {
             "kind": "exact",
-            "members": ["a-5"],
-            "sources": ["Normal/images/a-5.png"],
-            "labels": ["Normal"],
+            "members": ["a-5", "z-0"],
+            "sources": ["Normal/images/a-5.png", "Normal/images/z-0.png"],
+            "labels": ["Normal", "Normal"],
             "mixed_labels": False,
-            "split": "val",
+            "split": "test",
         },
         {
             "kind": "near",
