@@ -171,7 +171,7 @@ def stream_windows(
 
 
 def worker_windows(
-    steps: int, batch_size: int, rank: int, worker: int, num_workers: int, window_steps: int, start: int = 0
+    steps: int, batch_size: int, rank: int, worker: int, num_workers: int, window_steps: int, start: int
 ) -> Iterator[tuple[int, tuple[int, ...], tuple[int, int]]]:
     """(index, steps, positions [a, b) in the epoch's sequence) of each window plan worker `worker` of a rank
     reads on the stream plan: the rank's piece is contiguous, the worker's sub-piece follows the sub-pieces of
