@@ -120,7 +120,7 @@ class _ShardMaps:
             self._map(int(shard))
         row = out[0].numel()
         at = offsets[indices]
-        outside = (at < 0) | (at + row > self.sizes[shards])
+        outside = (at < 0) | (at > self.sizes[shards] - row)  # not at + row: an absurd offset would wrap
         if outside.any():  # memmove from outside the mapping would read other memory or crash the process
             i = int(np.argmax(outside))
             raise ShardFormatError(

@@ -250,7 +250,10 @@ def test_ring_slots_are_reused_only_when_free(tiny_shards):
         assert [image_index(a) for a in arr] == ids
 
 
-@pytest.mark.parametrize("offset,message_end", [(-1, "(256 bytes at -1 of "), ("end", "(256 bytes at ")])
+@pytest.mark.parametrize(
+    "offset,message_end",
+    [(-1, "(256 bytes at -1 of "), ("end", "(256 bytes at "), (2**63 - 10, f"(256 bytes at {2**63 - 10} of ")],
+)
 def test_a_pixel_offset_outside_its_shard_is_refused_not_read(tiny_shards, offset, message_end):
     """The global plan copies pixels by address from the mapped shard: a stale or unreadable row of the table
     must raise, not read other memory or crash the process."""
@@ -259,7 +262,7 @@ def test_a_pixel_offset_outside_its_shard_is_refused_not_read(tiny_shards, offse
     table, _ = build_loader(tiny_shards, "train", batch_size=4, num_workers=0)._global_table()
     offsets = table.image_offsets.copy()
     size = table.stats[0][0]
-    offsets[1] = -1 if offset == -1 else size - 255  # one byte short of a 16 x 16 image
+    offsets[1] = size - 255 if offset == "end" else offset  # one byte short of a 16 x 16 image; past int64 wrap
     maps, out = _ShardMaps(table), torch.zeros(2, 1, 16, 16, dtype=torch.uint8)
     maps.gather(np.array([0, 2]), out, offsets)  # rows inside the shard are read
     assert out.sum() > 0
