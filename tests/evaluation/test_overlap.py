@@ -279,6 +279,43 @@ def test_training_overlap_finds_copied_training_films_and_reports_the_rest_witho
     assert gone["reason"].endswith("); if they moved, pass --train-shards PATH")
 
 
+def test_training_overlap_near_copies_the_models_digest_the_excluded_splits_and_no_copies(phantom_shards):
+    """A near copy is found within `eval.overlap_distance` (and its distance reported); shards whose train split
+    is not the model's are refused; an excluded split is not a reference; without copies there is no
+    "without copies" report and no figure."""
+    from dataclasses import replace
+
+    from evaluation.audits.overlap import training_overlap
+    from train.predictions import Predictions
+
+    manifest = load_manifest(phantom_shards)
+    classes = list(manifest.classes)
+    test = film_hashes([str(t) for t in sorted(phantom_shards.glob("test-*.tar"))])
+    train = film_hashes([str(t) for t in sorted(phantom_shards.glob("train-*.tar"))])
+    # test film 0 given training film 3's pHash with two bits flipped (its pixels, and so its sha256, differ)
+    near = FilmHashes(test.keys, test.classes, test.sha256, [train.phash[3] ^ 0b101] + test.phash[1:], test.shards)
+
+    def run(films, distance, digest=split_digest(manifest, "train"), exclude=("test",)):
+        n = len(films.keys)
+        labels = np.array([classes.index(c) for c in films.classes])
+        preds = Predictions(films.keys, labels, np.full((n, len(classes)), 0.25, np.float32), 0.5)
+        config = replace(Config(), eval=replace(Config().eval, overlap_distance=distance, bootstrap_resamples=0))
+        return training_overlap(config, str(phantom_shards), digest, films, preds, classes, exclude=exclude)
+
+    out, grid = run(near, 4)
+    assert out["near_distance"] == 4 and out["exact"] == 0 and out["near"] >= 1 and grid is not None
+    copy = out["copies"][test.keys[0]]
+    assert (copy["kind"], copy["reference_key"], copy["bits"]) == ("near", train.keys[3], 2)
+    out, grid = run(test, None)
+    assert (out["exact"], out["copies"], grid) == (0, {}, None) and "without_copies" not in out
+    assert out["reference_splits"] == ["train", "val"]
+    out, _ = run(test, None, exclude=("val",))
+    assert out["reference_splits"] == ["train"] and out["reference_films"] == manifest.split("train").samples
+    refused, none = run(test, None, digest="0" * 64)
+    assert none is None and refused["checked"] is False
+    assert "are not the ones the model was trained on" in refused["reason"]
+
+
 def _remote_films(http_root, phantom_shards, split):
     """`split`'s shards served over HTTP: their ShardRefs (with the manifest's sha256) and the served folder."""
     import shutil
