@@ -295,12 +295,14 @@ def test_training_overlap_near_copies_the_models_digest_the_excluded_splits_and_
     # test film 0 given training film 3's pHash with two bits flipped (its pixels, and so its sha256, differ)
     near = FilmHashes(test.keys, test.classes, test.sha256, [train.phash[3] ^ 0b101] + test.phash[1:], test.shards)
 
-    def run(films, distance, digest=split_digest(manifest, "train"), exclude=("test",)):
+    model = split_digest(manifest, "train")
+
+    def run(films, distance, digest=None, exclude=("test",)):
         n = len(films.keys)
         labels = np.array([classes.index(c) for c in films.classes])
         preds = Predictions(films.keys, labels, np.full((n, len(classes)), 0.25, np.float32), 0.5)
         config = replace(Config(), eval=replace(Config().eval, overlap_distance=distance, bootstrap_resamples=0))
-        return training_overlap(config, str(phantom_shards), digest, films, preds, classes, exclude=exclude)
+        return training_overlap(config, str(phantom_shards), digest or model, films, preds, classes, exclude=exclude)
 
     out, grid = run(near, 4)
     assert out["near_distance"] == 4 and out["exact"] == 0 and out["near"] >= 1 and grid is not None
