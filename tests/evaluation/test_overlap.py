@@ -397,3 +397,33 @@ def test_the_closest_near_copy_wins_and_the_first_of_equals_and_exact_copies_sta
 
 def test_not_copied_is_a_boolean_mask_even_when_empty():
     assert not_copied([], {}).dtype == bool and not_copied(["a", "b"], {"b": {}}).tolist() == [True, False]
+
+
+def test_the_reference_films_and_both_sides_of_the_copies_figure_are_read_through_the_cache(
+    http_root, phantom_shards, tmp_path
+):
+    """Remote training films are hashed through `data.cache_dir`, and the figure reads the evaluated film and
+    the film it copies, from shards of their own, through the cache too (one verified copy of each shard)."""
+    import shutil
+    import uuid
+    from dataclasses import replace
+
+    from evaluation.audits.overlap import copies_grid
+
+    root, base = http_root
+    name = uuid.uuid4().hex
+    shutil.copytree(phantom_shards, root / name)
+    manifest = load_manifest(phantom_shards)
+    cache = tmp_path / "refs"
+    config = replace(Config(), data=replace(Config().data, cache_dir=str(cache)))
+    reference, splits = reference_films(config, f"{base}{name}/", split_digest(manifest, "train"))
+    assert splits == ("train", "val")
+    assert len(reference.keys) == manifest.split("train").samples + manifest.split("val").samples
+    shards = len(manifest.split("train").shards) + len(manifest.split("val").shards)
+    assert len(list(cache.rglob("*.tar"))) == shards
+
+    films = film_hashes(_remote_films(http_root, phantom_shards, "test"), str(tmp_path / "films"))
+    copy = {"reference_key": reference.keys[0], "kind": "exact", "bits": 0, "class": "", "reference_class": ""}
+    figure = tmp_path / "figure"
+    assert copies_grid({films.keys[0]: copy}, films, reference, str(figure)) is not None
+    assert len(list(figure.rglob("*.tar"))) == 2  # the test film's shard and the training film's
