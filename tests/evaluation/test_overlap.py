@@ -427,3 +427,44 @@ def test_the_reference_films_and_both_sides_of_the_copies_figure_are_read_throug
     figure = tmp_path / "figure"
     assert copies_grid({films.keys[0]: copy}, films, reference, str(figure)) is not None
     assert len(list(figure.rglob("*.tar"))) == 2  # the test film's shard and the training film's
+
+
+def test_training_overlap_reads_remote_shards_through_the_cache_and_verifies_their_digests(
+    http_root, phantom_shards, tmp_path
+):
+    """With `data.cache_dir`, the figure's films come through the cache too (the copied film's own shard joins
+    the reference shards there), and a reference shard whose bytes differ from the manifest's sha256 is refused."""
+    import shutil
+    import uuid
+    from dataclasses import replace
+
+    from evaluation.audits.overlap import training_overlap
+    from train.predictions import Predictions
+
+    root, base = http_root
+    good, bad = uuid.uuid4().hex, uuid.uuid4().hex
+    shutil.copytree(phantom_shards, root / good)
+    shutil.copytree(phantom_shards, root / bad)
+    with open(root / bad / "train-000000.tar", "r+b") as fh:  # the last byte of the end-of-archive padding
+        fh.seek(-1, 2)
+        fh.write(b"\1")
+    manifest = load_manifest(phantom_shards)
+    classes = list(manifest.classes)
+    other = film_hashes(_remote_films(http_root, phantom_shards, "train"), None)  # a training film, served apart
+    films = FilmHashes(other.keys[:1], other.classes[:1], other.sha256[:1], other.phash[:1], other.shards[:1])
+    preds = Predictions(films.keys, np.array([classes.index(films.classes[0])]), np.full((1, 4), 0.25), 0.5)
+    cache = tmp_path / "cache"
+    config = replace(Config(), data=replace(Config().data, cache_dir=str(cache)))
+    config = replace(config, eval=replace(config.eval, overlap_distance=None, bootstrap_resamples=0))
+    digest = split_digest(manifest, "train")
+
+    out, grid = training_overlap(config, f"{base}{good}/", digest, films, preds, classes, exclude=("test",))
+    assert out["exact"] == 1 and grid is not None
+    reference_shards = len(manifest.split("train").shards) + len(manifest.split("val").shards)
+    assert len(list(cache.rglob("*.tar"))) == reference_shards + 1
+
+    refused, none = training_overlap(config, f"{base}{bad}/", digest, films, preds, classes, exclude=("test",))
+    assert none is None and refused["checked"] is False and "sha256" in refused["reason"]
+    unverified = replace(config, data=replace(config.data, verify_checksums=False, cache_dir=str(tmp_path / "u")))
+    read, _ = training_overlap(unverified, f"{base}{bad}/", digest, films, preds, classes, exclude=("test",))
+    assert read["checked"] is True and read["exact"] == 1  # data.verify_checksums=false: the bytes are not hashed
