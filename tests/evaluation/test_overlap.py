@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import uuid
 
 import numpy as np
 import pytest
@@ -232,9 +235,10 @@ def test_a_mixed_sets_films_are_named_collection_slash_key_and_read_back(tmp_pat
 
 
 def test_training_overlap_finds_copied_training_films_and_reports_the_rest_without_them(phantom_shards, tmp_path):
-    """Evaluated films: the test split plus two training films passed off as new ones. They, and only they,
-    are exact copies; the results without them are the classification report of the other films; the
-    copies figure shows them. Moved training shards are reported as not checked, with the fix."""
+    """Evaluated films: forty unseen films, the test split, and two training films passed off as new ones. The
+    two, and only they, are exact copies; the results without them are the classification report of the other
+    films, with the run's resamples and seed; the copies figure shows them. Moved training shards are reported
+    as not checked, with the fix."""
     from dataclasses import replace
 
     from evaluation.audits.overlap import training_overlap
@@ -247,20 +251,25 @@ def test_training_overlap_finds_copied_training_films_and_reports_the_rest_witho
     test = film_hashes([str(t) for t in sorted(phantom_shards.glob("test-*.tar"))])
     train = film_hashes([str(t) for t in sorted(phantom_shards.glob("train-*.tar"))])
     pick = [0, 5]
+    new = range(40)  # films seen nowhere, so that the results without the copies have intervals to compare
     films = FilmHashes(
-        test.keys + [train.keys[i] for i in pick],
-        test.classes + [train.classes[i] for i in pick],
-        test.sha256 + [train.sha256[i] for i in pick],
-        test.phash + [train.phash[i] for i in pick],
-        test.shards + [train.shards[i] for i in pick],
+        [f"new-{i}" for i in new] + test.keys + [train.keys[i] for i in pick],
+        [classes[i % len(classes)] for i in new] + test.classes + [train.classes[i] for i in pick],
+        [hashlib.sha256(b"new-%d" % i).hexdigest() for i in new] + test.sha256 + [train.sha256[i] for i in pick],
+        list(new) + test.phash + [train.phash[i] for i in pick],
+        [test.shards[0]] * len(new) + test.shards + [train.shards[i] for i in pick],
     )
     n = len(films.keys)
     labels = np.array([classes.index(c) for c in films.classes])
-    probs = np.full((n, len(classes)), 0.1, np.float32)
-    probs[np.arange(n), (labels + np.arange(n) % 2) % len(classes)] = 0.7  # every other film wrong
+    probs = np.random.default_rng(0).dirichlet(np.ones(len(classes)), n).astype(np.float32)
     preds = Predictions(films.keys, labels, probs, 0.5)
     config = Config()
-    config = replace(config, eval=replace(config.eval, overlap_distance=None, bootstrap_resamples=50))
+    # few resamples and a seed of its own, so that the intervals tell both settings apart (asserted below)
+    config = replace(
+        config,
+        eval=replace(config.eval, overlap_distance=None, bootstrap_resamples=5),
+        train=replace(config.train, seed=11),
+    )
     digest = split_digest(manifest, "train")
     out, grid = training_overlap(config, str(phantom_shards), digest, films, preds, classes, exclude=("test",))
     copied = [train.keys[i] for i in pick]
@@ -269,7 +278,9 @@ def test_training_overlap_finds_copied_training_films_and_reports_the_rest_witho
     assert (out["exact"], out["near"], out["near_distance"], out["different_label"]) == (2, 0, None, 0)
     assert sorted(out["copies"]) == sorted(copied)
     assert {c["reference_key"] for c in out["copies"].values()} == set(copied)
-    rest = classification_report(labels[:-2], probs[:-2], classes, bootstrap=50, seed=config.train.seed)
+    rest = classification_report(labels[:-2], probs[:-2], classes, bootstrap=5, seed=11)
+    for other in ({"seed": 11}, {"bootstrap": 5}):  # the default resamples, the default seed
+        assert classification_report(labels[:-2], probs[:-2], classes, **other)["ci95"] != rest["ci95"]
     assert out["without_copies"] == {k: rest[k] for k in ("samples", "classes_evaluated", *SUMMARY_NAMES, "ci95")}
     assert out["without_copies"]["samples"] == n - 2
     assert grid is not None and grid.size[0] > 0
@@ -318,17 +329,19 @@ def test_training_overlap_near_copies_the_models_digest_the_excluded_splits_and_
     assert "are not the ones the model was trained on" in refused["reason"]
 
 
-def _remote_films(http_root, phantom_shards, split):
-    """`split`'s shards served over HTTP: their ShardRefs (with the manifest's sha256) and the served folder."""
-    import shutil
-    import uuid
-
-    from pipeline.read import split_shards
-
+def _served(http_root, phantom_shards):
+    """A copy of the phantom shards of its own, served over HTTP: its URL (ending in /) and its folder."""
     root, base = http_root
     name = uuid.uuid4().hex
     shutil.copytree(phantom_shards, root / name)
-    return split_shards(load_manifest(phantom_shards), f"{base}{name}/", split)
+    return f"{base}{name}/", root / name
+
+
+def _remote_films(http_root, phantom_shards, split):
+    """`split`'s shards served over HTTP: their ShardRefs, with the manifest's sha256."""
+    from pipeline.read import split_shards
+
+    return split_shards(load_manifest(phantom_shards), _served(http_root, phantom_shards)[0], split)
 
 
 def test_remote_films_are_read_through_the_cache_and_the_copies_figure_rows_are_labelled(
@@ -404,19 +417,14 @@ def test_the_reference_films_and_both_sides_of_the_copies_figure_are_read_throug
 ):
     """Remote training films are hashed through `data.cache_dir`, and the figure reads the evaluated film and
     the film it copies, from shards of their own, through the cache too (one verified copy of each shard)."""
-    import shutil
-    import uuid
     from dataclasses import replace
 
     from evaluation.audits.overlap import copies_grid
 
-    root, base = http_root
-    name = uuid.uuid4().hex
-    shutil.copytree(phantom_shards, root / name)
     manifest = load_manifest(phantom_shards)
     cache = tmp_path / "refs"
     config = replace(Config(), data=replace(Config().data, cache_dir=str(cache)))
-    reference, splits = reference_films(config, f"{base}{name}/", split_digest(manifest, "train"))
+    reference, splits = reference_films(config, _served(http_root, phantom_shards)[0], split_digest(manifest, "train"))
     assert splits == ("train", "val")
     assert len(reference.keys) == manifest.split("train").samples + manifest.split("val").samples
     shards = len(manifest.split("train").shards) + len(manifest.split("val").shards)
@@ -434,18 +442,14 @@ def test_training_overlap_reads_remote_shards_through_the_cache_and_verifies_the
 ):
     """With `data.cache_dir`, the figure's films come through the cache too (the copied film's own shard joins
     the reference shards there), and a reference shard whose bytes differ from the manifest's sha256 is refused."""
-    import shutil
-    import uuid
     from dataclasses import replace
 
     from evaluation.audits.overlap import training_overlap
     from train.predictions import Predictions
 
-    root, base = http_root
-    good, bad = uuid.uuid4().hex, uuid.uuid4().hex
-    shutil.copytree(phantom_shards, root / good)
-    shutil.copytree(phantom_shards, root / bad)
-    with open(root / bad / "train-000000.tar", "r+b") as fh:  # the last byte of the end-of-archive padding
+    good, _ = _served(http_root, phantom_shards)
+    bad, folder = _served(http_root, phantom_shards)
+    with open(folder / "train-000000.tar", "r+b") as fh:  # the last byte of the end-of-archive padding
         fh.seek(-1, 2)
         fh.write(b"\1")
     manifest = load_manifest(phantom_shards)
@@ -458,13 +462,13 @@ def test_training_overlap_reads_remote_shards_through_the_cache_and_verifies_the
     config = replace(config, eval=replace(config.eval, overlap_distance=None, bootstrap_resamples=0))
     digest = split_digest(manifest, "train")
 
-    out, grid = training_overlap(config, f"{base}{good}/", digest, films, preds, classes, exclude=("test",))
+    out, grid = training_overlap(config, good, digest, films, preds, classes, exclude=("test",))
     assert out["exact"] == 1 and grid is not None
     reference_shards = len(manifest.split("train").shards) + len(manifest.split("val").shards)
     assert len(list(cache.rglob("*.tar"))) == reference_shards + 1
 
-    refused, none = training_overlap(config, f"{base}{bad}/", digest, films, preds, classes, exclude=("test",))
+    refused, none = training_overlap(config, bad, digest, films, preds, classes, exclude=("test",))
     assert none is None and refused["checked"] is False and "sha256" in refused["reason"]
     unverified = replace(config, data=replace(config.data, verify_checksums=False, cache_dir=str(tmp_path / "u")))
-    read, _ = training_overlap(unverified, f"{base}{bad}/", digest, films, preds, classes, exclude=("test",))
+    read, _ = training_overlap(unverified, bad, digest, films, preds, classes, exclude=("test",))
     assert read["checked"] is True and read["exact"] == 1  # data.verify_checksums=false: the bytes are not hashed
