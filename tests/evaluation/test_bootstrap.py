@@ -214,3 +214,51 @@ def test_bootstrap_ci_defaults_two_classes_and_no_warnings():
     assert default == bootstrap_ci(labels, probs, [0, 1], 2000, 0) != bootstrap_ci(labels, probs, [0, 1], 2001, 0)
     assert default["macro_roc_auc"] is not None and default["per_class"][0]["roc_auc"] is not None
     assert never["per_class"][2]["ppv"] is None, "class 2 is never predicted: no PPV in any resample"
+
+
+def test_zero_width_specificity_and_ppv_get_the_wilson_interval_of_their_own_count():
+    """Class 0: 8 of 10 films called 0, 2 called 1; classes 1 and 2 always right. Class 0 is never given to a
+    film of another class, so its PPV (8 of 8) and specificity (20 of 20) are 1 in every resample: their Wilson
+    intervals count the 8 films called 0 and the 20 films of other classes, not class 0's 10."""
+    from evaluation.statistics.bootstrap import wilson
+
+    labels = np.repeat([0, 1, 2], 10)
+    preds = labels.copy()
+    preds[:2] = 1
+    got = bootstrap_ci(labels, np.eye(3)[preds], [0, 1, 2], 200, 0)["per_class"]
+    assert got[0]["ppv"] == pytest.approx(wilson(8, 8)) and got[0]["specificity"] == pytest.approx(wilson(20, 20))
+    assert got[2]["sensitivity"] == pytest.approx(wilson(10, 10))
+    lo, hi = got[1]["ppv"]  # 10 of 12 with the two of class 0 drawn 0 to 10 times: a bootstrap interval with width
+    assert lo < 10 / 12 < hi and [lo, hi] != pytest.approx(wilson(10, 12))
+
+
+def test_widen_leaves_what_it_cannot_or_need_not_widen():
+    """No interval stays none; an interval with no value or no films is kept as it is; one film is enough for
+    a Wilson interval, and an effective count may be a fraction."""
+    from evaluation.statistics.bootstrap import widen, wilson
+
+    assert widen(0.5, None, 10) is None
+    assert widen(None, [0.5, 0.5], 10) == [0.5, 0.5]
+    assert widen(0.5, [0.5, 0.5], 0) == [0.5, 0.5]
+    assert widen(1.0, [1.0, 1.0], 1) == wilson(1, 1)
+    assert widen(0.5, [0.5, 0.5], 2.5) == wilson(1.25, 2.5)
+
+
+def test_auc_of_resamples_without_negatives_or_positives_is_nan_and_silent():
+    import warnings
+
+    scores = np.array([0.1, 0.4, 0.35, 0.8])
+    idx = np.array([[0, 1, 2, 3], [3, 3, 0, 1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for positive in (np.ones(4, bool), np.zeros(4, bool)):
+            assert np.isnan(auc_resamples(scores, positive, idx)).all()
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice", "ignore:invalid value encountered in divide")
+def test_without_a_present_class_only_accuracy_has_an_interval():
+    rng = np.random.default_rng(2)
+    labels, probs = _predictions(rng, 40, 0.7)
+    got = bootstrap_ci(labels, probs, [], 50, 0)
+    assert got["accuracy"] is not None and got["per_class"] == {}
+    assert got["balanced_accuracy"] is None and got["macro_f1"] is None and got["macro_roc_auc"] is None
