@@ -131,6 +131,12 @@ def test_zoom_and_shift_matrices_by_hand():
     expected = torch.tensor([[2.0, 0.0, cx - 2 * cx + 2.1], [0.0, 2.0, cy - 2 * cy - 2.2], [0.0, 0.0, 1.0]])
     torch.testing.assert_close(m[0], expected)
     assert zoom_shift_matrices({}, 11, 21) is None
+    # either one alone (its range on, the other's 0: the other is not drawn at all)
+    zoom = zoom_shift_matrices({"zoom": torch.tensor([2.0])}, 11, 21)
+    torch.testing.assert_close(zoom[0], torch.tensor([[2.0, 0.0, -cx], [0.0, 2.0, -cy], [0.0, 0.0, 1.0]]))
+    shift = zoom_shift_matrices({"shift_x": torch.tensor([0.1]), "shift_y": torch.tensor([-0.2])}, 11, 21)
+    torch.testing.assert_close(shift[0], torch.tensor([[1.0, 0.0, 2.1], [0.0, 1.0, -2.2], [0.0, 0.0, 1.0]]))
+    assert zoom.dtype == shift.dtype == torch.float32
 
 
 def test_off_by_default_the_train_augment_is_the_seed_recipes():

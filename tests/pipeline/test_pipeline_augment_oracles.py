@@ -228,3 +228,26 @@ def test_the_lung_crop_is_the_same_with_either_warp():
     out = {w: DeviceAugment(train=False, crop="lungs", warp=w)(x, masks) for w in ("torch", "kornia")}
     assert (out["torch"][0] - out["kornia"][0]).abs().max() * STD_1CH <= 2e-4
     assert not torch.equal(out["torch"][0], DeviceAugment(train=False)(x)[0])  # the crop did something
+
+
+@pytest.mark.parametrize("warp", ["torch", "kornia"])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {},  # flip and rotation
+        {"rotation_degrees": 0.0, "hflip_p": 0.0, "acquisition": AcquisitionRanges(zoom=0.1, shift=0.1)},
+        {"acquisition": AcquisitionRanges(gamma=0.2, zoom=0.1)},
+    ],
+    ids=["flip-rotation", "zoom-shift-alone", "all-with-intensity"],
+)
+def test_the_train_warp_makes_every_tensor_on_the_batchs_device(warp, recipe):
+    """On the meta device (shapes, no data), everything the warp makes is on the batch's device: a tensor
+    made on the CPU (a `device=` forgotten) is refused when it meets the batch, or shows in `last_params`. This
+    is how a CPU-only run checks the CUDA placement; the warp stage alone, because autocast has no meta device."""
+    aug = DeviceAugment(train=True, warp=warp, **recipe)
+    x = torch.empty(4, 1, 12, 20, device="meta")
+    images, masks, drawn = aug._geometry(x, x, torch.Generator().manual_seed(0))
+    assert images.device.type == masks.device.type == "meta" and images.shape == x.shape
+    assert {k: v.device.type for k, v in aug.last_params.items()} == {k: "meta" for k in aug.last_params}
+    assert set(drawn) == set(aug.last_params) - {"flip", "angle", "matrix"}
+    assert aug.last_params["matrix"].shape == (4, 2, 3) and aug.last_params["angle"].dtype == torch.float32
