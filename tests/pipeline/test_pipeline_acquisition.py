@@ -344,3 +344,27 @@ def test_without_a_generator_the_draws_and_the_grain_come_from_torchs_global_gen
     u = torch.rand(9 * 3).reshape(9, 3)
     torch.testing.assert_close(p["gamma"], torch.exp(u[0] * 0.8 - 0.4))
     torch.testing.assert_close(grain_film, (0.5 + torch.randn(1, 1, 4, 4) * 0.1).clamp(0, 1))
+
+
+@pytest.mark.parametrize("seeded", [True, False], ids=["cpu-generator", "global-generator"])
+def test_the_acquisition_chain_and_the_lung_crop_make_every_tensor_on_the_batchs_device(seeded):
+    """On the meta device (shapes, no data), as the train warp's test: a tensor made on the CPU (a `device=`
+    forgotten, a `.to(device)` dropped) is refused where it meets the batch, or shows in what comes back. The
+    draws themselves stay on the generator's device (a CPU generator serves any device), so a CPU-only run
+    checks the CUDA placement of the whole chain; `make gpu-check` runs it on CUDA for real."""
+    meta = torch.device("meta")
+    generator = torch.Generator().manual_seed(0) if seeded else None
+    params = sample_acquisition(4, ALL, generator, meta)
+    assert set(params) == {"gamma", "contrast", "brightness", "blur", "noise", "resample", "zoom", "shift_x", "shift_y"}
+    assert {k: (v.device.type, v.dtype, tuple(v.shape)) for k, v in params.items()} == {
+        k: ("meta", torch.float32, (4,)) for k in params
+    }
+    x = torch.empty(4, 1, 12, 20, device=meta)
+    films = acquire(x, params, ALL, generator)
+    assert (films.device.type, films.dtype, films.shape) == ("meta", torch.float32, x.shape)
+    warp = zoom_shift_matrices(params, 12, 20)
+    assert (warp.device.type, warp.dtype, warp.shape) == ("meta", torch.float32, (4, 3, 3))
+    boxes = lung_boxes(x, margin=0.1)
+    assert (boxes.device.type, boxes.dtype, boxes.shape) == ("meta", torch.float32, (4, 4))
+    crop = crop_matrices(boxes, 12, 20)
+    assert (crop.device.type, crop.dtype, crop.shape) == ("meta", torch.float32, (4, 3, 3))
