@@ -81,11 +81,25 @@ def test_only_the_transforms_that_are_on_are_drawn():
 
 
 @pytest.mark.parametrize(
-    "bad", [{"gamma": -0.1}, {"contrast": 1.0}, {"resample": 1.0}, {"zoom": 1.5}, {"shift": 0.5}, {"noise": math.nan}]
+    "bad",
+    [
+        {"gamma": -0.1},
+        {"contrast": 1.0},
+        {"resample": 1.0},
+        {"zoom": 1.5},
+        {"shift": 0.5},
+        {"noise": math.nan},
+        {"blur": 4 / 3},  # sigma (BLUR_TAPS - 1) / 6: the kernel would no longer cover +/- 3 sigma
+    ],
 )
 def test_out_of_range_ranges_are_refused_naming_the_key(bad):
     with pytest.raises(ValueError, match=next(iter(bad))):
         AcquisitionRanges(**bad)
+
+
+def test_each_range_just_below_its_limit_is_taken():
+    ranges = AcquisitionRanges(contrast=0.99, resample=0.99, zoom=0.99, blur=1.33, shift=0.49)
+    assert ranges.active() == {"contrast": 0.99, "blur": 1.33, "resample": 0.99, "zoom": 0.99, "shift": 0.49}
 
 
 def _params(**values) -> dict[str, torch.Tensor]:

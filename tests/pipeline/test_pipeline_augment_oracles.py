@@ -132,8 +132,21 @@ def test_eval_is_only_normalisation_for_float_films_outside_the_unit_range_even_
     """Float input is taken as already scaled (no /255), and evaluation never clips or transforms it."""
     x = torch.linspace(-0.5, 1.5, 2 * 36).view(2, 1, 6, 6)
     everything = AcquisitionRanges(gamma=0.3, contrast=0.2, brightness=0.1, blur=0.5, noise=0.02, resample=0.5)
+    before = x.clone()
     y, _ = DeviceAugment(train=False, acquisition=everything, channels_last=False)(x)
-    torch.testing.assert_close(y, _norm(x), atol=0, rtol=0)
+    torch.testing.assert_close(y, _norm(before), atol=0, rtol=0)
+    torch.testing.assert_close(x, before, atol=0, rtol=0)  # the caller's films are not divided in place
+
+
+def test_a_one_film_batch_is_cropped_to_its_lungs_as_in_a_larger_batch():
+    x = torch.randint(0, 256, (2, 1, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    m = torch.zeros(2, 1, 16, 16, dtype=torch.uint8)
+    m[:, :, 2:7, 3:8] = 1  # lungs in a corner: the crop magnifies them
+    aug = DeviceAugment(train=False, crop="lungs", channels_last=False)
+    one, _ = aug(x[:1], m[:1])
+    two, _ = aug(x, m)
+    torch.testing.assert_close(one, two[:1], atol=0, rtol=0)
+    assert not torch.equal(one, DeviceAugment(train=False, channels_last=False)(x[:1])[0])
 
 
 def test_a_resize_to_the_stored_size_leaves_the_films_as_they_are():
